@@ -1,0 +1,72 @@
+"""Working memories and the sliding window that holds them.
+
+A TrMRL policy sees the N most recent *working memories*: at step t the token is
+``[obs_t, a_{t-1}, r_{t-1}, done_{t-1}]``. Every path that feeds the network -- the trainer's rollouts,
+its evaluation and the service -- builds tokens and slides windows with the functions in this module
+and nowhere else.
+
+Windows are left-aligned: a window holding ``c < N`` memories has them at positions ``0..c-1`` and
+zeros after; the newest memory sits at ``c-1``. Because the encoder is causal, the zero padding after
+the newest memory never influences its output. Once full, the window slides: the oldest memory is
+dropped and the newest lands at ``N-1``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def token_dim(obs_dim: int, act_dim: int) -> int:
+    """Width of one working memory: observation, previous action, previous reward, done flag."""
+    return obs_dim + act_dim + 2
+
+
+def working_memory(
+    obs: Tensor,
+    prev_action: Tensor,
+    prev_reward: Tensor,
+    prev_done: Tensor,
+    *,
+    include_previous: bool = True,
+) -> Tensor:
+    """Build working memories ``[obs, a_{t-1}, r_{t-1}, done_{t-1}]`` for a batch.
+
+    Args:
+        obs: ``[B, obs_dim]`` observations.
+        prev_action: ``[B, act_dim]`` action executed before ``obs`` (zeros at an episode start).
+        prev_reward: ``[B]`` reward received for that action (zero at an episode start).
+        prev_done: ``[B]`` 1 where the previous transition ended an episode of the same trial.
+        include_previous: ``False`` for a memoryless policy: the action, reward and flag are zeroed so
+            the token carries the observation alone while keeping the same width.
+
+    Returns:
+        ``[B, obs_dim + act_dim + 2]`` float tensor.
+    """
+    dtype = obs.dtype
+    previous = torch.cat(
+        [prev_action.to(dtype), prev_reward.to(dtype).unsqueeze(-1), prev_done.to(dtype).unsqueeze(-1)], -1
+    )
+    if not include_previous:
+        previous = torch.zeros_like(previous)
+    return torch.cat([obs, previous], -1)
+
+
+def append_to_windows(windows: Tensor, lengths: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Append one working memory to each window, sliding the windows that are full.
+
+    Args:
+        windows: ``[B, N, D]`` left-aligned windows (not modified).
+        lengths: ``[B]`` number of memories held (0..N).
+        tokens: ``[B, D]`` the new working memories.
+
+    Returns:
+        ``(new_windows, new_lengths, newest)`` where ``newest[b]`` is the position of the new memory.
+    """
+    n = windows.shape[1]
+    full = (lengths >= n).view(-1, 1, 1)
+    slid = torch.cat([windows[:, 1:], torch.zeros_like(windows[:, :1])], 1)
+    out = torch.where(full, slid, windows)
+    newest = lengths.clamp(max=n - 1)
+    out[torch.arange(out.shape[0], device=out.device), newest] = tokens
+    return out, (newest + 1), newest

@@ -1,0 +1,273 @@
+"""The TrMRL network (Melo, ICML 2022), one definition for training and serving.
+
+A causal transformer encoder without LayerNorm (trainable thanks to T-Fixup initialisation) reads a
+window of the N most recent working memories; the encoder output at the newest memory -- the episodic
+memory -- feeds a Gaussian policy head with a state-independent log-std and, in some configurations,
+the value head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trmrl.memory import token_dim
+
+MemoryScope = Literal["episode", "trial"]
+ValueInput = Literal["memory", "observation"]
+
+#: Encoder sizes. ``mujoco`` and ``metaworld`` are the published ones; ``small`` fits 2 CPU cores.
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "mujoco": {"d_model": 128, "n_layers": 4, "n_heads": 16, "d_ff": 512},
+    "metaworld": {"d_model": 32, "n_layers": 4, "n_heads": 4, "d_ff": 128},
+    "small": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a TrMRL policy; everything a checkpoint needs to rebuild the network."""
+
+    obs_dim: int
+    """Observation width (task parameters included for an oracle policy)."""
+    act_dim: int
+    """Action width."""
+    window: int = 5
+    """N, the number of working memories the policy attends over."""
+    d_model: int = 128
+    """Token embedding width."""
+    n_layers: int = 4
+    """Encoder layers L."""
+    n_heads: int = 16
+    """Attention heads per layer."""
+    d_ff: int = 512
+    """Feed-forward hidden width."""
+    head_hidden: tuple[int, ...] = (64, 64)
+    """Hidden sizes of the policy and value MLPs (tanh)."""
+    value_input: ValueInput = "memory"
+    """``memory``: the value head shares the episodic memory; ``observation``: it reads the newest working
+    memory (the augmented observation) alone."""
+    init_std: float = 0.5
+    """Initial policy standard deviation."""
+    policy_out_gain: float = 0.01
+    """Xavier gain of the policy mean's output layer."""
+    memory_scope: MemoryScope = "episode"
+    """``episode``: the window is cleared at every episode start; ``trial``: kept across a trial's episodes."""
+    include_previous: bool = True
+    """``False`` for a memoryless reference policy: tokens carry the observation only."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("obs_dim", "act_dim", "window", "d_model", "n_layers", "n_heads", "d_ff"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.n_heads >= 1 and self.d_model % self.n_heads:
+            problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.memory_scope not in ("episode", "trial"):
+            problems.append(f"memory_scope must be 'episode' or 'trial' (got {self.memory_scope!r})")
+        if self.value_input not in ("memory", "observation"):
+            problems.append(f"value_input must be 'memory' or 'observation' (got {self.value_input!r})")
+        if not self.init_std > 0:
+            problems.append(f"init_std must be > 0 (got {self.init_std})")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def token_dim(self) -> int:
+        """Width of one working memory."""
+        return token_dim(self.obs_dim, self.act_dim)
+
+    @classmethod
+    def from_preset(cls, preset: str, *, obs_dim: int, act_dim: int, **overrides: Any) -> ModelConfig:
+        """Build a config from a named architecture (``mujoco``, ``metaworld``, ``small``).
+
+        Example:
+            >>> ModelConfig.from_preset("small", obs_dim=2, act_dim=2).d_model
+            64
+        """
+        if preset not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {preset!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        return cls(obs_dim=obs_dim, act_dim=act_dim, **{**ARCHITECTURES[preset], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        d = dataclasses.asdict(self)
+        d["head_hidden"] = list(self.head_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        data = dict(data)
+        if "head_hidden" in data:
+            data["head_hidden"] = tuple(int(h) for h in data["head_hidden"])
+        return cls(**data)
+
+
+class PolicyOutput(NamedTuple):
+    """What one forward pass yields for a batch of windows."""
+
+    mean: Tensor
+    """``[B, act_dim]`` Gaussian mean (unclipped)."""
+    log_std: Tensor
+    """``[act_dim]`` state-independent log standard deviation."""
+    value: Tensor
+    """``[B]`` state-value estimate."""
+
+
+def sinusoidal_positions(length: int, d_model: int) -> Tensor:
+    """The standard sinusoidal positional encoding, ``[length, d_model]``."""
+    position = torch.arange(length, dtype=torch.float64).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(position * freq)
+    pe[:, 1::2] = torch.cos(position * freq)[:, : d_model // 2]
+    return pe.float()
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with a fused Q/K/V projection.
+
+    With ``newest`` given, only the query at each row's newest position is computed (keys up to it):
+    the last encoder layer needs no other output, which saves most of its work.
+    """
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, newest: Tensor | None = None) -> Tensor:
+        b, t, d = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if newest is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+        rows = torch.arange(b, device=x.device)
+        q_new = q[rows, :, newest].unsqueeze(2)  # [B, H, 1, dh]
+        visible = torch.arange(t, device=x.device).unsqueeze(0) <= newest.unsqueeze(1)  # [B, T]
+        y = F.scaled_dot_product_attention(q_new, k, v, attn_mask=visible[:, None, None, :])
+        return self.out_proj(y.reshape(b, d))
+
+
+class EncoderLayer(nn.Module):
+    """Post-residual transformer layer without normalisation: ``x + attn(x)``, then ``x + ff(x)``."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor, newest: Tensor | None = None) -> Tensor:
+        if newest is None:
+            x = x + self.attn(x)
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), newest] + self.attn(x, newest)
+        return x + self.linear2(F.relu(self.linear1(x)))
+
+
+def _mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        linear = nn.Linear(fan_in, fan_out)
+        last = i == len(sizes) - 2
+        nn.init.xavier_uniform_(linear.weight, gain=out_gain if last else 1.0)
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if not last:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class TrMRL(nn.Module):
+    """The TrMRL policy and value network.
+
+    Example:
+        >>> cfg = ModelConfig.from_preset("small", obs_dim=2, act_dim=2)
+        >>> net = TrMRL(cfg)
+        >>> windows = torch.zeros(3, cfg.window, cfg.token_dim)
+        >>> net(windows, torch.zeros(3, dtype=torch.long)).mean.shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Linear(c.token_dim, c.d_model, bias=False)
+        self.register_buffer("positions", sinusoidal_positions(c.window, c.d_model), persistent=False)
+        self.layers = nn.ModuleList(EncoderLayer(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
+        self.policy_mean = _mlp([c.d_model, *c.head_hidden, c.act_dim], out_gain=c.policy_out_gain)
+        self.log_std = nn.Parameter(torch.full((c.act_dim,), math.log(c.init_std)))
+        value_in = c.d_model if c.value_input == "memory" else c.token_dim
+        self.value = _mlp([value_in, *c.head_hidden, 1], out_gain=1.0)
+        # Observation normalisation lives in the network so that every path applies the same statistics.
+        self.register_buffer("obs_mean", torch.zeros(c.obs_dim))
+        self.register_buffer("obs_std", torch.ones(c.obs_dim))
+        self.t_fixup_init_()
+
+    def t_fixup_init_(self) -> None:
+        """T-Fixup initialisation as the authors' implementation applies it."""
+        n_layers, d = self.config.n_layers, self.config.d_model
+        scale = 0.67 * n_layers**-0.25
+        with torch.no_grad():
+            for layer in self.layers:
+                assert isinstance(layer, EncoderLayer)
+                for linear in (layer.attn.qkv, layer.attn.out_proj, layer.linear1, layer.linear2):
+                    nn.init.xavier_uniform_(linear.weight)
+                    nn.init.zeros_(linear.bias)
+                layer.linear1.weight.mul_(scale)
+                layer.linear2.weight.mul_(scale)
+                layer.attn.out_proj.weight.mul_(scale)
+                layer.attn.qkv.weight.mul_(scale * math.sqrt(2.0))
+            nn.init.normal_(self.embed.weight, mean=0.0, std=d**-0.5)
+            self.embed.weight.mul_((9 * n_layers) ** -0.25)
+
+    def normalize(self, windows: Tensor) -> Tensor:
+        """Apply the observation statistics to the observation part of every working memory."""
+        obs_dim = self.config.obs_dim
+        obs = (windows[..., :obs_dim] - self.obs_mean) / self.obs_std
+        return torch.cat([obs, windows[..., obs_dim:]], -1)
+
+    def forward(self, windows: Tensor, newest: Tensor) -> PolicyOutput:
+        """Evaluate a batch of windows.
+
+        Args:
+            windows: ``[B, T, token_dim]`` left-aligned windows of working memories (``T <= N``).
+            newest: ``[B]`` position of each window's newest memory.
+        """
+        x = self.normalize(windows)
+        h = self.embed(x) + self.positions[: x.shape[1]]
+        *hidden, last = self.layers
+        for layer in hidden:
+            h = layer(h)
+        episodic = last(h, newest)
+        if self.config.value_input == "memory":
+            value_in = episodic
+        else:
+            value_in = x[torch.arange(x.shape[0], device=x.device), newest]
+        return PolicyOutput(self.policy_mean(episodic), self.log_std, self.value(value_in).squeeze(-1))
+
+
+def log_prob(out: PolicyOutput, actions: Tensor) -> Tensor:
+    """Log-density of ``actions`` ``[B, act_dim]`` under the diagonal Gaussian, summed over dims."""
+    var = torch.exp(2 * out.log_std)
+    return (-((actions - out.mean) ** 2) / (2 * var) - out.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def entropy(out: PolicyOutput) -> Tensor:
+    """Entropy of the (state-independent) Gaussian, a scalar."""
+    return (out.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum()

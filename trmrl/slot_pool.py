@@ -1,0 +1,150 @@
+"""The slot pool: every session's (or environment's) window in one preallocated device tensor.
+
+A slot holds one window of working memories, its fill count and the last action executed from it.
+:meth:`SlotPool.step` advances any set of slots by one step -- clearing those that start an episode,
+appending their new working memories, sliding full windows -- and evaluates exactly those slots in a
+single forward pass. There is no per-slot Python anywhere on this path: the trainer's rollouts and the
+service's batched step both run it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from trmrl.memory import append_to_windows, working_memory
+from trmrl.model import PolicyOutput, TrMRL
+
+
+class PoolStep(NamedTuple):
+    """Result of one :meth:`SlotPool.step`."""
+
+    output: PolicyOutput
+    """Policy distribution and value for the stepped slots, in the order given."""
+    windows: Tensor
+    """``[B, N, token_dim]`` the updated windows the forward pass read (what PPO stores)."""
+    newest: Tensor
+    """``[B]`` position of the newest working memory in each window."""
+
+
+class SlotSnapshot(NamedTuple):
+    """The complete memory of one slot: what a session snapshot carries."""
+
+    window: Tensor
+    """``[N, token_dim]``."""
+    length: int
+    prev_action: Tensor
+    """``[act_dim]``."""
+
+
+class SlotPool:
+    """Preallocated ``[capacity, N, token_dim]`` windows plus per-slot counters on one device.
+
+    Example:
+        >>> from trmrl.model import ModelConfig, TrMRL
+        >>> net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2))
+        >>> pool = SlotPool(net, capacity=8)
+        >>> slots = torch.tensor([0, 5])
+        >>> step = pool.step(slots, torch.zeros(2, 2), torch.zeros(2), torch.ones(2, dtype=torch.bool))
+        >>> pool.record_actions(slots, step.output.mean)
+        >>> pool.lengths[slots].tolist()
+        [1, 1]
+    """
+
+    def __init__(self, model: TrMRL, capacity: int, device: torch.device | str | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 (got {capacity})")
+        cfg = model.config
+        self.model = model
+        self.capacity = capacity
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.windows = torch.zeros(capacity, cfg.window, cfg.token_dim, device=self.device)
+        self.lengths = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.prev_action = torch.zeros(capacity, cfg.act_dim, device=self.device)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Device memory one slot occupies."""
+        tensors = (self.windows, self.lengths, self.prev_action)
+        return sum(t[0].numel() * t.element_size() for t in tensors)
+
+    def clear(self, slots: Tensor) -> None:
+        """Forget everything the given slots hold (a new trial, a freed session)."""
+        self.windows[slots] = 0.0
+        self.lengths[slots] = 0
+        self.prev_action[slots] = 0.0
+
+    def step(
+        self,
+        slots: Tensor,
+        obs: Tensor,
+        reward: Tensor,
+        episode_start: Tensor,
+        applied_action: Tensor | None = None,
+        applied_mask: Tensor | None = None,
+    ) -> PoolStep:
+        """Advance ``slots`` by one step and evaluate them in one forward pass.
+
+        Args:
+            slots: ``[B]`` distinct slot indices.
+            obs: ``[B, obs_dim]`` the new observations.
+            reward: ``[B]`` reward received for the slot's previous action (ignored at an episode start).
+            episode_start: ``[B]`` bool, ``obs`` is the first observation of an episode.
+            applied_action: ``[B, act_dim]`` what was really executed for the previous step, where it
+                differs from the recorded action (e.g. a robot's own clipping).
+            applied_mask: ``[B]`` bool, rows of ``applied_action`` to use (all rows if omitted).
+
+        The pool is written only after the forward pass succeeds, so a failure leaves it unchanged.
+        """
+        cfg = self.model.config
+        start = episode_start.to(torch.bool)
+        windows = self.windows[slots]
+        lengths = self.lengths[slots]
+        prev_action = self.prev_action[slots]
+        if applied_action is not None:
+            use = torch.ones_like(start) if applied_mask is None else applied_mask.to(torch.bool)
+            prev_action = torch.where(use.unsqueeze(-1), applied_action.to(prev_action.dtype), prev_action)
+        if cfg.memory_scope == "episode":
+            windows = torch.where(start.view(-1, 1, 1), torch.zeros_like(windows), windows)
+            lengths = torch.where(start, torch.zeros_like(lengths), lengths)
+        # Within a trial, the first memory of a later episode is flagged: the previous transition ended one.
+        prev_done = start & (lengths > 0)
+        zero = torch.zeros((), dtype=obs.dtype, device=obs.device)
+        tokens = working_memory(
+            obs,
+            torch.where(start.unsqueeze(-1), zero, prev_action),
+            torch.where(start, zero, reward.to(obs.dtype)),
+            prev_done,
+            include_previous=cfg.include_previous,
+        )
+        windows, lengths, newest = append_to_windows(windows, lengths, tokens)
+        output = self.model(windows, newest)
+        self.windows[slots] = windows
+        self.lengths[slots] = lengths
+        self.prev_action[slots] = prev_action
+        return PoolStep(output, windows, newest)
+
+    def record_actions(self, slots: Tensor, actions: Tensor) -> None:
+        """Remember the actions returned for ``slots``: they enter the next working memories."""
+        self.prev_action[slots] = actions.to(self.prev_action.dtype)
+
+    def snapshot(self, slot: int) -> SlotSnapshot:
+        """Copy one slot's memory to the CPU."""
+        return SlotSnapshot(
+            self.windows[slot].cpu().clone(), int(self.lengths[slot]), self.prev_action[slot].cpu().clone()
+        )
+
+    def restore(self, slot: int, snap: SlotSnapshot) -> None:
+        """Load a slot's memory from a snapshot (shapes are validated)."""
+        cfg = self.model.config
+        if tuple(snap.window.shape) != (cfg.window, cfg.token_dim):
+            raise ValueError(f"window shape {tuple(snap.window.shape)} != {(cfg.window, cfg.token_dim)}")
+        if tuple(snap.prev_action.shape) != (cfg.act_dim,):
+            raise ValueError(f"prev_action shape {tuple(snap.prev_action.shape)} != {(cfg.act_dim,)}")
+        if not 0 <= snap.length <= cfg.window:
+            raise ValueError(f"length {snap.length} outside [0, {cfg.window}]")
+        self.windows[slot] = snap.window.to(self.device)
+        self.lengths[slot] = snap.length
+        self.prev_action[slot] = snap.prev_action.to(self.device)
