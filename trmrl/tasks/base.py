@@ -1,0 +1,290 @@
+"""Task, task family and environment base types, and the family registry.
+
+A *task family* is a distribution over MDPs that share observation and action spaces (e.g. HalfCheetah
+with a target velocity). A *task* is one member of a family, identified by its family name, its split
+and a numeric parameter vector (the "oracle" description of the task, never observed by the policy).
+
+Every environment returned by :meth:`TaskFamily.make_env` is a :class:`TaskEnv`: a single wrapper layer
+that owns the time limit, emits float32 observations and exposes :meth:`TaskEnv.set_task` as the
+outermost object, so ``gymnasium.vector`` ``call("set_task", ...)`` reaches it directly.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Final, Literal, SupportsFloat, TypeAlias
+
+import gymnasium
+import numpy as np
+from gymnasium.spaces import Box
+from gymnasium.wrappers import TimeLimit
+from numpy.typing import NDArray
+
+__all__ = [
+    "SPLITS",
+    "ObsArray",
+    "Split",
+    "Task",
+    "TaskEnv",
+    "TaskFamily",
+    "TaskFamilyError",
+    "family_names",
+    "get_family",
+    "register_family",
+]
+
+Split = Literal["train", "test", "ood"]
+"""A task split: ``train`` and ``test`` share a distribution (disjoint samples), ``ood`` does not."""
+
+SPLITS: Final[tuple[str, ...]] = ("train", "test", "ood")
+
+# Each split gets its own random stream so that train and test tasks differ for the same seed.
+_SPLIT_STREAM: Final[dict[str, int]] = {"train": 0, "test": 1, "ood": 2}
+
+ObsArray: TypeAlias = NDArray[np.float32]
+"""Observation type of every task environment."""
+
+
+class TaskFamilyError(ValueError):
+    """Raised for an unknown family, an unsupported split, a bad sample count or a foreign task."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a family.
+
+    Attributes:
+        family: Registry name of the family this task belongs to, e.g. ``"halfcheetah-vel"``.
+        split: ``"train"``, ``"test"`` or ``"ood"``.
+        index: Position in the sampled list (Meta-World: index into the benchmark's task list).
+        params: Numeric task description of length ``family.task_param_dim`` (the oracle input).
+        label: Short human-readable description, e.g. ``"v*=1.73"`` or ``"reach-v3#17"``.
+    """
+
+    family: str
+    split: str
+    index: int
+    params: tuple[float, ...]
+    label: str
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise TaskFamilyError(f"task split must be one of {SPLITS}, got {self.split!r}")
+        if isinstance(self.index, bool) or not isinstance(self.index, int | np.integer) or self.index < 0:
+            raise TaskFamilyError(f"task index must be a non-negative int, got {self.index!r}")
+        # Normalise so that tasks built from JSON lists or numpy values compare and hash like sampled ones.
+        object.__setattr__(self, "index", int(self.index))
+        object.__setattr__(self, "params", tuple(float(p) for p in self.params))
+
+
+@dataclass(frozen=True)
+class TaskFamily(ABC):
+    """A family of tasks sharing observation and action spaces.
+
+    Subclasses implement :meth:`_sample_tasks` and :meth:`_make_env`; the public methods validate
+    their arguments first so every family reports misuse the same way (:class:`TaskFamilyError`).
+
+    Attributes:
+        name: Registry name, e.g. ``"ant-dir"``.
+        obs_dim: Length of the (float32) observation vector.
+        act_dim: Length of the action vector.
+        action_low: Per-dimension lower action bound.
+        action_high: Per-dimension upper action bound.
+        episode_length: Steps after which an episode is truncated.
+        task_param_dim: Length of :attr:`Task.params`.
+        has_success: Whether ``info["success"]`` is reported by ``step``.
+        splits: The splits this family supports.
+        description: One-line human description.
+    """
+
+    name: str
+    obs_dim: int
+    act_dim: int
+    action_low: tuple[float, ...]
+    action_high: tuple[float, ...]
+    episode_length: int
+    task_param_dim: int
+    has_success: bool
+    splits: tuple[str, ...]
+    description: str
+
+    def __post_init__(self) -> None:
+        if len(self.action_low) != self.act_dim or len(self.action_high) != self.act_dim:
+            raise ValueError(f"{self.name}: action bounds must have act_dim={self.act_dim} entries")
+        if not self.splits or not set(self.splits) <= set(SPLITS):
+            raise ValueError(f"{self.name}: splits must be a non-empty subset of {SPLITS}")
+
+    def sample_tasks(self, split: str, n: int, seed: int) -> list[Task]:
+        """Sample ``n`` tasks of ``split``, deterministically under ``seed``.
+
+        Train and test draw from separate random streams, so they differ for the same seed.
+
+        Raises:
+            TaskFamilyError: If the split is not supported, ``n`` is not a positive int or ``seed`` is
+                not a non-negative int.
+        """
+        self._check_split(split)
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise TaskFamilyError(f"{self.name}: n must be a positive int, got {n!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise TaskFamilyError(f"{self.name}: seed must be a non-negative int, got {seed!r}")
+        rng = np.random.default_rng([_SPLIT_STREAM[split], operator.index(seed)])
+        return self._sample_tasks(split, int(n), rng)
+
+    def make_env(self, task: Task | None = None) -> gymnasium.Env[ObsArray, NDArray[Any]]:
+        """Create an environment of this family set to ``task``.
+
+        Args:
+            task: The task in effect from the first ``reset``; ``None`` means the first train task of
+                seed 0.
+
+        Returns:
+            A :class:`TaskEnv` truncating episodes after :attr:`episode_length` steps.
+        """
+        if task is None:
+            task = self.sample_tasks("train", 1, seed=0)[0]
+        self.check_task(task)
+        return self._make_env(task)
+
+    def check_task(self, task: Task) -> None:
+        """Raise :class:`TaskFamilyError` unless ``task`` is a well-formed task of this family."""
+        if not isinstance(task, Task):
+            raise TaskFamilyError(f"{self.name}: expected a Task, got {type(task).__name__}")
+        if task.family != self.name:
+            raise TaskFamilyError(
+                f"task {task.label!r} belongs to family {task.family!r}, not to {self.name!r}"
+            )
+        self._check_split(task.split)
+        if len(task.params) != self.task_param_dim:
+            raise TaskFamilyError(
+                f"{self.name}: task params must have {self.task_param_dim} entries, got {len(task.params)}"
+            )
+        if not all(math.isfinite(p) for p in task.params):
+            raise TaskFamilyError(f"{self.name}: task params must be finite, got {task.params}")
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise TaskFamilyError(
+                f"{self.name}: split {split!r} is not supported; supported splits: {', '.join(self.splits)}"
+            )
+
+    @abstractmethod
+    def _sample_tasks(self, split: str, n: int, rng: np.random.Generator) -> list[Task]:
+        """Sample ``n`` tasks of an already validated ``split`` from ``rng``."""
+
+    @abstractmethod
+    def _make_env(self, task: Task) -> TaskEnv:
+        """Create the environment for an already validated ``task``."""
+
+
+class TaskEnv(TimeLimit[ObsArray, NDArray[Any]], ABC):
+    """The single wrapper layer around a simulator that every :meth:`TaskFamily.make_env` returns.
+
+    It is a :class:`gymnasium.wrappers.TimeLimit` (so code that looks for one finds it) but counts the
+    steps itself, because subclasses implement ``step`` directly on the simulator to avoid per-step
+    overhead. :meth:`set_task` only records the task; it takes effect at the next :meth:`reset`, so a
+    running episode is never changed halfway.
+    """
+
+    def __init__(self, env: gymnasium.Env[Any, Any], family: TaskFamily, task: Task) -> None:
+        family.check_task(task)
+        super().__init__(env, family.episode_length)
+        self.family = family
+        self._task = task
+        self._pending_task: Task | None = task
+        self._steps = -1  # -1 until the first reset: stepping before it is an error
+        self.observation_space = Box(-np.inf, np.inf, shape=(family.obs_dim,), dtype=np.float32)
+        self.action_space = Box(
+            np.asarray(family.action_low, dtype=np.float32),
+            np.asarray(family.action_high, dtype=np.float32),
+            dtype=np.float32,
+        )
+
+    @property
+    def task(self) -> Task:
+        """The task of the current episode (the pending one until the first reset)."""
+        return self._task
+
+    @property
+    def max_episode_steps(self) -> int:
+        """Steps after which an episode is truncated (the family's ``episode_length``)."""
+        return self._max_episode_steps
+
+    def set_task(self, task: Task) -> None:
+        """Use ``task`` from the next :meth:`reset` on.
+
+        Raises:
+            TaskFamilyError: If ``task`` does not belong to this environment's family or split set.
+        """
+        self.family.check_task(task)
+        self._pending_task = task
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[ObsArray, dict[str, Any]]:
+        """Start an episode of the current task (applying a task given to :meth:`set_task` first)."""
+        if self._pending_task is not None:
+            self._apply_task(self._pending_task)
+            self._task = self._pending_task
+            self._pending_task = None
+        self._steps = 0
+        self._elapsed_steps = 0  # kept in sync for code that inspects TimeLimit's counter
+        return self._reset_sim(seed, options)
+
+    def _tick(self) -> bool:
+        """Count one step; return whether the episode is truncated by the time limit."""
+        steps = self._steps
+        if steps < 0:
+            raise RuntimeError("reset() must be called before step()")
+        steps += 1
+        self._steps = steps
+        self._elapsed_steps = steps
+        return steps >= self._max_episode_steps
+
+    @abstractmethod
+    def step(self, action: NDArray[Any]) -> tuple[ObsArray, SupportsFloat, bool, bool, dict[str, Any]]:
+        """Advance one step; subclasses must call :meth:`_tick` exactly once."""
+
+    @abstractmethod
+    def _apply_task(self, task: Task) -> None:
+        """Make ``task`` (already validated) the task of the episode that is about to start."""
+
+    @abstractmethod
+    def _reset_sim(self, seed: int | None, options: dict[str, Any] | None) -> tuple[ObsArray, dict[str, Any]]:
+        """Reset the simulator and return the first observation."""
+
+
+_REGISTRY: dict[str, TaskFamily] = {}
+
+
+def register_family(family: TaskFamily) -> None:
+    """Add ``family`` to the registry under ``family.name``.
+
+    Raises:
+        ValueError: If a family with that name is already registered.
+    """
+    if family.name in _REGISTRY:
+        raise ValueError(f"task family {family.name!r} is already registered")
+    _REGISTRY[family.name] = family
+
+
+def get_family(name: str) -> TaskFamily:
+    """Return the registered family ``name``.
+
+    Raises:
+        TaskFamilyError: If no family of that name exists; the message lists the known names.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise TaskFamilyError(
+            f"unknown task family {name!r}; known families: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def family_names() -> tuple[str, ...]:
+    """Names of all registered families, in registration order."""
+    return tuple(_REGISTRY)
