@@ -155,7 +155,9 @@ def test_not_a_trmrl_config(saved: Path) -> None:
 def test_wrong_shape(saved: Path) -> None:
     config = json.loads((saved / CONFIG_FILE).read_text())
     _rewrite_config(saved, model={**config["model"], "d_ff": 256})
-    with pytest.raises(CheckpointError, match=r"tensor shapes do not match the architecture: layers\.0\.linear1"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor shapes do not match the architecture: layers\.0\.linear1"
+    ):
         load_checkpoint(saved)
 
 
@@ -170,7 +172,7 @@ def test_missing_tensor(saved: Path, model: TrMRL) -> None:
 def test_invalid_architecture(saved: Path) -> None:
     config = json.loads((saved / CONFIG_FILE).read_text())
     _rewrite_config(saved, model={**config["model"], "n_heads": 3})
-    with pytest.raises(CheckpointError, match="invalid architecture.*not divisible"):
+    with pytest.raises(CheckpointError, match=r"invalid architecture.*not divisible"):
         load_checkpoint(saved)
 
 
@@ -182,7 +184,7 @@ def test_bad_normalisation_stats(saved: Path) -> None:
 
 def test_missing_file(saved: Path) -> None:
     (saved / WEIGHTS_FILE).unlink()
-    with pytest.raises(CheckpointError, match="missing model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"missing model\.safetensors"):
         load_checkpoint(saved)
 
 
@@ -195,7 +197,7 @@ def test_archive_without_weights(saved: Path, tmp_path: Path) -> None:
     archive = tmp_path / "bad.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(saved / CONFIG_FILE, arcname=CONFIG_FILE)
-    with pytest.raises(CheckpointError, match="archive lacks model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"archive lacks model\.safetensors"):
         load_checkpoint(archive)
 
 

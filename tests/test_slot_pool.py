@@ -43,7 +43,9 @@ def test_pool_equals_batch_of_full_windows_on_interleaved_multi_episode_trajecto
     scope: str, window: int
 ) -> None:
     obs_dim, act_dim, n_slots, capacity = 3, 2, 12, 40
-    cfg = ModelConfig.from_preset("small", obs_dim=obs_dim, act_dim=act_dim, window=window, memory_scope=scope)
+    cfg = ModelConfig.from_preset(
+        "small", obs_dim=obs_dim, act_dim=act_dim, window=window, memory_scope=scope
+    )
     net = TrMRL(cfg).eval()
     pool = SlotPool(net, capacity)
     rng = np.random.default_rng(1)
@@ -97,7 +99,9 @@ def _pool(window: int = 3, scope: str = "episode") -> SlotPool:
 
 def _step(pool: SlotPool, slot: int, obs: float, reward: float = 0.0, start: bool = False) -> None:
     with torch.no_grad():
-        pool.step(torch.tensor([slot]), torch.full((1, 2), obs), torch.tensor([reward]), torch.tensor([start]))
+        pool.step(
+            torch.tensor([slot]), torch.full((1, 2), obs), torch.tensor([reward]), torch.tensor([start])
+        )
     pool.record_actions(torch.tensor([slot]), torch.tensor([[obs * 10]]))
 
 

@@ -92,8 +92,13 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(path: str | Path, model: TrMRL, info: CheckpointInfo) -> CheckpointInfo:
+def save_checkpoint(
+    path: str | Path, model: TrMRL, info: CheckpointInfo, *, extra_files: dict[str, bytes] | None = None
+) -> CheckpointInfo:
     """Write ``model`` and ``info`` to the directory ``path``, atomically.
+
+    ``extra_files`` (e.g. a trainer's resumable state) are written into the same directory in the same
+    atomic replacement; they are not part of the content hash.
 
     The files are written to a temporary sibling directory which then replaces ``path``; a reader
     sees the old checkpoint or the new one, never a mixture. Returns ``info`` with its creation time
@@ -107,6 +112,9 @@ def save_checkpoint(path: str | Path, model: TrMRL, info: CheckpointInfo) -> Che
         True
     """
     cfg = model.config
+    for name in extra_files or {}:
+        if name in (WEIGHTS_FILE, CONFIG_FILE) or Path(name).name != name:
+            raise CheckpointError(f"extra file name {name!r} is not allowed")
     if len(info.action_low) != cfg.act_dim or len(info.action_high) != cfg.act_dim:
         raise CheckpointError(f"action bounds must have {cfg.act_dim} entries (the model's act_dim)")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in _STATS}
@@ -138,6 +146,8 @@ def save_checkpoint(path: str | Path, model: TrMRL, info: CheckpointInfo) -> Che
     staging.mkdir()
     _write_file(staging / WEIGHTS_FILE, weights)
     _write_file(staging / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    for name, data in (extra_files or {}).items():
+        _write_file(staging / name, data)
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
@@ -192,7 +202,7 @@ def _require(config: dict[str, Any], key: str, kind: type | tuple[type, ...], wh
     if key not in config:
         raise CheckpointError(f"{where}: config.json lacks '{key}'")
     value = config[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise CheckpointError(f"{where}: config.json '{key}' has the wrong type ({type(value).__name__})")
     return value
 
@@ -256,8 +266,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
         std = torch.tensor(norm["std"], dtype=torch.float32)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: invalid obs_normalization ({exc})") from exc
-    if mean.shape != (model_config.obs_dim,) or std.shape != (model_config.obs_dim,) or not bool((std > 0).all()):
-        raise CheckpointError(f"{where}: obs_normalization must hold {model_config.obs_dim} means and positive stds")
+    if (
+        mean.shape != (model_config.obs_dim,)
+        or std.shape != (model_config.obs_dim,)
+        or not bool((std > 0).all())
+    ):
+        raise CheckpointError(
+            f"{where}: obs_normalization must hold {model_config.obs_dim} means and positive stds"
+        )
     model.load_state_dict({**state, "obs_mean": mean, "obs_std": std})
     model.to(device).eval()
     info = CheckpointInfo(

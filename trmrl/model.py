@@ -9,6 +9,7 @@ the value head.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -58,7 +59,7 @@ class ModelConfig:
     policy_out_gain: float = 0.01
     """Xavier gain of the policy mean's output layer."""
     memory_scope: MemoryScope = "episode"
-    """``episode``: the window is cleared at every episode start; ``trial``: kept across a trial's episodes."""
+    """``episode``: the window is cleared at each episode start; ``trial``: kept across a trial's episodes."""
     include_previous: bool = True
     """``False`` for a memoryless reference policy: tokens carry the observation only."""
 
@@ -181,7 +182,7 @@ class EncoderLayer(nn.Module):
 
 def _mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         linear = nn.Linear(fan_in, fan_out)
         last = i == len(sizes) - 2
         nn.init.xavier_uniform_(linear.weight, gain=out_gain if last else 1.0)
@@ -207,6 +208,9 @@ class TrMRL(nn.Module):
         super().__init__()
         self.config = config
         c = config
+        self.positions: Tensor
+        self.obs_mean: Tensor
+        self.obs_std: Tensor
         self.embed = nn.Linear(c.token_dim, c.d_model, bias=False)
         self.register_buffer("positions", sinusoidal_positions(c.window, c.d_model), persistent=False)
         self.layers = nn.ModuleList(EncoderLayer(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))

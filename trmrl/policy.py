@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from trmrl.model import PolicyOutput
+from trmrl.slot_pool import PoolStep, SlotPool
 
 _MASK64 = (1 << 64) - 1
 
@@ -76,3 +79,48 @@ def sample_actions(out: PolicyOutput, deterministic: Tensor | bool, noise: Tenso
 def clip_actions(actions: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """Clip to the model's action bounds: what an environment or robot executes."""
     return torch.maximum(torch.minimum(actions, high), low)
+
+
+class ActResult(NamedTuple):
+    """One policy step for a set of slots."""
+
+    step: PoolStep
+    """The pool step: distribution, value and the windows read."""
+    raw: Tensor
+    """``[B, act_dim]`` actions before clipping (what a log-probability refers to)."""
+    actions: Tensor
+    """``[B, act_dim]`` clipped actions: returned to the caller and remembered by the pool."""
+
+
+def act(
+    pool: SlotPool,
+    slots: Tensor,
+    obs: Tensor,
+    reward: Tensor,
+    episode_start: Tensor,
+    *,
+    low: Tensor,
+    high: Tensor,
+    deterministic: Tensor | bool,
+    noise: Tensor | None,
+    applied_action: Tensor | None = None,
+    applied_mask: Tensor | None = None,
+) -> ActResult:
+    """Advance ``slots`` one step and choose their actions: the single policy step that training
+    rollouts, evaluation and the service all run.
+
+    Example:
+        >>> from trmrl.model import ModelConfig, TrMRL
+        >>> pool = SlotPool(TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2)), capacity=2)
+        >>> one = torch.ones(2)
+        >>> start = torch.ones(2, dtype=torch.bool)
+        >>> r = act(pool, torch.tensor([0, 1]), torch.zeros(2, 2), torch.zeros(2), start,
+        ...         low=-one, high=one, deterministic=True, noise=None)
+        >>> r.actions.shape
+        torch.Size([2, 2])
+    """
+    step = pool.step(slots, obs, reward, episode_start, applied_action, applied_mask)
+    raw = sample_actions(step.output, deterministic, noise)
+    actions = clip_actions(raw, low, high)
+    pool.record_actions(slots, actions)
+    return ActResult(step, raw, actions)

@@ -59,8 +59,10 @@ def _decode_hook(obj: dict[Any, Any]) -> Any:
         raise CodecError(f"malformed array shape {shape!r}")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if count * dtype.itemsize != len(data):
-        raise CodecError(f"array data holds {len(data)} bytes, shape {list(shape)} of {dtype.str} needs "
-                         f"{count * dtype.itemsize}")
+        raise CodecError(
+            f"array data holds {len(data)} bytes, shape {list(shape)} of {dtype.str} needs "
+            f"{count * dtype.itemsize}"
+        )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 

@@ -15,7 +15,7 @@ import math
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Final, Literal, SupportsFloat, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import gymnasium
 import numpy as np
@@ -134,7 +134,7 @@ class TaskFamily(ABC):
         rng = np.random.default_rng([_SPLIT_STREAM[split], operator.index(seed)])
         return self._sample_tasks(split, int(n), rng)
 
-    def make_env(self, task: Task | None = None) -> gymnasium.Env[ObsArray, NDArray[Any]]:
+    def make_env(self, task: Task | None = None) -> TaskEnv:
         """Create an environment of this family set to ``task``.
 
         Args:
@@ -184,9 +184,9 @@ class TaskEnv(TimeLimit[ObsArray, NDArray[Any]], ABC):
     """The single wrapper layer around a simulator that every :meth:`TaskFamily.make_env` returns.
 
     It is a :class:`gymnasium.wrappers.TimeLimit` (so code that looks for one finds it) but counts the
-    steps itself, because subclasses implement ``step`` directly on the simulator to avoid per-step
-    overhead. :meth:`set_task` only records the task; it takes effect at the next :meth:`reset`, so a
-    running episode is never changed halfway.
+    steps itself (:attr:`elapsed_steps`), because subclasses implement ``step`` directly on the simulator
+    to avoid per-step overhead. :meth:`set_task` only records the task; it takes effect at the next
+    :meth:`reset`, so a running episode is never changed halfway.
     """
 
     def __init__(self, env: gymnasium.Env[Any, Any], family: TaskFamily, task: Task) -> None:
@@ -205,8 +205,22 @@ class TaskEnv(TimeLimit[ObsArray, NDArray[Any]], ABC):
 
     @property
     def task(self) -> Task:
-        """The task of the current episode (the pending one until the first reset)."""
+        """The task of the current episode (before the first reset: the task it will use).
+
+        Assigning to it is :meth:`set_task`, so ``VectorEnv.set_attr("task", tasks)`` gives every
+        sub-environment its own task; like :meth:`set_task` it takes effect at the next reset, and until
+        then this property still reports the running episode's task.
+        """
         return self._task
+
+    @task.setter
+    def task(self, task: Task) -> None:
+        self.set_task(task)
+
+    @property
+    def elapsed_steps(self) -> int:
+        """Steps taken in the current episode (-1 before the first reset)."""
+        return self._steps
 
     @property
     def max_episode_steps(self) -> int:
@@ -231,7 +245,6 @@ class TaskEnv(TimeLimit[ObsArray, NDArray[Any]], ABC):
             self._task = self._pending_task
             self._pending_task = None
         self._steps = 0
-        self._elapsed_steps = 0  # kept in sync for code that inspects TimeLimit's counter
         return self._reset_sim(seed, options)
 
     def _tick(self) -> bool:
@@ -241,11 +254,10 @@ class TaskEnv(TimeLimit[ObsArray, NDArray[Any]], ABC):
             raise RuntimeError("reset() must be called before step()")
         steps += 1
         self._steps = steps
-        self._elapsed_steps = steps
         return steps >= self._max_episode_steps
 
     @abstractmethod
-    def step(self, action: NDArray[Any]) -> tuple[ObsArray, SupportsFloat, bool, bool, dict[str, Any]]:
+    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
         """Advance one step; subclasses must call :meth:`_tick` exactly once."""
 
     @abstractmethod

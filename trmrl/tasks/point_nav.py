@@ -7,7 +7,7 @@ observes only its own position and has to infer the goal from the dense reward `
 from __future__ import annotations
 
 import math
-from typing import Any, Final, SupportsFloat
+from typing import Any, Final
 
 import gymnasium
 import numpy as np
@@ -19,7 +19,9 @@ from trmrl.tasks.base import SPLITS, ObsArray, Task, TaskEnv, TaskFamily
 __all__ = ["FAMILIES", "MAX_STEP", "PointNavEnv", "PointNavFamily"]
 
 MAX_STEP: Final = 0.1
-"""Largest displacement per axis and step; actions are clipped to ``[-MAX_STEP, MAX_STEP]``."""
+"""Largest displacement per axis and step: an action in ``[-1, 1]`` moves ``MAX_STEP`` times as far.
+
+Unit action bounds keep exploration noise on the same scale as the MuJoCo families'."""
 
 _GOAL_RADIUS: Final = 1.0
 
@@ -27,14 +29,14 @@ _GOAL_RADIUS: Final = 1.0
 class PointNavEnv(gymnasium.Env[ObsArray, NDArray[Any]]):
     """The bare point-mass MDP (no time limit, no task bookkeeping).
 
-    State and observation are the position; the action is a displacement, clipped per axis to
-    ``[-MAX_STEP, MAX_STEP]``; the reward is the negative Euclidean distance to :attr:`goal` after the
-    move. The episode never terminates.
+    State and observation are the position; the action, clipped per axis to ``[-1, 1]``, is a
+    displacement in units of :data:`MAX_STEP`; the reward is the negative Euclidean distance to
+    :attr:`goal` after the move. The episode never terminates.
     """
 
     def __init__(self, goal: tuple[float, float] = (_GOAL_RADIUS, 0.0)) -> None:
         self.observation_space = Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
-        self.action_space = Box(-MAX_STEP, MAX_STEP, shape=(2,), dtype=np.float32)
+        self.action_space = Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
         self.goal = goal
         # Plain floats: for a 2-vector Python arithmetic is several times cheaper than numpy calls.
         self._x = 0.0
@@ -54,10 +56,10 @@ class PointNavEnv(gymnasium.Env[ObsArray, NDArray[Any]]):
         self._y = 0.0
         return np.zeros(2, dtype=np.float32), {}
 
-    def step(self, action: NDArray[Any]) -> tuple[ObsArray, SupportsFloat, bool, bool, dict[str, Any]]:
+    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
         """Move by the clipped ``action`` and return ``-‖pos - goal‖₂`` as reward."""
-        dx = min(max(float(action[0]), -MAX_STEP), MAX_STEP)
-        dy = min(max(float(action[1]), -MAX_STEP), MAX_STEP)
+        dx = MAX_STEP * min(max(float(action[0]), -1.0), 1.0)
+        dy = MAX_STEP * min(max(float(action[1]), -1.0), 1.0)
         if math.isnan(dx) or math.isnan(dy):
             # min/max let NaN through; refusing here keeps a NaN from silently poisoning the state.
             raise ValueError(f"point-nav action must not be NaN, got {action!r}")
@@ -74,7 +76,7 @@ class _PointNavTaskEnv(TaskEnv):
 
     env: PointNavEnv
 
-    def step(self, action: NDArray[Any]) -> tuple[ObsArray, SupportsFloat, bool, bool, dict[str, Any]]:
+    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
         truncated = self._tick()
         obs, reward, _, _, info = self.env.step(action)
         return obs, reward, False, truncated, info
@@ -107,8 +109,8 @@ FAMILIES: Final[tuple[TaskFamily, ...]] = (
         name="point-nav",
         obs_dim=2,
         act_dim=2,
-        action_low=(-MAX_STEP, -MAX_STEP),
-        action_high=(MAX_STEP, MAX_STEP),
+        action_low=(-1.0, -1.0),
+        action_high=(1.0, 1.0),
         episode_length=100,
         task_param_dim=2,
         has_success=False,

@@ -1,0 +1,259 @@
+"""The trainer end to end: CLI errors, learning, SIGKILL and resume, two-rank DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.cli import train_main
+from trainer.config import PRESETS, preset_config
+from trainer.evaluate import evaluate, replay_actions
+from trainer.rollout import TrialSampler
+from trainer.run import RunDirectoryError, Trainer, train
+from trmrl.checkpoint import load_checkpoint
+from trmrl.model import ModelConfig, TrMRL
+from trmrl.tasks import get_family
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "MUJOCO_GL": "disable", "PYTHONPATH": str(ROOT)}
+
+
+def test_every_paper_preset_carries_the_published_hyperparameters() -> None:
+    vel = preset_config("paper-halfcheetah-vel")
+    assert (vel.gamma, vel.gae_lambda, vel.clip, vel.policy_lr, vel.value_lr) == (0.9, 0.8, 0.1, 3e-5, 2.5e-4)
+    assert (vel.minibatch_size, vel.epochs, vel.tasks_per_update, vel.episodes_per_trial) == (256, 10, 20, 2)
+    assert (vel.init_std, vel.total_steps, vel.lr_decay, vel.lr_decay_start, vel.lr_decay_end) == (
+        0.2,
+        20_000_000,
+        0.1,
+        100,
+        750,
+    )
+    ant = preset_config("paper-ant-dir")
+    assert (ant.gamma, ant.clip, ant.lr_decay, ant.lr_decay_start, ant.lr_decay_end) == (
+        0.92,
+        0.2,
+        1e-4,
+        500,
+        3500,
+    )
+    reach = preset_config("paper-ml1-reach")
+    assert (reach.gae_lambda, reach.policy_lr, reach.minibatch_size, reach.tasks_per_update) == (
+        0.95,
+        5e-5,
+        32,
+        25,
+    )
+    assert (
+        reach.episodes_per_trial * reach.tasks_per_update * get_family("ml1-reach").episode_length == 125_000
+    )
+    assert {
+        "paper-ml10",
+        "paper-ml45",
+        "paper-ml1-push",
+        "paper-ml1-pick-place",
+        "paper-halfcheetah-dir",
+    } <= set(PRESETS)
+    memoryless = preset_config("small-halfcheetah-vel-memoryless")
+    assert memoryless.window == 1 and memoryless.reference == "memoryless"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
+        (["--preset", "small-point-nav", "--out", "x", "--set", "colour=red"], "unknown setting 'colour'"),
+        (["--preset", "small-point-nav", "--out", "x", "--set", "epochs=many"], "epochs='many'"),
+        (
+            ["--preset", "small-point-nav", "--out", "x", "--set", "vector=turbo"],
+            "expected one of sync, async",
+        ),
+        (["--preset", "small-point-nav", "--out", "x", "--set", "epochs"], "expects key=value"),
+        (["--preset", "small-point-nav", "--out", "x", "--total-steps", "0"], "total_steps must be > 0"),
+        (["--preset", "small-point-nav"], "--preset and --out are required"),
+    ],
+)
+def test_cli_refuses_bad_arguments_before_any_work(
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        train_main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_a_directory_holding_another_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({**preset_config("small-point-nav").to_dict(), "seed": 99}))
+    with pytest.raises(SystemExit):
+        train_main(["--preset", "small-point-nav", "--out", str(out)])
+    assert "holds another run (settings differ: seed)" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirectoryError, match="not empty"):
+        Trainer(preset_config("small-point-nav"), tmp_path / "junk", progress=False)
+
+
+def test_list_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["--list-presets"]) == 0
+    listed = capsys.readouterr().out
+    assert "paper-halfcheetah-vel " in listed and "small-point-nav-oracle" in listed
+
+
+def test_rollout_trials_have_k_full_episodes_and_time_limit_bootstrap() -> None:
+    family = get_family("point-nav")
+    net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2))
+    sampler = TrialSampler(family, net, n_envs=3, episodes_per_trial=2)
+    try:
+        rollout = sampler.run(
+            family.sample_tasks("train", 3, seed=0), seed=0, generator=torch.Generator().manual_seed(0)
+        )
+    finally:
+        sampler.close()
+    assert rollout.lengths.tolist() == [200, 200, 200]
+    assert rollout.episode[:100].eq(0).all() and rollout.episode[100:].eq(1).all()
+    assert rollout.episode_step[:, 0].tolist() == list(range(100)) * 2
+    assert rollout.last_values.ne(0).all()  # cut by the time limit: bootstrapped, not zero
+    # the first memory of the second episode carries zeros for previous action/reward (episode scope)
+    assert rollout.newest[100].eq(0).all()
+    assert torch.count_nonzero(rollout.windows[100, :, 0, 2:]) == 0
+    assert torch.count_nonzero(rollout.windows[100, :, 1:]) == 0
+
+
+def test_replay_matches_the_evaluation_path() -> None:
+    family = get_family("point-nav")
+    net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2, init_std=0.3)).eval()
+    tasks = family.sample_tasks("test", 1, seed=3)
+    sampler = TrialSampler(family, net, n_envs=1, episodes_per_trial=2)
+    try:
+        rollout = sampler.run(tasks, seed=5, deterministic=True)
+    finally:
+        sampler.close()
+    obs = rollout.windows[torch.arange(200), 0, rollout.newest[:, 0], :2].numpy()
+    starts = (rollout.episode_step[:, 0] == 0).numpy()
+    prev_rewards = torch.cat([torch.zeros(1), rollout.rewards[:-1, 0]]).numpy()
+    actions = replay_actions(net, obs, prev_rewards, starts, family.action_low, family.action_high)
+    recorded = rollout.actions[:, 0].clamp(-0.1, 0.1).numpy()
+    assert abs(actions - recorded).max() < 1e-6
+
+
+@pytest.mark.slow
+def test_small_point_nav_learns_clearly(tmp_path: Path) -> None:
+    cfg = preset_config("small-point-nav", {"total_steps": "128000", "eval_every": "0"})
+    family = get_family("point-nav")
+    tasks = family.sample_tasks("test", 30, seed=cfg.eval_seed)
+    torch.manual_seed(cfg.seed)
+    untrained = evaluate(TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2)), family, tasks, 2)
+    result = train(cfg, tmp_path / "run", progress=False)
+    trained = load_checkpoint(tmp_path / "run" / "final")
+    after = evaluate(trained.model, family, tasks, 2).returns.mean()
+    before = untrained.returns.mean()
+    print(f"point-nav held-out return: untrained {before:.1f}, trained {after:.1f} ({result.steps} steps)")
+    assert after > before + 0.4 * abs(before)
+    assert result.last_eval["test/return"] == pytest.approx(after, rel=1e-5)
+
+
+def _wait_for(predicate: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise TimeoutError("condition not met in time")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_loses_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--preset",
+        "small-point-nav",
+        "--out",
+        str(out),
+        "--total-steps",
+        "64000",
+        "--set",
+        "checkpoint_every=2",
+        "--set",
+        "eval_every=0",
+        "--set",
+        "eval_tasks=4",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        state = out / "latest" / "trainer_state.pt"
+        _wait_for(lambda: state.exists() and torch.load(state, weights_only=True)["update"] >= 4, 240)
+        time.sleep(1.0)  # let it run past the checkpoint
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = torch.load(out / "latest" / "trainer_state.pt", weights_only=True)
+    saved_update, saved_steps = int(saved["update"]), int(saved["steps"])
+    saved_weights = load_checkpoint(out / "latest").model.state_dict()
+
+    cfg = preset_config(
+        "small-point-nav",
+        {"total_steps": "64000", "checkpoint_every": "2", "eval_every": "0", "eval_tasks": "4"},
+    )
+    trainer = Trainer(cfg, out, progress=False)
+    try:
+        assert (trainer.update, trainer.steps) == (saved_update, saved_steps)
+        for name, value in trainer.model.state_dict().items():
+            assert torch.equal(value, saved_weights[name]), name
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["update"] for r in records] == list(range(1, saved_update + 1))
+        result = trainer.train()
+    finally:
+        trainer.close()
+    assert trainer.steps >= 64000
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records] == list(range(1, trainer.update + 1))
+    assert result.updates == trainer.update
+    assert load_checkpoint(out / "final").info.step == trainer.steps
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_update_keeps_parameters_identical(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        str(ROOT / "tests" / "trainer" / "ddp_worker.py"),
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert torch.equal(a, b)
+    moved = sum(
+        float((p - q).abs().sum()) for p, q in zip(ranks[0]["params"], ranks[0]["initial"], strict=True)
+    )
+    assert moved > 0
+    assert ranks[0]["tasks"] != ranks[1]["tasks"]  # each rank sampled its own tasks
+    assert ranks[0]["steps"] == 2 * 4 * 2 * 100  # steps counted over both ranks

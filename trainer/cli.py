@@ -1,0 +1,175 @@
+"""Command lines: ``trmrl-train`` and ``trmrl-eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trainer.config import PRESETS, preset_config
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Meta-train a TrMRL policy (or an oracle / memoryless reference) from a preset."""
+    parser = argparse.ArgumentParser(
+        prog="trmrl-train",
+        description="Meta-train TrMRL with PPO. Runs resume automatically from OUT/latest.",
+    )
+    parser.add_argument("--preset", help="named settings; see --list-presets")
+    parser.add_argument("--out", type=Path, help="run directory (created; resumed if it holds this run)")
+    parser.add_argument("--total-steps", type=int, help="environment steps to train for")
+    parser.add_argument("--seed", type=int, help="seed of tasks, envs, initialisation, exploration")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    if args.list_presets:
+        for name in sorted(PRESETS):
+            p = PRESETS[name]
+            arch, kind = p.get("architecture", "small"), p.get("reference", "trmrl")
+            print(f"{name:36s} {p['family']:16s} {arch:10s} {kind}")
+        return 0
+    if not args.preset or not args.out:
+        parser.error("--preset and --out are required (or --list-presets)")
+    try:
+        overrides = _parse_sets(args.set)
+        if args.total_steps is not None:
+            overrides["total_steps"] = str(args.total_steps)
+        if args.seed is not None:
+            overrides["seed"] = str(args.seed)
+        cfg = preset_config(args.preset, overrides)
+        from trmrl.tasks import get_family
+
+        get_family(cfg.family)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    from trainer.run import RunDirectoryError, Trainer, init_distributed
+
+    init_distributed()
+    try:
+        trainer = Trainer(cfg, args.out, progress=not args.no_progress)
+    except RunDirectoryError as exc:
+        parser.error(str(exc))
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        rate = result.steps / max(result.seconds, 1e-9)
+        print(
+            f"trained {result.steps} steps in {result.seconds:.0f} s ({rate:.0f} steps/s); checkpoints in {args.out}"
+        )
+        for key, value in sorted(result.last_eval.items()):
+            print(f"  {key:28s} {value:10.2f}")
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Evaluate checkpoints on one held-out task set and print a comparison table."""
+    parser = argparse.ArgumentParser(
+        prog="trmrl-eval", description="Meta-test checkpoints on the same task set, deterministic actions."
+    )
+    parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT")
+    parser.add_argument("--split", choices=["test", "ood"], default="test")
+    parser.add_argument("--tasks", type=int, default=30, help="number of tasks (default 30)")
+    parser.add_argument("--seed", type=int, default=1000, help="task-set seed (default 1000, as training)")
+    parser.add_argument("--episodes", type=int, help="episodes per trial (default: as trained)")
+    parser.add_argument("--json", type=Path, help="write the full results here")
+    args = parser.parse_args(argv)
+    if args.tasks < 1:
+        parser.error("--tasks must be >= 1")
+    if args.episodes is not None and args.episodes < 1:
+        parser.error("--episodes must be >= 1")
+
+    from trainer.evaluate import EARLY_STEPS, evaluate
+    from trmrl.checkpoint import CheckpointError, load_checkpoint
+    from trmrl.tasks import TaskFamilyError, get_family
+
+    try:
+        loaded = [load_checkpoint(path) for path in args.checkpoints]
+    except CheckpointError as exc:
+        parser.error(str(exc))
+    families = {c.info.task_family for c in loaded}
+    if len(families) != 1:
+        parser.error(f"checkpoints are of different task families: {', '.join(sorted(families))}")
+    family = get_family(families.pop())
+    try:
+        tasks = family.sample_tasks(args.split, args.tasks, seed=args.seed)
+    except TaskFamilyError as exc:
+        parser.error(str(exc))
+
+    rows = []
+    for path, ckpt in zip(args.checkpoints, loaded, strict=True):
+        episodes = args.episodes or int(ckpt.info.training.get("episodes_per_trial", 2))
+        result = evaluate(
+            ckpt.model, family, tasks, episodes, oracle=ckpt.info.task_params_in_obs, seed=args.seed
+        )
+        rows.append((path, ckpt, result))
+
+    kinds = {str(c.info.training.get("reference", "trmrl")): r for _, c, r in rows}
+    header = f"{family.name} {args.split}: {len(tasks)} tasks, seed {args.seed}, deterministic"
+    print(header)
+    columns = ["checkpoint", "kind", "version", "return"]
+    max_eps = max(r.returns.shape[1] for _, _, r in rows)
+    columns += [f"ep{e + 1}" for e in range(max_eps)]
+    columns += [f"first{EARLY_STEPS}", f"after{EARLY_STEPS}"]
+    has_success = family.has_success
+    if has_success:
+        columns.append("success")
+    gap = "oracle" in kinds and "memoryless" in kinds
+    if gap:
+        columns.append("gap closed")
+    table = []
+    for path, ckpt, r in rows:
+        kind = str(ckpt.info.training.get("reference", "trmrl"))
+        line = [str(path), kind, ckpt.info.version, f"{r.returns.mean():.1f}"]
+        line += [f"{r.returns[:, e].mean():.1f}" if e < r.returns.shape[1] else "" for e in range(max_eps)]
+        line += [f"{r.early_returns.mean():.1f}", f"{(r.returns - r.early_returns).mean():.1f}"]
+        if has_success:
+            line.append(f"{100 * r.success.mean():.0f}%" if r.success is not None else "")
+        if gap:
+            lo, hi = kinds["memoryless"].returns.mean(), kinds["oracle"].returns.mean()
+            line.append(f"{(r.returns.mean() - lo) / (hi - lo):.2f}" if hi != lo else "n/a")
+        table.append(line)
+    widths = [max(len(columns[i]), *(len(row[i]) for row in table)) for i in range(len(columns))]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+    if args.json:
+        payload = {
+            "family": family.name,
+            "split": args.split,
+            "tasks": args.tasks,
+            "seed": args.seed,
+            "results": [
+                {
+                    "checkpoint": str(path),
+                    "kind": str(ckpt.info.training.get("reference", "trmrl")),
+                    "version": ckpt.info.version,
+                    "summary": r.summary(""),
+                    **r.to_json(),
+                }
+                for path, ckpt, r in rows
+            ],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

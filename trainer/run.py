@@ -1,0 +1,384 @@
+"""The meta-training loop: sample trials, PPO-update, evaluate, checkpoint, resume.
+
+An output directory holds one run::
+
+    run.json            the TrainConfig (a different config in the same directory is refused)
+    metrics.jsonl       one JSON object per update and per evaluation
+    tb/                 TensorBoard events
+    latest/             resumable checkpoint: model + trainer_state.pt (optimizer, RNG, counters)
+    best/               the checkpoint with the best held-out return so far
+    final/              the checkpoint at the end of training
+
+Checkpoints are written atomically, so a run killed at any moment resumes from its last ``latest/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.config import TrainConfig
+from trainer.evaluate import EvalResult, Evaluator
+from trainer.ppo import (
+    RunningMeanStd,
+    compute_gae,
+    decayed_lr_factor,
+    flatten,
+    make_optimizer,
+    ppo_update,
+)
+from trainer.rollout import TrialSampler
+from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from trmrl.model import ModelConfig, TrMRL
+from trmrl.tasks import Task, TaskFamily, get_family
+
+STATE_FILE = "trainer_state.pt"
+RUN_FILE = "run.json"
+
+
+class RunDirectoryError(ValueError):
+    """The output directory holds something other than this run."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    updates: int
+    seconds: float
+    last_eval: dict[str, float]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:
+    """The network a training config implies, including the oracle and memoryless references."""
+    oracle = cfg.reference == "oracle"
+    memoryless = cfg.reference == "memoryless"
+    return ModelConfig.from_preset(
+        cfg.architecture,
+        obs_dim=family.obs_dim + (family.task_param_dim if oracle else 0),
+        act_dim=family.act_dim,
+        window=1 if memoryless else cfg.window,
+        memory_scope=cfg.memory_scope,
+        value_input=cfg.value_input,
+        init_std=cfg.init_std,
+        policy_out_gain=cfg.policy_out_gain,
+        include_previous=not memoryless,
+    )
+
+
+def check_run_directory(out: Path, cfg: TrainConfig) -> bool:
+    """True when ``out`` holds this very run (resume); raise if it holds another one."""
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        saved = json.loads(run_file.read_text())
+        if saved != cfg.to_dict():
+            changed = sorted(k for k in cfg.to_dict() if saved.get(k) != cfg.to_dict()[k])
+            raise RunDirectoryError(
+                f"{out} holds another run (settings differ: {', '.join(changed) or 'unknown keys'}); "
+                "choose a new --out directory"
+            )
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise RunDirectoryError(f"{out} is not empty and holds no trmrl run; choose a new --out directory")
+    return False
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _rank_world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class Trainer:
+    """Owns the network, optimiser, samplers and bookkeeping of one run."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.progress = progress
+        self.rank, self.world = _rank_world()
+        self.is_main = self.rank == 0
+        self.family = get_family(cfg.family)
+        self.oracle = cfg.reference == "oracle"
+        self.device = resolve_device(cfg.device)
+        resume = check_run_directory(out, cfg)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = TrMRL(model_config_for(cfg, self.family)).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.policy_lr, cfg.value_lr, cfg.weight_decay)
+        self.obs_stats = RunningMeanStd(self.family.obs_dim)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
+        self.update = 0
+        self.steps = 0
+        self.best_return = -float("inf")
+        self.last_eval: dict[str, float] = {}
+        self.last_tasks: list[Task] = []
+        self.ddp: nn.Module = self.model
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(self.model)
+
+        if resume and (out / "latest").exists():
+            self._load_state(out / "latest")
+        elif self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RUN_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+
+        self.sampler = TrialSampler(
+            self.family,
+            self.model,
+            cfg.tasks_per_update,
+            cfg.episodes_per_trial,
+            oracle=self.oracle,
+            vector=cfg.vector,
+        )
+        self.evaluators: dict[str, Evaluator] = {}
+        if self.is_main:
+            for split in ("test", "ood"):
+                if split in self.family.splits:
+                    tasks = self.family.sample_tasks(split, cfg.eval_tasks, seed=cfg.eval_seed)
+                    self.evaluators[split] = Evaluator(
+                        self.family,
+                        self.model,
+                        tasks,
+                        cfg.episodes_per_trial,
+                        oracle=self.oracle,
+                        seed=cfg.eval_seed,
+                    )
+        self._writer: Any = None
+
+    # ----------------------------------------------------------------------------------------- state
+    def _trainer_state(self) -> bytes:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "obs_stats": self.obs_stats.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "update": self.update,
+            "steps": self.steps,
+            "best_return": self.best_return,
+            "last_eval": json.dumps(self.last_eval),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    def _load_state(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, self.device)
+        self.model.load_state_dict(ckpt.model.state_dict())
+        state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.obs_stats.load_state_dict(state["obs_stats"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.update = int(state["update"])
+        self.steps = int(state["steps"])
+        self.best_return = float(state["best_return"])
+        self.last_eval = json.loads(state["last_eval"])
+        if self.is_main:
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop records of updates after the checkpoint: the resumed run writes them again."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["update"] <= self.update
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def save(self, name: str, *, resumable: bool = False) -> None:
+        """Write the checkpoint ``out/name`` (main rank only)."""
+        if not self.is_main:
+            return
+        info = CheckpointInfo(
+            task_family=self.family.name,
+            action_low=self.family.action_low,
+            action_high=self.family.action_high,
+            step=self.steps,
+            metrics=self.last_eval,
+            training={"reference": self.cfg.reference, "update": self.update, **self.cfg.to_dict()},
+            task_params_in_obs=self.oracle,
+        )
+        extra = {STATE_FILE: self._trainer_state()} if resumable else None
+        save_checkpoint(self.out / name, self.model, info, extra_files=extra)
+
+    # ------------------------------------------------------------------------------------- logging
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out / "tb"))
+        for key, value in record.items():
+            if isinstance(value, int | float) and key not in ("update", "steps"):
+                self._writer.add_scalar(key, value, self.steps)
+
+    # ---------------------------------------------------------------------------------- main loop
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for split, evaluator in self.evaluators.items():
+            result: EvalResult = evaluator.run()
+            metrics.update(result.summary(f"{split}/"))
+        return metrics
+
+    def train_one_update(self) -> dict[str, Any]:
+        cfg = self.cfg
+        factor = decayed_lr_factor(self.update, cfg.lr_decay, cfg.lr_decay_start, cfg.lr_decay_end)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        task_seed = (cfg.seed * 1_000_003 + self.update) * self.world + self.rank
+        tasks = self.family.sample_tasks("train", cfg.tasks_per_update, seed=task_seed)
+        self.last_tasks = tasks
+        t0 = time.perf_counter()
+        self.model.eval()
+        rollout = self.sampler.run(tasks, seed=task_seed, generator=self.generator)
+        t1 = time.perf_counter()
+        advantages, returns = compute_gae(rollout, cfg.gamma, cfg.gae_lambda)
+        batch = flatten(rollout, advantages, returns)
+        self.model.train()
+        stats = ppo_update(
+            self.ddp,
+            self.optimizer,
+            batch,
+            epochs=cfg.epochs,
+            minibatch_size=cfg.minibatch_size,
+            clip=cfg.clip,
+            vf_coef=cfg.vf_coef,
+            max_grad_norm=cfg.max_grad_norm,
+            normalize_advantages=cfg.normalize_advantages,
+            generator=self.generator,
+        )
+        t2 = time.perf_counter()
+        if cfg.normalize_obs:
+            self._update_obs_stats(batch.windows, batch.newest)
+        local_steps = int(rollout.lengths.sum())
+        steps = int(_all_reduce_sum(torch.tensor([local_steps], dtype=torch.float64))[0])
+        self.steps += steps
+        self.update += 1
+        mean_return = float(_all_reduce_sum(rollout.rewards.sum().double().cpu().reshape(1))[0]) / (
+            self.world * cfg.tasks_per_update * cfg.episodes_per_trial
+        )
+        return {
+            "update": self.update,
+            "steps": self.steps,
+            "train/return": mean_return,
+            "train/policy_loss": stats.policy_loss,
+            "train/value_loss": stats.value_loss,
+            "train/approx_kl": stats.approx_kl,
+            "train/clip_fraction": stats.clip_fraction,
+            "train/grad_norm": stats.grad_norm,
+            "train/lr_factor": factor,
+            "time/sample_s": t1 - t0,
+            "time/update_s": t2 - t1,
+            "time/steps_per_s": steps / (t2 - t0),
+        }
+
+    def _update_obs_stats(self, windows: torch.Tensor, newest: torch.Tensor) -> None:
+        obs_dim = self.family.obs_dim
+        obs = windows[torch.arange(len(windows), device=windows.device), newest, :obs_dim].double().cpu()
+        moments = torch.cat(
+            [obs.sum(0), (obs**2).sum(0), torch.tensor([float(len(obs))], dtype=torch.float64)]
+        )
+        moments = _all_reduce_sum(moments)
+        count = float(moments[-1])
+        mean = moments[:obs_dim] / count
+        var = (moments[obs_dim : 2 * obs_dim] / count - mean**2).clamp(min=0)
+        self.obs_stats.update(mean, var, count)
+        with torch.no_grad():
+            self.obs_stats.apply_to(self.model)
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        start_steps = self.steps
+        bar = None
+        if self.is_main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.total_steps, initial=self.steps, unit="step", dynamic_ncols=True)
+        try:
+            while self.steps < cfg.total_steps:
+                record = self.train_one_update()
+                done = self.steps >= cfg.total_steps
+                if self.evaluators and ((cfg.eval_every and self.update % cfg.eval_every == 0) or done):
+                    self.last_eval = self.evaluate()
+                    record.update(self.last_eval)
+                    headline = self.last_eval.get("test/return", -float("inf"))
+                    if headline > self.best_return:
+                        self.best_return = headline
+                        self.save("best")
+                self.log(record)
+                if self.update % cfg.checkpoint_every == 0 or done:
+                    self.save("latest", resumable=True)
+                if bar is not None:
+                    bar.update(record["steps"] - bar.n)
+                    postfix = {
+                        "steps/s": f"{record['time/steps_per_s']:.0f}",
+                        "ret": f"{record['train/return']:.1f}",
+                    }
+                    if "test/return" in self.last_eval:
+                        postfix["test"] = f"{self.last_eval['test/return']:.1f}"
+                    bar.set_postfix(postfix)
+            self.save("final")
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._writer is not None:
+                self._writer.close()
+        elapsed = time.perf_counter() - start
+        return TrainResult(self.steps - start_steps, self.update, elapsed, self.last_eval)
+
+    def close(self) -> None:
+        self.sampler.close()
+        for evaluator in self.evaluators.values():
+            evaluator.close()
+
+
+def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run in ``out`` until ``cfg.total_steps``.
+
+    Example:
+        >>> from trainer.config import preset_config
+        >>> train(preset_config("small-point-nav", {"total_steps": "6400"}), "/tmp/doc-run", progress=False)
+        ...  # doctest: +SKIP
+    """
+    trainer = Trainer(cfg, Path(out), progress=progress)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def init_distributed() -> None:
+    """Join the process group ``torchrun`` describes (gloo on CPU, NCCL on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,0 +1,271 @@
+"""Meta-World v3 families: ML1 (reach, push, pick-place), ML10 and ML45.
+
+The tasks are the benchmark's own: each benchmark object is built once per process with a fixed seed
+(:data:`BENCHMARK_SEED`), so task ``i`` of a split is the same goal everywhere, and a :class:`Task` only
+carries its index into ``benchmark.train_tasks`` / ``benchmark.test_tasks``. Building ML45 simulates
+~2500 resets (tens of seconds), so it is done lazily and cached; processes forked after the first
+``sample_tasks`` / ``make_env`` (e.g. ``AsyncVectorEnv`` workers on Linux) inherit the cache.
+
+``Task.params`` is the goal position (``env._target_pos`` after ``set_task`` + ``reset``). Meta-World
+only exposes it after a reset, so it is probed with a throw-away environment for the tasks actually
+sampled, and cached. Note that a few classes (e.g. ``hammer-v3``, ``sweep-into-v3``, ``bin-picking-v3``)
+randomise the object rather than the goal, so all their tasks share the same params.
+
+``metaworld`` is imported inside functions because importing it takes about half a second.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+from gymnasium.spaces import Box
+from numpy.typing import NDArray
+
+from trmrl.tasks.base import ObsArray, Task, TaskEnv, TaskFamily, TaskFamilyError
+
+__all__ = ["BENCHMARK_SEED", "FAMILIES", "MAX_CACHED_SIMS", "MetaWorldFamily"]
+
+BENCHMARK_SEED: Final = 0
+"""Seed every Meta-World benchmark object is built with, so the goal sets are identical everywhere."""
+
+MAX_CACHED_SIMS: Final = 4
+"""Simulators (one per Meta-World env class) an ML10/ML45 environment keeps for switching classes.
+
+One simulator holds about 20 MB and takes about 0.1 s to build, so all 50 would cost 1 GB per worker.
+"""
+
+_GOAL_TOLERANCE: Final = 1e-9
+
+
+@dataclass
+class _SplitData:
+    """A benchmark split: Meta-World's task objects plus what :class:`Task` needs from them."""
+
+    tasks: list[Any]
+    env_names: list[str]
+    labels: list[str]
+    goals: dict[int, tuple[float, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class _Benchmark:
+    classes: dict[str, Any]
+    splits: dict[str, _SplitData]
+
+
+_CACHE_LOCK = threading.Lock()
+_BENCHMARKS: dict[str, _Benchmark] = {}
+
+
+def _split_data(mw_tasks: list[Any]) -> _SplitData:
+    env_names = [t.env_name for t in mw_tasks]
+    labels = []
+    per_class: dict[str, int] = {}
+    for name in env_names:
+        k = per_class.get(name, 0)
+        per_class[name] = k + 1
+        labels.append(f"{name}#{k}")  # k-th goal of that class, the number a Meta-World user would use
+    return _SplitData(list(mw_tasks), env_names, labels)
+
+
+def _benchmark(key: str) -> _Benchmark:
+    """The cached benchmark ``key`` (``"ML10"``, ``"ML45"`` or an ML1 env name such as ``"reach-v3"``)."""
+    with _CACHE_LOCK:
+        bench = _BENCHMARKS.get(key)
+        if bench is None:
+            import metaworld
+
+            mw: Any
+            if key == "ML10":
+                mw = metaworld.ML10(seed=BENCHMARK_SEED)
+            elif key == "ML45":
+                mw = metaworld.ML45(seed=BENCHMARK_SEED)
+            else:
+                mw = metaworld.ML1(key, seed=BENCHMARK_SEED)
+            bench = _Benchmark(
+                classes={**mw.train_classes, **mw.test_classes},
+                splits={"train": _split_data(mw.train_tasks), "test": _split_data(mw.test_tasks)},
+            )
+            _BENCHMARKS[key] = bench
+        return bench
+
+
+def _goals(bench: _Benchmark, split: str, indices: list[int]) -> list[tuple[float, ...]]:
+    """Goal positions of the given tasks, probing (and caching) the ones not seen yet."""
+    data = bench.splits[split]
+    with _CACHE_LOCK:
+        missing: dict[str, list[int]] = {}
+        for i in sorted(set(indices) - data.goals.keys()):
+            missing.setdefault(data.env_names[i], []).append(i)
+        for env_name, idxs in missing.items():
+            sim = bench.classes[env_name]()
+            try:
+                for i in idxs:
+                    sim.set_task(data.tasks[i])
+                    sim.reset()
+                    data.goals[i] = tuple(float(v) for v in sim._target_pos)
+            finally:
+                sim.close()
+        return [data.goals[i] for i in indices]
+
+
+@dataclass(frozen=True)
+class MetaWorldFamily(TaskFamily):
+    """A Meta-World benchmark as a task family.
+
+    Attributes:
+        benchmark: ``"ML10"``, ``"ML45"`` or the ML1 env name (e.g. ``"reach-v3"``).
+    """
+
+    benchmark: str
+
+    def _sample_tasks(self, split: str, n: int, rng: np.random.Generator) -> list[Task]:
+        bench = _benchmark(self.benchmark)
+        data = bench.splits[split]
+        available = len(data.tasks)
+        indices = [int(i) for i in rng.choice(available, size=n, replace=n > available)]
+        goals = _goals(bench, split, indices)
+        return [Task(self.name, split, i, g, data.labels[i]) for i, g in zip(indices, goals, strict=True)]
+
+    def resolve(self, task: Task) -> tuple[str, Any]:
+        """Return the Meta-World env name and task object behind ``task``.
+
+        Raises:
+            TaskFamilyError: If ``task`` is not a task of this family's benchmark (wrong family or split,
+                index out of range, or a label that does not match the benchmark's task at that index).
+        """
+        self.check_task(task)
+        data = _benchmark(self.benchmark).splits[task.split]
+        if task.index >= len(data.tasks):
+            raise TaskFamilyError(
+                f"{self.name}: {task.split} task index {task.index} out of range (0..{len(data.tasks) - 1})"
+            )
+        if task.label != data.labels[task.index]:
+            # Guards against tasks sampled from a differently seeded benchmark or another metaworld version.
+            raise TaskFamilyError(
+                f"{self.name}: task label {task.label!r} does not match {data.labels[task.index]!r}, "
+                f"the benchmark's {task.split} task {task.index}"
+            )
+        return data.env_names[task.index], data.tasks[task.index]
+
+    def _make_env(self, task: Task) -> TaskEnv:
+        return _MetaWorldEnv(self, task)
+
+
+class _MetaWorldEnv(TaskEnv):
+    """Meta-World env whose simulator follows the task's env class (ML10/ML45 mix classes).
+
+    Rewards, termination (never) and ``info`` (including ``"success"``) are Meta-World's own.
+    """
+
+    family: MetaWorldFamily
+
+    def __init__(self, family: MetaWorldFamily, task: Task) -> None:
+        env_name, _ = family.resolve(task)
+        bench = _benchmark(family.benchmark)
+        sim = bench.classes[env_name]()
+        super().__init__(sim, family, task)
+        self._classes = bench.classes
+        self._sim: Any = sim  # self.env, typed loosely to reach Meta-World's attributes
+        self._sims: OrderedDict[str, Any] = OrderedDict([(env_name, sim)])
+        # Meta-World clips observations to these bounds, which are the same for every class.
+        space = sim.observation_space
+        self.observation_space = Box(
+            space.low.astype(np.float32), space.high.astype(np.float32), dtype=np.float32
+        )
+        self._expected_goal: tuple[float, ...] | None = None
+
+    def set_task(self, task: Task) -> None:
+        """Use ``task`` (of any env class of the benchmark) from the next :meth:`reset` on.
+
+        Raises:
+            TaskFamilyError: If ``task`` is not a task of this environment's benchmark.
+        """
+        self.family.resolve(task)  # validate now, so that misuse is reported here and not at reset
+        self._pending_task = task
+
+    def _sim_for(self, env_name: str) -> Any:
+        sim = self._sims.pop(env_name, None)
+        if sim is None:
+            sim = self._classes[env_name]()
+        self._sims[env_name] = sim  # (re)insert as most recently used
+        while len(self._sims) > MAX_CACHED_SIMS:
+            _, evicted = self._sims.popitem(last=False)
+            evicted.close()
+        return sim
+
+    def _apply_task(self, task: Task) -> None:
+        env_name, mw_task = self.family.resolve(task)
+        sim = self._sim_for(env_name)
+        sim.set_task(mw_task)
+        self.env = sim
+        self._sim = sim
+        self._expected_goal = task.params
+
+    def _reset_sim(self, seed: int | None, options: dict[str, Any] | None) -> tuple[ObsArray, dict[str, Any]]:
+        # Meta-World's reset ignores its seed argument; its episodes are deterministic anyway (the goal is
+        # frozen by set_task), but seeding the simulator's generator keeps gymnasium's reset contract.
+        if seed is not None:
+            self._sim.seed(seed)
+        obs, info = self.env.reset(seed=seed, options=options)
+        if self._expected_goal is not None:
+            goal = self._sim._target_pos
+            if not all(
+                math.isclose(g, e, abs_tol=_GOAL_TOLERANCE)
+                for g, e in zip(goal, self._expected_goal, strict=True)
+            ):
+                raise TaskFamilyError(
+                    f"{self.family.name}: task {self.task.label!r} has goal {self._expected_goal} but the "
+                    f"benchmark's goal is {tuple(goal)}; the task was sampled from a different benchmark"
+                )
+            self._expected_goal = None
+        return np.asarray(obs, dtype=np.float32), info
+
+    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
+        truncated = self._tick()
+        obs, reward, terminated, sim_truncated, info = self.env.step(action)
+        return (
+            np.asarray(obs, dtype=np.float32),
+            float(reward),
+            bool(terminated),
+            truncated or bool(sim_truncated),
+            info,
+        )
+
+    def close(self) -> None:
+        """Close every cached simulator."""
+        while self._sims:
+            _, sim = self._sims.popitem()
+            sim.close()
+
+
+def _family(name: str, benchmark: str, description: str) -> MetaWorldFamily:
+    return MetaWorldFamily(
+        name=name,
+        obs_dim=39,
+        act_dim=4,
+        action_low=(-1.0,) * 4,
+        action_high=(1.0,) * 4,
+        episode_length=500,
+        task_param_dim=3,
+        has_success=True,
+        splits=("train", "test"),
+        description=description,
+        benchmark=benchmark,
+    )
+
+
+FAMILIES: Final[tuple[TaskFamily, ...]] = (
+    _family("ml1-reach", "reach-v3", "Meta-World ML1 reach-v3: 50 train / 50 test goal positions."),
+    _family("ml1-push", "push-v3", "Meta-World ML1 push-v3: 50 train / 50 test goal positions."),
+    _family(
+        "ml1-pick-place", "pick-place-v3", "Meta-World ML1 pick-place-v3: 50 train / 50 test goal positions."
+    ),
+    _family("ml10", "ML10", "Meta-World ML10: 10 train env classes, 5 held-out test classes, 50 goals each."),
+    _family("ml45", "ML45", "Meta-World ML45: 45 train env classes, 5 held-out test classes, 50 goals each."),
+)
