@@ -69,9 +69,7 @@ def train_main(argv: list[str] | None = None) -> int:
         trainer.close()
     if trainer.is_main:
         rate = result.steps / max(result.seconds, 1e-9)
-        print(
-            f"trained {result.steps} steps in {result.seconds:.0f} s ({rate:.0f} steps/s); checkpoints in {args.out}"
-        )
+        print(f"trained {result.steps} steps in {result.seconds:.0f} s ({rate:.0f} steps/s) into {args.out}")
         for key, value in sorted(result.last_eval.items()):
             print(f"  {key:28s} {value:10.2f}")
     return 0

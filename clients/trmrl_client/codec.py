@@ -75,7 +75,8 @@ def packb(obj: Any) -> bytes:
     """
     import msgpack
 
-    return msgpack.packb(obj, default=_encode_hook, use_bin_type=True)  # type: ignore[no-any-return]
+    packed: bytes = msgpack.packb(obj, default=_encode_hook, use_bin_type=True)
+    return packed
 
 
 def unpackb(data: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> Any:
