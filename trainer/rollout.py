@@ -203,11 +203,12 @@ class TrialSampler:
                 active &= ~finished
             if not active.any():
                 break
-            if ended.any():
-                # Finished envs are reset too (the vector API refuses to step an ended episode); their
-                # further steps are idle and never stored.
-                obs, _ = self.envs.reset(options={"reset_mask": ended})
-                episode_step[ended] = 0
+            # Every ended episode restarts, including those of finished trials, since the vector API
+            # refuses to step an ended episode; a finished env's further steps are idle, never stored.
+            over = np.asarray(terminated) | np.asarray(truncated)
+            if over.any():
+                obs, _ = self.envs.reset(options={"reset_mask": over})
+                episode_step[over] = 0
             start = ended & active
 
         return Rollout(

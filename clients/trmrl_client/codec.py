@@ -91,7 +91,6 @@ def unpackb(data: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> Any:
             object_hook=_decode_hook,
             raw=False,
             strict_map_key=False,
-            max_buffer_size=max_bytes,
         )
     except CodecError:
         raise

@@ -1,0 +1,178 @@
+"""Trainer throughput: end-to-end env steps/s (sampling + PPO update), batched vs one env at a time.
+
+Both columns run the same preset, the same tasks and the same PPO update; only the sampler differs:
+
+* ``batched``: all of an update's envs stepped together, one slot-pool forward per tick (the trainer);
+* ``sequential``: one env at a time with a batch-1 forward per step, as the reference implementation
+  samples.
+
+Run: ``python -m bench.train_throughput [--preset small-halfcheetah-vel] [--updates 3] [--json FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.config import preset_config
+from trainer.ppo import compute_gae, flatten, make_optimizer, ppo_update
+from trainer.rollout import Rollout, TrialSampler
+from trainer.run import model_config_for
+from trmrl.model import TrMRL, log_prob
+from trmrl.policy import act
+from trmrl.slot_pool import SlotPool
+from trmrl.tasks import Task, TaskFamily, get_family
+
+
+class SequentialSampler:
+    """One environment at a time, batch-1 inference: the baseline the batched sampler is compared to."""
+
+    def __init__(self, family: TaskFamily, model: TrMRL, n_envs: int, episodes: int) -> None:
+        self.family, self.model, self.n_envs, self.episodes = family, model, n_envs, episodes
+        self.envs = [family.make_env() for _ in range(n_envs)]
+        self.pool = SlotPool(model, 1)
+        self.low = torch.tensor(family.action_low)
+        self.high = torch.tensor(family.action_high)
+
+    @torch.no_grad()
+    def run(self, tasks: list[Task], *, seed: int, generator: torch.Generator) -> Rollout:
+        cfg = self.model.config
+        steps = self.episodes * self.family.episode_length
+        n = self.n_envs
+        windows = torch.zeros(steps, n, cfg.window, cfg.token_dim)
+        newest = torch.zeros(steps, n, dtype=torch.long)
+        actions = torch.zeros(steps, n, cfg.act_dim)
+        logp, values, rewards = torch.zeros(steps, n), torch.zeros(steps, n), torch.zeros(steps, n)
+        valid = torch.zeros(steps, n, dtype=torch.bool)
+        slot = torch.zeros(1, dtype=torch.long)
+        last_values = torch.zeros(n)
+        for e, (env, task) in enumerate(zip(self.envs, tasks, strict=True)):
+            env.set_task(task)
+            self.pool.clear(slot)
+            t = 0
+            for episode in range(self.episodes):
+                obs, _ = env.reset(seed=seed * 1_000 + e if episode == 0 else None)
+                reward, start, done = 0.0, True, False
+                while not done:
+                    noise = torch.randn((1, cfg.act_dim), generator=generator)
+                    result = act(
+                        self.pool,
+                        slot,
+                        torch.from_numpy(obs).unsqueeze(0),
+                        torch.tensor([reward]),
+                        torch.tensor([start]),
+                        low=self.low,
+                        high=self.high,
+                        deterministic=False,
+                        noise=noise,
+                    )
+                    windows[t, e], newest[t, e] = result.step.windows[0], result.step.newest[0]
+                    actions[t, e], values[t, e] = result.raw[0], result.step.output.value[0]
+                    logp[t, e] = log_prob(result.step.output, result.raw)[0]
+                    obs, r, terminated, truncated, _ = env.step(result.actions[0].numpy())
+                    rewards[t, e], valid[t, e] = float(r), True
+                    reward, start, done = float(r), False, terminated or truncated
+                    t += 1
+        lengths = valid.sum(0)
+        zeros = torch.zeros(steps, n, dtype=torch.long)
+        return Rollout(
+            windows, newest, actions, logp, values, rewards, valid, lengths, last_values, zeros, zeros,
+            torch.zeros(n, self.episodes),
+        )
+
+
+def measure(sampler: Any, family: TaskFamily, model: TrMRL, cfg: Any, updates: int) -> dict[str, float]:
+    optimizer = make_optimizer(model, cfg.policy_lr, cfg.value_lr, cfg.weight_decay)
+    generator = torch.Generator().manual_seed(0)
+    sample_s = update_s = 0.0
+    steps = 0
+    for u in range(updates + 1):  # the first update warms up and is not counted
+        tasks = family.sample_tasks("train", cfg.tasks_per_update, seed=u)
+        t0 = time.perf_counter()
+        model.eval()
+        rollout = sampler.run(tasks, seed=u, generator=generator)
+        t1 = time.perf_counter()
+        adv, ret = compute_gae(rollout, cfg.gamma, cfg.gae_lambda)
+        model.train()
+        ppo_update(
+            model,
+            optimizer,
+            flatten(rollout, adv, ret),
+            epochs=cfg.epochs,
+            minibatch_size=cfg.minibatch_size,
+            clip=cfg.clip,
+            vf_coef=cfg.vf_coef,
+            max_grad_norm=cfg.max_grad_norm,
+            normalize_advantages=cfg.normalize_advantages,
+            generator=generator,
+        )
+        t2 = time.perf_counter()
+        if u:
+            sample_s += t1 - t0
+            update_s += t2 - t1
+            steps += int(rollout.lengths.sum())
+    return {
+        "steps": steps,
+        "sample_s": sample_s,
+        "update_s": update_s,
+        "sample_steps_per_s": steps / sample_s,
+        "steps_per_s": steps / (sample_s + update_s),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small-halfcheetah-vel")
+    parser.add_argument("--updates", type=int, default=3, help="timed updates per sampler (after one warm-up)")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/train_throughput.json"))
+    args = parser.parse_args()
+
+    cfg = preset_config(args.preset)
+    family = get_family(cfg.family)
+    results = {}
+    for name in ("batched", "sequential"):
+        torch.manual_seed(0)
+        model = TrMRL(model_config_for(cfg, family))
+        if name == "batched":
+            sampler: Any = TrialSampler(family, model, cfg.tasks_per_update, cfg.episodes_per_trial)
+        else:
+            sampler = SequentialSampler(family, model, cfg.tasks_per_update, cfg.episodes_per_trial)
+        results[name] = measure(sampler, family, model, cfg, args.updates)
+        if name == "batched":
+            sampler.close()
+
+    b, s = results["batched"], results["sequential"]
+    print(f"trainer throughput, preset {args.preset}, {torch.get_num_threads()} torch threads, {platform.node()}")
+    print(f"{'sampler':12s} {'steps':>8s} {'sample s':>9s} {'update s':>9s} {'sample st/s':>12s} {'end-to-end st/s':>16s}")
+    for name, r in results.items():
+        print(
+            f"{name:12s} {r['steps']:8d} {r['sample_s']:9.2f} {r['update_s']:9.2f} "
+            f"{r['sample_steps_per_s']:12.0f} {r['steps_per_s']:16.0f}"
+        )
+    ratio = b["steps_per_s"] / s["steps_per_s"]
+    sample_ratio = b["sample_steps_per_s"] / s["sample_steps_per_s"]
+    print(f"batched / sequential: end-to-end {ratio:.2f}x, sampling alone {sample_ratio:.2f}x")
+    print(f"targets: >= 3000 end-to-end steps/s ({'met' if b['steps_per_s'] >= 3000 else 'NOT met'}), "
+          f">= 5x sequential ({'met' if ratio >= 5 else 'NOT met'})")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "preset": args.preset,
+        "machine": {"node": platform.node(), "cpus": torch.get_num_threads(), "processor": platform.processor()},
+        "results": results,
+        "end_to_end_ratio": ratio,
+        "sampling_ratio": sample_ratio,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+    }
+    args.json.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
