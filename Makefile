@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml clients/pyproject.toml requirements/constraints.txt
 
 venv: $(STAMP)  ## create .venv with pinned dependencies (CPU torch)
 
-demo: $(STAMP)  ## the main job: a short TrMRL demonstration on a bundled task family
-	$(PY) -m trmrl.demo
+demo: $(STAMP)  ## the main job: bundled TrMRL vs its memoryless and oracle references, held-out tasks
+	$(VENV)/bin/trmrl-eval checkpoints/point-nav-memoryless checkpoints/point-nav checkpoints/point-nav-oracle \
+		--split test --tasks 30
 
 test: lint typecheck pytest  ## everything CI runs: lint, type checks, all tests
 

@@ -83,7 +83,17 @@ class SequentialSampler:
         lengths = valid.sum(0)
         zeros = torch.zeros(steps, n, dtype=torch.long)
         return Rollout(
-            windows, newest, actions, logp, values, rewards, valid, lengths, last_values, zeros, zeros,
+            windows,
+            newest,
+            actions,
+            logp,
+            values,
+            rewards,
+            valid,
+            lengths,
+            last_values,
+            zeros,
+            zeros,
             torch.zeros(n, self.episodes),
         )
 
@@ -128,9 +138,13 @@ def measure(sampler: Any, family: TaskFamily, model: TrMRL, cfg: Any, updates: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="small-halfcheetah-vel")
-    parser.add_argument("--updates", type=int, default=3, help="timed updates per sampler (after one warm-up)")
+    parser.add_argument(
+        "--updates", type=int, default=3, help="timed updates per sampler (after one warm-up)"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/train_throughput.json"))
     args = parser.parse_args()
 
@@ -149,8 +163,12 @@ def main() -> None:
             sampler.close()
 
     b, s = results["batched"], results["sequential"]
-    print(f"trainer throughput, preset {args.preset}, {torch.get_num_threads()} torch threads, {platform.node()}")
-    print(f"{'sampler':12s} {'steps':>8s} {'sample s':>9s} {'update s':>9s} {'sample st/s':>12s} {'end-to-end st/s':>16s}")
+    print(
+        f"trainer throughput, preset {args.preset}, {torch.get_num_threads()} torch threads, {platform.node()}"
+    )
+    print(
+        f"{'sampler':12s} {'steps':>8s} {'sample s':>9s} {'update s':>9s} {'sample st/s':>12s} {'end-to-end st/s':>16s}"
+    )
     for name, r in results.items():
         print(
             f"{name:12s} {r['steps']:8d} {r['sample_s']:9.2f} {r['update_s']:9.2f} "
@@ -159,12 +177,18 @@ def main() -> None:
     ratio = b["steps_per_s"] / s["steps_per_s"]
     sample_ratio = b["sample_steps_per_s"] / s["sample_steps_per_s"]
     print(f"batched / sequential: end-to-end {ratio:.2f}x, sampling alone {sample_ratio:.2f}x")
-    print(f"targets: >= 3000 end-to-end steps/s ({'met' if b['steps_per_s'] >= 3000 else 'NOT met'}), "
-          f">= 5x sequential ({'met' if ratio >= 5 else 'NOT met'})")
+    print(
+        f"targets: >= 3000 end-to-end steps/s ({'met' if b['steps_per_s'] >= 3000 else 'NOT met'}), "
+        f">= 5x sequential ({'met' if ratio >= 5 else 'NOT met'})"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "preset": args.preset,
-        "machine": {"node": platform.node(), "cpus": torch.get_num_threads(), "processor": platform.processor()},
+        "machine": {
+            "node": platform.node(),
+            "cpus": torch.get_num_threads(),
+            "processor": platform.processor(),
+        },
         "results": results,
         "end_to_end_ratio": ratio,
         "sampling_ratio": sample_ratio,

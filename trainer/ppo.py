@@ -38,6 +38,7 @@ class UpdateStats(NamedTuple):
     approx_kl: float
     clip_fraction: float
     grad_norm: float
+    """Mean gradient norm of the policy parameters before clipping."""
 
 
 def compute_gae(rollout: Rollout, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -134,7 +135,6 @@ def ppo_update(
     """``epochs`` passes of shuffled minibatches over ``batch``."""
     totals = {"approx_kl": 0.0, "clip_fraction": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
     grad_norm, count = 0.0, 0
-    params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(epochs):
         order = torch.randperm(len(batch), generator=generator).to(batch.windows.device)
         for start in range(0, len(batch), minibatch_size):
@@ -143,7 +143,10 @@ def ppo_update(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm > 0:
-                grad_norm += float(nn.utils.clip_grad_norm_(params, max_grad_norm))
+                # Each parameter group (policy, value head) is clipped on its own: a large value-loss
+                # gradient must not shrink the policy's step.
+                norms = [nn.utils.clip_grad_norm_(g["params"], max_grad_norm) for g in optimizer.param_groups]
+                grad_norm += float(norms[0])
             optimizer.step()
             for key, value in stats.items():
                 totals[key] += float(value)

@@ -29,7 +29,9 @@ class _FallEnv(TaskEnv):
     def _apply_task(self, task: Task) -> None:
         self.env.goal = (0.0, 1.0)
 
-    def _reset_sim(self, seed: int | None, options: dict[str, Any] | None) -> tuple[NDArray[np.float32], dict]:
+    def _reset_sim(
+        self, seed: int | None, options: dict[str, Any] | None
+    ) -> tuple[NDArray[np.float32], dict]:
         return self.env.reset(seed=seed, options=options)
 
 

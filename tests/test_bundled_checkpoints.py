@@ -1,0 +1,40 @@
+"""Every checkpoint shipped under checkpoints/ loads, matches its hash and config, and acts sensibly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.evaluate import evaluate
+from trmrl.checkpoint import CONFIG_FILE, load_checkpoint
+from trmrl.tasks import get_family
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+BUNDLED = (
+    sorted(p for p in CHECKPOINTS.iterdir() if (p / CONFIG_FILE).is_file()) if CHECKPOINTS.is_dir() else []
+)
+
+
+def test_the_default_point_nav_checkpoints_are_shipped() -> None:
+    names = {p.name for p in BUNDLED}
+    assert {"point-nav", "point-nav-oracle", "point-nav-memoryless"} <= names
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=[p.name for p in BUNDLED])
+def test_bundled_checkpoint_loads_and_evaluates(path: Path) -> None:
+    ckpt = load_checkpoint(path)  # validates schema, hash and shapes
+    config = json.loads((path / CONFIG_FILE).read_text())
+    family = get_family(ckpt.info.task_family)
+    kind = ckpt.info.training["reference"]
+    assert kind in ("trmrl", "oracle", "memoryless")
+    assert ckpt.info.task_params_in_obs == (kind == "oracle")
+    expected_obs = family.obs_dim + (family.task_param_dim if kind == "oracle" else 0)
+    assert ckpt.config.obs_dim == expected_obs
+    assert ckpt.config.act_dim == family.act_dim
+    assert ckpt.info.action_low == family.action_low
+    assert config["step"] > 0 and "test/return" in config["metrics"]
+    result = evaluate(ckpt.model, family, family.sample_tasks("test", 2, seed=7), 1, oracle=kind == "oracle")
+    assert np.isfinite(result.returns).all()
