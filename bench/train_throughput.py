@@ -163,12 +163,10 @@ def main() -> None:
             sampler.close()
 
     b, s = results["batched"], results["sequential"]
-    print(
-        f"trainer throughput, preset {args.preset}, {torch.get_num_threads()} torch threads, {platform.node()}"
-    )
-    print(
-        f"{'sampler':12s} {'steps':>8s} {'sample s':>9s} {'update s':>9s} {'sample st/s':>12s} {'end-to-end st/s':>16s}"
-    )
+    threads = torch.get_num_threads()
+    print(f"trainer throughput, preset {args.preset}, {threads} torch threads, {platform.node()}")
+    head = ("sampler", "steps", "sample s", "update s", "sample st/s", "end-to-end st/s")
+    print(f"{head[0]:12s} {head[1]:>8s} {head[2]:>9s} {head[3]:>9s} {head[4]:>12s} {head[5]:>16s}")
     for name, r in results.items():
         print(
             f"{name:12s} {r['steps']:8d} {r['sample_s']:9.2f} {r['update_s']:9.2f} "

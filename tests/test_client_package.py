@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from trmrl_client.codec import CodecError, packb, unpackb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,9 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_installing_the_client_pulls_no_torch(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-         str(report), f"{ROOT / 'clients'}[stream]"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            f"{ROOT / 'clients'}[stream]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
@@ -62,7 +73,10 @@ def test_object_arrays_are_refused_both_ways() -> None:
     [
         ({b"__ndarray__": True, b"data": b"\x00" * 7, b"dtype": "<f4", b"shape": [2]}, "needs 8"),
         ({b"__ndarray__": True, b"data": b"\x00" * 4, b"dtype": "<zz", b"shape": [1]}, "unknown dtype"),
-        ({b"__ndarray__": True, b"data": b"\x00" * 4, b"dtype": "<f4", b"shape": [-1]}, "malformed array shape"),
+        (
+            {b"__ndarray__": True, b"data": b"\x00" * 4, b"dtype": "<f4", b"shape": [-1]},
+            "malformed array shape",
+        ),
         ({b"__ndarray__": True, b"dtype": "<f4", b"shape": [1]}, "malformed array"),
     ],
 )

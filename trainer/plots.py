@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 -- the backend must be chosen first
+import matplotlib.pyplot as plt
 
 
 def plot_curves(runs: list[Path], out: Path, metric: str = "test/return") -> None:

@@ -1,4 +1,4 @@
-"""Rollouts with early terminations: ragged trials, restarts inside a trial, and no bootstrap at a true end."""
+"""Rollouts with early terminations: ragged trials, restarts within a trial, no bootstrap at a true end."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class _FallEnv(TaskEnv):
 
     def step(self, action: NDArray[Any]) -> tuple[NDArray[np.float32], float, bool, bool, dict[str, Any]]:
         truncated = self._tick()
-        obs, reward, _, _, info = self.env.step(action)
+        obs, _, _, _, info = self.env.step(action)
         terminated = self.elapsed_steps >= self.task.params[0]
         return obs, 1.0, terminated, truncated and not terminated, info
 

@@ -1,0 +1,271 @@
+"""A light HTTP/1.1 load generator for the act API: one asyncio process, raw keep-alive connections.
+
+The load generator shares the machine's cores with the server it measures, so it does as little as
+it can per request: request heads are preformatted, bodies are built with string formatting, and
+responses are framed by ``Content-Length`` without a full HTTP parser (the servers under test
+always send it). Every session is a closed loop: send a step, wait for its action, send the next.
+A request counts if it starts inside the measured window (whenever it ends), so slow replies are
+not cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+
+
+class HttpError(RuntimeError):
+    pass
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection carrying one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(HttpError(f"connection lost: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        at = head.find(b"content-length:")
+        length = 0
+        if at >= 0:
+            eol = head.find(b"\r\n", at)
+            length = int(head[at + 15 : eol if eol >= 0 else len(head)])
+        total = end + 4 + length
+        if len(self.buffer) < total:
+            return
+        status = int(self.buffer[9:12])
+        body = bytes(self.buffer[end + 4 : total])
+        del self.buffer[:total]
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result((status, body))
+
+    async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        assert self.transport is not None
+        if self.closed:
+            raise HttpError("connection closed")
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(head % len(body) + body)
+        return await self.waiter
+
+
+async def connect(host: str, port: int) -> _Connection:
+    _, protocol = await asyncio.get_running_loop().create_connection(_Connection, host, port)
+    return protocol
+
+
+def _head(path: str, host: str) -> bytes:
+    # %d is filled with the body length per request.
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+        "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    ).encode()
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured."""
+
+    sessions: int
+    endpoint: str
+    requests: int
+    actions: int
+    errors: int
+    seconds: float
+    latencies_ms: np.ndarray
+
+    @property
+    def actions_per_s(self) -> float:
+        return self.actions / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sessions": self.sessions,
+            "endpoint": self.endpoint,
+            "requests": self.requests,
+            "actions": self.actions,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "actions_per_s": round(self.actions_per_s, 1),
+            "p50_ms": round(self.percentile(50), 3),
+            "p99_ms": round(self.percentile(99), 3),
+        }
+
+
+def _observation(rng: random.Random, obs_dim: int) -> str:
+    return "[" + ",".join(f"{rng.uniform(-1, 1):.4f}" for _ in range(obs_dim)) + "]"
+
+
+async def create_sessions(host: str, port: int, count: int, model: str | None = None) -> list[str]:
+    """Create ``count`` sessions over a few connections."""
+    body = json.dumps({"model": model} if model else {}).encode()
+    head = _head("/v1/sessions", host)
+    conns = [await connect(host, port) for _ in range(min(8, count))]
+    ids: list[str] = []
+
+    async def worker(conn: _Connection, n: int) -> None:
+        for _ in range(n):
+            status, reply = await conn.request(head, body)
+            if status != 201:
+                raise HttpError(f"session creation failed: {status} {reply[:200]!r}")
+            ids.append(json.loads(reply)["session_id"])
+
+    shares = [count // len(conns) + (i < count % len(conns)) for i in range(len(conns))]
+    await asyncio.gather(*(worker(c, n) for c, n in zip(conns, shares, strict=True)))
+    for conn in conns:
+        assert conn.transport is not None
+        conn.transport.close()
+    return ids
+
+
+async def run_act(
+    host: str, port: int, sessions: int, obs_dim: int, *, duration_s: float, warmup_s: float, seed: int = 0
+) -> LoadResult:
+    """``sessions`` closed-loop clients, one connection and one session each, over ``/v1/act``."""
+    ids = await create_sessions(host, port, sessions)
+    rng = random.Random(seed)
+    observations = [_observation(rng, obs_dim) for _ in range(sessions)]
+    head = _head("/v1/act", host)
+    conns = [await connect(host, port) for _ in range(sessions)]
+    latencies: list[float] = []
+    counts = {"requests": 0, "errors": 0}
+    loop_start = time.perf_counter()
+    measure_from = loop_start + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def client(i: int) -> None:
+        conn, sid, obs = conns[i], ids[i], observations[i]
+        step = 0
+        perf = time.perf_counter
+        while (t0 := perf()) < stop_at:
+            body = f'{{"session_id":"{sid}","observation":{obs},"reward":0.5,"step":{step}}}'.encode()
+            status, _ = await conn.request(head, body)
+            step += 1
+            if t0 >= measure_from:
+                latencies.append(perf() - t0)
+                counts["requests"] += 1
+                counts["errors"] += status != 200
+
+    await asyncio.gather(*(client(i) for i in range(sessions)))
+    for conn in conns:
+        assert conn.transport is not None
+        conn.transport.close()
+    return LoadResult(
+        sessions,
+        "act",
+        counts["requests"],
+        counts["requests"] - counts["errors"],
+        counts["errors"],
+        duration_s,
+        np.asarray(latencies) * 1e3,
+    )
+
+
+async def run_batch(
+    host: str,
+    port: int,
+    sessions: int,
+    obs_dim: int,
+    *,
+    duration_s: float,
+    warmup_s: float,
+    simulators: int = 4,
+    seed: int = 0,
+) -> LoadResult:
+    """``simulators`` closed-loop clients, each stepping its share of the sessions in one
+    ``/v1/act/batch`` request per tick (how a vectorised simulator drives the service)."""
+    ids = await create_sessions(host, port, sessions)
+    simulators = max(1, min(simulators, sessions))
+    rng = random.Random(seed)
+    observations = [_observation(rng, obs_dim) for _ in range(sessions)]
+    head = _head("/v1/act/batch", host)
+    conns = [await connect(host, port) for _ in range(simulators)]
+    groups = [list(range(sessions))[k::simulators] for k in range(simulators)]
+    latencies: list[float] = []
+    counts = {"requests": 0, "actions": 0, "errors": 0}
+    loop_start = time.perf_counter()
+    measure_from = loop_start + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def simulator(k: int) -> None:
+        conn, members = conns[k], groups[k]
+        step = 0
+        perf = time.perf_counter
+        while (t0 := perf()) < stop_at:
+            items = ",".join(
+                f'{{"session_id":"{ids[i]}","observation":{observations[i]},"reward":0.5,"step":{step}}}'
+                for i in members
+            )
+            body = f'{{"items":[{items}]}}'.encode()
+            status, reply = await conn.request(head, body)
+            step += 1
+            if t0 >= measure_from:
+                latencies.append(perf() - t0)
+                counts["requests"] += 1
+                failed = len(members) if status != 200 else reply.count(b'"error":')
+                counts["errors"] += failed
+                counts["actions"] += len(members) - failed
+
+    await asyncio.gather(*(simulator(k) for k in range(simulators)))
+    for conn in conns:
+        assert conn.transport is not None
+        conn.transport.close()
+    return LoadResult(
+        sessions,
+        "batch",
+        counts["requests"],
+        counts["actions"],
+        counts["errors"],
+        duration_s,
+        np.asarray(latencies) * 1e3,
+    )
+
+
+async def run_sequential(host: str, port: int, obs_dim: int, steps: int, warmup: int = 200) -> LoadResult:
+    """One session, ``steps`` sequential ``/v1/act`` round trips (after ``warmup`` unmeasured ones)."""
+    (sid,) = await create_sessions(host, port, 1)
+    obs = _observation(random.Random(1), obs_dim)
+    head = _head("/v1/act", host)
+    conn = await connect(host, port)
+    latencies = np.empty(steps)
+    errors = 0
+    perf = time.perf_counter
+    started = 0.0
+    for step in range(warmup + steps):
+        body = f'{{"session_id":"{sid}","observation":{obs},"reward":0.5,"step":{step}}}'.encode()
+        if step == warmup:
+            started = perf()
+        t0 = perf()
+        status, _ = await conn.request(head, body)
+        if step >= warmup:
+            latencies[step - warmup] = perf() - t0
+            errors += status != 200
+    seconds = perf() - started
+    assert conn.transport is not None
+    conn.transport.close()
+    return LoadResult(1, "act-sequential", steps, steps - errors, errors, seconds, latencies * 1e3)

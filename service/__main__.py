@@ -1,0 +1,5 @@
+"""``python -m service``: the same as ``trmrl-serve``."""
+
+from service.cli import main
+
+main()

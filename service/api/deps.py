@@ -1,0 +1,59 @@
+"""Typed dependencies shared by the routes, and the OpenAPI helpers for bodies parsed by hand."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from pydantic import BaseModel
+
+from service.config import Settings
+from service.errors import ApiError
+from service.registry import ModelRegistry
+from service.schemas import ErrorBody
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    registry: ModelRegistry | None = request.app.state.registry
+    if registry is None:
+        raise ApiError(503, "not_ready", "The service is starting: models are not loaded yet.")
+    return registry
+
+
+# ``async``: FastAPI would run plain functions in its thread pool, a thread hop per request.
+async def get_settings(request: Request) -> Settings:
+    return settings_of(request)
+
+
+async def get_registry(request: Request) -> ModelRegistry:
+    return registry_of(request)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+
+#: Extra request-body schemas for the OpenAPI document, merged into ``components`` by the app.
+BODY_SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def body_doc(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra`` documenting a body that a route parses itself (see ``service.api.body``)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    BODY_SCHEMAS.update(schema.pop("$defs", {}))
+    BODY_SCHEMAS[model.__name__] = schema
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
+
+
+def error_docs(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses`` entries: these statuses answer with the error body."""
+    return {status: {"model": ErrorBody} for status in statuses}

@@ -1,0 +1,64 @@
+"""Acting: one step of one session, or one step of many sessions in one request.
+
+These handlers take the bare ``Request``: the fast path (``service.api.fastpath``) calls them
+directly, ahead of FastAPI's routing and dependency machinery, which costs more per request than a
+session's share of the batched step. They are registered as routes too, which documents them in the
+OpenAPI schema with their request and response models.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response
+
+from service.api.body import parse_act_batch, parse_body
+from service.api.deps import body_doc, error_docs, registry_of, settings_of
+from service.api.replies import json_reply
+from service.errors import ApiError
+from service.schemas import ActBatchRequest, ActBatchResponse, ActRequest, ActResponse, ErrorBody
+
+router = APIRouter(tags=["act"])
+
+
+@router.post(
+    "/v1/act",
+    response_model=ActResponse,
+    responses=error_docs(400, 404, 409, 413, 415, 422, 429),
+    openapi_extra=body_doc(ActRequest),
+)
+async def act(request: Request) -> Response:
+    """Step one session (created first when ``session_id`` is omitted) and return its action."""
+    started = time.perf_counter_ns()
+    body = await parse_body(request, ActRequest, settings_of(request).max_body_bytes)
+    return json_reply(await registry_of(request).act(body, started))
+
+
+router.add_api_route(
+    "/act",
+    act,
+    methods=["POST"],
+    summary="Act (alias of /v1/act)",
+    response_model=ActResponse,
+    responses=error_docs(400, 404, 409, 413, 415, 422, 429),
+    openapi_extra=body_doc(ActRequest),
+)
+
+
+@router.post(
+    "/v1/act/batch",
+    response_model=ActBatchResponse,
+    responses=error_docs(400, 413, 415, 422),
+    openapi_extra=body_doc(ActBatchRequest),
+)
+async def act_batch(request: Request) -> Response:
+    """Step many sessions in one request; each item gets its own action or error, in order."""
+    started = time.perf_counter_ns()
+    items = await parse_act_batch(request, settings_of(request).max_body_bytes)
+    valid = [item for item in items if not isinstance(item, ApiError)]
+    results = iter(await registry_of(request).act_batch(valid, started))
+    replies: list[ActResponse | ErrorBody] = []
+    for item in items:
+        outcome = item if isinstance(item, ApiError) else next(results)
+        replies.append(ErrorBody.model_validate(outcome.body()) if isinstance(outcome, ApiError) else outcome)
+    return json_reply(ActBatchResponse.model_construct(items=replies))

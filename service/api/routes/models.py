@@ -1,0 +1,17 @@
+"""The loaded models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from service.api.deps import RegistryDep
+from service.api.replies import json_reply
+from service.schemas import ModelList
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(registry: RegistryDep) -> Response:
+    """Every loaded model: name, version, task family, dimensions, bounds, window, memory scope, metrics."""
+    return json_reply(ModelList(models=registry.models()))

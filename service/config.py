@@ -1,0 +1,78 @@
+"""Service settings: one ``Settings`` object, read from ``TRMRL_*`` environment variables.
+
+Lists (``TRMRL_MODELS``, ``TRMRL_API_KEYS``) are comma-separated, as an operator writes them in a
+compose file, rather than JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Where the repository's bundled checkpoints live (one directory per model, named after it).
+BUNDLED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything an operator can tune; each field maps to ``TRMRL_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TRMRL_", extra="ignore")
+
+    models: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Checkpoint directories or archives to serve; empty: every checkpoint under ``checkpoints_dir``."""
+    checkpoints_dir: Path = BUNDLED_CHECKPOINTS
+    """Directory of bundled checkpoints (each a sub-directory with ``config.json``)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """``auto`` picks CUDA when available."""
+    max_sessions: int = Field(default=65_536, ge=1)
+    """Sessions resident per loaded model: the size of its slot pool."""
+    session_ttl_s: float = Field(default=3600.0, gt=0)
+    """Default idle time after which a session expires (a session may ask for its own)."""
+    evict_idle_s: float = Field(default=60.0, ge=0)
+    """At capacity, a session idle at least this long may be evicted (least recently used first)."""
+    max_batch: int = Field(default=512, ge=1)
+    """Most steps one forward pass evaluates; more waiting steps go to the next tick."""
+    batch_wait_ms: float = Field(default=0.0, ge=0)
+    """Extra time a tick may wait for its batch to fill. Steps that arrive while a forward runs are
+    batched regardless, so 0 keeps a lone session's latency lowest."""
+    torch_threads: int = Field(default=0, ge=0)
+    """Intra-op threads for the forward pass; 0: half the CPU cores, leaving the rest to HTTP."""
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Accepted API keys (comma-separated)."""
+    api_keys_file: Path | None = None
+    """File with one API key per line."""
+    state_dir: Path | None = None
+    """Where sessions are written on shutdown and restored from on start."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65_535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    max_body_bytes: int = Field(default=1 << 20, ge=64)
+    """Largest request body accepted; larger ones get 413 ``body_too_large``."""
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    def forward_threads(self) -> int:
+        """Torch intra-op threads for the forward pass: ``torch_threads``, or half the CPU cores."""
+        return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+
+    def checkpoint_paths(self) -> list[Path]:
+        """The checkpoints to load: those given, else every bundled one (sorted by name)."""
+        if self.models:
+            return list(self.models)
+        root = self.checkpoints_dir
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())

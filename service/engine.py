@@ -1,0 +1,420 @@
+"""One loaded model: its slot pool on the device, its session table and the micro-batcher.
+
+The hot path, for every waiting step of every session of this model at once:
+
+1. ``submit`` (event loop, per request): validate at the edge, check the step number, write the
+   step into the open batch's preallocated numpy rows. Nothing about the session changes unless
+   all checks pass.
+2. the batcher (one asyncio task): takes the oldest open batch and runs ``_compute`` on a dedicated
+   worker thread -- one :func:`trmrl.policy.act` call, i.e. one forward pass, for the whole batch --
+   while the event loop keeps parsing requests into the next batch.
+3. ``_commit`` (event loop): advances the counters of the stepped slots with array operations and
+   resolves the batch's single future, which every request in it awaits.
+
+A batch never holds two steps of one session: a session's second step goes to a later batch, so its
+memory advances in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from service import errors
+from service.errors import ApiError
+from service.schemas import ModelInfo
+from service.sessions import SessionTable
+from trmrl.checkpoint import Checkpoint
+from trmrl.policy import act, counter_normal
+from trmrl.slot_pool import SlotPool
+
+log = logging.getLogger("trmrl.service")
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _all_float32(values: Sequence[float]) -> bool:
+    """Every value finite in float32 (NaN fails every comparison, so it fails here too)."""
+    return all(-_FLOAT32_MAX <= v <= _FLOAT32_MAX for v in values)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The knobs of one engine (from :class:`service.config.Settings`)."""
+
+    max_sessions: int
+    max_batch: int
+    batch_wait_s: float
+    session_ttl_s: float
+    evict_idle_s: float
+
+
+class _Batch:
+    """Preallocated rows for up to ``max_batch`` steps; reused once its forward pass is done."""
+
+    def __init__(self, rows: int, obs_dim: int, act_dim: int) -> None:
+        self.slots = np.zeros(rows, np.int64)
+        self.generation = np.zeros(rows, np.int64)
+        self.steps = np.zeros(rows, np.int64)
+        self.obs = np.zeros((rows, obs_dim), np.float32)
+        self.reward = np.zeros(rows, np.float32)
+        self.start = np.zeros(rows, bool)
+        self.start_was_pending = np.zeros(rows, bool)
+        self.clear = np.zeros(rows, bool)
+        self.applied = np.zeros((rows, act_dim), np.float32)
+        self.applied_mask = np.zeros(rows, bool)
+        self.id = -1
+        self.size = 0
+        self.future: asyncio.Future[np.ndarray] | None = None
+
+
+class _SharedFuture(asyncio.Future[np.ndarray]):
+    """A batch's result, awaited by every request in the batch.
+
+    It cannot be cancelled: a cancelled request (a client gone away) must not cancel its neighbours'
+    result. Its task is cancelled when the batch completes instead, which costs less than an
+    ``asyncio.shield`` per request.
+    """
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
+class Ticket:
+    """A step's place in the engine: await :meth:`action` for its (clipped) action."""
+
+    __slots__ = ("_cached", "_future", "_row", "step")
+
+    def __init__(
+        self, step: int, future: asyncio.Future[np.ndarray] | None, row: int, cached: np.ndarray | None
+    ) -> None:
+        self.step = step
+        self._future = future
+        self._row = row
+        self._cached = cached
+
+    async def action(self) -> np.ndarray:
+        if self._future is None:
+            assert self._cached is not None
+            return self._cached
+        actions = await self._future
+        return actions[self._row]
+
+
+class Engine:
+    """A model, its slot pool, its session table and the micro-batcher that steps them."""
+
+    def __init__(self, name: str, checkpoint: Checkpoint, limits: EngineLimits, device: torch.device) -> None:
+        self.name = name
+        self.checkpoint = checkpoint
+        self.limits = limits
+        self.device = device
+        cfg = checkpoint.model.config
+        self.obs_dim = cfg.obs_dim
+        self.act_dim = cfg.act_dim
+        self.version = checkpoint.info.version
+        self.model = checkpoint.model.to(device).eval()
+        self.pool = SlotPool(self.model, limits.max_sessions, device)
+        self.low = torch.tensor(checkpoint.info.action_low, dtype=torch.float32, device=device)
+        self.high = torch.tensor(checkpoint.info.action_high, dtype=torch.float32, device=device)
+        self.table = SessionTable(
+            limits.max_sessions,
+            cfg.act_dim,
+            default_ttl_s=limits.session_ttl_s,
+            evict_idle_s=limits.evict_idle_s,
+        )
+        # One thread: forward passes of this model run one at a time and in order, and the pool is
+        # only ever touched from it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
+        self._open: deque[_Batch] = deque()
+        self._spare: list[_Batch] = []
+        self._inflight: dict[int, asyncio.Future[np.ndarray]] = {}
+        """Futures of batches not yet completed (open or computing), by batch id."""
+        self._next_batch_id = 0
+        self._wake = asyncio.Event()
+        self._filled = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.ticks = 0
+        self.stepped = 0
+
+    # -- facts ---------------------------------------------------------------------------------------
+    def info(self, *, default: bool) -> ModelInfo:
+        cfg, info = self.model.config, self.checkpoint.info
+        return ModelInfo(
+            name=self.name,
+            version=self.version,
+            task_family=info.task_family,
+            obs_dim=cfg.obs_dim,
+            act_dim=cfg.act_dim,
+            action_low=list(info.action_low),
+            action_high=list(info.action_high),
+            window=cfg.window,
+            memory_scope=cfg.memory_scope,
+            metrics=info.metrics,
+            default=default,
+        )
+
+    @property
+    def bytes_per_session(self) -> int:
+        """Device memory one resident session occupies."""
+        return self.pool.bytes_per_slot
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def warmup(self, sizes: tuple[int, ...] = (1, 8, 64)) -> None:
+        """Run the batched step at a few batch sizes on free slots, then clear them (blocking)."""
+        for size in sizes:
+            n = min(size, self.limits.max_batch, self.limits.max_sessions)
+            batch = _Batch(n, self.obs_dim, self.act_dim)
+            batch.size = n
+            batch.slots[:] = np.arange(n)
+            batch.start[:] = True
+            batch.clear[:] = True
+            deterministic = np.arange(n) % 2 == 0
+            self._compute(batch, n, deterministic, np.arange(n, dtype=np.int64))
+        with torch.inference_mode():
+            self.pool.clear(torch.arange(min(max(sizes), self.limits.max_sessions), device=self.device))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish every queued step (waiting at most ``timeout_s``), then stop the batcher and its thread."""
+        deadline = time.monotonic() + timeout_s
+        while (
+            self._inflight
+            and self._task is not None
+            and not self._task.done()
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.001)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    # -- the edge ----------------------------------------------------------------------------------------
+    def validate(
+        self, observation: list[float], reward: float, applied_action: list[float] | None
+    ) -> np.ndarray:
+        """Check a step's numbers against this model; returns the observation as float32."""
+        if len(observation) != self.obs_dim:
+            raise errors.wrong_length("observation", self.obs_dim, len(observation))
+        if not _all_float32(observation):
+            raise errors.non_finite("observation")
+        if not -_FLOAT32_MAX <= reward <= _FLOAT32_MAX:
+            raise errors.non_finite("reward")
+        if applied_action is not None:
+            if len(applied_action) != self.act_dim:
+                raise errors.wrong_length("applied_action", self.act_dim, len(applied_action))
+            if not _all_float32(applied_action):
+                raise errors.non_finite("applied_action")
+        return np.asarray(observation, np.float32)
+
+    def submit(
+        self,
+        slot: int,
+        obs: np.ndarray,
+        reward: float,
+        episode_start: bool,
+        step: int | None,
+        applied_action: list[float] | None,
+    ) -> Ticket:
+        """Queue one validated step of the session in ``slot`` (event loop only).
+
+        A retry of the session's newest step is answered from what that step returned (or will
+        return), without touching the memory.
+        """
+        table = self.table
+        retry = table.check_step(slot, step)
+        table.last_active[slot] = time.monotonic()
+        if retry:
+            assert step is not None
+            if table.queued[slot]:
+                return Ticket(
+                    step, self._inflight_future(int(table.last_batch[slot])), int(table.last_row[slot]), None
+                )
+            return Ticket(step, None, 0, table.last_action[slot].copy())
+        batch = self._batch_for(slot)
+        row = batch.size
+        batch.size = row + 1
+        number = table.expected_step(slot)
+        batch.slots[row] = slot
+        batch.generation[row] = table.generation[slot]
+        batch.steps[row] = number
+        batch.obs[row] = obs
+        batch.reward[row] = reward
+        pending = bool(table.pending_start[slot])
+        batch.start[row] = episode_start or pending
+        batch.start_was_pending[row] = pending
+        batch.clear[row] = table.pending_clear[slot]
+        table.pending_start[slot] = False
+        table.pending_clear[slot] = False
+        if applied_action is None:
+            batch.applied_mask[row] = False
+        else:
+            batch.applied_mask[row] = True
+            batch.applied[row] = applied_action
+        table.queued[slot] += 1
+        table.last_batch[slot] = batch.id
+        table.last_row[slot] = row
+        if batch.size == self.limits.max_batch:
+            self._filled.set()
+        self._wake.set()
+        assert batch.future is not None
+        return Ticket(number, batch.future, row, None)
+
+    def _inflight_future(self, batch_id: int) -> asyncio.Future[np.ndarray]:
+        future = self._inflight.get(batch_id)
+        if future is None:
+            raise ApiError(500, "internal_error", "A queued step lost its batch.")
+        return future
+
+    def _batch_for(self, slot: int) -> _Batch:
+        """The open batch a new step of ``slot`` goes to: the newest, unless full or already holding it."""
+        if self._open:
+            newest = self._open[-1]
+            holds_slot = self.table.queued[slot] and self.table.last_batch[slot] == newest.id
+            if newest.size < self.limits.max_batch and not holds_slot:
+                return newest
+        batch = (
+            self._spare.pop() if self._spare else _Batch(self.limits.max_batch, self.obs_dim, self.act_dim)
+        )
+        batch.id = self._next_batch_id
+        self._next_batch_id += 1
+        batch.size = 0
+        batch.future = _SharedFuture(loop=asyncio.get_running_loop())
+        self._inflight[batch.id] = batch.future
+        self._open.append(batch)
+        return batch
+
+    # -- the batcher ---------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._open:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.limits.batch_wait_s > 0 and self._open[0].size < self.limits.max_batch:
+                self._filled.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._filled.wait(), self.limits.batch_wait_s)
+            await self._dispatch(loop, self._open.popleft())
+
+    async def _dispatch(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
+        n = batch.size
+        future = batch.future
+        assert future is not None
+        slots = batch.slots[:n]
+        deterministic = self.table.deterministic[slots]
+        seeds = self.table.seed[slots]
+        try:
+            actions = await loop.run_in_executor(
+                self._executor, self._compute, batch, n, deterministic, seeds
+            )
+        except Exception:
+            log.exception("forward pass of model %s failed for %d steps", self.name, n)
+            self._rollback(batch, n)
+            if not future.done():
+                future.set_exception(
+                    ApiError(
+                        500,
+                        "internal_error",
+                        "The model failed to compute this step; the session is unchanged.",
+                    )
+                )
+                future.exception()  # retrieved here: requests that went away must not log it again
+        else:
+            self._commit(batch, n, actions)
+            if not future.done():
+                future.set_result(actions)
+        finally:
+            del self._inflight[batch.id]
+            batch.future = None
+            self._spare.append(batch)
+
+    def _compute(self, batch: _Batch, n: int, deterministic: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """One forward pass for the batch's ``n`` steps (worker thread); returns clipped actions."""
+        device = self.device
+        with torch.inference_mode():
+            slots = torch.from_numpy(batch.slots[:n]).to(device)
+            clear = batch.clear[:n]
+            if clear.any():
+                # New sessions and trial resets start from an empty window. This is the one write
+                # before the forward pass; if the pass then fails, the session has lost only what
+                # its reset asked to forget, and the rollback re-arms the clear for the retry.
+                self.pool.clear(slots[torch.from_numpy(clear).to(device)])
+            applied: torch.Tensor | None = None
+            applied_mask: torch.Tensor | None = None
+            if batch.applied_mask[:n].any():
+                applied = torch.from_numpy(batch.applied[:n]).to(device)
+                applied_mask = torch.from_numpy(batch.applied_mask[:n]).to(device)
+            noise: torch.Tensor | None = None
+            sample: torch.Tensor | bool = True
+            if not deterministic.all():
+                steps = torch.from_numpy(batch.steps[:n])
+                noise = counter_normal(torch.from_numpy(seeds), steps, self.act_dim).to(device)
+                sample = torch.from_numpy(deterministic).to(device)
+            result = act(
+                self.pool,
+                slots,
+                torch.from_numpy(batch.obs[:n]).to(device),
+                torch.from_numpy(batch.reward[:n]).to(device),
+                torch.from_numpy(batch.start[:n]).to(device),
+                low=self.low,
+                high=self.high,
+                deterministic=sample,
+                noise=noise,
+                applied_action=applied,
+                applied_mask=applied_mask,
+            )
+            return result.actions.cpu().numpy()
+
+    def _commit(self, batch: _Batch, n: int, actions: np.ndarray) -> None:
+        table = self.table
+        slots = batch.slots[:n]
+        table.queued[slots] -= 1
+        live = table.generation[slots] == batch.generation[:n]
+        if live.all():
+            table.next_step[slots] += 1
+            table.episodes[slots] += batch.start[:n]
+            table.last_action[slots] = actions
+        else:
+            kept = slots[live]
+            table.next_step[kept] += 1
+            table.episodes[kept] += batch.start[:n][live]
+            table.last_action[kept] = actions[live]
+            table.release_idle(slots[~live])
+        self.ticks += 1
+        self.stepped += n
+
+    def _rollback(self, batch: _Batch, n: int) -> None:
+        """Undo what ``submit`` consumed for a failed batch, so a retry behaves like the first try."""
+        table = self.table
+        slots = batch.slots[:n]
+        table.queued[slots] -= 1
+        live = table.generation[slots] == batch.generation[:n]
+        table.pending_start[slots[live & batch.start_was_pending[:n]]] = True
+        table.pending_clear[slots[live & batch.clear[:n]]] = True
+        table.release_idle(slots[~live])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for logs now and metrics later."""
+        return {
+            "sessions": len(self.table),
+            "ticks": self.ticks,
+            "steps": self.stepped,
+            "evictions": self.table.evictions,
+            "expirations": self.table.expirations,
+        }

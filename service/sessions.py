@@ -1,0 +1,182 @@
+"""The session table of one model: ids, slots and per-slot counters, all in flat numpy arrays.
+
+A session *is* a slot of the model's :class:`~trmrl.slot_pool.SlotPool` plus one row of each array
+here; the only per-session Python values are the id -> slot dictionary entry and its reverse. The
+batched step reads and writes the arrays with fancy indexing, never with a loop over sessions.
+
+Slots are handed out from a free list. A session ends by deletion, by idle expiry (its own
+``ttl_s``) or, when the table is full and a new session is wanted, by eviction of the least recently
+used session that has been idle at least ``evict_idle_s``; with none such the request gets 429.
+A slot whose steps are still queued is released only once they complete, so a newly created session
+never inherits a stale step.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import numpy as np
+
+from service import errors
+from service.errors import ApiError
+
+
+class SessionTable:
+    """Per-slot session state for one model (``capacity`` = the slot pool's capacity)."""
+
+    def __init__(self, capacity: int, act_dim: int, *, default_ttl_s: float, evict_idle_s: float) -> None:
+        self.capacity = capacity
+        self.default_ttl_s = default_ttl_s
+        self.evict_idle_s = evict_idle_s
+        self.ids: dict[str, int] = {}
+        self.slot_ids: list[str | None] = [None] * capacity
+        # LIFO reuse keeps recently touched slots (and their cache lines) hot.
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self.in_use = np.zeros(capacity, bool)
+        self.generation = np.zeros(capacity, np.int64)
+        """Bumped when a slot is freed: results of steps queued before that are not committed."""
+        self.next_step = np.zeros(capacity, np.int64)
+        """Committed steps; the number of the next step once nothing is queued."""
+        self.queued = np.zeros(capacity, np.int64)
+        """Steps accepted but not yet computed."""
+        self.last_batch = np.full(capacity, -1, np.int64)
+        """Batch holding the newest queued step (valid while ``queued > 0``)."""
+        self.last_row = np.zeros(capacity, np.int64)
+        self.episodes = np.zeros(capacity, np.int64)
+        self.deterministic = np.ones(capacity, bool)
+        self.seed = np.zeros(capacity, np.int64)
+        self.ttl_s = np.zeros(capacity, np.float64)
+        self.created_at = np.zeros(capacity, np.float64)
+        """Wall-clock seconds."""
+        self.last_active = np.zeros(capacity, np.float64)
+        """Monotonic seconds (expiry must not follow wall-clock jumps)."""
+        self.pending_start = np.zeros(capacity, bool)
+        """The next step starts an episode (a new session, or after a reset)."""
+        self.pending_clear = np.zeros(capacity, bool)
+        """The slot's window must be cleared before the next step (a new session or a trial reset)."""
+        self.release_when_idle = np.zeros(capacity, bool)
+        self.last_action = np.zeros((capacity, act_dim), np.float32)
+        """The action last returned, for an idempotent retry."""
+        self.evictions = 0
+        self.expirations = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def find(self, session_id: str, now: float | None = None) -> int | None:
+        """The slot of a live session, or ``None``; an expired session is ended on the way."""
+        slot = self.ids.get(session_id)
+        if slot is None:
+            return None
+        now = time.monotonic() if now is None else now
+        if self.queued[slot] == 0 and now - self.last_active[slot] > self.ttl_s[slot]:
+            self._end(slot)
+            self.expirations += 1
+            return None
+        return slot
+
+    def get(self, session_id: str) -> int:
+        """Like :meth:`find`, but an unknown session is a 404 ``unknown_session``."""
+        slot = self.find(session_id)
+        if slot is None:
+            raise errors.unknown_session(session_id)
+        return slot
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def create(self, *, deterministic: bool, seed: int | None, ttl_s: float | None) -> tuple[str, int]:
+        """Allocate a slot for a new session; returns ``(session_id, slot)``."""
+        now = time.monotonic()
+        if not self._free:
+            self.expire(now)
+        if not self._free and not self._evict_lru(now):
+            raise errors.capacity_exhausted(self.capacity)
+        slot = self._free.pop()
+        session_id = secrets.token_hex(16)
+        self.ids[session_id] = slot
+        self.slot_ids[slot] = session_id
+        self.in_use[slot] = True
+        self.next_step[slot] = 0
+        self.episodes[slot] = 0
+        self.deterministic[slot] = deterministic
+        self.seed[slot] = secrets.randbits(63) if seed is None else seed
+        self.ttl_s[slot] = self.default_ttl_s if ttl_s is None else ttl_s
+        self.created_at[slot] = time.time()
+        self.last_active[slot] = now
+        self.pending_start[slot] = True
+        self.pending_clear[slot] = True
+        self.last_action[slot] = 0.0
+        return session_id, slot
+
+    def delete(self, session_id: str) -> None:
+        """End a session (404 ``unknown_session`` if there is none)."""
+        self._end(self.get(session_id))
+
+    def reset(self, slot: int, scope: str) -> None:
+        """Mark the next step as an episode start; a trial reset also clears the window."""
+        self.pending_start[slot] = True
+        if scope == "trial":
+            self.pending_clear[slot] = True
+        self.last_active[slot] = time.monotonic()
+
+    def expire(self, now: float | None = None) -> int:
+        """End every idle session past its TTL; returns how many."""
+        now = time.monotonic() if now is None else now
+        stale = np.flatnonzero(self.in_use & (self.queued == 0) & (now - self.last_active > self.ttl_s))
+        for slot in stale.tolist():
+            self._end(slot)
+        self.expirations += len(stale)
+        return len(stale)
+
+    def _evict_lru(self, now: float) -> bool:
+        idle = self.in_use & (self.queued == 0) & (now - self.last_active >= self.evict_idle_s)
+        if not idle.any():
+            return False
+        candidates = np.flatnonzero(idle)
+        self._end(int(candidates[np.argmin(self.last_active[candidates])]))
+        self.evictions += 1
+        return True
+
+    def _end(self, slot: int) -> None:
+        session_id = self.slot_ids[slot]
+        if session_id is not None:
+            del self.ids[session_id]
+        self.slot_ids[slot] = None
+        self.in_use[slot] = False
+        self.generation[slot] += 1
+        if self.queued[slot]:
+            self.release_when_idle[slot] = True
+        else:
+            self._free.append(slot)
+
+    def release_idle(self, slots: np.ndarray) -> None:
+        """Return to the free list the ended slots among ``slots`` whose queued steps have completed."""
+        done = slots[self.release_when_idle[slots] & (self.queued[slots] == 0)]
+        if len(done):
+            self.release_when_idle[done] = False
+            self._free.extend(done.tolist())
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def expected_step(self, slot: int) -> int:
+        """The number the session's next new step must carry."""
+        return int(self.next_step[slot] + self.queued[slot])
+
+    def check_step(self, slot: int, step: int | None) -> bool:
+        """Validate a client's step number; ``True`` if it is a retry of the newest step.
+
+        Raises:
+            ApiError: 409 ``step_conflict`` for a step behind the newest or ahead of the next.
+        """
+        expected = self.expected_step(slot)
+        if step is None or step == expected:
+            return False
+        if step == expected - 1:
+            return True
+        raise errors.step_conflict(expected, step)
+
+    def session_id(self, slot: int) -> str:
+        session_id = self.slot_ids[slot]
+        if session_id is None:
+            raise ApiError(500, "internal_error", "A session's slot was released while in use.")
+        return session_id

@@ -1,0 +1,101 @@
+"""Helpers shared by the service tests: test checkpoints, an in-process client, a real server process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from fastapi import FastAPI
+
+from service.registry import ModelRegistry
+from trmrl.checkpoint import CheckpointInfo, save_checkpoint
+from trmrl.model import ModelConfig, TrMRL
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: The small test model's action bounds: tight enough that some actions are clipped.
+BOUND = 0.1
+
+
+def make_checkpoint(
+    path: Path,
+    *,
+    preset: str = "small",
+    obs_dim: int = 2,
+    act_dim: int = 2,
+    bound: float = BOUND,
+    family: str = "point-nav",
+    seed: int = 0,
+    **overrides: object,
+) -> Path:
+    """Save a checkpoint with random weights and non-trivial observation statistics."""
+    torch.manual_seed(seed)
+    config = ModelConfig.from_preset(preset, obs_dim=obs_dim, act_dim=act_dim, **overrides)  # type: ignore[arg-type]
+    model = TrMRL(config)
+    with torch.no_grad():
+        model.obs_mean.copy_(torch.linspace(-0.5, 0.5, obs_dim))
+        model.obs_std.copy_(torch.linspace(0.5, 2.0, obs_dim))
+    save_checkpoint(path, model, CheckpointInfo(family, (-bound,) * act_dim, (bound,) * act_dim))
+    return path
+
+
+class ServiceClient(httpx.AsyncClient):
+    """An in-process client that also exposes the app, for looking behind the API in assertions."""
+
+    def __init__(self, app: FastAPI) -> None:
+        super().__init__(transport=httpx.ASGITransport(app=app), base_url="http://service")
+        self.app = app
+
+    @property
+    def registry(self) -> ModelRegistry:
+        registry: ModelRegistry = self.app.state.registry
+        return registry
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningServer:
+    """A ``python -m service`` process on a free port."""
+
+    def __init__(self, checkpoints: list[Path], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "service", "--port", str(self.port)]
+        for path in checkpoints:
+            args += ["--checkpoint", str(path)]
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), "TRMRL_LOG_LEVEL": "warning", **(env or {})}
+        self.process = subprocess.Popen(
+            args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read() if self.process.stdout else ""
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{output}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready within {timeout_s} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,98 @@
+"""Settings, checkpoint discovery, model naming and start-up refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from service_support import make_checkpoint
+
+from service.app import create_app
+from service.cli import main
+from service.config import Settings
+from service.registry import ModelRegistry, model_name, pick_device
+
+pytestmark = pytest.mark.anyio
+
+
+def test_settings_read_trmrl_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TRMRL_MODELS", f"{tmp_path / 'a'}, {tmp_path / 'b'}")
+    monkeypatch.setenv("TRMRL_API_KEYS", "k1,k2")
+    monkeypatch.setenv("TRMRL_DEVICE", "cpu")
+    monkeypatch.setenv("TRMRL_MAX_SESSIONS", "128")
+    monkeypatch.setenv("TRMRL_SESSION_TTL_S", "2.5")
+    monkeypatch.setenv("TRMRL_MAX_BATCH", "32")
+    monkeypatch.setenv("TRMRL_BATCH_WAIT_MS", "0.5")
+    monkeypatch.setenv("TRMRL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("TRMRL_PORT", "9000")
+    s = Settings()
+    assert s.models == [tmp_path / "a", tmp_path / "b"]
+    assert s.api_keys == ["k1", "k2"]
+    assert (s.device, s.max_sessions, s.session_ttl_s, s.max_batch, s.batch_wait_ms) == (
+        "cpu",
+        128,
+        2.5,
+        32,
+        0.5,
+    )
+    assert (s.state_dir, s.port) == (tmp_path / "state", 9000)
+
+
+def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRMRL_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="device"):
+        Settings()
+
+
+def test_without_models_every_bundled_checkpoint_is_served_sorted_by_name(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "zeta")
+    make_checkpoint(tmp_path / "alpha")
+    (tmp_path / "notes").mkdir()  # not a checkpoint: no config.json
+    s = Settings(checkpoints_dir=tmp_path)
+    assert [p.name for p in s.checkpoint_paths()] == ["alpha", "zeta"]
+    registry = ModelRegistry.load(s)
+    assert list(registry.engines) == ["alpha", "zeta"]
+    assert registry.default == "alpha"
+
+
+def test_no_bundled_checkpoints_means_nothing_to_serve(tmp_path: Path) -> None:
+    s = Settings(checkpoints_dir=tmp_path / "missing")
+    assert s.checkpoint_paths() == []
+    with pytest.raises(RuntimeError, match="no checkpoints to serve"):
+        ModelRegistry.load(s)
+
+
+def test_the_cli_names_a_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        main(["--checkpoint", str(tmp_path / "absent")])
+
+
+@pytest.mark.parametrize(
+    ("path", "name"), [("/ck/point-nav", "point-nav"), ("/ck/cheetah.tar.gz", "cheetah"), ("/ck/x.tar", "x")]
+)
+def test_the_model_name_is_the_checkpoint_name(path: str, name: str) -> None:
+    assert model_name(Path(path)) == name
+
+
+def test_two_checkpoints_with_one_name_are_refused(tmp_path: Path) -> None:
+    paths = [make_checkpoint(tmp_path / "one" / "point-nav"), make_checkpoint(tmp_path / "two" / "point-nav")]
+    with pytest.raises(ValueError, match="both named 'point-nav'"):
+        ModelRegistry.load(Settings(models=paths))
+
+
+def test_cuda_is_refused_where_there_is_none() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        pick_device("cuda")
+    assert pick_device("auto") == torch.device("cpu")
+
+
+async def test_configured_api_keys_stop_the_start_until_auth_is_enforced(
+    checkpoints: dict[str, Path],
+) -> None:
+    app = create_app(Settings(models=list(checkpoints.values()), api_keys=["secret"]))
+    with pytest.raises(RuntimeError, match="API keys"):
+        async with app.router.lifespan_context(app):
+            pass
