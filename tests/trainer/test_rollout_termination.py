@@ -76,3 +76,36 @@ def test_terminated_episodes_restart_within_the_trial_and_end_it_without_bootstr
     assert rollout.newest[3, 0] == 0
     advantages, _ = compute_gae(rollout, 0.9, 0.8)
     assert torch.count_nonzero(advantages[6:, 0]) == 0
+
+
+class _SuccessEnv(_FallEnv):
+    """Reports ``info["success"]`` from the third step of every second episode on."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.episodes = 0
+
+    def _reset_sim(self, seed: int | None, options: dict[str, Any] | None) -> tuple[NDArray[np.float32], dict]:
+        self.episodes += 1
+        return super()._reset_sim(seed, options)
+
+    def step(self, action: NDArray[Any]) -> tuple[NDArray[np.float32], float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated, truncated, {**info, "success": self.episodes == 2 and self.elapsed_steps >= 3}
+
+
+class _SuccessFamily(_FallFamily):
+    def _make_env(self, task: Task) -> TaskEnv:
+        return _SuccessEnv(PointNavEnv(), self, task)
+
+
+def test_success_is_recorded_per_episode_of_the_trial() -> None:
+    family = _SuccessFamily(**{**FAMILY.__dict__, "name": "success-test", "has_success": True})
+    net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2, window=3))
+    sampler = TrialSampler(family, net, n_envs=2, episodes_per_trial=2)
+    try:
+        tasks = [Task("success-test", "train", i, (10.0,), "never falls") for i in range(2)]
+        rollout = sampler.run(tasks, seed=0, generator=torch.Generator().manual_seed(0))
+    finally:
+        sampler.close()
+    assert rollout.success.tolist() == [[0.0, 1.0], [0.0, 1.0]]

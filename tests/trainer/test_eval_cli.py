@@ -1,0 +1,75 @@
+"""trmrl-eval on the bundled checkpoints; sync and async vector envs agree; Meta-World success is recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.cli import eval_main
+from trainer.rollout import TrialSampler
+from trmrl.model import ModelConfig, TrMRL
+from trmrl.tasks import get_family
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+def test_eval_prints_one_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = ["point-nav-memoryless", "point-nav", "point-nav-oracle"]
+    out = tmp_path / "eval.json"
+    argv = [str(CHECKPOINTS / n) for n in names] + ["--split", "test", "--tasks", "4", "--seed", "3"]
+    assert eval_main([*argv, "--episodes", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "point-nav test: 4 tasks, seed 3" in printed
+    assert "gap closed" in printed
+    data = json.loads(out.read_text())
+    assert [r["kind"] for r in data["results"]] == ["memoryless", "trmrl", "oracle"]
+    returns = {r["kind"]: r["summary"]["return"] for r in data["results"]}
+    assert returns["memoryless"] < returns["trmrl"] <= returns["oracle"] + 1.0
+    assert len(data["results"][1]["curve"][0]) == 100
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["nowhere"], "not a checkpoint directory"),
+        ([str(CHECKPOINTS / "point-nav"), "--tasks", "0"], "--tasks must be >= 1"),
+    ],
+)
+def test_eval_refuses_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        eval_main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_async_workers_give_the_same_trials_as_in_process_envs() -> None:
+    family = get_family("point-nav")
+    net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2)).eval()
+    tasks = family.sample_tasks("test", 3, seed=1)
+    rollouts = []
+    for mode in ("sync", "async"):
+        sampler = TrialSampler(family, net, 3, 1, vector=mode)
+        try:
+            rollouts.append(sampler.run(tasks, seed=4, generator=torch.Generator().manual_seed(9)))
+        finally:
+            sampler.close()
+    torch.testing.assert_close(rollouts[0].rewards, rollouts[1].rewards)
+    torch.testing.assert_close(rollouts[0].actions, rollouts[1].actions)
+
+
+@pytest.mark.slow
+@pytest.mark.metaworld
+def test_meta_world_trials_record_success() -> None:
+    family = get_family("ml1-reach")
+    net = TrMRL(ModelConfig.from_preset("metaworld", obs_dim=family.obs_dim, act_dim=family.act_dim)).eval()
+    sampler = TrialSampler(family, net, 2, 1)
+    try:
+        rollout = sampler.run(family.sample_tasks("test", 2, seed=0), seed=0, generator=torch.Generator())
+    finally:
+        sampler.close()
+    assert rollout.lengths.tolist() == [500, 500]
+    assert rollout.success.shape == (2, 1)
+    assert set(rollout.success.flatten().tolist()) <= {0.0, 1.0}
