@@ -15,13 +15,14 @@ $(STAMP): pyproject.toml clients/pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c requirements/constraints.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e './clients[stream]' -e '.[dev]'
+	# openpi-client (tests of the openpi-compatible endpoint) pins numpy<2 without needing it.
+	$(PY) -m pip install --quiet --no-deps openpi-client==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv with pinned dependencies (CPU torch)
 
-demo: $(STAMP)  ## the main job: bundled TrMRL vs its memoryless and oracle references, held-out tasks
-	$(VENV)/bin/trmrl-eval checkpoints/point-nav-memoryless checkpoints/point-nav checkpoints/point-nav-oracle \
-		--split test --tasks 30
+demo: $(STAMP)  ## the main job: serve the bundled TrMRL checkpoint and its references, run held-out tasks through it
+	$(PY) -m trmrl_client.demo
 
 test: lint typecheck pytest  ## everything CI runs: lint, type checks, all tests
 

@@ -8,7 +8,8 @@ measures, on this machine:
 * for the service (``python -m service``) and the straightforward server (``bench.serve_naive``),
   each a real uvicorn process on a free port: a single session's round trip over >= 2,000
   sequential ``/v1/act`` steps, and actions/s and p99 latency at 1, 16, 256 and 1,024 concurrent
-  sessions over ``/v1/act`` and ``/v1/act/batch``;
+  sessions over ``/v1/act`` and ``/v1/act/batch``, and (service only: the straightforward server has
+  no streams) over WebSocket streams with JSON text frames and MessagePack binary frames;
 * serving efficiency (service actions/s / bare step actions/s at the same batch size) and the
   ratios to the straightforward server.
 
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ import httpx
 import torch
 import uvloop
 
-from bench.serve_load import LoadResult, run_act, run_batch, run_sequential
+from bench.serve_load import LoadResult, run_act, run_batch, run_sequential, run_stream
 from service.config import Settings
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from trmrl.model import ModelConfig, TrMRL
@@ -140,7 +142,7 @@ class Server:
 
 
 async def measure_server(
-    port: int, loads: list[int], *, sequential_steps: int, duration_s: float, slow: bool
+    port: int, loads: list[int], *, sequential_steps: int, duration_s: float, slow: bool, streams: bool
 ) -> dict[str, Any]:
     """The single-session round trip, then every load over both endpoints."""
     out: dict[str, Any] = {}
@@ -150,13 +152,19 @@ async def measure_server(
     for sessions in loads:
         # A slow server answers 1,024 sessions only every few seconds: give its loops time to settle.
         extra = sessions / 300 if slow else 0.0
-        for endpoint, runner in (("act", run_act), ("batch", run_batch)):
+        runners: list[tuple[str, Any]] = [("act", run_act), ("batch", run_batch)]
+        if streams:
+            runners += [
+                ("ws-json", partial(run_stream, encoding="json")),
+                ("ws-msgpack", partial(run_stream, encoding="msgpack")),
+            ]
+        for endpoint, runner in runners:
             result: LoadResult = await runner(
                 "127.0.0.1", port, sessions, OBS_DIM, duration_s=duration_s + extra, warmup_s=1.0 + extra
             )
             out[f"{endpoint}_{sessions}"] = result.summary()
             print(
-                f"  {endpoint:5s} {sessions:5d} sessions: {result.actions_per_s:9.0f} actions/s  "
+                f"  {endpoint:10s} {sessions:5d} sessions: {result.actions_per_s:9.0f} actions/s  "
                 f"p50 {result.percentile(50):8.2f} ms  p99 {result.percentile(99):8.2f} ms  "
                 f"errors {result.errors}",
                 flush=True,
@@ -193,6 +201,20 @@ def report(results: dict[str, Any], loads: list[int]) -> str:
             lines.append(
                 f"  {endpoint:8s} {n:8d} {s['actions_per_s']:14.0f} {s['p99_ms']:9.2f} "
                 f"{v['actions_per_s']:12.0f} {v['p99_ms']:9.2f} {ratio:8.1f} {bare[str(n)]:11.0f} {eff:10.2f}"
+            )
+    lines += [
+        "",
+        "WebSocket streams (service; closed loops, one stream per session):",
+        f"  {'frames':8s} {'sessions':>8s} {'act/s':>10s} {'p50 ms':>8s} {'p99 ms':>9s} {'x /v1/act':>10s} "
+        f"{'efficiency':>10s}",
+    ]
+    for endpoint in ("ws-json", "ws-msgpack"):
+        for n in loads:
+            s, http = svc[f"{endpoint}_{n}"], svc[f"act_{n}"]
+            ratio = s["actions_per_s"] / http["actions_per_s"] if http["actions_per_s"] else float("inf")
+            lines.append(
+                f"  {endpoint[3:]:8s} {n:8d} {s['actions_per_s']:10.0f} {s['p50_ms']:8.2f} "
+                f"{s['p99_ms']:9.2f} {ratio:10.2f} {s['actions_per_s'] / bare[str(n)]:10.2f}"
             )
     mem = results["memory"]
     lines += [
@@ -292,6 +314,7 @@ def main() -> None:
                         sequential_steps=sequential_steps,
                         duration_s=duration,
                         slow=name == "naive",
+                        streams=name == "service",
                     )
                 )
             finally:

@@ -269,3 +269,66 @@ async def run_sequential(host: str, port: int, obs_dim: int, steps: int, warmup:
     assert conn.transport is not None
     conn.transport.close()
     return LoadResult(1, "act-sequential", steps, steps - errors, errors, seconds, latencies * 1e3)
+
+
+async def run_stream(
+    host: str,
+    port: int,
+    sessions: int,
+    obs_dim: int,
+    *,
+    duration_s: float,
+    warmup_s: float,
+    encoding: str = "json",
+    seed: int = 0,
+) -> LoadResult:
+    """``sessions`` closed-loop clients, one WebSocket stream (``/v1/sessions/{id}/stream``) each.
+
+    ``encoding``: ``json`` (text frames) or ``msgpack`` (binary frames, the observation as a
+    msgpack-numpy float32 array).
+    """
+    from trmrl_client.codec import packb
+    from websockets.asyncio.client import connect as ws_connect
+
+    ids = await create_sessions(host, port, sessions)
+    rng = random.Random(seed)
+    observations = [_observation(rng, obs_dim) for _ in range(sessions)]
+    arrays = [np.asarray(json.loads(o), np.float32) for o in observations]
+    streams = []
+    for sid in ids:
+        url = f"ws://{host}:{port}/v1/sessions/{sid}/stream"
+        streams.append(await ws_connect(url, compression=None, ping_interval=None, max_size=None))
+    latencies: list[float] = []
+    counts = {"requests": 0, "errors": 0}
+    loop_start = time.perf_counter()
+    measure_from = loop_start + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def client(i: int) -> None:
+        ws, obs, array = streams[i], observations[i], arrays[i]
+        step = 0
+        perf = time.perf_counter
+        while (t0 := perf()) < stop_at:
+            if encoding == "json":
+                await ws.send(f'{{"observation":{obs},"reward":0.5,"step":{step}}}')
+                ok = b'"error"' not in (await ws.recv(decode=False))
+            else:
+                await ws.send(packb({"observation": array, "reward": 0.5, "step": step}))
+                ok = b"error" not in (await ws.recv(decode=False))[:16]
+            step += 1
+            if t0 >= measure_from:
+                latencies.append(perf() - t0)
+                counts["requests"] += 1
+                counts["errors"] += not ok
+
+    await asyncio.gather(*(client(i) for i in range(sessions)))
+    await asyncio.gather(*(ws.close() for ws in streams))
+    return LoadResult(
+        sessions,
+        f"stream-{encoding}",
+        counts["requests"],
+        counts["requests"] - counts["errors"],
+        counts["errors"],
+        duration_s,
+        np.asarray(latencies) * 1e3,
+    )

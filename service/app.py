@@ -3,54 +3,133 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 import trmrl
+from service.api.body import wants_msgpack
 from service.api.deps import BODY_SCHEMAS
 from service.api.fastpath import hot_handler, serve_hot
 from service.api.replies import error_reply
-from service.api.routes import act, health, models, sessions
+from service.api.routes import act, health, models, sessions, streams
+from service.auth import Authenticator
 from service.config import Settings
 from service.errors import ApiError, from_validation_errors
+from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
+from service.state_store import count_sessions, read_sessions, write_sessions
 
 log = logging.getLogger("trmrl.service")
+
+DESCRIPTION = """
+Every `/v1` route and `/act` need `Authorization: Bearer <api key>` when keys are configured
+(`TRMRL_API_KEYS`, `TRMRL_API_KEYS_FILE`); a session is visible only to the key that created it.
+Bodies are JSON or MessagePack (`application/msgpack`; arrays as lists or msgpack-numpy maps); the reply
+follows `Accept`, else the request's content type.
+
+WebSocket routes (not listed below, as OpenAPI cannot describe them):
+
+* `WS /v1/sessions/{session_id}/stream`: send act frames `{"observation": [...], "reward"?, "episode_start"?,
+  "step"?, "applied_action"?}` as JSON text or MessagePack binary frames; each gets the `/v1/act` reply (or an
+  error object) in the same encoding. A bad frame gets an error frame and the stream stays open.
+* `WS /v1/openpi?model=<name>&session_id=<id>`: the openpi websocket policy protocol (`openpi-client`):
+  metadata on connect, then `{"observation", "reward"?, "episode_start"?}` ->
+  `{"actions": float32 [1, act_dim], "server_timing": {...}}`. `Authorization: Api-Key <key>` is accepted.
+"""
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load every checkpoint and warm it up (off the event loop), then report ready."""
+    """Load every checkpoint and warm it up (off the event loop), restore saved sessions, report ready.
+
+    On shutdown: not ready, no new sessions, queued steps finished, every session written to the
+    state directory.
+    """
     settings: Settings = app.state.settings
-    if settings.api_keys or settings.api_keys_file:
-        # Refuse rather than serve openly while the operator believes keys protect the service.
-        raise RuntimeError("API keys are configured, but this build does not enforce them yet")
-    log.warning("no API keys configured: every client can reach every session")
-    registry = app.state.registry
+    if not app.state.auth.enabled:
+        log.warning("no API keys configured: every client can reach every session")
+    registry: ModelRegistry | None = app.state.registry
     if registry is None:
         registry = await asyncio.to_thread(ModelRegistry.load, settings)
         app.state.registry = registry
+    app.state.metrics.attach(registry)
     await registry.start()
+    if settings.state_dir is not None:
+        saved = await asyncio.to_thread(read_sessions, settings.state_dir)
+        if saved:
+            restored = await registry.import_all(saved)
+            log.info(
+                "restored %d of %d saved sessions",
+                restored,
+                count_sessions(saved),
+                extra={"path": str(settings.state_dir)},
+            )
+    snapshots: asyncio.Task[None] | None = None
+    stop_snapshots = asyncio.Event()
+    if settings.state_dir is not None and settings.snapshot_interval_s > 0:
+        snapshots = asyncio.create_task(
+            _snapshot_periodically(
+                registry, settings.state_dir, settings.snapshot_interval_s, stop_snapshots
+            ),
+            name="snapshots",
+        )
+    # Everything built so far (modules, models, tables) lives as long as the process: keep the
+    # garbage collector from traversing it again and again while it serves.
+    gc.freeze()
     app.state.ready = True
     try:
         yield
     finally:
         app.state.ready = False
+        registry.draining = True
+        if snapshots is not None:
+            # Not cancelled: a write in progress must finish before the final one, or it could
+            # land after it and leave an older state behind.
+            stop_snapshots.set()
+            await snapshots
         await registry.stop()
+        if settings.state_dir is not None:
+            await save_sessions(registry, settings.state_dir)
+
+
+async def save_sessions(registry: ModelRegistry, directory: Path) -> None:
+    """Write every session to ``directory`` (the file write runs off the event loop)."""
+    blocks = await registry.export_all()
+    path = await asyncio.to_thread(write_sessions, directory, blocks)
+    count = count_sessions(blocks)
+    log.info("wrote %d sessions", count, extra={"path": str(path), "sessions": count})
+
+
+async def _snapshot_periodically(
+    registry: ModelRegistry, directory: Path, interval_s: float, stop: asyncio.Event
+) -> None:
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if stop.is_set():
+            return
+        try:
+            await save_sessions(registry, directory)
+        except OSError:
+            log.exception("periodic snapshot to %s failed", directory)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: Exception) -> Response:
+    async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return error_reply(exc)
+        return error_reply(exc, msgpack=wants_msgpack(request.scope))
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -77,10 +156,31 @@ class ServiceApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = hot_handler(scope)
         if handler is None:
-            await super().__call__(scope, receive, send)
+            if scope["type"] == "http":
+                await self._observed(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
             return
         scope["app"] = self  # what FastAPI would set: handlers reach the settings and models through it
         await serve_hot(handler, scope, receive, send)
+
+    async def _observed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve through FastAPI and record the reply in the same metrics as the fast path."""
+        started = time.perf_counter()
+        status = 500
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, send_observed)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics: ServiceMetrics = self.state.metrics
+            metrics.observe_request(route, scope["method"], status, time.perf_counter() - started)
 
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
@@ -90,6 +190,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         title="trmrl policy service",
         version=trmrl.__version__,
         summary="Meta-trained TrMRL policies with per-session memory, all sessions stepped in one batch.",
+        description=DESCRIPTION,
         lifespan=lifespan,
         # The service exports its own metrics; FastAPI's OpenTelemetry hooks would only add a
         # provider lookup to every request.
@@ -98,13 +199,21 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.state.settings = settings
     app.state.registry = registry
     app.state.ready = False
+    app.state.auth = Authenticator(settings.load_api_keys())
+    app.state.metrics = ServiceMetrics()
     _install_error_handlers(app)
-    for module in (health, models, sessions, act):
+    for module in (health, models, sessions, act, streams):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
+            )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_SCHEMAS)
             app.openapi_schema = schema
         return app.openapi_schema

@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import asyncio
 import sys
 from pathlib import Path
+from types import FrameType
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
+from service import logs
 from service.app import create_app
 from service.config import Settings
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: report not ready and take no new sessions at once, then shut down as uvicorn does.
+
+    Uvicorn then stops listening, lets in-flight requests finish and runs the app's shutdown, which
+    finishes queued steps and writes every session to the state directory.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.grace_s = grace_s
+        self._grace_started = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.app.state.ready = False
+        if self.app.state.registry is not None:
+            self.app.state.registry.draining = True
+        if self.grace_s > 0 and not self._grace_started:
+            # Give load balancers time to see readyz fail before connections are refused; a second
+            # signal during the grace shuts down at once.
+            self._grace_started = True
+            asyncio.get_running_loop().call_later(self.grace_s, super().handle_exit, sig, frame)
+            return
+        super().handle_exit(sig, frame)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,9 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.port is not None:
         overrides["port"] = args.port
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     if not settings.checkpoint_paths():
         sys.exit(
             f"trmrl-serve: no checkpoints to serve. Pass --checkpoint DIR (or set TRMRL_MODELS); "
@@ -55,12 +82,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"trmrl-serve: checkpoint not found: {', '.join(missing)}")
     # The event loop needs a core of its own: torch threads busy on every core would starve it.
     torch.set_num_threads(settings.forward_threads())
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
         http="httptools",
+        ws="websockets",
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
+        ws_max_size=settings.max_body_bytes,
         log_level=settings.log_level,
+        log_config=None,
         access_log=False,
     )
+    DrainingServer(config, app, settings.drain_grace_s).run()

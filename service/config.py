@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     """File with one API key per line."""
     state_dir: Path | None = None
     """Where sessions are written on shutdown and restored from on start."""
+    snapshot_interval_s: float = Field(default=0.0, ge=0)
+    """Also write every session to ``state_dir`` this often (crash recovery); 0: only on shutdown."""
+    max_queued_steps: int = Field(default=16_384, ge=1)
+    """Steps waiting for a forward pass, per model; beyond it a step gets 503 ``overloaded``."""
+    drain_grace_s: float = Field(default=0.0, ge=0)
+    """On SIGTERM, report not-ready this long before closing connections (for load balancers)."""
+    ws_ping_interval_s: float = Field(default=20.0, gt=0)
+    """WebSocket heartbeat: the server pings every stream this often..."""
+    ws_ping_timeout_s: float = Field(default=20.0, gt=0)
+    """...and closes it when no pong comes back within this time."""
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object a line, with ``session_id`` and ``model`` fields where they apply."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65_535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -63,6 +75,14 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
+
+    def load_api_keys(self) -> list[str]:
+        """Every accepted key: ``api_keys`` and the non-blank lines of ``api_keys_file``."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            text = self.api_keys_file.read_text(encoding="utf-8")
+            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return keys
 
     def forward_threads(self) -> int:
         """Torch intra-op threads for the forward pass: ``torch_threads``, or half the CPU cores."""

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +32,11 @@ import torch
 
 from service import errors
 from service.errors import ApiError
-from service.schemas import ModelInfo
+from service.schemas import ModelInfo, SessionState
 from service.sessions import SessionTable
 from trmrl.checkpoint import Checkpoint
 from trmrl.policy import act, counter_normal
-from trmrl.slot_pool import SlotPool
+from trmrl.slot_pool import SlotPool, SlotSnapshot
 
 log = logging.getLogger("trmrl.service")
 
@@ -57,6 +57,20 @@ class EngineLimits:
     batch_wait_s: float
     session_ttl_s: float
     evict_idle_s: float
+    max_queued_steps: int = 16_384
+
+
+#: Per-session scalar columns of :meth:`Engine.export_sessions`.
+_COUNTERS = (
+    "length",
+    "steps",
+    "episodes",
+    "episode_start_pending",
+    "deterministic",
+    "seed",
+    "ttl_s",
+    "created_at",
+)
 
 
 class _Batch:
@@ -75,6 +89,7 @@ class _Batch:
         self.applied_mask = np.zeros(rows, bool)
         self.id = -1
         self.size = 0
+        self.opened_at = 0.0
         self.future: asyncio.Future[np.ndarray] | None = None
 
 
@@ -144,8 +159,14 @@ class Engine:
         self._wake = asyncio.Event()
         self._filled = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._step_lock = asyncio.Lock()
+        """Held from a batch's forward pass to its commit: while another holder has it, the pool and
+        the table's counters agree and no forward pass runs (snapshots and restores take it)."""
+        self.queued_steps = 0
         self.ticks = 0
         self.stepped = 0
+        self.on_batch: Callable[[int, float], None] | None = None
+        """Called after each forward pass with its batch size and the oldest step's queue wait (s)."""
 
     # -- facts ---------------------------------------------------------------------------------------
     def info(self, *, default: bool) -> ModelInfo:
@@ -160,6 +181,7 @@ class Engine:
             action_high=list(info.action_high),
             window=cfg.window,
             memory_scope=cfg.memory_scope,
+            task_params_in_obs=info.task_params_in_obs,
             metrics=info.metrics,
             default=default,
         )
@@ -237,6 +259,8 @@ class Engine:
         """
         table = self.table
         retry = table.check_step(slot, step)
+        if not retry and self.queued_steps >= self.limits.max_queued_steps:
+            raise errors.overloaded(self.limits.max_queued_steps)
         table.last_active[slot] = time.monotonic()
         if retry:
             assert step is not None
@@ -266,6 +290,7 @@ class Engine:
             batch.applied_mask[row] = True
             batch.applied[row] = applied_action
         table.queued[slot] += 1
+        self.queued_steps += 1
         table.last_batch[slot] = batch.id
         table.last_row[slot] = row
         if batch.size == self.limits.max_batch:
@@ -293,6 +318,7 @@ class Engine:
         batch.id = self._next_batch_id
         self._next_batch_id += 1
         batch.size = 0
+        batch.opened_at = time.perf_counter()
         batch.future = _SharedFuture(loop=asyncio.get_running_loop())
         self._inflight[batch.id] = batch.future
         self._open.append(batch)
@@ -319,6 +345,8 @@ class Engine:
         slots = batch.slots[:n]
         deterministic = self.table.deterministic[slots]
         seeds = self.table.seed[slots]
+        waited = time.perf_counter() - batch.opened_at
+        await self._step_lock.acquire()
         try:
             actions = await loop.run_in_executor(
                 self._executor, self._compute, batch, n, deterministic, seeds
@@ -339,7 +367,11 @@ class Engine:
             self._commit(batch, n, actions)
             if not future.done():
                 future.set_result(actions)
+            if self.on_batch is not None:
+                self.on_batch(n, waited)
         finally:
+            self._step_lock.release()
+            self.queued_steps -= n
             del self._inflight[batch.id]
             batch.future = None
             self._spare.append(batch)
@@ -409,6 +441,195 @@ class Engine:
         table.pending_clear[slots[live & batch.clear[:n]]] = True
         table.release_idle(slots[~live])
 
+    # -- snapshots -----------------------------------------------------------------------------------------
+    def _memories(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the sessions' windows, lengths and previous actions (hold the step lock).
+
+        A new session (or a trial reset) clears its slot at its next step, not before: until then
+        the slot still holds its previous tenant's memory, which is not this session's, so such a
+        session's memory is reported empty.
+        """
+        index = torch.from_numpy(slots).to(self.device)
+        windows = self.pool.windows[index].cpu().numpy()
+        lengths = self.pool.lengths[index].cpu().numpy().astype(np.int64)
+        prev = self.pool.prev_action[index].cpu().numpy()
+        fresh = self.table.pending_clear[slots]
+        windows[fresh], lengths[fresh], prev[fresh] = 0.0, 0, 0.0
+        return windows, lengths, prev
+
+    async def snapshot(self, slot: int) -> SessionState:
+        """The portable state of one session: its committed steps (a queued step is not in it)."""
+        async with self._step_lock:
+            windows, lengths, prev = self._memories(np.asarray([slot], np.int64))
+            table = self.table
+            return SessionState(
+                session_id=table.session_id(slot),
+                model=self.name,
+                model_version=self.version,
+                window=windows[0].tolist(),
+                length=int(lengths[0]),
+                prev_action=prev[0].tolist(),
+                last_action=table.last_action[slot].tolist(),
+                steps=int(table.next_step[slot]),
+                episodes=int(table.episodes[slot]),
+                episode_start_pending=bool(table.pending_start[slot]),
+                deterministic=bool(table.deterministic[slot]),
+                seed=int(table.seed[slot]),
+                ttl_s=float(table.ttl_s[slot]),
+                created_at=float(table.created_at[slot]),
+            )
+
+    async def export_sessions(self) -> dict[str, Any]:
+        """Every session of this model, column by column (the state directory's format).
+
+        Array copies only, under the step lock: cheap on the event loop even for many sessions; the
+        caller encodes them elsewhere.
+        """
+        async with self._step_lock:
+            table = self.table
+            slots = np.asarray(sorted(table.ids.values()), np.int64)
+            window, length, prev = self._memories(slots)
+            return {
+                "model": self.name,
+                "model_version": self.version,
+                "session_ids": [table.slot_ids[slot] for slot in slots.tolist()],
+                "owners": [table.owners[slot] for slot in slots.tolist()],
+                "window": window,
+                "length": length,
+                "prev_action": prev,
+                "last_action": table.last_action[slots],
+                "steps": table.next_step[slots],
+                "episodes": table.episodes[slots],
+                "episode_start_pending": table.pending_start[slots],
+                "deterministic": table.deterministic[slots],
+                "seed": table.seed[slots],
+                "ttl_s": table.ttl_s[slots],
+                "created_at": table.created_at[slots],
+            }
+
+    async def import_sessions(self, block: dict[str, Any]) -> int:
+        """Restore sessions written by :meth:`export_sessions`; returns how many.
+
+        The block is checked as a whole first (version, shapes, finite numbers) and refused as a
+        whole (``ValueError``) if it does not fit; ids already in use and sessions beyond the
+        capacity are skipped.
+        """
+        if block.get("model_version") != self.version:
+            raise ValueError(
+                f"written by version {block.get('model_version')} of the model, this is {self.version}"
+            )
+        cfg = self.model.config
+        ids, owners = block["session_ids"], block["owners"]
+        count = len(ids)
+        shapes = {
+            "window": (count, cfg.window, cfg.token_dim),
+            "prev_action": (count, self.act_dim),
+            "last_action": (count, self.act_dim),
+        }
+        columns = {name: np.asarray(block[name]) for name in (*shapes, *_COUNTERS)}
+        for name, shape in shapes.items():
+            if columns[name].shape != shape or not np.isfinite(columns[name]).all():
+                raise ValueError(f"column {name!r} is not {shape} finite numbers")
+        for name in _COUNTERS:
+            if columns[name].shape != (count,):
+                raise ValueError(f"column {name!r} does not hold {count} values")
+        length = columns["length"]
+        if (
+            len(owners) != count
+            or ((length < 0) | (length > cfg.window)).any()
+            or (columns["steps"] < 0).any()
+        ):
+            raise ValueError("owners, lengths or step counts are out of range")
+        table = self.table
+        slots: list[int] = []
+        kept: list[int] = []
+        async with self._step_lock:
+            for i, (session_id, owner) in enumerate(zip(ids, owners, strict=True)):
+                if not isinstance(session_id, str) or session_id in table.ids:
+                    continue
+                try:
+                    _, slot = table.create(
+                        deterministic=bool(columns["deterministic"][i]),
+                        seed=int(columns["seed"][i]),
+                        ttl_s=float(columns["ttl_s"][i]),
+                        owner=owner if isinstance(owner, str) else None,
+                        session_id=session_id,
+                    )
+                except ApiError:
+                    log.warning("model %s is full: %d saved sessions not restored", self.name, count - i)
+                    break
+                slots.append(slot)
+                kept.append(i)
+            if not slots:
+                return 0
+            rows = np.asarray(kept)
+            at = np.asarray(slots, np.int64)
+            index = torch.from_numpy(at).to(self.device)
+            self.pool.windows[index] = torch.tensor(
+                columns["window"][rows], dtype=torch.float32, device=self.device
+            )
+            self.pool.lengths[index] = torch.tensor(length[rows], dtype=torch.long, device=self.device)
+            self.pool.prev_action[index] = torch.tensor(
+                columns["prev_action"][rows], dtype=torch.float32, device=self.device
+            )
+            table.last_action[at] = columns["last_action"][rows]
+            table.next_step[at] = columns["steps"][rows]
+            table.episodes[at] = columns["episodes"][rows]
+            table.pending_start[at] = columns["episode_start_pending"][rows]
+            table.pending_clear[at] = False
+            table.created_at[at] = columns["created_at"][rows]
+            table.last_active[at] = time.monotonic()
+        return len(slots)
+
+    def check_state(self, state: SessionState) -> None:
+        """Refuse a snapshot that was not taken with this model or does not fit it (before any change)."""
+        if state.model_version != self.version:
+            raise errors.model_version_mismatch(self.name, self.version, state.model_version)
+        cfg = self.model.config
+        rows = {len(row) for row in state.window}
+        if len(state.window) != cfg.window or rows != {cfg.token_dim}:
+            raise errors.invalid_snapshot(
+                f"'window' must be {cfg.window} rows of {cfg.token_dim} numbers",
+                {"field": "window", "expected": [cfg.window, cfg.token_dim]},
+            )
+        if state.length > cfg.window:
+            raise errors.invalid_snapshot(
+                f"'length' must be at most {cfg.window}", {"field": "length", "expected_max": cfg.window}
+            )
+        for field in ("prev_action", "last_action"):
+            values = getattr(state, field)
+            if len(values) != self.act_dim:
+                raise errors.wrong_length(field, self.act_dim, len(values))
+            if not _all_float32(values):
+                raise errors.non_finite(field)
+        if not all(_all_float32(row) for row in state.window):
+            raise errors.non_finite("window")
+
+    async def restore(self, slot: int, state: SessionState) -> None:
+        """Load a checked snapshot into ``slot``, a session with no steps in flight."""
+        async with self._step_lock:
+            table = self.table
+            if table.queued[slot]:
+                raise errors.session_busy(table.session_id(slot))
+            self.pool.restore(
+                slot,
+                SlotSnapshot(
+                    torch.tensor(state.window, dtype=torch.float32),
+                    state.length,
+                    torch.tensor(state.prev_action, dtype=torch.float32),
+                ),
+            )
+            table.next_step[slot] = state.steps
+            table.episodes[slot] = state.episodes
+            table.pending_start[slot] = state.episode_start_pending
+            table.pending_clear[slot] = False
+            table.deterministic[slot] = state.deterministic
+            table.seed[slot] = state.seed
+            table.ttl_s[slot] = state.ttl_s
+            table.created_at[slot] = state.created_at
+            table.last_action[slot] = state.last_action
+            table.last_active[slot] = time.monotonic()
+
     def stats(self) -> dict[str, Any]:
         """Counters for logs now and metrics later."""
         return {
@@ -417,4 +638,13 @@ class Engine:
             "steps": self.stepped,
             "evictions": self.table.evictions,
             "expirations": self.table.expirations,
+            "queued_steps": self.queued_steps,
+            "device_bytes": self.device_bytes,
         }
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory held by the weights and the slot pool."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [self.pool.windows, self.pool.lengths, self.pool.prev_action]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -31,6 +31,10 @@ def malformed_json(reason: str) -> ApiError:
     return ApiError(400, "malformed_json", f"The request body is not valid JSON: {reason}.")
 
 
+def malformed_msgpack(reason: str) -> ApiError:
+    return ApiError(400, "malformed_msgpack", f"The request body is not valid MessagePack: {reason}.")
+
+
 def body_too_large(limit: int) -> ApiError:
     return ApiError(
         413, "body_too_large", f"The request body exceeds the limit of {limit} bytes.", {"max_bytes": limit}
@@ -41,7 +45,7 @@ def unsupported_media_type(content_type: str) -> ApiError:
     return ApiError(
         415,
         "unsupported_media_type",
-        f"Content type {content_type!r} is not supported; send application/json.",
+        f"Content type {content_type!r} is not supported; send application/json or application/msgpack.",
         {"content_type": content_type},
     )
 
@@ -77,6 +81,43 @@ def capacity_exhausted(capacity: int) -> ApiError:
         "capacity_exhausted",
         "The model holds as many sessions as it can and none is idle long enough to evict; retry later.",
         {"max_sessions": capacity},
+    )
+
+
+def overloaded(limit: int) -> ApiError:
+    return ApiError(
+        503,
+        "overloaded",
+        f"The model has {limit} steps waiting for a forward pass, its limit; retry shortly.",
+        {"max_queued_steps": limit},
+    )
+
+
+def draining() -> ApiError:
+    return ApiError(
+        503, "draining", "The service is shutting down and takes no new sessions; retry elsewhere."
+    )
+
+
+def model_version_mismatch(model: str, expected: str, got: str) -> ApiError:
+    return ApiError(
+        409,
+        "model_version_mismatch",
+        f"The snapshot was taken with version {got} of model {model!r}; this service runs {expected}.",
+        {"model": model, "expected_version": expected, "got_version": got},
+    )
+
+
+def invalid_snapshot(reason: str, detail: dict[str, Any] | None = None) -> ApiError:
+    return ApiError(422, "invalid_snapshot", f"The snapshot does not fit the model: {reason}.", detail)
+
+
+def session_busy(session_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "session_busy",
+        "The session has steps in flight; restore its state once they are answered.",
+        {"session_id": session_id},
     )
 
 

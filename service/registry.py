@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,14 @@ from service import errors
 from service.config import Settings
 from service.engine import Engine, EngineLimits, Ticket
 from service.errors import ApiError
-from service.schemas import ActRequest, ActResponse, CreateSessionRequest, ModelInfo, SessionInfo
+from service.schemas import (
+    ActRequest,
+    ActResponse,
+    CreateSessionRequest,
+    ModelInfo,
+    SessionInfo,
+    SessionState,
+)
 from trmrl.checkpoint import load_checkpoint
 
 log = logging.getLogger("trmrl.service")
@@ -62,6 +70,8 @@ class ModelRegistry:
             raise ValueError("no models to serve")
         self.default = next(iter(self.engines))
         self._sweeper: asyncio.Task[None] | None = None
+        self.draining = False
+        """Set on shutdown: no new sessions; steps of existing ones are still answered."""
 
     @classmethod
     def load(cls, settings: Settings) -> ModelRegistry:
@@ -79,6 +89,7 @@ class ModelRegistry:
             batch_wait_s=settings.batch_wait_ms / 1000.0,
             session_ttl_s=settings.session_ttl_s,
             evict_idle_s=settings.evict_idle_s,
+            max_queued_steps=settings.max_queued_steps,
         )
         engines = []
         for path in paths:
@@ -131,23 +142,40 @@ class ModelRegistry:
         return [e.info(default=name == self.default) for name, e in self.engines.items()]
 
     # -- sessions --------------------------------------------------------------------------------------
-    def find(self, session_id: str) -> tuple[Engine, int]:
-        """The engine and slot of a live session (404 ``unknown_session`` otherwise)."""
+    def find(self, session_id: str, owner: str | None = None) -> tuple[Engine, int]:
+        """The engine and slot of a live session the caller may see (404 ``unknown_session`` otherwise).
+
+        With API keys on, a session belongs to the key that created it: to any other key it does not
+        exist, so its id cannot even be confirmed.
+        """
+        for engine in self.engines.values():
+            slot = engine.table.find(session_id)
+            if slot is not None:
+                if engine.table.owners[slot] != owner:
+                    break
+                return engine, slot
+        raise errors.unknown_session(session_id)
+
+    def _locate(self, session_id: str) -> tuple[Engine, int] | None:
+        """The session with this id whoever owns it (for ids a caller asks to create)."""
         for engine in self.engines.values():
             slot = engine.table.find(session_id)
             if slot is not None:
                 return engine, slot
-        raise errors.unknown_session(session_id)
+        return None
 
-    def create_session(self, request: CreateSessionRequest) -> tuple[Engine, str]:
+    def create_session(self, request: CreateSessionRequest, owner: str | None = None) -> tuple[Engine, str]:
+        if self.draining:
+            raise errors.draining()
         engine = self.engine(request.model)
         session_id, _ = engine.table.create(
-            deterministic=request.deterministic, seed=request.seed, ttl_s=request.ttl_s
+            deterministic=request.deterministic, seed=request.seed, ttl_s=request.ttl_s, owner=owner
         )
+        log.info("session created", extra={"session_id": session_id, "model": engine.name})
         return engine, session_id
 
-    def session_info(self, session_id: str) -> SessionInfo:
-        engine, slot = self.find(session_id)
+    def session_info(self, session_id: str, owner: str | None = None) -> SessionInfo:
+        engine, slot = self.find(session_id, owner)
         table = engine.table
         wall_offset = time.time() - time.monotonic()
         return SessionInfo(
@@ -163,26 +191,96 @@ class ModelRegistry:
             last_active_at=_iso(float(table.last_active[slot]) + wall_offset),
         )
 
-    def delete_session(self, session_id: str) -> None:
-        engine, _ = self.find(session_id)
+    def delete_session(self, session_id: str, owner: str | None = None) -> None:
+        engine, _ = self.find(session_id, owner)
         engine.table.delete(session_id)
+        log.info("session deleted", extra={"session_id": session_id, "model": engine.name})
 
-    def reset_session(self, session_id: str, scope: str) -> SessionInfo:
-        engine, slot = self.find(session_id)
+    def reset_session(self, session_id: str, scope: str, owner: str | None = None) -> SessionInfo:
+        engine, slot = self.find(session_id, owner)
         engine.table.reset(slot, scope)
-        return self.session_info(session_id)
+        return self.session_info(session_id, owner)
+
+    # -- snapshots ---------------------------------------------------------------------------------------
+    async def get_state(self, session_id: str, owner: str | None = None) -> SessionState:
+        engine, slot = self.find(session_id, owner)
+        return await engine.snapshot(slot)
+
+    async def put_state(self, session_id: str, state: SessionState, owner: str | None = None) -> bool:
+        """Restore ``state`` under ``session_id``; returns ``True`` if the session was created.
+
+        An existing session (of the caller) is overwritten; a missing one is created under that id,
+        which is how a client moves a session to another replica or recovers one the service lost.
+        Every check runs before anything changes.
+        """
+        if state.session_id != session_id:
+            raise errors.invalid_snapshot(
+                "its 'session_id' differs from the one in the path",
+                {"field": "session_id", "expected": session_id, "got": state.session_id},
+            )
+        engine = self.engine(state.model)
+        engine.check_state(state)
+        existing = self._locate(session_id)
+        if existing is not None and existing[0].table.owners[existing[1]] != owner:
+            # Taken by another key: to this caller the id does not exist, nor can it be claimed.
+            raise errors.unknown_session(session_id)
+        if existing is not None and existing[0] is engine:
+            await engine.restore(existing[1], state)
+            log.info("session restored", extra={"session_id": session_id, "model": engine.name})
+            return False
+        if self.draining:
+            raise errors.draining()
+        if existing is not None and existing[0].table.queued[existing[1]]:
+            raise errors.session_busy(session_id)
+        _, slot = engine.table.create(
+            deterministic=state.deterministic,
+            seed=state.seed,
+            ttl_s=state.ttl_s,
+            owner=owner,
+            session_id=session_id,
+        )
+        try:
+            await engine.restore(slot, state)
+        except Exception:
+            engine.table.delete(session_id)
+            raise
+        if existing is not None:
+            existing[0].table.delete(session_id)
+        log.info("session restored", extra={"session_id": session_id, "model": engine.name})
+        return True
+
+    async def export_all(self) -> list[dict[str, Any]]:
+        """Every live session, one block of columns per model (committed steps)."""
+        return [await engine.export_sessions() for engine in self.engines.values()]
+
+    async def import_all(self, blocks: Iterable[dict[str, Any]]) -> int:
+        """Restore saved blocks of sessions; a block that no longer fits is skipped with a warning."""
+        restored = 0
+        for block in blocks:
+            name = block.get("model")
+            engine = self.engines.get(name) if isinstance(name, str) else None
+            if engine is None:
+                log.warning("saved sessions of model %r not restored: it is not loaded", name)
+                continue
+            try:
+                restored += await engine.import_sessions(block)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("saved sessions of model %s not restored: %s", name, exc)
+        return restored
 
     # -- acting ------------------------------------------------------------------------------------------
-    def submit(self, request: ActRequest) -> tuple[Engine, str, Ticket]:
+    def submit(self, request: ActRequest, owner: str | None = None) -> tuple[Engine, str, Ticket]:
         """Validate and queue one act request, creating its session when it names none.
 
         Every check runs before anything changes: a refused request leaves its session (or the
         session table, for a would-be new session) exactly as it was.
         """
         if request.session_id is not None:
-            engine, slot = self.find(request.session_id)
+            engine, slot = self.find(request.session_id, owner)
             session_id = request.session_id
         else:
+            if self.draining:
+                raise errors.draining()
             engine = self.engine(request.model)
             slot = -1
             session_id = ""
@@ -190,24 +288,28 @@ class ModelRegistry:
         if slot < 0:
             if request.step not in (None, 0):
                 raise errors.step_conflict(0, request.step)
-            session_id, slot = engine.table.create(deterministic=True, seed=None, ttl_s=None)
+            if engine.queued_steps >= engine.limits.max_queued_steps:
+                raise errors.overloaded(engine.limits.max_queued_steps)
+            session_id, slot = engine.table.create(deterministic=True, seed=None, ttl_s=None, owner=owner)
         ticket = engine.submit(
             slot, obs, request.reward, request.episode_start, request.step, request.applied_action
         )
         return engine, session_id, ticket
 
-    async def act(self, request: ActRequest, started_ns: int) -> ActResponse:
+    async def act(self, request: ActRequest, started_ns: int, owner: str | None = None) -> ActResponse:
         """One act request, start to finish."""
-        engine, session_id, ticket = self.submit(request)
+        engine, session_id, ticket = self.submit(request, owner)
         action = await ticket.action()
         return reply(engine, session_id, ticket.step, action.tolist(), started_ns)
 
-    async def act_batch(self, requests: list[ActRequest], started_ns: int) -> list[ActResponse | ApiError]:
+    async def act_batch(
+        self, requests: list[ActRequest], started_ns: int, owner: str | None = None
+    ) -> list[ActResponse | ApiError]:
         """Many act requests: all queued first (so they share a forward pass), then awaited in order."""
         queued: list[tuple[Engine, str, Ticket] | ApiError] = []
         for request in requests:
             try:
-                queued.append(self.submit(request))
+                queued.append(self.submit(request, owner))
             except ApiError as exc:
                 queued.append(exc)
         results: list[ActResponse | ApiError] = []

@@ -52,6 +52,20 @@ class ActRequest(_Request):
     """What the robot really executed for the previous step, when it differs from the returned action."""
 
 
+class StreamFrame(_Request):
+    """One step on a session's stream: an act request without ``session_id`` (the stream names it)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"observation": [0.12, -0.4], "reward": -0.83, "step": 7}]}
+    )
+
+    observation: list[float]
+    reward: float = 0.0
+    episode_start: bool = False
+    step: Annotated[int, Field(ge=0)] | None = None
+    applied_action: list[float] | None = None
+
+
 class ActResponse(BaseModel):
     """The action for one step."""
 
@@ -108,17 +122,81 @@ class ErrorBody(BaseModel):
 class ActBatchRequest(_Request):
     """Many sessions' steps in one request (a simulator's tick)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+                            "observation": [0.12, -0.4],
+                            "step": 7,
+                        },
+                        {
+                            "session_id": "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b",
+                            "observation": [0.5, 0.1],
+                            "step": 3,
+                        },
+                    ]
+                }
+            ]
+        }
+    )
+
     items: list[ActRequest]
 
 
 class ActBatchResponse(BaseModel):
     """One entry per request item, in order: its action or its error."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+                            "step": 7,
+                            "action": [0.031, -0.1],
+                            "model_version": "3fa1c09be44d",
+                            "server_timing_us": 640,
+                        },
+                        {
+                            "error": {
+                                "code": "unknown_session",
+                                "message": "No such session: it was deleted, expired or evicted.",
+                                "detail": {"session_id": "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b"},
+                            }
+                        },
+                    ]
+                }
+            ]
+        }
+    )
+
     items: list[ActResponse | ErrorBody]
+
+
+_MODEL_EXAMPLE: dict[str, Any] = {
+    "name": "point-nav",
+    "version": "3fa1c09be44d",
+    "task_family": "point-nav",
+    "obs_dim": 2,
+    "act_dim": 2,
+    "action_low": [-1.0, -1.0],
+    "action_high": [1.0, 1.0],
+    "window": 5,
+    "memory_scope": "episode",
+    "task_params_in_obs": False,
+    "metrics": {"test/return": -8.0},
+    "default": True,
+}
 
 
 class ModelInfo(BaseModel):
     """A loaded model."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_MODEL_EXAMPLE]})
 
     name: str
     version: str
@@ -131,6 +209,8 @@ class ModelInfo(BaseModel):
     window: int
     """N, the working memories a session holds."""
     memory_scope: Literal["episode", "trial"]
+    task_params_in_obs: bool
+    """True for an oracle reference: each observation must end with the task's parameters."""
     metrics: dict[str, Any]
     """Evaluation metrics recorded in the checkpoint."""
     default: bool
@@ -138,6 +218,8 @@ class ModelInfo(BaseModel):
 
 
 class ModelList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"models": [_MODEL_EXAMPLE]}]})
+
     models: list[ModelInfo]
 
 
@@ -159,6 +241,25 @@ class CreateSessionRequest(_Request):
 class SessionInfo(BaseModel):
     """A session's counters and times."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+                    "model": "point-nav",
+                    "model_version": "3fa1c09be44d",
+                    "steps": 8,
+                    "episodes": 1,
+                    "deterministic": True,
+                    "seed": 12345,
+                    "ttl_s": 3600.0,
+                    "created_at": "2026-11-26T07:40:00.000+00:00",
+                    "last_active_at": "2026-11-26T07:40:02.512+00:00",
+                }
+            ]
+        }
+    )
+
     session_id: str
     model: str
     model_version: str
@@ -176,6 +277,14 @@ class SessionInfo(BaseModel):
 
 
 class CreateSessionResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6", "model": _MODEL_EXAMPLE, "ttl_s": 3600.0}
+            ]
+        }
+    )
+
     session_id: str
     model: ModelInfo
     ttl_s: float
@@ -190,4 +299,63 @@ class ResetRequest(_Request):
 
 
 class Status(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready"}]})
+
     status: str
+
+
+class SessionState(_Request):
+    """A portable snapshot of one session: its whole memory and counters.
+
+    ``PUT`` it back (here, on another replica, or after the session was lost) and the session
+    continues exactly where it was: the next step is ``steps`` and re-sending step ``steps - 1``
+    returns ``last_action``.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "format": "trmrl.session/1",
+                    "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+                    "model": "point-nav",
+                    "model_version": "3fa1c09be44d",
+                    "window": [[0.1, -0.2, 0.0, 0.0, 0.0, 0.0], [0.3, 0.1, 0.05, -0.1, -0.8, 0.0]],
+                    "length": 2,
+                    "prev_action": [0.031, -0.1],
+                    "last_action": [0.031, -0.1],
+                    "steps": 2,
+                    "episodes": 1,
+                    "episode_start_pending": False,
+                    "deterministic": True,
+                    "seed": 12345,
+                    "ttl_s": 3600.0,
+                    "created_at": 1764144000.0,
+                }
+            ]
+        }
+    )
+
+    format: Literal["trmrl.session/1"] = "trmrl.session/1"
+    session_id: SessionId
+    model: str
+    model_version: str
+    """Content hash of the checkpoint the memory was built with; restoring needs the same."""
+    window: list[list[float]]
+    """``[N, token_dim]`` the working memories, as the slot pool holds them."""
+    length: Annotated[int, Field(ge=0)]
+    """How many rows of ``window`` hold memories."""
+    prev_action: list[float]
+    """The action that enters the next working memory."""
+    last_action: list[float]
+    """The action last returned (a retry of step ``steps - 1`` returns it)."""
+    steps: Annotated[int, Field(ge=0)]
+    """Steps taken: the next step's number."""
+    episodes: Annotated[int, Field(ge=0)]
+    episode_start_pending: bool
+    """The next step starts an episode (a fresh session, or one reset since its last step)."""
+    deterministic: bool
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+    ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)]
+    created_at: float
+    """Unix seconds."""

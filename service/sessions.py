@@ -31,6 +31,8 @@ class SessionTable:
         self.evict_idle_s = evict_idle_s
         self.ids: dict[str, int] = {}
         self.slot_ids: list[str | None] = [None] * capacity
+        self.owners: list[str | None] = [None] * capacity
+        """The principal (see ``service.auth``) that created each session; ``None`` without keys."""
         # LIFO reuse keeps recently touched slots (and their cache lines) hot.
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self.in_use = np.zeros(capacity, bool)
@@ -85,17 +87,33 @@ class SessionTable:
         return slot
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def create(self, *, deterministic: bool, seed: int | None, ttl_s: float | None) -> tuple[str, int]:
-        """Allocate a slot for a new session; returns ``(session_id, slot)``."""
+    def create(
+        self,
+        *,
+        deterministic: bool,
+        seed: int | None,
+        ttl_s: float | None,
+        owner: str | None = None,
+        session_id: str | None = None,
+    ) -> tuple[str, int]:
+        """Allocate a slot for a new session; returns ``(session_id, slot)``.
+
+        ``session_id``: the id to use (a restored session); it must not be in use. Omitted: a new one.
+        """
         now = time.monotonic()
         if not self._free:
             self.expire(now)
         if not self._free and not self._evict_lru(now):
             raise errors.capacity_exhausted(self.capacity)
         slot = self._free.pop()
-        session_id = secrets.token_hex(16)
+        if session_id is None:
+            session_id = secrets.token_hex(16)
+        elif session_id in self.ids:
+            self._free.append(slot)
+            raise ValueError(f"session {session_id} exists")
         self.ids[session_id] = slot
         self.slot_ids[slot] = session_id
+        self.owners[slot] = owner
         self.in_use[slot] = True
         self.next_step[slot] = 0
         self.episodes[slot] = 0
@@ -143,6 +161,7 @@ class SessionTable:
         if session_id is not None:
             del self.ids[session_id]
         self.slot_ids[slot] = None
+        self.owners[slot] = None
         self.in_use[slot] = False
         self.generation[slot] += 1
         if self.queued[slot]:

@@ -1,7 +1,38 @@
 """trmrl-client: talk to a trmrl policy service from a robot or simulator, without torch.
 
 Only numpy and httpx are required; WebSocket streaming and MessagePack need the ``stream`` extra
-(``pip install 'trmrl-client[stream]'``).
+(``pip install 'trmrl-client[stream]'``), the simulator client needs the ``trmrl`` package for its
+task definitions.
+
+Example:
+    >>> from trmrl_client import PolicyClient
+    >>> with PolicyClient("http://127.0.0.1:8000") as client:  # doctest: +SKIP
+    ...     session = client.session()
+    ...     action = session.act([0.0, 0.0], episode_start=True)
 """
 
+from trmrl_client.errors import ServiceError, ServiceUnavailable
+from trmrl_client.http import AsyncPolicyClient, AsyncSession, PolicyClient, Session
+from trmrl_client.protocol import ModelInfo
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AsyncPolicyClient",
+    "AsyncSession",
+    "ModelInfo",
+    "PolicyClient",
+    "ServiceError",
+    "ServiceUnavailable",
+    "Session",
+    "StreamingSession",
+]
+
+
+def __getattr__(name: str) -> object:
+    # The stream module needs the optional websockets package: import it only when asked for.
+    if name == "StreamingSession":
+        from trmrl_client.stream import StreamingSession
+
+        return StreamingSession
+    raise AttributeError(f"module 'trmrl_client' has no attribute {name!r}")

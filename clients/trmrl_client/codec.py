@@ -11,6 +11,7 @@ unpickled, so a hostile peer can at worst send wrong numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,7 @@ def _decode_hook(obj: dict[Any, Any]) -> Any:
     _check_dtype(dtype)
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         raise CodecError(f"malformed array shape {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if count * dtype.itemsize != len(data):
         raise CodecError(
             f"array data holds {len(data)} bytes, shape {list(shape)} of {dtype.str} needs "

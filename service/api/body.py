@@ -1,18 +1,26 @@
 """Request bodies: the one place a body is read, size-checked, decoded and validated.
 
 Routes take raw ``Request`` objects and call :func:`parse_body` instead of letting FastAPI decode
-JSON itself, so that every body -- JSON now, MessagePack next -- goes through the same limit and the
-same mapping of failures to error codes.
+JSON itself, so that every body -- JSON or MessagePack -- goes through the same limit and the same
+mapping of failures to error codes.
+
+MessagePack bodies are decoded by the one codec client and service share
+(:mod:`trmrl_client.codec`): arrays may be plain lists or msgpack-numpy maps, object dtypes are
+refused and nothing is ever unpickled. Decoded arrays become lists, and the result is validated by
+the same strict models as JSON.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
+from starlette.types import Scope
+from trmrl_client.codec import CodecError, unpackb
 
 from service import errors
 from service.errors import ApiError
@@ -21,6 +29,50 @@ from service.schemas import ActBatchRequest, ActRequest
 M = TypeVar("M", bound=BaseModel)
 
 JSON = "application/json"
+MSGPACK = "application/msgpack"
+MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+
+
+def wants_msgpack(scope: Scope) -> bool:
+    """Reply in MessagePack: ``Accept`` names it, or the body is MessagePack and ``Accept`` wants no JSON."""
+    kind = accept = b""
+    for name, value in scope["headers"]:
+        if name == b"accept":
+            accept = value
+        elif name == b"content-type":
+            kind = value
+    if b"msgpack" in accept:
+        return True
+    return b"msgpack" in kind and b"json" not in accept
+
+
+def plain(value: Any) -> Any:
+    """A decoded MessagePack value with numpy arrays and scalars turned into lists and numbers.
+
+    The openpi codec writes a numpy scalar as ``{"__npgeneric__": true, "data": x, "dtype": ...}``;
+    that becomes ``x``.
+    """
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, dict):
+        if value.get(b"__npgeneric__", value.get("__npgeneric__")) is True:
+            return plain(value.get(b"data", value.get("data")))
+        return {plain_key(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def plain_key(key: Any) -> Any:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+
+
+def decode_msgpack(raw: bytes) -> Any:
+    """Decode a MessagePack body to plain Python values (400 ``malformed_msgpack`` if it is not one)."""
+    try:
+        return plain(unpackb(raw))
+    except CodecError as exc:
+        raise errors.malformed_msgpack(str(exc)) from None
 
 
 def _content_headers(request: Request) -> tuple[str, bytes | None]:
@@ -62,18 +114,32 @@ async def read_body(request: Request, declared: bytes | None, limit: int) -> byt
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _raw_body(request: Request, limit: int) -> bytes:
+async def _raw_body(request: Request, limit: int) -> tuple[bytes, bool]:
+    """The body and whether it is MessagePack (else JSON)."""
     kind, declared = _content_headers(request)
-    if kind != JSON and not kind.endswith("+json"):
+    is_msgpack = kind in MSGPACK_TYPES
+    if not is_msgpack and kind != JSON and not kind.endswith("+json"):
         raise errors.unsupported_media_type(kind)
-    return await read_body(request, declared, limit)
+    return await read_body(request, declared, limit), is_msgpack
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate decoded values as ``model`` (the strict models refuse what JSON would refuse)."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "wrong_type", "The body must be a map of fields.", {"got": type(data).__name__})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise errors.from_validation(exc) from None
 
 
 async def parse_body(request: Request, model: type[M], limit: int, *, empty_ok: bool = False) -> M:
     """Decode and validate a body as ``model``; ``empty_ok``: an empty body means ``{}``."""
-    raw = await _raw_body(request, limit)
+    raw, is_msgpack = await _raw_body(request, limit)
     if empty_ok and not raw.strip():
-        raw = b"{}"
+        return model.model_validate({})
+    if is_msgpack:
+        return validate(model, decode_msgpack(raw))
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -86,14 +152,20 @@ async def parse_act_batch(request: Request, limit: int) -> list[ActRequest | Api
     The whole body is validated in one pass first (the common, all-valid case); only when that fails
     are the items validated one by one, so that one bad item does not sink the others.
     """
-    raw = await _raw_body(request, limit)
+    raw, is_msgpack = await _raw_body(request, limit)
+    data: Any = decode_msgpack(raw) if is_msgpack else None
     try:
+        if is_msgpack:
+            return list(validate(ActBatchRequest, data).items)
         return list(ActBatchRequest.model_validate_json(raw).items)
     except ValidationError as exc:
         failure = errors.from_validation(exc)
+    except ApiError as exc:
+        failure = exc
     if failure.code == "malformed_json":
         raise failure
-    data = json.loads(raw)
+    if not is_msgpack:
+        data = json.loads(raw)
     if not (isinstance(data, dict) and set(data) == {"items"} and isinstance(data["items"], list)):
         raise failure
     out: list[ActRequest | ApiError] = []

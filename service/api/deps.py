@@ -6,7 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
+from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
+from service.auth import Authenticator
 from service.config import Settings
 from service.errors import ApiError
 from service.registry import ModelRegistry
@@ -18,11 +21,17 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
-def registry_of(request: Request) -> ModelRegistry:
+def registry_of(request: HTTPConnection) -> ModelRegistry:
     registry: ModelRegistry | None = request.app.state.registry
     if registry is None:
         raise ApiError(503, "not_ready", "The service is starting: models are not loaded yet.")
     return registry
+
+
+def authenticate(scope: Scope, *, api_key_scheme: bool = False) -> str | None:
+    """The caller's principal, or 401: the one check every route, the fast path and the streams run."""
+    auth: Authenticator = scope["app"].state.auth
+    return auth.check(scope, api_key_scheme=api_key_scheme)
 
 
 # ``async``: FastAPI would run plain functions in its thread pool, a thread hop per request.
@@ -34,7 +43,12 @@ async def get_registry(request: Request) -> ModelRegistry:
     return registry_of(request)
 
 
+async def get_owner(request: Request) -> str | None:
+    return authenticate(request.scope)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+OwnerDep = Annotated[str | None, Depends(get_owner)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 
 #: Extra request-body schemas for the OpenAPI document, merged into ``components`` by the app.
@@ -46,10 +60,15 @@ def body_doc(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     BODY_SCHEMAS.update(schema.pop("$defs", {}))
     BODY_SCHEMAS[model.__name__] = schema
+    ref: dict[str, Any] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    extra = model.model_config.get("json_schema_extra")
+    examples = extra.get("examples") if isinstance(extra, dict) else None
+    if isinstance(examples, list) and examples:
+        ref["example"] = examples[0]
     return {
         "requestBody": {
             "required": required,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            "content": {"application/json": ref, "application/msgpack": ref},
         }
     }
 

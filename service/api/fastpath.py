@@ -4,21 +4,25 @@ handlers, ahead of FastAPI's middleware, routing, dependency solving and excepti
 Those layers cost more CPU per request than a session's share of the batched forward pass, and the
 act routes carry nearly all the traffic. :class:`service.app.ServiceApp` calls :func:`serve_hot`
 first; every other request (and any other method on these paths) goes through FastAPI unchanged.
-Errors are answered exactly as the app's exception handlers answer them.
+Errors are answered exactly as the app's exception handlers answer them; the handlers authenticate
+with the same function the other routes use, and the reply is recorded by the same metrics hook.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from service.api.body import wants_msgpack
 from service.api.replies import error_reply
 from service.api.routes import act as act_routes
 from service.errors import ApiError
+from service.metrics import ServiceMetrics
 
 log = logging.getLogger("trmrl.service")
 
@@ -40,13 +44,16 @@ def hot_handler(scope: Scope) -> Handler | None:
 
 async def serve_hot(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
     """Run a hot route's handler and send its reply or its error."""
+    started = time.perf_counter()
     try:
         response = await handler(Request(scope, receive))
     except ApiError as exc:
-        response = error_reply(exc)
+        response = error_reply(exc, msgpack=wants_msgpack(scope))
     except ClientDisconnect:
         return
     except Exception:
         log.exception("unhandled error on %s", scope["path"])
         response = error_reply(ApiError(500, "internal_error", "The service failed on this request."))
     await response(scope, receive, send)
+    metrics: ServiceMetrics = scope["app"].state.metrics
+    metrics.observe_request(scope["path"], "POST", response.status_code, time.perf_counter() - started)

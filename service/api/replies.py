@@ -1,21 +1,35 @@
-"""Serialising replies straight to bytes (pydantic's serializer; no ``jsonable_encoder`` pass)."""
+"""Serialising replies straight to bytes: JSON by pydantic's serializer, MessagePack by the shared codec."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import Response
 from pydantic import BaseModel
+from trmrl_client.codec import packb
 
 from service.errors import ApiError
+
+MSGPACK = "application/msgpack"
 
 
 def json_reply(body: BaseModel, status: int = 200) -> Response:
     return Response(body.model_dump_json().encode(), status_code=status, media_type="application/json")
 
 
-def error_reply(error: ApiError) -> Response:
-    # Capacity and readiness are transient: tell well-behaved clients when to come back.
+def reply(body: BaseModel, status: int = 200, *, msgpack: bool = False) -> Response:
+    """``body`` as JSON, or as MessagePack (same field names, arrays as lists) when ``msgpack``."""
+    if msgpack:
+        return Response(packb(body.model_dump()), status_code=status, media_type=MSGPACK)
+    return json_reply(body, status)
+
+
+def error_reply(error: ApiError, *, msgpack: bool = False) -> Response:
+    # Capacity, overload and readiness are transient: tell well-behaved clients when to come back.
     headers = {"Retry-After": "1"} if error.status in (429, 503) else None
-    body = json.dumps(error.body(), separators=(",", ":")).encode()
-    return Response(body, status_code=error.status, media_type="application/json", headers=headers)
+    body: dict[str, Any] = error.body()
+    if msgpack:
+        return Response(packb(body), status_code=error.status, media_type=MSGPACK, headers=headers)
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    return Response(payload, status_code=error.status, media_type="application/json", headers=headers)

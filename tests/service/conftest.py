@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from service_support import ServiceClient, make_checkpoint
+from service_support import OBS, ServiceClient, Twins, action, make_checkpoint, new_session
 
 from service.app import create_app
 from service.config import Settings
@@ -75,3 +75,12 @@ async def make_client(checkpoints: dict[str, Path]) -> AsyncIterator[Callable[..
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+async def twins(client: ServiceClient) -> Twins:
+    target, twin = await new_session(client), await new_session(client)
+    for step, obs in enumerate(OBS[:3]):
+        for sid in (target, twin):
+            await action(client, sid, obs, reward=-0.5 * step, step=step)
+    return Twins(client, target, twin, 3)

@@ -1,4 +1,6 @@
-"""Helpers shared by the service tests: test checkpoints, an in-process client, a real server process."""
+"""Helpers shared by the service tests: test checkpoints, an in-process client, a real server process,
+and small API helpers (create, step, inspect, assert an error, twin sessions).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import torch
 from fastapi import FastAPI
 
@@ -99,3 +103,61 @@ class RunningServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+# -- API helpers ------------------------------------------------------------------------------------------
+OBS = [[0.3, -0.2], [0.1, 0.4], [-0.5, 0.25], [0.9, -0.9], [0.05, 0.6]]
+
+
+async def new_session(client: httpx.AsyncClient, **body: Any) -> str:
+    r = await client.post("/v1/sessions", json=body)
+    assert r.status_code == 201, r.text
+    return str(r.json()["session_id"])
+
+
+async def act(
+    client: httpx.AsyncClient, session_id: str | None, observation: list[float], **fields: Any
+) -> httpx.Response:
+    body: dict[str, Any] = {"observation": observation, **fields}
+    if session_id is not None:
+        body["session_id"] = session_id
+    return await client.post("/v1/act", json=body)
+
+
+async def action(
+    client: httpx.AsyncClient, session_id: str, observation: list[float], **fields: Any
+) -> np.ndarray:
+    r = await act(client, session_id, observation, **fields)
+    assert r.status_code == 200, r.text
+    return np.asarray(r.json()["action"])
+
+
+async def info(client: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
+    r = await client.get(f"/v1/sessions/{session_id}")
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["detail"], dict)
+    return dict(error)
+
+
+class Twins:
+    """Two sessions with the same history: ``target`` receives a bad request, ``twin`` does not."""
+
+    def __init__(self, client: httpx.AsyncClient, target: str, twin: str, steps: int) -> None:
+        self.client, self.target, self.twin, self.steps = client, target, twin, steps
+
+    async def assert_untouched(self) -> None:
+        a, b = await info(self.client, self.target), await info(self.client, self.twin)
+        assert a["steps"] == b["steps"] == self.steps
+        assert a["episodes"] == b["episodes"]
+        obs = [0.7, -0.3]
+        got = await action(self.client, self.target, obs, reward=0.25, step=self.steps)
+        want = await action(self.client, self.twin, obs, reward=0.25, step=self.steps)
+        np.testing.assert_array_equal(got, want)

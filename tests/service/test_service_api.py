@@ -11,77 +11,21 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-from service_support import BOUND, ServiceClient
+from service_support import (
+    BOUND,
+    OBS,
+    ServiceClient,
+    Twins,
+    act,
+    action,
+    assert_error,
+    info,
+    new_session,
+)
 
 pytestmark = pytest.mark.anyio
-
-OBS = [[0.3, -0.2], [0.1, 0.4], [-0.5, 0.25], [0.9, -0.9], [0.05, 0.6]]
-
-
-async def new_session(client: httpx.AsyncClient, **body: Any) -> str:
-    r = await client.post("/v1/sessions", json=body)
-    assert r.status_code == 201, r.text
-    return str(r.json()["session_id"])
-
-
-async def act(
-    client: httpx.AsyncClient, session_id: str | None, observation: list[float], **fields: Any
-) -> httpx.Response:
-    body: dict[str, Any] = {"observation": observation, **fields}
-    if session_id is not None:
-        body["session_id"] = session_id
-    return await client.post("/v1/act", json=body)
-
-
-async def action(
-    client: httpx.AsyncClient, session_id: str, observation: list[float], **fields: Any
-) -> np.ndarray:
-    r = await act(client, session_id, observation, **fields)
-    assert r.status_code == 200, r.text
-    return np.asarray(r.json()["action"])
-
-
-async def info(client: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
-    r = await client.get(f"/v1/sessions/{session_id}")
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["detail"], dict)
-    return dict(error)
-
-
-class Twins:
-    """Two sessions with the same history: ``target`` receives a bad request, ``twin`` does not."""
-
-    def __init__(self, client: httpx.AsyncClient, target: str, twin: str, steps: int) -> None:
-        self.client, self.target, self.twin, self.steps = client, target, twin, steps
-
-    async def assert_untouched(self) -> None:
-        a, b = await info(self.client, self.target), await info(self.client, self.twin)
-        assert a["steps"] == b["steps"] == self.steps
-        assert a["episodes"] == b["episodes"]
-        obs = [0.7, -0.3]
-        got = await action(self.client, self.target, obs, reward=0.25, step=self.steps)
-        want = await action(self.client, self.twin, obs, reward=0.25, step=self.steps)
-        np.testing.assert_array_equal(got, want)
-
-
-@pytest.fixture
-async def twins(client: ServiceClient) -> Twins:
-    target, twin = await new_session(client), await new_session(client)
-    for step, obs in enumerate(OBS[:3]):
-        for sid in (target, twin):
-            await action(client, sid, obs, reward=-0.5 * step, step=step)
-    return Twins(client, target, twin, 3)
 
 
 # -- probes and models ------------------------------------------------------------------------------------
@@ -614,3 +558,31 @@ async def test_error_bodies_are_json_with_the_documented_shape(client: ServiceCl
     r = await client.post("/v1/act", content=b"{", headers={"content-type": "application/json"})
     assert r.headers["content-type"] == "application/json"
     assert set(json.loads(r.content)) == {"error"}
+
+
+async def test_openapi_has_an_example_for_every_route(client: ServiceClient) -> None:
+    doc = (await client.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+
+    def has_example(content: dict[str, Any]) -> bool:
+        for media in content.values():
+            if "example" in media or "examples" in media:
+                return True
+            ref = media.get("schema", {}).get("$ref", "")
+            if ref and "examples" in schemas[ref.rsplit("/", 1)[1]]:
+                return True
+        return False
+
+    operations = [(path, m, op) for path, item in doc["paths"].items() for m, op in item.items()]
+    assert len(operations) >= 12
+    for path, method, op in operations:
+        ok = op["responses"].get("200") or op["responses"].get("201") or op["responses"].get("204")
+        assert ok is not None, (path, method)
+        if "content" in ok:
+            assert has_example(ok["content"]), (path, method)
+        if "requestBody" in op:
+            assert has_example(op["requestBody"]["content"]), (path, method)
+            assert "application/msgpack" in op["requestBody"]["content"], (path, method)
+    for path in ("/v1/sessions/{session_id}/state", "/metrics"):
+        assert path in doc["paths"]
+    assert "/v1/openpi" in doc["info"]["description"]

@@ -8,7 +8,6 @@ import pytest
 import torch
 from service_support import make_checkpoint
 
-from service.app import create_app
 from service.cli import main
 from service.config import Settings
 from service.registry import ModelRegistry, model_name, pick_device
@@ -89,10 +88,23 @@ def test_cuda_is_refused_where_there_is_none() -> None:
     assert pick_device("auto") == torch.device("cpu")
 
 
-async def test_configured_api_keys_stop_the_start_until_auth_is_enforced(
-    checkpoints: dict[str, Path],
-) -> None:
-    app = create_app(Settings(models=list(checkpoints.values()), api_keys=["secret"]))
-    with pytest.raises(RuntimeError, match="API keys"):
-        async with app.router.lifespan_context(app):
-            pass
+def test_api_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("k3\n\n# a comment\n  k4  \n")
+    s = Settings(api_keys=["k1", "k2"], api_keys_file=keys_file)
+    assert s.load_api_keys() == ["k1", "k2", "k3", "k4"]
+
+
+def test_structured_logs_carry_session_ids() -> None:
+    import json
+    import logging
+
+    from service.logs import JsonFormatter, TextFormatter
+
+    record = logging.LogRecord("trmrl.service", logging.INFO, __file__, 1, "session created", None, None)
+    record.session_id = "abc123"
+    record.model = "point-nav"
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "session created" and entry["session_id"] == "abc123"
+    assert entry["model"] == "point-nav" and entry["level"] == "info"
+    assert TextFormatter().format(record).endswith("session created session_id=abc123 model=point-nav")

@@ -38,7 +38,9 @@ def test_eval_prints_one_table_and_writes_json(tmp_path: Path, capsys: pytest.Ca
         ([str(CHECKPOINTS / "point-nav"), "--tasks", "0"], "--tasks must be >= 1"),
     ],
 )
-def test_eval_refuses_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_refuses_bad_arguments(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         eval_main(argv)
     assert exc.value.code == 2

@@ -14,6 +14,8 @@ from trmrl.model import ModelConfig, TrMRL
 from trmrl.tasks import Task, TaskEnv, TaskFamily
 from trmrl.tasks.point_nav import PointNavEnv
 
+Obs = NDArray[np.float32]
+
 
 class _FallEnv(TaskEnv):
     """Point-nav dynamics that terminate after ``params[0]`` steps (a robot that falls over)."""
@@ -85,13 +87,14 @@ class _SuccessEnv(_FallEnv):
         super().__init__(*args)
         self.episodes = 0
 
-    def _reset_sim(self, seed: int | None, options: dict[str, Any] | None) -> tuple[NDArray[np.float32], dict]:
+    def _reset_sim(self, seed: int | None, options: dict[str, Any] | None) -> tuple[Obs, dict[str, Any]]:
         self.episodes += 1
         return super()._reset_sim(seed, options)
 
-    def step(self, action: NDArray[Any]) -> tuple[NDArray[np.float32], float, bool, bool, dict[str, Any]]:
+    def step(self, action: NDArray[Any]) -> tuple[Obs, float, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = super().step(action)
-        return obs, reward, terminated, truncated, {**info, "success": self.episodes == 2 and self.elapsed_steps >= 3}
+        success = self.episodes == 2 and self.elapsed_steps >= 3
+        return obs, reward, terminated, truncated, {**info, "success": success}
 
 
 class _SuccessFamily(_FallFamily):

@@ -12,9 +12,9 @@ import time
 
 from fastapi import APIRouter, Request, Response
 
-from service.api.body import parse_act_batch, parse_body
-from service.api.deps import body_doc, error_docs, registry_of, settings_of
-from service.api.replies import json_reply
+from service.api.body import parse_act_batch, parse_body, wants_msgpack
+from service.api.deps import authenticate, body_doc, error_docs, registry_of, settings_of
+from service.api.replies import reply
 from service.errors import ApiError
 from service.schemas import ActBatchRequest, ActBatchResponse, ActRequest, ActResponse, ErrorBody
 
@@ -24,14 +24,19 @@ router = APIRouter(tags=["act"])
 @router.post(
     "/v1/act",
     response_model=ActResponse,
-    responses=error_docs(400, 404, 409, 413, 415, 422, 429),
+    responses=error_docs(400, 401, 404, 409, 413, 415, 422, 429, 503),
     openapi_extra=body_doc(ActRequest),
 )
 async def act(request: Request) -> Response:
-    """Step one session (created first when ``session_id`` is omitted) and return its action."""
+    """Step one session (created first when ``session_id`` is omitted) and return its action.
+
+    JSON or MessagePack (``Content-Type: application/msgpack``; arrays as lists or msgpack-numpy maps).
+    """
     started = time.perf_counter_ns()
+    owner = authenticate(request.scope)
     body = await parse_body(request, ActRequest, settings_of(request).max_body_bytes)
-    return json_reply(await registry_of(request).act(body, started))
+    result = await registry_of(request).act(body, started, owner)
+    return reply(result, msgpack=wants_msgpack(request.scope))
 
 
 router.add_api_route(
@@ -40,7 +45,7 @@ router.add_api_route(
     methods=["POST"],
     summary="Act (alias of /v1/act)",
     response_model=ActResponse,
-    responses=error_docs(400, 404, 409, 413, 415, 422, 429),
+    responses=error_docs(400, 401, 404, 409, 413, 415, 422, 429, 503),
     openapi_extra=body_doc(ActRequest),
 )
 
@@ -48,17 +53,18 @@ router.add_api_route(
 @router.post(
     "/v1/act/batch",
     response_model=ActBatchResponse,
-    responses=error_docs(400, 413, 415, 422),
+    responses=error_docs(400, 401, 413, 415, 422),
     openapi_extra=body_doc(ActBatchRequest),
 )
 async def act_batch(request: Request) -> Response:
     """Step many sessions in one request; each item gets its own action or error, in order."""
     started = time.perf_counter_ns()
+    owner = authenticate(request.scope)
     items = await parse_act_batch(request, settings_of(request).max_body_bytes)
     valid = [item for item in items if not isinstance(item, ApiError)]
-    results = iter(await registry_of(request).act_batch(valid, started))
+    results = iter(await registry_of(request).act_batch(valid, started, owner))
     replies: list[ActResponse | ErrorBody] = []
     for item in items:
         outcome = item if isinstance(item, ApiError) else next(results)
         replies.append(ErrorBody.model_validate(outcome.body()) if isinstance(outcome, ApiError) else outcome)
-    return json_reply(ActBatchResponse.model_construct(items=replies))
+    return reply(ActBatchResponse.model_construct(items=replies), msgpack=wants_msgpack(request.scope))

@@ -1,0 +1,538 @@
+"""``trmrl-sim``: run K environments of a task family locally, each a session of the policy service.
+
+Every environment gets its own task (``family.sample_tasks(split, K, seed)``) and runs a trial of
+``--episodes`` episodes; all of them step together, one tick at a time, over one of three transports:
+
+* ``batch``: one ``POST /v1/act/batch`` per tick for all environments;
+* ``http``: one ``POST /v1/act`` per environment per tick, concurrently;
+* ``ws``: one WebSocket stream per environment.
+
+It reports, per task, the return of each episode, the return over the first 20 steps of an episode
+against the rest (how fast the policy adapts), success for Meta-World families, and the request
+latency percentiles and actions per second. The task definitions come from the ``trmrl`` package
+(its torch-free ``trmrl.tasks`` module), which must be installed next to the client.
+
+Example:
+    trmrl-sim --family point-nav --split test --envs 8 --episodes 2 --transport batch \\
+        --url http://127.0.0.1:8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from trmrl_client.errors import ServiceError
+from trmrl_client.http import AsyncPolicyClient
+from trmrl_client.protocol import FloatArray, ModelInfo
+
+EARLY_STEPS = 20
+"""Steps of an episode counted as "early": a meta-learned policy should have adapted by then."""
+
+TRANSPORTS = ("batch", "http", "ws")
+
+
+class SimError(Exception):
+    """A problem found before any work starts (bad arguments, service unreachable, model mismatch).
+
+    Example:
+        >>> str(SimError("unknown task family 'x'"))
+        "unknown task family 'x'"
+    """
+
+
+def load_tasks_module() -> Any:
+    """``trmrl.tasks``, or a clear error when the ``trmrl`` package is missing."""
+    try:
+        import trmrl.tasks
+    except ImportError as exc:
+        raise SimError(
+            "trmrl-sim needs the 'trmrl' package for the task definitions (gymnasium/MuJoCo "
+            f"environments); install it (pip install -e . in the trmrl repository): {exc}"
+        ) from exc
+    return trmrl.tasks
+
+
+@dataclass
+class SimResult:
+    """What one run measured.
+
+    Example:
+        >>> r = SimResult("m", "v", "point-nav", "test", ["a"], np.ones((1, 2)), np.ones((1, 2)), None,
+        ...     [0.001, 0.002], 200, 0.5, 1)
+        >>> r.summary()["return"]
+        1.0
+    """
+
+    model: str
+    version: str
+    family: str
+    split: str
+    labels: list[str]
+    returns: np.ndarray
+    """``[tasks, episodes]`` undiscounted return of each episode."""
+    early_returns: np.ndarray
+    """``[tasks, episodes]`` return over the first :data:`EARLY_STEPS` steps."""
+    success: np.ndarray | None
+    """``[tasks, episodes]`` 1 where the episode succeeded (Meta-World), else ``None``."""
+    latencies_s: list[float]
+    """Round trip of every request (one per tick for ``batch``, one per step otherwise)."""
+    actions: int
+    seconds: float
+    recoveries: int
+    transport: str = "batch"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        """Scalar figures: mean returns (all, per episode, early, late), success, latency, throughput."""
+        out = {"return": float(self.returns.mean())}
+        for e in range(self.returns.shape[1]):
+            out[f"return_ep{e + 1}"] = float(self.returns[:, e].mean())
+        out[f"return_first{EARLY_STEPS}"] = float(self.early_returns.mean())
+        out[f"return_after{EARLY_STEPS}"] = float((self.returns - self.early_returns).mean())
+        if self.success is not None:
+            out["success"] = float(self.success.mean())
+        lat = np.asarray(self.latencies_s) * 1000.0
+        out["latency_p50_ms"] = float(np.percentile(lat, 50)) if len(lat) else float("nan")
+        out["latency_p99_ms"] = float(np.percentile(lat, 99)) if len(lat) else float("nan")
+        out["actions_per_s"] = self.actions / max(self.seconds, 1e-9)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "family": self.family,
+            "split": self.split,
+            "transport": self.transport,
+            "labels": self.labels,
+            "returns": self.returns.tolist(),
+            "early_returns": self.early_returns.tolist(),
+            "success": None if self.success is None else self.success.tolist(),
+            "actions": self.actions,
+            "seconds": self.seconds,
+            "recoveries": self.recoveries,
+            "summary": self.summary(),
+        }
+
+    def table(self) -> str:
+        """Per-task lines: return of each episode, early vs late return, success."""
+        episodes = self.returns.shape[1]
+        head = [
+            "task",
+            *(f"ep{e + 1}" for e in range(episodes)),
+            f"first{EARLY_STEPS}",
+            f"after{EARLY_STEPS}",
+        ]
+        if self.success is not None:
+            head.append("success")
+        rows = []
+        for i, label in enumerate(self.labels):
+            row = [label, *(f"{self.returns[i, e]:.1f}" for e in range(episodes))]
+            row += [
+                f"{self.early_returns[i].mean():.1f}",
+                f"{(self.returns[i] - self.early_returns[i]).mean():.1f}",
+            ]
+            if self.success is not None:
+                row.append("/".join(str(int(s)) for s in self.success[i]))
+            rows.append(row)
+        return format_table(head, rows)
+
+    def footer(self) -> str:
+        s = self.summary()
+        text = (
+            f"{self.model} ({self.version}) on {self.family} {self.split}, {len(self.labels)} tasks: "
+            f"return {s['return']:.1f} (first{EARLY_STEPS} {s[f'return_first{EARLY_STEPS}']:.1f}, "
+            f"after {s[f'return_after{EARLY_STEPS}']:.1f})"
+        )
+        if "success" in s:
+            text += f", success {100 * s['success']:.0f}%"
+        text += (
+            f"\n{self.transport}: latency p50 {s['latency_p50_ms']:.2f} ms, "
+            f"p99 {s['latency_p99_ms']:.2f} ms, "
+            f"{s['actions_per_s']:.0f} actions/s, {self.actions} actions in {self.seconds:.1f} s"
+        )
+        if self.recoveries:
+            text += f", {self.recoveries} sessions recovered"
+        return text
+
+
+def format_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces.
+
+    Example:
+        >>> print(format_table(["a", "bb"], [["1", "2"]]))
+        a  bb
+        1  2
+    """
+    widths = [
+        max(len(head[i]), *(len(r[i]) for r in rows)) if rows else len(head[i]) for i in range(len(head))
+    ]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+class Progress:
+    """A progress bar: tqdm when installed, otherwise a line every 10 %.
+
+    Example:
+        >>> bar = Progress(100, "demo", enabled=False); bar.update(10); bar.done
+        10
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.total = total
+        self.done = 0
+        self.desc = desc
+        self.enabled = enabled
+        self._next_print = 0.1
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, desc=desc, unit="act", leave=False, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.done >= self._next_print * self.total:
+            print(f"{self.desc}: {100 * self.done // max(self.total, 1)}%", file=sys.stderr, flush=True)
+            self._next_print += 0.1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# -- transports -------------------------------------------------------------------------------------------
+ActFn = Callable[[list[int], np.ndarray, np.ndarray, np.ndarray], Awaitable[FloatArray]]
+
+
+class _Sessions:
+    """K sessions of one model behind one of the three transports."""
+
+    def __init__(self, client: AsyncPolicyClient, transport: str, latencies: list[float]) -> None:
+        self.client = client
+        self.transport = transport
+        self.latencies = latencies
+        self.sessions: list[Any] = []
+
+    async def open(self, model: str, k: int) -> None:
+        if self.transport == "ws":
+            from trmrl_client.stream import StreamingSession
+
+            async def one() -> Any:
+                return await StreamingSession.open(self.client.url, model, client=self.client)
+
+            self.sessions = list(await asyncio.gather(*(one() for _ in range(k))))
+        else:
+            self.sessions = list(await asyncio.gather(*(self.client.session(model) for _ in range(k))))
+
+    async def act(
+        self, idx: list[int], obs: np.ndarray, rewards: np.ndarray, starts: np.ndarray
+    ) -> FloatArray:
+        if self.transport == "batch":
+            started = time.perf_counter()
+            actions = await self.client.act_batch([self.sessions[i] for i in idx], obs, rewards, starts)
+            self.latencies.append(time.perf_counter() - started)
+            return actions
+
+        async def one(j: int) -> FloatArray:
+            started = time.perf_counter()
+            action = await self.sessions[idx[j]].act(obs[j], float(rewards[j]), bool(starts[j]))
+            self.latencies.append(time.perf_counter() - started)
+            return np.asarray(action, np.float32)
+
+        return np.stack(await asyncio.gather(*(one(j) for j in range(len(idx)))))
+
+    @property
+    def recoveries(self) -> int:
+        return sum(s.recoveries for s in self.sessions)
+
+    async def close(self) -> None:
+        async def one(s: Any) -> None:
+            with contextlib.suppress(ServiceError):
+                await s.close()
+
+        await asyncio.gather(*(one(s) for s in self.sessions))
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def check_model(models: Sequence[ModelInfo], family: Any, name: str | None) -> tuple[ModelInfo, bool]:
+    """Pick the model (``name``, or the first loaded one of the family) and whether it is an oracle.
+
+    Example:
+        >>> info, oracle = check_model(client.models(), get_family("point-nav"), None)  # doctest: +SKIP
+    """
+    if name is not None:
+        chosen = next((m for m in models if m.name == name), None)
+        if chosen is None:
+            raise SimError(f"the service has no model {name!r}; loaded: {', '.join(m.name for m in models)}")
+    else:
+        ordered = sorted(models, key=lambda m: not m.default)
+        chosen = next((m for m in ordered if m.task_family == family.name), None)
+        if chosen is None:
+            raise SimError(
+                f"the service has no model of family {family.name!r}; loaded: "
+                + ", ".join(f"{m.name} ({m.task_family})" for m in models)
+            )
+    if chosen.task_family != family.name:
+        raise SimError(f"model {chosen.name!r} is of family {chosen.task_family!r}, not {family.name!r}")
+    # The service may not say whether a model is an oracle; its observation width does.
+    oracle = chosen.task_params_in_obs
+    if oracle is None:
+        oracle = family.task_param_dim > 0 and chosen.obs_dim == family.obs_dim + family.task_param_dim
+    want = family.obs_dim + (family.task_param_dim if oracle else 0)
+    if chosen.obs_dim != want or chosen.act_dim != family.act_dim:
+        raise SimError(
+            f"model {chosen.name!r} takes {chosen.obs_dim} observations and gives {chosen.act_dim} actions; "
+            f"family {family.name!r} has {family.obs_dim} and {family.act_dim}"
+        )
+    return chosen, bool(oracle)
+
+
+async def run_sim(
+    url: str,
+    family_name: str,
+    *,
+    split: str = "test",
+    envs: int = 8,
+    episodes: int = 2,
+    transport: str = "batch",
+    model: str | None = None,
+    api_key: str | None = None,
+    seed: int = 1000,
+    progress: bool = True,
+    timeout: float = 30.0,
+) -> SimResult:
+    """Run ``envs`` environments of ``family_name`` through the service and measure them.
+
+    Environment ``i`` gets task ``i`` of ``sample_tasks(split, envs, seed)`` and is first reset with
+    seed ``seed * 1000 + i``, as the trainer's evaluation does, so the figures are comparable.
+
+    Example:
+        >>> result = asyncio.run(run_sim("http://127.0.0.1:8000", "point-nav", envs=4))  # doctest: +SKIP
+        >>> print(result.table())  # doctest: +SKIP
+    """
+    tasks_module = load_tasks_module()
+    try:
+        family = tasks_module.get_family(family_name)
+        tasks = family.sample_tasks(split, envs, seed)
+    except tasks_module.TaskFamilyError as exc:
+        raise SimError(str(exc)) from exc
+    if transport not in TRANSPORTS:
+        raise SimError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
+    if episodes < 1:
+        raise SimError("--episodes must be at least 1")
+    if transport == "ws":
+        try:
+            import trmrl_client.stream  # noqa: F401
+        except ImportError as exc:
+            raise SimError(str(exc)) from exc
+
+    async with AsyncPolicyClient(url, api_key=api_key, timeout=timeout, max_connections=envs + 4) as client:
+        try:
+            models = await client.models()
+        except ServiceError as exc:
+            raise SimError(f"cannot list the models of the service at {url}: {exc}") from exc
+        info, oracle = check_model(models, family, model)
+        latencies: list[float] = []
+        sessions = _Sessions(client, transport, latencies)
+        await sessions.open(info.name, envs)
+        try:
+            result = await _run_episodes(family, tasks, sessions, episodes, oracle, seed, progress, info)
+        finally:
+            await sessions.close()
+    result.transport = transport
+    result.recoveries = sessions.recoveries
+    return result
+
+
+async def _run_episodes(
+    family: Any,
+    tasks: list[Any],
+    sessions: _Sessions,
+    episodes: int,
+    oracle: bool,
+    seed: int,
+    progress: bool,
+    info: ModelInfo,
+) -> SimResult:
+    k = len(tasks)
+    env_list = [family.make_env(task) for task in tasks]
+    params = np.asarray([t.params for t in tasks], np.float32)
+    try:
+        obs = np.stack([env.reset(seed=seed * 1000 + i)[0] for i, env in enumerate(env_list)])
+        returns = np.zeros((k, episodes))
+        early = np.zeros((k, episodes))
+        success = np.zeros((k, episodes)) if family.has_success else None
+        episode = np.zeros(k, np.int64)
+        episode_step = np.zeros(k, np.int64)
+        start = np.ones(k, bool)
+        prev_reward = np.zeros(k, np.float64)
+        active = np.ones(k, bool)
+        bar = Progress(k * episodes * family.episode_length, info.name, progress)
+        actions_taken = 0
+        started = time.perf_counter()
+        while active.any():
+            idx = np.flatnonzero(active)
+            policy_obs = np.concatenate([obs, params], 1) if oracle else obs
+            actions = await sessions.act(idx.tolist(), policy_obs[idx], prev_reward[idx], start[idx])
+            actions_taken += len(idx)
+            for j, i in enumerate(idx.tolist()):
+                next_obs, reward, terminated, truncated, step_info = env_list[i].step(actions[j])
+                e = episode[i]
+                returns[i, e] += reward
+                if episode_step[i] < EARLY_STEPS:
+                    early[i, e] += reward
+                if success is not None and step_info.get("success"):
+                    success[i, e] = 1.0
+                episode_step[i] += 1
+                prev_reward[i] = reward
+                start[i] = False
+                obs[i] = next_obs
+                if terminated or truncated:
+                    episode[i] += 1
+                    if episode[i] >= episodes:
+                        active[i] = False
+                    else:
+                        obs[i] = env_list[i].reset()[0]
+                        episode_step[i] = 0
+                        prev_reward[i] = 0.0
+                        start[i] = True
+            bar.update(len(idx))
+        seconds = time.perf_counter() - started
+        bar.close()
+    finally:
+        for env in env_list:
+            env.close()
+    return SimResult(
+        model=info.name,
+        version=info.version,
+        family=family.name,
+        split=tasks[0].split,
+        labels=[t.label for t in tasks],
+        returns=returns,
+        early_returns=early,
+        success=success,
+        latencies_s=sessions.latencies,
+        actions=actions_taken,
+        seconds=seconds,
+        recoveries=0,
+    )
+
+
+# -- the command line -----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="trmrl-sim",
+        description="Run K environments of a task family through the trmrl policy service and report "
+        "per-task returns, adaptation within episodes, success and latency.",
+    )
+    parser.add_argument("--family", required=True, help="task family, e.g. point-nav or halfcheetah-vel")
+    parser.add_argument(
+        "--split", choices=["test", "ood"], default="test", help="held-out split (default test)"
+    )
+    parser.add_argument(
+        "--envs", type=int, default=8, metavar="K", help="environments, one task each (default 8)"
+    )
+    parser.add_argument("--episodes", type=int, default=2, metavar="E", help="episodes per task (default 2)")
+    parser.add_argument(
+        "--transport", choices=TRANSPORTS, default="batch", help="batch (default), http or ws"
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
+    parser.add_argument("--model", help="model name (default: the first loaded model of the family)")
+    parser.add_argument("--api-key", help="API key, sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--seed", type=int, default=1000, help="task-set seed (default 1000, as training)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the full results here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.envs < 1:
+        parser.error(f"--envs must be at least 1, got {args.envs}")
+    if args.episodes < 1:
+        parser.error(f"--episodes must be at least 1, got {args.episodes}")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    return args
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Fail fast, before any environment is built: unknown family, unreachable or unready service.
+
+    Example:
+        >>> preflight(parse_args(["--family", "point-nav", "--url", "http://127.0.0.1:9"]))  # doctest: +SKIP
+        Traceback (most recent call last):
+        SimError: cannot reach the service at http://127.0.0.1:9: ...
+    """
+    tasks_module = load_tasks_module()
+    try:
+        tasks_module.get_family(args.family)
+    except tasks_module.TaskFamilyError as exc:
+        raise SimError(str(exc)) from exc
+    try:
+        response = httpx.get(f"{args.url.rstrip('/')}/readyz", timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise SimError(f"cannot reach the service at {args.url}: {exc}") from exc
+    if response.status_code != 200:
+        raise SimError(
+            f"the service at {args.url} is not ready (GET /readyz answered {response.status_code})"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``trmrl-sim``; returns the exit status (2: bad invocation, 1: refused by the service).
+
+    Example:
+        >>> main(["--family", "point-nav", "--envs", "4", "--url", "http://127.0.0.1:8000"])  # doctest: +SKIP
+        0
+    """
+    args = parse_args(argv)
+    try:
+        preflight(args)
+        result = asyncio.run(
+            run_sim(
+                args.url,
+                args.family,
+                split=args.split,
+                envs=args.envs,
+                episodes=args.episodes,
+                transport=args.transport,
+                model=args.model,
+                api_key=args.api_key,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
+        )
+    except SimError as exc:
+        print(f"trmrl-sim: error: {exc}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"trmrl-sim: the service refused: {exc}", file=sys.stderr)
+        return 1
+    print(result.table())
+    print(result.footer())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_json(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

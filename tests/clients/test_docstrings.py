@@ -1,0 +1,42 @@
+"""Every public class, function and method of the client library documents itself with an example,
+and the examples that can run without a service do."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import inspect
+
+import pytest
+
+MODULES = ["errors", "protocol", "http", "stream", "sim", "robot_loop", "demo"]
+#: The classes robots and simulators program against: their public methods need examples too.
+API_CLASSES = {
+    "http": ["PolicyClient", "Session", "AsyncPolicyClient", "AsyncSession"],
+    "stream": ["StreamingSession"],
+    "robot_loop": ["RobotLoop"],
+}
+CLI_HELPERS = {"parse_args", "free_port", "load_tasks_module", "run_demo"}
+PLUMBING = {"send", "run", "close", "aclose", "from_json", "to_json", "summary", "table", "footer", "update"}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_public_docstrings_have_examples_that_run(name: str) -> None:
+    module = importlib.import_module(f"trmrl_client.{name}")
+    missing = []
+    for attr, obj in vars(module).items():
+        if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if attr in CLI_HELPERS:
+            continue
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and "Example" not in (obj.__doc__ or ""):
+            missing.append(attr)
+    for cls_name in API_CLASSES.get(name, []):
+        for attr, member in vars(getattr(module, cls_name)).items():
+            if attr.startswith("_") or attr in PLUMBING or not inspect.isfunction(member):
+                continue
+            if "Example" not in (member.__doc__ or ""):
+                missing.append(f"{cls_name}.{attr}")
+    assert not missing, f"no example in the docstring of {missing}"
+    failures, _ = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert failures == 0
