@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export MUJOCO_GL ?= disable
 
-.PHONY: help venv demo test lint typecheck pytest fast-test format clean
+.PHONY: help venv demo test lint typecheck pytest fast-test format clean docker-build docker-smoke
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -45,3 +45,17 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+docker-build:  ## build the CPU images (base by debootstrap, torch from docker/wheelhouse); see docs/deploy.md
+	docker/make-base-image.sh
+	ls docker/wheelhouse/torch-*+cpu-*.whl >/dev/null 2>&1 || cp /opt/wheels/torch-2.13.0+cpu-cp311-*.whl docker/wheelhouse/
+	for c in /usr/local/share/ca-certificates/*.crt; do [ ! -f "$$c" ] || cp "$$c" docker/certs/; done
+	DOCKER_BUILDKIT=0 docker build -f docker/service.Dockerfile -t trmrl/service:cpu \
+		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm \
+		--build-arg TORCH_PIP_ARGS="--no-deps --no-index --find-links /wheelhouse" .
+	DOCKER_BUILDKIT=0 docker build -f docker/trainer.Dockerfile -t trmrl/trainer:cpu --build-arg SERVICE_IMAGE=trmrl/service:cpu .
+	DOCKER_BUILDKIT=0 docker build -f docker/router.Dockerfile -t trmrl/router:local \
+		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
+
+docker-smoke: $(STAMP)  ## build the CPU images and run the deployment for real: compose, restart, 2 replicas, a killed one
+	docker/smoke.sh

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "recoveries": recoveries,
         "ids_changed": sum(a != s.session_id for a, s in zip(ids_before, sessions, strict=True)),
         "snapshots_taken": len(before),
-        "snapshots_unchanged": unchanged,
+        "snapshots_unchanged": unchanged if args.expect == "continue" else None,
         "disruption_s": round(outage_s, 1),
         "ready_wait_s": round(ready_s, 1),
         "failures": failures,
