@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export MUJOCO_GL ?= disable
 
-.PHONY: help venv demo test lint typecheck pytest fast-test format clean docker-build docker-smoke
+.PHONY: help venv demo test lint typecheck pytest fast-test reliability format clean docker-build docker-smoke
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -38,6 +38,9 @@ pytest: $(STAMP)  ## all tests
 
 fast-test: $(STAMP)  ## tests without the slow marker
 	$(PY) -m pytest -m "not slow"
+
+reliability: $(STAMP)  ## full fuzz, 10-min soak, SIGKILL and security runs (TRMRL_LONG=1)
+	TRMRL_LONG=1 $(PY) -m pytest tests/reliability -s
 
 format: $(STAMP)  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .

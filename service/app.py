@@ -65,6 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = await asyncio.to_thread(ModelRegistry.load, settings)
         app.state.registry = registry
     app.state.metrics.attach(registry)
+    registry.draining = False  # a registry reused by a second lifespan comes back from a drain
     await registry.start()
     if settings.state_dir is not None:
         saved = await asyncio.to_thread(read_sessions, settings.state_dir)
