@@ -18,9 +18,13 @@ BUNDLED = (
 )
 
 
-def test_the_default_point_nav_checkpoints_are_shipped() -> None:
-    names = {p.name for p in BUNDLED}
-    assert {"point-nav", "point-nav-oracle", "point-nav-memoryless"} <= names
+NAMES = {p.name for p in BUNDLED}
+TRIOS = sorted(f for f in NAMES if {f"{f}-oracle", f"{f}-memoryless"} <= NAMES)
+"""Families shipped with both references beside the TrMRL policy."""
+
+
+def test_point_nav_and_halfcheetah_vel_are_shipped_with_both_references() -> None:
+    assert {"point-nav"} <= set(TRIOS)
 
 
 @pytest.mark.parametrize("path", BUNDLED, ids=[p.name for p in BUNDLED])
@@ -38,3 +42,16 @@ def test_bundled_checkpoint_loads_and_evaluates(path: Path) -> None:
     assert config["step"] > 0 and "test/return" in config["metrics"]
     result = evaluate(ckpt.model, family, family.sample_tasks("test", 2, seed=7), 1, oracle=kind == "oracle")
     assert np.isfinite(result.returns).all()
+
+
+@pytest.mark.parametrize("name", TRIOS)
+def test_shipped_trmrl_policy_beats_its_memoryless_reference(name: str) -> None:
+    """On a few held-out tasks, the adapting policy and the oracle both beat the policy without memory."""
+    returns = {}
+    for kind, suffix in (("trmrl", ""), ("oracle", "-oracle"), ("memoryless", "-memoryless")):
+        ckpt = load_checkpoint(CHECKPOINTS / f"{name}{suffix}")
+        family = get_family(ckpt.info.task_family)
+        tasks = family.sample_tasks("test", 4, seed=11)
+        returns[kind] = evaluate(ckpt.model, family, tasks, 1, oracle=kind == "oracle").returns.mean()
+    assert returns["memoryless"] < returns["trmrl"]
+    assert returns["memoryless"] < returns["oracle"]

@@ -63,6 +63,8 @@ class TrainConfig:
     """Standardise advantages per minibatch (the paper does not centre them)."""
     normalize_obs: bool = True
     """Keep running observation statistics in the network."""
+    normalize_task_params: bool = False
+    """An oracle's appended task parameters get running statistics too (else they pass unscaled)."""
     lr_decay: float = 1.0
     """Geometric learning-rate decay factor reached at ``lr_decay_end`` (1 = constant)."""
     lr_decay_start: int = 0
@@ -134,6 +136,28 @@ def _paper_metaworld(family: str) -> dict[str, Any]:
         "total_steps": 50_000_000,
         "eval_tasks": 50,
         "normalize_obs": False,
+    }
+
+
+def _small(family: str, **kw: Any) -> dict[str, Any]:
+    """A 2-core preset: the small encoder, 20 trials of 2 episodes per update, 3 epochs of 1,024."""
+    return {
+        "family": family,
+        "architecture": "small",
+        "tasks_per_update": 20,
+        "episodes_per_trial": 2,
+        "gamma": 0.95,
+        "gae_lambda": 0.95,
+        "clip": 0.2,
+        "policy_lr": 3e-4,
+        "value_lr": 1e-3,
+        "minibatch_size": 1024,
+        "epochs": 3,
+        "init_std": 0.5,
+        "value_input": "observation",
+        "normalize_advantages": True,
+        "eval_tasks": 30,
+        **kw,
     }
 
 
@@ -209,26 +233,11 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
         "eval_tasks": 30,
         "checkpoint_every": 5,
     },
-    "small-halfcheetah-vel": {
-        "family": "halfcheetah-vel",
-        "architecture": "small",
-        "tasks_per_update": 20,
-        "episodes_per_trial": 2,
-        "gamma": 0.95,
-        "gae_lambda": 0.95,
-        "clip": 0.2,
-        "policy_lr": 3e-4,
-        "value_lr": 1e-3,
-        "minibatch_size": 1024,
-        "epochs": 3,
-        "init_std": 0.5,
-        "value_input": "observation",
-        "normalize_advantages": True,
-        "total_steps": 10_000_000,
-        "eval_every": 20,
-        "eval_tasks": 30,
-        "checkpoint_every": 10,
-    },
+    "small-halfcheetah-vel": _small(
+        "halfcheetah-vel", total_steps=10_000_000, eval_every=20, checkpoint_every=10
+    ),
+    # 500-step episodes: 20,000 steps per update; the goal is hidden, found from the shaped reward.
+    "small-ml1-reach": _small("ml1-reach", total_steps=5_000_000, eval_every=10, checkpoint_every=5),
 }
 
 

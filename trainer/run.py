@@ -85,8 +85,10 @@ def check_run_directory(out: Path, cfg: TrainConfig) -> bool:
     run_file = out / RUN_FILE
     if run_file.exists():
         saved = json.loads(run_file.read_text())
-        if saved != cfg.to_dict():
-            changed = sorted(k for k in cfg.to_dict() if saved.get(k) != cfg.to_dict()[k])
+        current, defaults = cfg.to_dict(), TrainConfig().to_dict()
+        # A setting added after the run started counts as unchanged while it keeps its default.
+        if {**defaults, **saved} != current:
+            changed = sorted(k for k in current if saved.get(k, defaults[k]) != current[k])
             raise RunDirectoryError(
                 f"{out} holds another run (settings differ: {', '.join(changed) or 'unknown keys'}); "
                 "choose a new --out directory"
@@ -126,7 +128,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = TrMRL(model_config_for(cfg, self.family)).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.policy_lr, cfg.value_lr, cfg.weight_decay)
-        self.obs_stats = RunningMeanStd(self.family.obs_dim)
+        self.stats_dim = self.family.obs_dim
+        if self.oracle and cfg.normalize_task_params:
+            self.stats_dim += self.family.task_param_dim
+        self.obs_stats = RunningMeanStd(self.stats_dim)
         self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
         self.update = 0
         self.steps = 0
@@ -300,7 +305,7 @@ class Trainer:
         }
 
     def _update_obs_stats(self, windows: torch.Tensor, newest: torch.Tensor) -> None:
-        obs_dim = self.family.obs_dim
+        obs_dim = self.stats_dim
         obs = windows[torch.arange(len(windows), device=windows.device), newest, :obs_dim].double().cpu()
         moments = torch.cat(
             [obs.sum(0), (obs**2).sum(0), torch.tensor([float(len(obs))], dtype=torch.float64)]

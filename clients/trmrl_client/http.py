@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike
 
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 from trmrl_client.protocol import (
+    ROUTE_HEADER,
     Call,
     FloatArray,
     Flow,
@@ -27,6 +28,7 @@ from trmrl_client.protocol import (
     Scope,
     SessionState,
     batch_flow,
+    new_route_key,
 )
 
 Encoding = Literal["json", "msgpack"]
@@ -58,13 +60,14 @@ class _Transport:
 
     def encode(self, call: Call) -> tuple[dict[str, str], bytes | None, Any]:
         """Headers, raw content and JSON for one call (one of the last two is ``None``)."""
+        headers = {ROUTE_HEADER: call.route_key} if call.route_key else {}
         if call.body is None:
-            return {}, None, None
+            return headers, None, None
         if self.encoding == "msgpack" and "/act" in call.path:
             from trmrl_client.codec import packb
 
-            return {"Content-Type": MSGPACK, "Accept": MSGPACK}, packb(call.body), None
-        return {}, None, call.body
+            return {**headers, "Content-Type": MSGPACK, "Accept": MSGPACK}, packb(call.body), None
+        return headers, None, call.body
 
     @staticmethod
     def decode(response: httpx.Response) -> Reply:
@@ -252,11 +255,13 @@ class PolicyClient:
         """
         body = _create_body(model, deterministic, seed, ttl_s)
         deadline = None if timeout is None else time.monotonic() + timeout
-        reply = self.send(Call("POST", "/v1/sessions", body, deadline))
+        key = new_route_key()
+        reply = self.send(Call("POST", "/v1/sessions", body, deadline, key))
         if reply.status != 201:
             raise reply.error()
         info = ModelInfo.from_json(reply.body["model"])
-        return Session(self, SessionState(info, str(reply.body["session_id"]), {**body, "model": info.name}))
+        state = SessionState(info, str(reply.body["session_id"]), {**body, "model": info.name}, key)
+        return Session(self, state)
 
     def act_batch(
         self,
@@ -365,7 +370,7 @@ class Session:
             >>> session.info()["steps"]  # doctest: +SKIP
             2
         """
-        reply = self.client.send(Call("GET", f"/v1/sessions/{self.session_id}"))
+        reply = self.client.send(self.state.call("GET", f"/v1/sessions/{self.session_id}"))
         if not reply.ok:
             raise reply.error()
         info: dict[str, Any] = reply.body
@@ -378,7 +383,7 @@ class Session:
             >>> session.close()  # doctest: +SKIP
         """
         try:
-            reply = self.client.send(Call("DELETE", f"/v1/sessions/{self.session_id}"))
+            reply = self.client.send(self.state.call("DELETE", f"/v1/sessions/{self.session_id}"))
         except ServiceUnavailable:
             return
         if not reply.ok and reply.status != 404:
@@ -508,11 +513,12 @@ class AsyncPolicyClient:
             >>> session = await client.session("point-nav")  # doctest: +SKIP
         """
         body = _create_body(model, deterministic, seed, ttl_s)
-        reply = await self.send(Call("POST", "/v1/sessions", body))
+        key = new_route_key()
+        reply = await self.send(Call("POST", "/v1/sessions", body, route_key=key))
         if reply.status != 201:
             raise reply.error()
         info = ModelInfo.from_json(reply.body["model"])
-        state = SessionState(info, str(reply.body["session_id"]), {**body, "model": info.name})
+        state = SessionState(info, str(reply.body["session_id"]), {**body, "model": info.name}, key)
         return AsyncSession(self, state)
 
     async def act_batch(
@@ -601,7 +607,7 @@ class AsyncSession:
             >>> await session.close()  # doctest: +SKIP
         """
         try:
-            reply = await self.client.send(Call("DELETE", f"/v1/sessions/{self.session_id}"))
+            reply = await self.client.send(self.state.call("DELETE", f"/v1/sessions/{self.session_id}"))
         except ServiceUnavailable:
             return
         if not reply.ok and reply.status != 404:

@@ -18,6 +18,7 @@ and its noise stream continues exactly only after a snapshot restore).
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, replace
@@ -82,6 +83,20 @@ class ModelInfo:
         )
 
 
+ROUTE_HEADER = "X-Session-Key"
+"""Request header a session-aware router hashes to pick the replica (see docs/deploy.md)."""
+
+
+def new_route_key() -> str:
+    """A fresh, random routing key for one session.
+
+    Example:
+        >>> len(new_route_key())
+        32
+    """
+    return uuid.uuid4().hex
+
+
 @dataclass(frozen=True)
 class Call:
     """One request a flow wants sent: method, path, JSON-able body, and an optional deadline.
@@ -96,6 +111,9 @@ class Call:
     body: dict[str, Any] | None = None
     deadline: float | None = None
     """``time.monotonic()`` by which the reply must be in, retries included (``None``: no deadline)."""
+    route_key: str | None = None
+    """Sent as the :data:`ROUTE_HEADER` header: one key per session, so a router sends every request
+    of the session, creation and recoveries included, to the same replica."""
 
 
 @dataclass(frozen=True)
@@ -167,11 +185,19 @@ class SessionState:
         0
     """
 
-    def __init__(self, model: ModelInfo, session_id: str, create_body: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: ModelInfo,
+        session_id: str,
+        create_body: dict[str, Any],
+        route_key: str | None = None,
+    ) -> None:
         self.model = model
         self.session_id = session_id
         self.create_body = create_body
         """The body that created the session; a recovered session is created with the same."""
+        self.route_key = route_key or new_route_key()
+        """Sent with every request of this session (:data:`ROUTE_HEADER`), before and after recovery."""
         self.next_step = 0
         self.transitions = 0
         self.history: deque[Transition] = deque(maxlen=model.window + 1)
@@ -272,6 +298,12 @@ class SessionState:
             self.history.clear()
             self.snapshot = None
 
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, deadline: float | None = None
+    ) -> Call:
+        """A request of this session, carrying its routing key."""
+        return Call(method, path, body, deadline, self.route_key)
+
     # -- flows ---------------------------------------------------------------------------------------
     def act_flow(self, tr: Transition, deadline: float | None = None) -> Flow:
         """Send one step and return its action, recovering from a lost session or a missed step.
@@ -284,13 +316,13 @@ class SessionState:
         try:
             if unconfirmed:
                 items = [self.body(t, with_previous=True) for t in unconfirmed] + [self.body(tr)]
-                batch = yield Call("POST", "/v1/act/batch", {"items": items}, deadline)
+                batch = yield self.call("POST", "/v1/act/batch", {"items": items}, deadline)
                 if not batch.ok:
                     raise batch.error()
                 item = batch.body["items"][-1]
                 reply = Reply(200 if "error" not in item else status_of_error(item), item)
             else:
-                reply = yield Call("POST", "/v1/act", self.body(tr), deadline)
+                reply = yield self.call("POST", "/v1/act", self.body(tr), deadline)
         except ServiceUnavailable:
             self.record_unanswered(tr)
             raise
@@ -310,7 +342,7 @@ class SessionState:
                 raise error
             tr = replace(tr, step=self.next_step)
             try:
-                reply = yield Call("POST", "/v1/act", self.body(tr, with_previous=True), deadline)
+                reply = yield self.call("POST", "/v1/act", self.body(tr, with_previous=True), deadline)
             except ServiceUnavailable:
                 self.record_unanswered(tr)
                 raise
@@ -333,13 +365,13 @@ class SessionState:
         first = self.history[0].index if self.history else self.transitions
         if self.snapshot is not None and self.snapshot[1] >= first:
             snapshot, covered = self.snapshot
-            put = yield Call("PUT", f"/v1/sessions/{self.session_id}/state", snapshot)
+            put = yield self.call("PUT", f"/v1/sessions/{self.session_id}/state", snapshot)
             if put.ok and isinstance(put.body, dict) and "steps" in put.body:
                 base, first = int(put.body["steps"]), covered
             # A refused snapshot (no such route on this service, another model version) is no loss:
             # the replay alone rebuilds the memory.
         if base is None:
-            reply = yield Call("POST", "/v1/sessions", self.create_body)
+            reply = yield self.call("POST", "/v1/sessions", self.create_body)
             if reply.status != 201:
                 raise reply.error()
             self.session_id = str(reply.body["session_id"])
@@ -359,7 +391,7 @@ class SessionState:
     def _send_history(self, transitions: Sequence[Transition]) -> Flow:
         """Send recorded transitions in order, in one batch request (the service steps them in order)."""
         items = [self.body(tr, with_previous=True) for tr in transitions]
-        reply = yield Call("POST", "/v1/act/batch", {"items": items})
+        reply = yield self.call("POST", "/v1/act/batch", {"items": items})
         if not reply.ok:
             raise reply.error()
         for item in reply.body["items"]:
@@ -372,7 +404,7 @@ class SessionState:
 
     def snapshot_flow(self) -> Flow:
         """Fetch and keep the session's snapshot (``GET /v1/sessions/{id}/state``)."""
-        reply = yield Call("GET", f"/v1/sessions/{self.session_id}/state")
+        reply = yield self.call("GET", f"/v1/sessions/{self.session_id}/state")
         if not reply.ok:
             raise reply.error()
         self.snapshot = (reply.body, self.transitions)
@@ -381,7 +413,7 @@ class SessionState:
     def reset_flow(self, scope: Scope) -> Flow:
         """Start a new episode or trial (``POST /v1/sessions/{id}/reset``), recovering a lost session."""
         for _ in range(2):
-            reply = yield Call("POST", f"/v1/sessions/{self.session_id}/reset", {"scope": scope})
+            reply = yield self.call("POST", f"/v1/sessions/{self.session_id}/reset", {"scope": scope})
             if reply.ok:
                 self.mark_reset(scope)
                 return None

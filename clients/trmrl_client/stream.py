@@ -19,7 +19,16 @@ from numpy.typing import ArrayLike
 
 from trmrl_client.errors import ServiceUnavailable
 from trmrl_client.http import AsyncPolicyClient, drive_async
-from trmrl_client.protocol import Call, FloatArray, ModelInfo, Reply, Scope, SessionState, status_of_error
+from trmrl_client.protocol import (
+    ROUTE_HEADER,
+    Call,
+    FloatArray,
+    ModelInfo,
+    Reply,
+    Scope,
+    SessionState,
+    status_of_error,
+)
 
 try:
     from websockets.asyncio.client import ClientConnection, connect
@@ -152,7 +161,7 @@ class StreamingSession:
         await self._disconnect()
         try:
             if delete:
-                await self.client.send(Call("DELETE", f"/v1/sessions/{self.session_id}"))
+                await self.client.send(self.state.call("DELETE", f"/v1/sessions/{self.session_id}"))
         except ServiceUnavailable:
             pass
         finally:
@@ -210,7 +219,7 @@ class StreamingSession:
         try:
             self._ws = await connect(
                 f"{url}/v1/sessions/{self.state.session_id}/stream",
-                additional_headers=self.client.api_key_headers,
+                additional_headers={**self.client.api_key_headers, ROUTE_HEADER: self.state.route_key},
                 max_size=16 * 1024 * 1024,
             )
         except InvalidStatus as exc:

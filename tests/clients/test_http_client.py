@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from client_support import API_KEYS, N_STEPS, Service, assert_same, supports, trajectory, uninterrupted
 from trmrl_client import AsyncPolicyClient, PolicyClient, ServiceError, ServiceUnavailable
-from trmrl_client.protocol import Call
+from trmrl_client.protocol import ROUTE_HEADER, Call
 
 
 def test_importing_every_client_module_loads_no_torch() -> None:
@@ -202,3 +202,46 @@ def test_msgpack_bodies_give_the_same_actions(service: Service) -> None:
         session = client.session("point-nav")
         got = np.stack([session.act(obs[t], rewards[t], bool(starts[t])) for t in range(N_STEPS)])
     assert_same(got, want)
+
+
+class RecordRouteKeys(httpx.BaseTransport):
+    """Passes requests to the service and records each one's path and routing header."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.seen: list[tuple[str, str | None]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append((request.url.path, request.headers.get(ROUTE_HEADER)))
+        return self.inner.handle_request(request)
+
+
+def test_every_request_of_a_session_carries_its_own_routing_key(service: Service) -> None:
+    """A session-aware router hashes X-Session-Key: creation, steps, snapshots, a restore, a
+    re-creation under a new id and deletion all carry the session's one key; other sessions have others."""
+    obs, rewards, starts = trajectory()
+    recorder = RecordRouteKeys()
+    with PolicyClient(service.url, transport=recorder) as client, PolicyClient(service.url) as other:
+        first, second = client.session("point-nav"), client.session("point-nav")
+        for t in range(4):
+            first.act(obs[t], rewards[t], bool(starts[t]))
+            second.act(obs[t], rewards[t], bool(starts[t]))
+        first.snapshot()
+        original = first.session_id
+        other.send(Call("DELETE", f"/v1/sessions/{original}"))  # lost: restored from the snapshot
+        first.act(obs[4], rewards[4], bool(starts[4]))
+        assert first.recoveries == 1 and first.session_id == original
+        first.state.snapshot = None
+        other.send(Call("DELETE", f"/v1/sessions/{original}"))  # lost again: recreated under a new id
+        first.act(obs[5], rewards[5], bool(starts[5]))
+        assert first.recoveries == 2 and first.session_id != original
+        client.act_batch([first, second], obs[6:8], rewards[6:8], starts[6:8])
+        first.close()
+    key = first.state.route_key
+    assert second.state.route_key != key
+    assert {k for _, k in recorder.seen} == {key, second.state.route_key, None}
+    mine = [path for path, k in recorder.seen if k == key]
+    assert mine.count("/v1/sessions") == 2  # created, then recreated by the second recovery
+    assert f"/v1/sessions/{original}/state" in mine  # snapshot fetched and restored
+    assert mine[-1] == f"/v1/sessions/{first.session_id}"  # the delete of the recreated session
+    assert [path for path, k in recorder.seen if k is None] == ["/v1/act/batch"]  # many sessions: no key

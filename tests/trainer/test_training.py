@@ -17,7 +17,7 @@ from trainer.cli import train_main
 from trainer.config import PRESETS, preset_config
 from trainer.evaluate import evaluate, replay_actions
 from trainer.rollout import TrialSampler
-from trainer.run import RunDirectoryError, Trainer, train
+from trainer.run import RunDirectoryError, Trainer, check_run_directory, train
 from trmrl.checkpoint import load_checkpoint
 from trmrl.model import ModelConfig, TrMRL
 from trmrl.tasks import get_family
@@ -109,6 +109,35 @@ def test_cli_refuses_a_directory_holding_another_run(
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(RunDirectoryError, match="not empty"):
         Trainer(preset_config("small-point-nav"), tmp_path / "junk", progress=False)
+
+
+def test_a_setting_added_after_a_run_started_keeps_it_resumable(tmp_path: Path) -> None:
+    cfg = preset_config("small-point-nav-oracle", {"total_steps": "3200", "eval_every": "0"})
+    out = tmp_path / "run"
+    out.mkdir()
+    older = {k: v for k, v in cfg.to_dict().items() if k != "normalize_task_params"}
+    (out / "run.json").write_text(json.dumps(older))
+    assert check_run_directory(out, cfg)
+    changed = preset_config(
+        "small-point-nav-oracle", {"total_steps": "3200", "normalize_task_params": "true"}
+    )
+    with pytest.raises(RunDirectoryError, match="settings differ: eval_every, normalize_task_params"):
+        check_run_directory(out, changed)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_oracle_task_parameters_are_normalised_only_when_asked(tmp_path: Path, normalize: bool) -> None:
+    cfg = preset_config(
+        "small-point-nav-oracle",
+        {"total_steps": "3200", "eval_every": "0", "normalize_task_params": str(normalize).lower()},
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    model = load_checkpoint(tmp_path / "run" / "final").model
+    family = get_family("point-nav")
+    params_std = model.obs_std[family.obs_dim :]
+    assert len(params_std) == family.task_param_dim
+    assert torch.equal(params_std, torch.ones_like(params_std)) != normalize
+    assert not torch.equal(model.obs_std[: family.obs_dim], torch.ones(family.obs_dim))
 
 
 def test_list_presets(capsys: pytest.CaptureFixture[str]) -> None:
