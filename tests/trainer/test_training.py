@@ -64,6 +64,10 @@ def test_every_paper_preset_carries_the_published_hyperparameters() -> None:
     } <= set(PRESETS)
     memoryless = preset_config("small-halfcheetah-vel-memoryless")
     assert memoryless.window == 1 and memoryless.reference == "memoryless"
+    trmrl, oracle = preset_config("small-halfcheetah-vel"), preset_config("small-halfcheetah-vel-oracle")
+    assert oracle.reference == "oracle" and oracle.window == trmrl.window
+    assert oracle.total_steps == trmrl.total_steps == memoryless.total_steps  # the same budget
+    assert (trmrl.init_std, oracle.init_std) == (0.5, 0.2)  # the oracle runs upright only with less noise
 
 
 @pytest.mark.parametrize(
