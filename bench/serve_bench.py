@@ -25,18 +25,15 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 import uvloop
+from trmrl_client.launch import ServiceProcess
 
 from bench.serve_load import LoadResult, run_act, run_batch, run_sequential, run_stream
 from service.config import Settings
@@ -104,43 +101,6 @@ def memory_per_session(checkpoint: Path) -> dict[str, float]:
 
 
 # -- servers ------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A server process on a free port, ready once ``/readyz`` answers 200."""
-
-    def __init__(self, name: str, module: str, checkpoint: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.port = free_port()
-        args = [sys.executable, "-m", module, "--checkpoint", str(checkpoint), "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            args,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), "TRMRL_LOG_LEVEL": "warning", **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{name} not ready")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
 async def measure_server(
     port: int, loads: list[int], *, sequential_steps: int, duration_s: float, slow: bool, streams: bool
 ) -> dict[str, Any]:
@@ -305,8 +265,10 @@ def main() -> None:
             ("naive", "bench.serve_naive", {}),
         ):
             print(f"{name} ({module}):", flush=True)
-            server = Server(name, module, checkpoint, env)
-            try:
+            # The device is the servers' own default (TRMRL_DEVICE if set), as the bare step's is.
+            with ServiceProcess(
+                [checkpoint], module=module, env={"PYTHONPATH": str(REPO), **env}, cwd=REPO, device=None
+            ) as server:
                 results[name] = uvloop.run(
                     measure_server(
                         server.port,
@@ -317,8 +279,6 @@ def main() -> None:
                         streams=name == "service",
                     )
                 )
-            finally:
-                server.stop()
 
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["targets"] = judge(results)

@@ -19,12 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +27,10 @@ from typing import Any
 
 import httpx
 import numpy as np
+from trmrl_client.launch import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "point-nav"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_bytes(pid: int) -> int:
@@ -58,67 +48,16 @@ def metric_sum(text: str, name: str) -> float:
     return total
 
 
-class Server:
-    """A loopback service process (bounded: it is always stopped by :meth:`stop`)."""
+class Server(ServiceProcess):
+    """A loopback service process on ``checkpoint`` (bounded: it is always stopped by :meth:`close`).
+
+    The device is the service's default (``TRMRL_DEVICE`` in the environment or ``env``).
+    """
 
     def __init__(self, checkpoint: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        server_env = {"PYTHONPATH": str(REPO), "TRMRL_TORCH_THREADS": "1", **(env or {})}
+        super().__init__([checkpoint], port=port, env=server_env, cwd=REPO, device=None)
         self.checkpoint = checkpoint
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "TRMRL_LOG_LEVEL": "warning",
-            "TRMRL_TORCH_THREADS": "1",
-            **(env or {}),
-        }
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 -- closed by stop()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 90.0) -> Server:
-        args = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
-        args += ["--checkpoint", str(self.checkpoint)]
-        self.process = subprocess.Popen(
-            args, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(
-                    f"service exited with {self.process.returncode}:\n{self.log.read()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"service not ready within {timeout_s} s")
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final snapshot."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def close(self) -> None:
-        self.stop()
-        self.log.close()
 
 
 @dataclass

@@ -18,13 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +28,7 @@ from typing import IO
 import httpx
 
 from trmrl_client.errors import ServiceError
+from trmrl_client.launch import ServiceProcess, ServiceStartError
 from trmrl_client.sim import EARLY_STEPS, SimError, SimResult, format_table, run_sim
 
 PREFERRED_FAMILIES = ("halfcheetah-vel", "point-nav")
@@ -97,12 +92,6 @@ def find_models(root: Path, family: str | None) -> tuple[str, list[BundledModel]
     return family, chosen
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def running_service(
     checkpoints: Sequence[Path], *, ready_timeout_s: float = 120.0, log: IO[str] | None = None
@@ -114,54 +103,17 @@ def running_service(
         ...     print(httpx.get(f"{url}/readyz").status_code)
         200
     """
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-    for path in checkpoints:
-        args += ["--checkpoint", str(path)]
-    env = {
-        **os.environ,
-        "TRMRL_DEVICE": "cpu",
-        "TRMRL_LOG_LEVEL": os.environ.get("TRMRL_LOG_LEVEL", "warning"),
-    }
-    with tempfile.TemporaryFile("w+") as output:
-        process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
-        try:
-            _wait_ready(process, url, ready_timeout_s, output)
-            yield url
-        finally:
-            _stop(process)
-            if log is not None:
-                output.seek(0)
-                log.write(output.read())
-
-
-def _wait_ready(process: subprocess.Popen[str], url: str, timeout_s: float, output: IO[str]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output.seek(0)
-            tail = output.read()[-3000:]
-            raise DemoError(f"the service exited with status {process.returncode} while starting:\n{tail}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise DemoError(f"the service was not ready within {timeout_s:.0f} s")
-
-
-def _stop(process: subprocess.Popen[str], timeout_s: float = 30.0) -> None:
-    """SIGTERM (the service saves its sessions and drains), then wait; kill only if it hangs."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
+    service = ServiceProcess(checkpoints)
     try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        try:
+            service.start(ready_timeout_s)
+        except ServiceStartError as exc:
+            raise DemoError(str(exc)) from exc
+        yield service.url
+    finally:
+        service.close()  # SIGTERM and wait; the output stays readable
+        if log is not None:
+            log.write(service.output())
 
 
 def comparison_table(split: str, models: Sequence[BundledModel], results: Sequence[SimResult]) -> str:

@@ -5,87 +5,28 @@ Nothing here imports the service: the client is tested as a robot would use it, 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from trmrl_client import PolicyClient
+from trmrl_client.launch import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "checkpoints"
 POINT_NAV = [BUNDLED / "point-nav", BUNDLED / "point-nav-memoryless", BUNDLED / "point-nav-oracle"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Service(ServiceProcess):
+    """A ``python -m service`` process (CPU, one torch thread); :meth:`restart` keeps the port.
 
-
-class Service:
-    """A ``python -m service`` process; :meth:`restart` brings it back on the same port."""
+    A restart has no state directory unless ``env`` sets one: every session is lost.
+    """
 
     def __init__(self, checkpoints: list[Path], env: dict[str, str] | None = None) -> None:
-        self.checkpoints = checkpoints
-        self.env = env or {}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 -- lives as long as the service; close() ends it
-
-    def start(self, timeout_s: float = 60.0) -> Service:
-        args = [sys.executable, "-m", "service", "--port", str(self.port)]
-        for path in self.checkpoints:
-            args += ["--checkpoint", str(path)]
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "TRMRL_DEVICE": "cpu",
-            "TRMRL_LOG_LEVEL": "warning",
-            "TRMRL_TORCH_THREADS": "1",
-            **self.env,
-        }
-        self.process = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._log.seek(0)
-                raise RuntimeError(
-                    f"service exited with {self.process.returncode}:\n{self._log.read()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"service not ready within {timeout_s} s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def restart(self) -> None:
-        """Stop and start again on the same port, without any state directory: every session is lost."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        self._log.close()
+        test_env = {"PYTHONPATH": str(REPO), "TRMRL_TORCH_THREADS": "1", **(env or {})}
+        super().__init__(checkpoints, env=test_env, cwd=REPO)
 
 
 def make_cheetah_checkpoint(path: Path) -> Path:

@@ -9,12 +9,13 @@ import inspect
 
 import pytest
 
-MODULES = ["errors", "protocol", "http", "stream", "sim", "robot_loop", "demo"]
+MODULES = ["errors", "protocol", "http", "stream", "sim", "robot_loop", "demo", "launch"]
 #: The classes robots and simulators program against: their public methods need examples too.
 API_CLASSES = {
     "http": ["PolicyClient", "Session", "AsyncPolicyClient", "AsyncSession"],
     "stream": ["StreamingSession"],
     "robot_loop": ["RobotLoop"],
+    "launch": ["ServiceProcess"],
 }
 CLI_HELPERS = {"parse_args", "free_port", "load_tasks_module", "run_demo"}
 PLUMBING = {"send", "run", "close", "aclose", "from_json", "to_json", "summary", "table", "footer", "update"}

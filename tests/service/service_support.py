@@ -4,11 +4,6 @@ and small API helpers (create, step, inspect, assert an error, twin sessions).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +11,7 @@ import httpx
 import numpy as np
 import torch
 from fastapi import FastAPI
+from trmrl_client.launch import ServiceProcess
 
 from service.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointInfo, save_checkpoint
@@ -62,47 +58,16 @@ class ServiceClient(httpx.AsyncClient):
         return registry
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class RunningServer(ServiceProcess):
+    """A ``python -m service`` process on a free port, started at once (CPU, one torch thread).
 
-
-class RunningServer:
-    """A ``python -m service`` process on a free port."""
+    :meth:`wait_ready` waits for ``/readyz``; ``process`` is the child, for signalling it directly.
+    """
 
     def __init__(self, checkpoints: list[Path], env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "service", "--port", str(self.port)]
-        for path in checkpoints:
-            args += ["--checkpoint", str(path)]
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "TRMRL_LOG_LEVEL": "warning", **(env or {})}
-        self.process = subprocess.Popen(
-            args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                output = self.process.stdout.read() if self.process.stdout else ""
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready within {timeout_s} s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        test_env = {"PYTHONPATH": str(REPO), "TRMRL_TORCH_THREADS": "1", **(env or {})}
+        super().__init__(checkpoints, env=test_env, cwd=REPO)
+        self.start(wait=False)
 
 
 # -- API helpers ------------------------------------------------------------------------------------------
