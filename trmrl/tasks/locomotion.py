@@ -292,66 +292,69 @@ class _AntGoalFamily(LocomotionFamily):
         return tasks
 
 
-FAMILIES: Final[tuple[TaskFamily, ...]] = (
-    _CheetahVelFamily(
-        name="halfcheetah-vel",
-        obs_dim=17,
-        act_dim=6,
-        action_low=(-1.0,) * 6,
-        action_high=(1.0,) * 6,
+_BODIES: Final[dict[str, tuple[int, int]]] = {"halfcheetah": (17, 6), "ant": (27, 8)}
+"""Observation and action widths of each robot (the x/y position is hidden from the policy)."""
+
+
+def _family(
+    cls: type[LocomotionFamily],
+    name: str,
+    *,
+    task_param_dim: int,
+    splits: tuple[str, ...],
+    description: str,
+) -> LocomotionFamily:
+    """A locomotion family: actions in [-1, 1], 200-step episodes, no success signal."""
+    obs_dim, act_dim = _BODIES[cls._ROBOT]
+    return cls(
+        name=name,
+        obs_dim=obs_dim,
+        act_dim=act_dim,
+        action_low=(-1.0,) * act_dim,
+        action_high=(1.0,) * act_dim,
         episode_length=200,
-        task_param_dim=1,
+        task_param_dim=task_param_dim,
         has_success=False,
+        splits=splits,
+        description=description,
+    )
+
+
+FAMILIES: Final[tuple[TaskFamily, ...]] = (
+    _family(
+        _CheetahVelFamily,
+        "halfcheetah-vel",
+        task_param_dim=1,
         splits=SPLITS,
         description="HalfCheetah-v5 running at a target velocity v* ~ U[0, 3] (ood: U[3, 4]); "
         "reward -|v_x - v*| - 0.05‖a‖².",
     ),
-    _CheetahDirFamily(
-        name="halfcheetah-dir",
-        obs_dim=17,
-        act_dim=6,
-        action_low=(-1.0,) * 6,
-        action_high=(1.0,) * 6,
-        episode_length=200,
+    _family(
+        _CheetahDirFamily,
+        "halfcheetah-dir",
         task_param_dim=1,
-        has_success=False,
         splits=("train", "test"),
         description="HalfCheetah-v5 running forward (d=+1) or backward (d=-1); reward d·v_x - 0.05‖a‖².",
     ),
-    _AntDirFamily(
-        name="ant-dir",
-        obs_dim=27,
-        act_dim=8,
-        action_low=(-1.0,) * 8,
-        action_high=(1.0,) * 8,
-        episode_length=200,
+    _family(
+        _AntDirFamily,
+        "ant-dir",
         task_param_dim=2,
-        has_success=False,
         splits=SPLITS,
         description="Ant-v5 running along θ ∈ {0, π} (ood: {π/2, 3π/2}); params (cos θ, sin θ); "
         "PEARL reward, terminates when the torso height leaves [0.2, 1.0].",
     ),
-    _AntDir2DFamily(
-        name="ant-dir-2d",
-        obs_dim=27,
-        act_dim=8,
-        action_low=(-1.0,) * 8,
-        action_high=(1.0,) * 8,
-        episode_length=200,
+    _family(
+        _AntDir2DFamily,
+        "ant-dir-2d",
         task_param_dim=2,
-        has_success=False,
         splits=("train", "test"),
         description="Ant-v5 running along θ ~ U[0, 2π); params (cos θ, sin θ); reward as ant-dir.",
     ),
-    _AntGoalFamily(
-        name="ant-goal",
-        obs_dim=27,
-        act_dim=8,
-        action_low=(-1.0,) * 8,
-        action_high=(1.0,) * 8,
-        episode_length=200,
+    _family(
+        _AntGoalFamily,
+        "ant-goal",
         task_param_dim=2,
-        has_success=False,
         splits=SPLITS,
         description="Ant-v5 walking to a goal uniform on the disc of radius 3 (ood: annulus 3 ≤ r ≤ 4); "
         "PEARL reward -‖xy - goal‖₁ - 0.1‖a‖² - contact.",
