@@ -24,7 +24,7 @@ TRIOS = sorted(f for f in NAMES if {f"{f}-oracle", f"{f}-memoryless"} <= NAMES)
 
 
 def test_point_nav_and_halfcheetah_vel_are_shipped_with_both_references() -> None:
-    assert {"point-nav"} <= set(TRIOS)
+    assert {"point-nav", "halfcheetah-vel"} <= set(TRIOS)
 
 
 @pytest.mark.parametrize("path", BUNDLED, ids=[p.name for p in BUNDLED])
