@@ -20,11 +20,19 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from trmrl.checkpoint import Checkpoint, load_checkpoint
 from trmrl.policy import act
 from trmrl.slot_pool import SlotPool
 from trmrl.tasks import Task, TaskFamily, get_family
+
+
+def _save(fig: Figure, out: Path) -> None:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def plot_curves(runs: list[Path], out: Path, metric: str = "test/return") -> None:
@@ -40,9 +48,7 @@ def plot_curves(runs: list[Path], out: Path, metric: str = "test/return") -> Non
     ax.set_ylabel(f"{metric} (per episode, deterministic)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    _save(fig, out)
 
 
 def plot_adaptation(evaluation: Path, out: Path, episode: int = 0) -> None:
@@ -57,9 +63,7 @@ def plot_adaptation(evaluation: Path, out: Path, episode: int = 0) -> None:
     ax.set_title(f"{data['family']} {data['split']}: adaptation within an episode")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    _save(fig, out)
 
 
 def spread_tasks(family: TaskFamily, split: str, count: int, seed: int, pool: int = 30) -> list[Task]:
@@ -145,9 +149,7 @@ def plot_trajectories(
     axes[1, 0].set_ylabel("reward")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{family.name} {split}: first episode of a trial, deterministic")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    _save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:
