@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from trmrl_client.codec import FLOAT32_MAX
 
 from service import errors
 from service.errors import ApiError
@@ -40,7 +41,7 @@ from trmrl.slot_pool import SlotPool, SlotSnapshot
 
 log = logging.getLogger("trmrl.service")
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_MAX = FLOAT32_MAX
 
 
 def _all_float32(values: Sequence[float]) -> bool:
@@ -124,6 +125,22 @@ class Ticket:
             return self._cached
         actions = await self._future
         return actions[self._row]
+
+
+@dataclass
+class RowTickets:
+    """Where the rows of a columnar tick went (:meth:`Engine.submit_rows`); rows index the tick's
+    accepted rows, in order."""
+
+    steps: np.ndarray
+    """``[n]`` the step number each row answers (the expected one for a conflicting row)."""
+    conflict: np.ndarray
+    """``[n]`` bool: the row's step is neither the next nor a retry of the newest (nothing queued)."""
+    cached_rows: np.ndarray
+    """Rows that retry a completed step: their action is in :attr:`cached`."""
+    cached: np.ndarray
+    parts: list[tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]]
+    """``(future, rows, batch rows)``: the batches computing the other rows, and where in them."""
 
 
 class Engine:
@@ -299,6 +316,125 @@ class Engine:
         assert batch.future is not None
         return Ticket(number, batch.future, row, None)
 
+    def submit_rows(
+        self,
+        slots: np.ndarray,
+        obs: np.ndarray,
+        reward: np.ndarray,
+        episode_start: np.ndarray,
+        steps: np.ndarray | None,
+        applied: np.ndarray | None,
+    ) -> RowTickets:
+        """Queue one validated step of each of many distinct sessions, with array operations.
+
+        The columnar twin of :meth:`submit`: ``slots`` are distinct; ``obs`` is float32 ``[n, D]``;
+        ``steps`` (``None``: every row is the next step) are the clients' step numbers. A row whose
+        step conflicts is left out (and its session untouched); a retry of a session's newest step
+        is answered from that step. Raises 503 ``overloaded`` for the whole tick, before any change,
+        when its new steps do not fit in the queue.
+        """
+        table = self.table
+        expected = table.next_step[slots] + table.queued[slots]
+        if steps is None:
+            new = np.ones(len(slots), bool)
+            retry = np.zeros(len(slots), bool)
+        else:
+            new = steps == expected
+            retry = steps == expected - 1
+        conflict = ~(new | retry)
+        fresh = np.flatnonzero(new)
+        if len(fresh) and self.queued_steps + len(fresh) > self.limits.max_queued_steps:
+            raise errors.overloaded(self.limits.max_queued_steps)
+        table.last_active[slots[~conflict]] = time.monotonic()
+        parts: list[tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]] = []
+        cached_rows = np.zeros(0, np.int64)
+        cached = np.zeros((0, self.act_dim), np.float32)
+        if retry.any():
+            again = np.flatnonzero(retry)
+            waiting = table.queued[slots[again]] > 0
+            cached_rows = again[~waiting]
+            cached = table.last_action[slots[cached_rows]].copy()
+            queued_rows = again[waiting]
+            batch_ids = table.last_batch[slots[queued_rows]]
+            for batch_id in np.unique(batch_ids).tolist():
+                rows = queued_rows[batch_ids == batch_id]
+                parts.append((self._inflight_future(batch_id), rows, table.last_row[slots[rows]]))
+        if len(fresh):
+            placed = 0
+            if self._open:
+                newest = self._open[-1]
+                room = self.limits.max_batch - newest.size
+                if room > 0:
+                    # A session already waiting in the newest batch must take a later one.
+                    held = (table.queued[slots[fresh]] > 0) & (table.last_batch[slots[fresh]] == newest.id)
+                    if held.any():
+                        fresh = np.concatenate([fresh[~held], fresh[held]])
+                        room = min(room, int((~held).sum()))
+                    placed = min(room, len(fresh))
+                    if placed:
+                        parts.append(
+                            self._fill(
+                                newest, fresh[:placed], slots, expected, obs, reward, episode_start, applied
+                            )
+                        )
+            while placed < len(fresh):
+                take = fresh[placed : placed + self.limits.max_batch]
+                parts.append(
+                    self._fill(self._new_batch(), take, slots, expected, obs, reward, episode_start, applied)
+                )
+                placed += len(take)
+            self._wake.set()
+        return RowTickets(
+            steps=expected if steps is None else np.where(retry, steps, expected),
+            conflict=conflict,
+            cached_rows=cached_rows,
+            cached=cached,
+            parts=parts,
+        )
+
+    def _fill(
+        self,
+        batch: _Batch,
+        rows: np.ndarray,
+        slots: np.ndarray,
+        expected: np.ndarray,
+        obs: np.ndarray,
+        reward: np.ndarray,
+        episode_start: np.ndarray,
+        applied: np.ndarray | None,
+    ) -> tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]:
+        """Write ``rows`` of a tick into ``batch``'s next free rows (one array write per column)."""
+        table = self.table
+        start, stop = batch.size, batch.size + len(rows)
+        at = slice(start, stop)
+        chosen = slots[rows]
+        batch.slots[at] = chosen
+        batch.generation[at] = table.generation[chosen]
+        batch.steps[at] = expected[rows]
+        batch.obs[at] = obs[rows]
+        batch.reward[at] = reward[rows]
+        pending = table.pending_start[chosen]
+        batch.start[at] = episode_start[rows] | pending
+        batch.start_was_pending[at] = pending
+        batch.clear[at] = table.pending_clear[chosen]
+        table.pending_start[chosen] = False
+        table.pending_clear[chosen] = False
+        if applied is None:
+            batch.applied_mask[at] = False
+        else:
+            batch.applied_mask[at] = True
+            batch.applied[at] = applied[rows]
+        table.queued[chosen] += 1
+        table.last_batch[chosen] = batch.id
+        batch_rows = np.arange(start, stop)
+        table.last_row[chosen] = batch_rows
+        batch.size = stop
+        self.queued_steps += len(rows)
+        if stop == self.limits.max_batch:
+            self._filled.set()
+        assert batch.future is not None
+        return batch.future, rows, batch_rows
+
     def _inflight_future(self, batch_id: int) -> asyncio.Future[np.ndarray]:
         future = self._inflight.get(batch_id)
         if future is None:
@@ -312,6 +448,10 @@ class Engine:
             holds_slot = self.table.queued[slot] and self.table.last_batch[slot] == newest.id
             if newest.size < self.limits.max_batch and not holds_slot:
                 return newest
+        return self._new_batch()
+
+    def _new_batch(self) -> _Batch:
+        """Open an empty batch (a spare one when there is one) behind the open ones."""
         batch = (
             self._spare.pop() if self._spare else _Batch(self.limits.max_batch, self.obs_dim, self.act_dim)
         )

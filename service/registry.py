@@ -14,13 +14,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from trmrl_client.codec import finite_float32
 
 from service import errors
+from service.api.columnar import ColumnarResult, ColumnarTick
 from service.config import Settings
-from service.engine import Engine, EngineLimits, Ticket
+from service.engine import Engine, EngineLimits, RowTickets, Ticket
 from service.errors import ApiError
 from service.schemas import (
+    SEED_LIMIT,
     ActRequest,
     ActResponse,
     CreateSessionRequest,
@@ -174,6 +178,32 @@ class ModelRegistry:
         log.info("session created", extra={"session_id": session_id, "model": engine.name})
         return engine, session_id
 
+    def create_sessions(
+        self, request: CreateSessionRequest, count: int, owner: str | None = None
+    ) -> tuple[Engine, list[str]]:
+        """``count`` sessions of one model in one call: all of them, or none (429 if they do not fit).
+
+        With a ``seed``, session ``i`` gets ``seed + i``: distinct noise streams, reproducible.
+        """
+        if self.draining:
+            raise errors.draining()
+        engine = self.engine(request.model)
+        table = engine.table
+        created: list[str] = []
+        try:
+            for i in range(count):
+                seed = None if request.seed is None else (request.seed + i) % SEED_LIMIT
+                session_id, _ = table.create(
+                    deterministic=request.deterministic, seed=seed, ttl_s=request.ttl_s, owner=owner
+                )
+                created.append(session_id)
+        except ApiError:
+            for session_id in created:
+                table.delete(session_id)
+            raise
+        log.info("sessions created", extra={"sessions": count, "model": engine.name})
+        return engine, created
+
     def session_info(self, session_id: str, owner: str | None = None) -> SessionInfo:
         engine, slot = self.find(session_id, owner)
         table = engine.table
@@ -325,6 +355,122 @@ class ModelRegistry:
                 continue
             results.append(reply(engine, session_id, ticket.step, action.tolist(), started_ns))
         return results
+
+    def _tick_engine(self, tick: ColumnarTick, model: str | None) -> Engine:
+        """The model a tick steps: the one it (or its stream) names, else the first named session's."""
+        name = tick.model if tick.model is not None else model
+        if name is not None or len(self.engines) == 1:
+            return self.engine(name)
+        for session_id in tick.session_ids:
+            for engine in self.engines.values():
+                if session_id in engine.table.ids:
+                    return engine
+        return self.engine(None)
+
+    async def act_columnar(
+        self, tick: ColumnarTick, started_ns: int, owner: str | None = None, model: str | None = None
+    ) -> ColumnarResult:
+        """One step of each session of a columnar tick; every row gets its action or its own error.
+
+        The tick steps one model (``model``: the stream's, when the tick names none). A row that
+        fails -- a number out of float32's range, an unknown session or one of another model, a step
+        conflict -- gets NaN actions and an error, and its session is untouched; the other rows are
+        served. A tick whose shapes do not fit the model is refused as a whole (422).
+        """
+        engine = self._tick_engine(tick, model)
+        rows = tick.size
+        obs = tick.observations
+        if obs.shape[1] != engine.obs_dim:
+            raise errors.wrong_length("observation", engine.obs_dim, int(obs.shape[1]))
+        applied = tick.applied_actions
+        if applied is not None and applied.shape[1] != engine.act_dim:
+            raise errors.wrong_length("applied_action", engine.act_dim, int(applied.shape[1]))
+        failed: dict[int, ApiError] = {}
+
+        def fail(mask: np.ndarray, error: ApiError) -> None:
+            for row in np.flatnonzero(mask).tolist():
+                failed.setdefault(row, error)
+
+        ok = finite_float32(obs)
+        if not ok.all():
+            fail(~ok, errors.non_finite("observations"))
+        rewards = tick.rewards
+        if rewards is not None:
+            fine = finite_float32(rewards)
+            if not fine.all():
+                fail(~fine, errors.non_finite("rewards"))
+                ok &= fine
+        if applied is not None:
+            fine = finite_float32(applied)
+            if not fine.all():
+                fail(~fine, errors.non_finite("applied_actions"))
+                ok &= fine
+        slots = engine.table.lookup(tick.session_ids, owner)
+        missing = slots < 0
+        if missing.any():
+            for row in np.flatnonzero(missing & ok).tolist():
+                session_id = tick.session_ids[row]
+                other = self._locate(session_id)
+                if other is not None and other[0] is not engine and other[0].table.owners[other[1]] == owner:
+                    failed[row] = ApiError(
+                        409,
+                        "model_mismatch",
+                        f"Session {session_id} runs model {other[0].name!r}, not {engine.name!r}.",
+                        {"session_id": session_id, "session_model": other[0].name, "model": engine.name},
+                    )
+                else:
+                    failed[row] = errors.unknown_session(session_id)
+            ok &= ~missing
+        take = np.flatnonzero(ok)
+        every = len(take) == rows
+        given = tick.steps
+        tickets: RowTickets | None = None
+        if len(take):
+            with np.errstate(over="ignore", invalid="ignore"):
+                obs32 = obs.astype(np.float32, copy=False)
+                applied32 = None if applied is None else applied.astype(np.float32, copy=False)
+                rewards32 = (
+                    np.zeros(rows, np.float32) if rewards is None else rewards.astype(np.float32, copy=False)
+                )
+            starts = tick.episode_starts if tick.episode_starts is not None else np.zeros(rows, bool)
+            tickets = engine.submit_rows(
+                slots if every else slots[take],
+                obs32 if every else obs32[take],
+                rewards32 if every else rewards32[take],
+                starts if every else starts[take],
+                None if given is None else (given if every else given[take]),
+                None if applied32 is None else (applied32 if every else applied32[take]),
+            )
+        actions = np.full((rows, engine.act_dim), np.nan, np.float32)
+        steps = np.full(rows, -1, np.int64) if given is None else given.copy()
+        if tickets is not None:
+            answered = tickets.steps
+            if tickets.conflict.any():
+                assert given is not None  # only a given step number can conflict
+                answered = answered.copy()
+                for index in np.flatnonzero(tickets.conflict).tolist():
+                    row = int(take[index])
+                    failed[row] = errors.step_conflict(int(tickets.steps[index]), int(given[row]))
+                    answered[index] = given[row]
+            steps[take] = answered
+            if len(tickets.cached_rows):
+                actions[take[tickets.cached_rows]] = tickets.cached
+            for future, part, batch_rows in tickets.parts:
+                try:
+                    computed = await future
+                except ApiError as exc:
+                    for row in take[part].tolist():
+                        failed[row] = exc
+                    continue
+                actions[take[part]] = computed[batch_rows]
+        return ColumnarResult(
+            session_ids=tick.session_ids,
+            steps=steps,
+            actions=actions,
+            model_version=engine.version,
+            server_timing_us=(time.perf_counter_ns() - started_ns) // 1000,
+            errors=sorted(failed.items()),
+        )
 
 
 def reply(engine: Engine, session_id: str, step: int, action: list[float], started_ns: int) -> ActResponse:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SEED_LIMIT = 1 << 63
+#: The most sessions one ``POST /v1/sessions`` creates.
+MAX_CREATE = 65_536
 SessionId = Annotated[str, Field(min_length=1, max_length=128)]
 
 
@@ -177,6 +179,94 @@ class ActBatchResponse(BaseModel):
     items: list[ActResponse | ErrorBody]
 
 
+_IDS: list[Any] = ["4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6", "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b"]
+
+
+class ActColumnarRequest(_Request):
+    """A tick of many sessions as columns: row ``i`` of every array belongs to ``session_ids[i]``.
+
+    In MessagePack every array may be a msgpack-numpy map (``{"__ndarray__": true, "data": <bytes>,
+    "dtype": "<f4", "shape": [B, obs_dim]}``), decoded without copying through lists; object dtypes
+    are refused. A malformed tick (a missing or unknown field, a wrong dtype or shape, columns of
+    different lengths, a session named twice) is refused whole with 422; rows that fail on their own
+    are reported in the reply's ``errors``.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "session_ids": _IDS,
+                    "observations": [[0.12, -0.4], [0.5, 0.1]],
+                    "rewards": [-0.83, -0.2],
+                    "episode_starts": [False, False],
+                    "steps": [7, 3],
+                }
+            ]
+        }
+    )
+
+    model: str | None = None
+    """The model of the sessions; omitted: the model of the first session named."""
+    session_ids: Annotated[list[SessionId], Field(min_length=1)]
+    """B distinct sessions."""
+    observations: list[list[float]]
+    """``[B, obs_dim]`` float32."""
+    rewards: list[float] | None = None
+    """``[B]``: the reward each session received for its previous action."""
+    episode_starts: list[bool] | None = None
+    """``[B]``: the observation is the first of an episode."""
+    steps: list[Annotated[int, Field(ge=0)]] | None = None
+    """``[B]``: each session's step counter (idempotent retries, as for one session)."""
+    applied_actions: list[list[float]] | None = None
+    """``[B, act_dim]``: what each robot really executed for its previous step."""
+
+
+class RowError(BaseModel):
+    """The error of one row of a columnar tick."""
+
+    row: int
+    error: ErrorObject
+
+
+class ActColumnarResponse(BaseModel):
+    """The columnar reply: ``actions[i]`` answers ``session_ids[i]``; failed rows are in ``errors``
+    and their actions are NaN (MessagePack) or ``null`` (JSON)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "session_ids": _IDS,
+                    "steps": [7, 3],
+                    "actions": [[0.031, -0.1], [None, None]],
+                    "model_version": "3fa1c09be44d",
+                    "server_timing_us": 95,
+                    "errors": [
+                        {
+                            "row": 1,
+                            "error": {
+                                "code": "step_conflict",
+                                "message": "Step 3 is behind the session: the next step is 4.",
+                                "detail": {"expected_step": 4, "got_step": 3},
+                            },
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    session_ids: list[str]
+    steps: list[int]
+    """The step each row answers (a failed row echoes the request's step, or -1)."""
+    actions: list[list[float | None]]
+    """``[B, act_dim]`` float32, clipped to the model's action bounds."""
+    model_version: str
+    server_timing_us: int
+    errors: list[RowError]
+
+
 _MODEL_EXAMPLE: dict[str, Any] = {
     "name": "point-nav",
     "version": "3fa1c09be44d",
@@ -236,6 +326,9 @@ class CreateSessionRequest(_Request):
     """Seed of the session's exploration noise; omitted: a random one."""
     ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)] | None = None
     """Idle time before the session expires; omitted: the service default."""
+    count: Annotated[int, Field(ge=1, le=MAX_CREATE)] | None = None
+    """Create this many sessions with these options in one call (a vectorised simulator's envs); the
+    reply then lists their ids in ``session_ids``. All are created or none (429)."""
 
 
 class SessionInfo(BaseModel):
@@ -286,6 +379,26 @@ class CreateSessionResponse(BaseModel):
     )
 
     session_id: str
+    model: ModelInfo
+    ttl_s: float
+
+
+class CreateSessionsResponse(BaseModel):
+    """The sessions created by one ``POST /v1/sessions`` with ``count``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "session_ids": ["4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6", "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b"],
+                    "model": _MODEL_EXAMPLE,
+                    "ttl_s": 3600.0,
+                }
+            ]
+        }
+    )
+
+    session_ids: list[str]
     model: ModelInfo
     ttl_s: float
 

@@ -79,6 +79,31 @@ class SessionTable:
             return None
         return slot
 
+    def lookup(self, session_ids: list[str], owner: str | None, now: float | None = None) -> np.ndarray:
+        """The slots of many sessions at once, ``-1`` where there is no live session the caller may see.
+
+        Like :meth:`find` row by row (an expired session is ended on the way), with one dictionary
+        lookup per id and the rest in array operations.
+        """
+        get = self.ids.get
+        slots = np.fromiter((get(i, -1) for i in session_ids), np.int64, len(session_ids))
+        found = np.flatnonzero(slots >= 0)
+        if not len(found):
+            return slots
+        at = slots[found]
+        now = time.monotonic() if now is None else now
+        expired = (self.queued[at] == 0) & (now - self.last_active[at] > self.ttl_s[at])
+        if expired.any():
+            for slot in at[expired].tolist():
+                self._end(slot)
+            self.expirations += int(expired.sum())
+            slots[found[expired]] = -1
+        owners = self.owners
+        if owner is not None or any(owners[s] is not None for s in at.tolist()):
+            foreign = np.fromiter((owners[s] != owner for s in at.tolist()), bool, len(at))
+            slots[found[foreign]] = -1
+        return slots
+
     def get(self, session_id: str) -> int:
         """Like :meth:`find`, but an unknown session is a 404 ``unknown_session``."""
         slot = self.find(session_id)

@@ -18,6 +18,10 @@ import numpy as np
 
 _ALLOWED_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest finite float32: the service holds every number as float32, so a number beyond it (as
+well as NaN and infinity) is refused, by the client before sending and by the service on receipt."""
+
 
 class CodecError(ValueError):
     """A payload that cannot be decoded safely; the message says why."""
@@ -65,6 +69,27 @@ def _decode_hook(obj: dict[Any, Any]) -> Any:
             f"{count * dtype.itemsize}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def finite_float32(values: Any) -> np.ndarray:
+    """Which values (last axis reduced: which rows) are finite numbers in float32.
+
+    The one rule client and service share: a value the client accepts, the service accepts.
+
+    Example:
+        >>> finite_float32(np.array([[0.0, 1e39], [1.0, 2.0]])).tolist()
+        [False, True]
+        >>> finite_float32(np.array([1.0, float("nan")], np.float32)).tolist()
+        [True, False]
+    """
+    array = np.asarray(values)
+    if array.dtype.kind in "iub":
+        ok = np.abs(array.astype(np.float64)) <= FLOAT32_MAX
+    elif array.dtype == np.float32 or array.dtype == np.float16:
+        ok = np.isfinite(array)
+    else:
+        ok = np.abs(array) <= FLOAT32_MAX  # NaN compares False, infinity is out of range
+    return np.asarray(ok.all(axis=-1) if ok.ndim > 1 else ok)
 
 
 def packb(obj: Any) -> bytes:

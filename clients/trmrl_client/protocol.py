@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from trmrl_client.codec import finite_float32
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 
 FloatArray = NDArray[np.float32]
@@ -169,8 +170,8 @@ def as_vector(values: ArrayLike, length: int, what: str) -> tuple[float, ...]:
     array = np.asarray(values, dtype=np.float64).reshape(-1)
     if array.shape[0] != length:
         raise ValueError(f"{what} must hold {length} numbers, got {array.shape[0]}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{what} holds NaN or an infinite value")
+    if not finite_float32(array).all():
+        raise ValueError(f"{what} holds NaN, an infinite value or a number beyond float32's range")
     return tuple(array.tolist())
 
 
@@ -225,8 +226,8 @@ class SessionState:
     ) -> Transition:
         """Validate a step's numbers and number it (nothing changes until it is committed)."""
         obs = as_vector(observation, self.model.obs_dim, "observation")
-        if not np.isfinite(reward):
-            raise ValueError("reward is NaN or infinite")
+        if not finite_float32(np.float64(reward)).all():
+            raise ValueError("reward is NaN, infinite or beyond float32's range")
         previous: tuple[float, ...] | None
         if applied_action is not None:
             previous = as_vector(applied_action, self.model.act_dim, "applied_action")

@@ -23,6 +23,7 @@ from starlette.types import Scope
 from trmrl_client.codec import CodecError, unpackb
 
 from service import errors
+from service.api.columnar import ColumnarTick, decode_columnar, is_columnar
 from service.errors import ApiError
 from service.schemas import ActBatchRequest, ActRequest
 
@@ -67,12 +68,33 @@ def plain_key(key: Any) -> Any:
     return key.decode("utf-8", "replace") if isinstance(key, bytes) else key
 
 
-def decode_msgpack(raw: bytes) -> Any:
-    """Decode a MessagePack body to plain Python values (400 ``malformed_msgpack`` if it is not one)."""
+def decode_msgpack(raw: bytes, *, arrays: bool = False) -> Any:
+    """Decode a MessagePack body (400 ``malformed_msgpack`` if it is not one).
+
+    ``arrays``: keep msgpack-numpy arrays as numpy arrays (the columnar form); otherwise everything
+    becomes plain Python values for the pydantic models.
+    """
     try:
-        return plain(unpackb(raw))
+        data = unpackb(raw)
     except CodecError as exc:
         raise errors.malformed_msgpack(str(exc)) from None
+    return data if arrays else plain(data)
+
+
+def decode_json(raw: bytes | str) -> Any:
+    """Parse JSON (400 ``malformed_json`` if it is not)."""
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise errors.malformed_json(str(exc)) from None
+
+
+def decode_tick(raw: bytes | str, is_msgpack: bool) -> ColumnarTick:
+    """A columnar tick from a body or a stream frame (4xx for a malformed one)."""
+    data = decode_msgpack(raw, arrays=True) if is_msgpack else decode_json(raw)  # type: ignore[arg-type]
+    if not isinstance(data, dict):
+        raise ApiError(422, "wrong_type", "The body must be a map of fields.", {"got": type(data).__name__})
+    return decode_columnar(data)
 
 
 def _content_headers(request: Request) -> tuple[str, bytes | None]:
@@ -146,16 +168,27 @@ async def parse_body(request: Request, model: type[M], limit: int, *, empty_ok: 
         raise errors.from_validation(exc) from None
 
 
-async def parse_act_batch(request: Request, limit: int) -> list[ActRequest | ApiError]:
-    """Decode ``{"items": [...]}``; each item becomes a validated act request or its own error.
+async def parse_act_batch(request: Request, limit: int) -> list[ActRequest | ApiError] | ColumnarTick:
+    """Decode a batch: the columnar form as a :class:`ColumnarTick`, or ``{"items": [...]}``, each
+    item a validated act request or its own error.
 
-    The whole body is validated in one pass first (the common, all-valid case); only when that fails
-    are the items validated one by one, so that one bad item does not sink the others.
+    Items are validated in one pass first (the common, all-valid case); only when that fails are
+    they validated one by one, so that one bad item does not sink the others.
     """
     raw, is_msgpack = await _raw_body(request, limit)
-    data: Any = decode_msgpack(raw) if is_msgpack else None
+    data: Any = None
+    if is_msgpack:
+        data = decode_msgpack(raw, arrays=True)
+        if is_columnar(data):
+            return decode_columnar(data)
+        data = plain(data)
+    elif b'"session_ids"' in raw or b'"observations"' in raw:
+        # Only a columnar body names these fields; an item list goes to pydantic's parser unparsed.
+        data = decode_json(raw)
+        if is_columnar(data):
+            return decode_columnar(data)
     try:
-        if is_msgpack:
+        if data is not None:
             return list(validate(ActBatchRequest, data).items)
         return list(ActBatchRequest.model_validate_json(raw).items)
     except ValidationError as exc:
@@ -164,7 +197,7 @@ async def parse_act_batch(request: Request, limit: int) -> list[ActRequest | Api
         failure = exc
     if failure.code == "malformed_json":
         raise failure
-    if not is_msgpack:
+    if data is None:
         data = json.loads(raw)
     if not (isinstance(data, dict) and set(data) == {"items"} and isinstance(data["items"], list)):
         raise failure

@@ -73,6 +73,25 @@ def body_doc(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]
     }
 
 
+def body_doc_one_of(*models: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a body that may take any of several forms (each with its example)."""
+    refs, examples = [], {}
+    for model in models:
+        body_doc(model)
+        refs.append({"$ref": f"#/components/schemas/{model.__name__}"})
+        extra = model.model_config.get("json_schema_extra")
+        found = extra.get("examples") if isinstance(extra, dict) else None
+        if isinstance(found, list) and found:
+            examples[model.__name__] = {"summary": (model.__doc__ or "").split("\n")[0], "value": found[0]}
+    media = {"schema": {"oneOf": refs}, "examples": examples}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": media, "application/msgpack": media},
+        }
+    }
+
+
 def error_docs(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """``responses`` entries: these statuses answer with the error body."""
     return {status: {"model": ErrorBody} for status in statuses}

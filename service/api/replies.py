@@ -9,6 +9,7 @@ from fastapi import Response
 from pydantic import BaseModel
 from trmrl_client.codec import packb
 
+from service.api.columnar import ColumnarResult
 from service.errors import ApiError
 
 MSGPACK = "application/msgpack"
@@ -23,6 +24,14 @@ def reply(body: BaseModel, status: int = 200, *, msgpack: bool = False) -> Respo
     if msgpack:
         return Response(packb(body.model_dump()), status_code=status, media_type=MSGPACK)
     return json_reply(body, status)
+
+
+def columnar_reply(result: ColumnarResult, *, msgpack: bool = False) -> Response:
+    """A columnar tick's answer: arrays as msgpack-numpy maps, or nested lists in JSON."""
+    if msgpack:
+        return Response(packb(result.body(arrays=True)), media_type=MSGPACK)
+    payload = json.dumps(result.body(arrays=False), separators=(",", ":"), allow_nan=False).encode()
+    return Response(payload, media_type="application/json")
 
 
 def error_reply(error: ApiError, *, msgpack: bool = False) -> Response:

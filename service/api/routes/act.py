@@ -9,14 +9,24 @@ OpenAPI schema with their request and response models.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
 from service.api.body import parse_act_batch, parse_body, wants_msgpack
-from service.api.deps import authenticate, body_doc, error_docs, registry_of, settings_of
-from service.api.replies import reply
+from service.api.columnar import ColumnarTick
+from service.api.deps import authenticate, body_doc, body_doc_one_of, error_docs, registry_of, settings_of
+from service.api.replies import columnar_reply, reply
 from service.errors import ApiError
-from service.schemas import ActBatchRequest, ActBatchResponse, ActRequest, ActResponse, ErrorBody
+from service.schemas import (
+    ActBatchRequest,
+    ActBatchResponse,
+    ActColumnarRequest,
+    ActColumnarResponse,
+    ActRequest,
+    ActResponse,
+    ErrorBody,
+)
 
 router = APIRouter(tags=["act"])
 
@@ -50,17 +60,35 @@ router.add_api_route(
 )
 
 
+def _one_of_examples(*models: type[ActBatchResponse | ActColumnarResponse]) -> dict[str, Any]:
+    examples = {}
+    for model in models:
+        extra = model.model_config.get("json_schema_extra")
+        assert isinstance(extra, dict)
+        examples[model.__name__] = {"value": extra["examples"][0]}  # type: ignore[index]
+    return {"content": {"application/json": {"examples": examples}}}
+
+
 @router.post(
     "/v1/act/batch",
-    response_model=ActBatchResponse,
-    responses=error_docs(400, 401, 413, 415, 422),
-    openapi_extra=body_doc(ActBatchRequest),
+    response_model=ActBatchResponse | ActColumnarResponse,
+    responses={
+        200: _one_of_examples(ActBatchResponse, ActColumnarResponse),
+        **error_docs(400, 401, 404, 413, 415, 422, 503),
+    },
+    openapi_extra=body_doc_one_of(ActBatchRequest, ActColumnarRequest),
 )
 async def act_batch(request: Request) -> Response:
-    """Step many sessions in one request; each item gets its own action or error, in order."""
+    """Step many sessions in one request (a simulator's tick): as a list of act items, each answered
+    by its own action or error in order; or as columns (``session_ids``, ``observations [B, obs_dim]``,
+    ...), answered by columns, with the rows that failed listed in ``errors`` (their actions NaN in
+    MessagePack, ``null`` in JSON)."""
     started = time.perf_counter_ns()
     owner = authenticate(request.scope)
     items = await parse_act_batch(request, settings_of(request).max_body_bytes)
+    if isinstance(items, ColumnarTick):
+        result = await registry_of(request).act_columnar(items, started, owner)
+        return columnar_reply(result, msgpack=wants_msgpack(request.scope))
     valid = [item for item in items if not isinstance(item, ApiError)]
     results = iter(await registry_of(request).act_batch(valid, started, owner))
     replies: list[ActResponse | ErrorBody] = []

@@ -10,6 +10,7 @@ from service.api.replies import reply
 from service.schemas import (
     CreateSessionRequest,
     CreateSessionResponse,
+    CreateSessionsResponse,
     ResetRequest,
     SessionInfo,
     SessionState,
@@ -21,15 +22,39 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 @router.post(
     "",
     status_code=201,
-    response_model=CreateSessionResponse,
-    responses=error_docs(400, 401, 404, 413, 415, 422, 429, 503),
+    response_model=CreateSessionResponse | CreateSessionsResponse,
+    responses={
+        201: {
+            "content": {
+                "application/json": {
+                    "examples": {
+                        name: {"value": model.model_config["json_schema_extra"]["examples"][0]}  # type: ignore[index]
+                        for name, model in (
+                            ("one", CreateSessionResponse),
+                            ("count", CreateSessionsResponse),
+                        )
+                    }
+                }
+            }
+        },
+        **error_docs(400, 401, 404, 413, 415, 422, 429, 503),
+    },
     openapi_extra=body_doc(CreateSessionRequest, required=False),
 )
 async def create_session(
     request: Request, registry: RegistryDep, settings: SettingsDep, owner: OwnerDep
 ) -> Response:
-    """Create a session: a slot of memory on the device for one robot or environment."""
+    """Create a session: a slot of memory on the device for one robot or environment; with ``count``,
+    that many sessions at once (``session_ids`` in the reply)."""
     body = await parse_body(request, CreateSessionRequest, settings.max_body_bytes, empty_ok=True)
+    if body.count is not None:
+        engine, session_ids = registry.create_sessions(body, body.count, owner)
+        many = CreateSessionsResponse(
+            session_ids=session_ids,
+            model=engine.info(default=engine.name == registry.default),
+            ttl_s=float(engine.limits.session_ttl_s if body.ttl_s is None else body.ttl_s),
+        )
+        return reply(many, status=201, msgpack=wants_msgpack(request.scope))
     engine, session_id = registry.create_session(body, owner)
     ttl_s = float(engine.table.ttl_s[engine.table.get(session_id)])
     created = CreateSessionResponse(

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from trmrl_client.codec import packb
 
 from service import errors
-from service.api.body import decode_msgpack, validate
+from service.api.body import decode_msgpack, decode_tick, validate
+from service.api.columnar import ColumnarResult
 from service.api.deps import authenticate, registry_of
 from service.api.replies import error_reply
 from service.errors import ApiError
@@ -69,6 +70,7 @@ def _decode_frame(message: Mapping[str, Any], limit: int) -> tuple[StreamFrame, 
 
 
 STREAM_ROUTE = "/v1/sessions/{session_id}/stream"
+VECTOR_ROUTE = "/v1/stream"
 OPENPI_ROUTE = "/v1/openpi"
 
 
@@ -113,6 +115,61 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
     finally:
         opened.dec()
         log.info("stream closed", extra={"session_id": session_id})
+
+
+@router.websocket(VECTOR_ROUTE)
+async def vector_stream(websocket: WebSocket, model: str | None = None) -> None:
+    """A whole tick of many sessions per frame: columnar frames in, columnar replies out.
+
+    Each frame is the columnar body of ``POST /v1/act/batch`` (MessagePack binary frames with
+    msgpack-numpy arrays, or JSON text frames with nested lists) and is answered with the columnar
+    reply in the same encoding; rows that fail are listed in its ``errors``. A malformed frame gets an
+    error frame and the stream stays open. ``model`` (query) is the model of frames that name none.
+    """
+    try:
+        owner = authenticate(websocket.scope)
+        registry = registry_of(websocket)
+        if model is not None:
+            registry.engine(model)
+    except ApiError as exc:
+        await refuse(websocket, exc)
+        return
+    await websocket.accept()
+    metrics: ServiceMetrics = websocket.app.state.metrics
+    limit: int = websocket.app.state.settings.max_body_bytes
+    opened = metrics.streams.labels("vector")
+    opened.inc()
+    log.info("vector stream opened", extra={"model": model})
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            started = time.perf_counter_ns()
+            data, text = message.get("bytes"), message.get("text")
+            binary = data is not None
+            status = 200
+            reply: dict[str, Any]
+            try:
+                raw: bytes | str = data if data is not None else (text or "")
+                if len(raw) > limit:
+                    raise errors.body_too_large(limit)
+                result: ColumnarResult = await registry.act_columnar(
+                    decode_tick(raw, binary), started, owner, model
+                )
+                reply = result.body(arrays=binary)
+            except ApiError as exc:
+                reply, status = exc.body(), exc.status
+            if binary:
+                await websocket.send_bytes(packb(reply))
+            else:
+                await websocket.send_text(json.dumps(reply, separators=(",", ":"), allow_nan=False))
+            metrics.observe_request(VECTOR_ROUTE, "WS", status, (time.perf_counter_ns() - started) / 1e9)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        opened.dec()
+        log.info("vector stream closed", extra={"model": model})
 
 
 def _openpi_session(

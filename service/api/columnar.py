@@ -1,0 +1,196 @@
+"""The columnar form of a tick: many sessions' steps as arrays, checked in numpy in one pass.
+
+``POST /v1/act/batch`` and the vectorised stream (``WS /v1/stream``) take a tick as columns::
+
+    {"model"?, "session_ids": [B], "observations": [B, obs_dim], "rewards"?: [B],
+     "episode_starts"?: [B], "steps"?: [B], "applied_actions"?: [B, act_dim]}
+
+In MessagePack each array is a msgpack-numpy map, decoded by the shared codec with one
+``np.frombuffer`` (object dtypes refused, nothing unpickled); in JSON, or as plain MessagePack lists,
+it is a nested list. Either way it becomes one numpy array per column here, and is refused as a
+whole (a 4xx for the request or the frame) when the tick itself is malformed: a missing or unknown
+field, a wrong dtype or shape, columns of different lengths, a session named twice. Problems of
+single rows -- a NaN, an unknown session, a step conflict -- are the engine's and the registry's to
+report row by row; see :meth:`service.registry.ModelRegistry.act_columnar`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.errors import ApiError
+
+#: Every field of a columnar tick; ``session_ids`` and ``observations`` are required.
+FIELDS = ("model", "session_ids", "observations", "rewards", "episode_starts", "steps", "applied_actions")
+_NUMBER_KINDS = "iuf"
+#: Step numbers far beyond any session's life; keeps the engine's int64 arithmetic exact.
+MAX_STEP = 1 << 62
+
+
+@dataclass
+class ColumnarTick:
+    """A decoded, structurally valid tick (the numbers themselves are checked per row later)."""
+
+    session_ids: list[str]
+    observations: np.ndarray
+    """``[B, D]``, numeric; ``D`` is checked against the model by the registry."""
+    rewards: np.ndarray | None = None
+    """``[B]``, numeric."""
+    episode_starts: np.ndarray | None = None
+    """``[B]`` bool."""
+    steps: np.ndarray | None = None
+    """``[B]`` int64, each ``>= 0``."""
+    applied_actions: np.ndarray | None = None
+    """``[B, A]``, numeric."""
+    model: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.session_ids)
+
+
+@dataclass
+class ColumnarResult:
+    """The answer to a tick: one row per session, in the request's order."""
+
+    session_ids: list[str]
+    steps: np.ndarray
+    """``[B]`` int64: the step each row answers (a failed row echoes its request's step, or -1)."""
+    actions: np.ndarray
+    """``[B, act_dim]`` float32; the rows of failed steps are NaN."""
+    model_version: str
+    server_timing_us: int = 0
+    errors: list[tuple[int, ApiError]] = field(default_factory=list)
+
+    def body(self, *, arrays: bool) -> dict[str, Any]:
+        """The reply's fields: numpy arrays (``arrays``, for MessagePack) or nested lists (JSON).
+
+        JSON has no NaN, so a failed row's actions are ``null`` there (MessagePack carries NaN).
+        """
+        errors = [{"row": row, **error.body()} for row, error in self.errors]
+        if arrays:
+            steps: Any = self.steps
+            actions: Any = self.actions
+        else:
+            steps = self.steps.tolist()
+            actions = self.actions.tolist()
+            for row, _ in self.errors:
+                actions[row] = [None] * self.actions.shape[1]
+        return {
+            "session_ids": self.session_ids,
+            "steps": steps,
+            "actions": actions,
+            "model_version": self.model_version,
+            "server_timing_us": self.server_timing_us,
+            "errors": errors,
+        }
+
+
+def is_columnar(data: Any) -> bool:
+    """Whether a decoded body is a columnar tick (rather than ``{"items": [...]}``)."""
+    return (
+        isinstance(data, dict) and "items" not in data and ("session_ids" in data or "observations" in data)
+    )
+
+
+def _refuse(code: str, message: str, **detail: Any) -> ApiError:
+    return ApiError(422, code, message, detail)
+
+
+def _column(data: dict[str, Any], name: str, rows: int, ndim: int, kinds: str) -> np.ndarray | None:
+    """Column ``name`` as an array of ``rows`` rows and ``ndim`` dimensions, or ``None`` if absent."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        array = value
+    elif isinstance(value, list):
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            raise _refuse(
+                "wrong_shape", f"'{name}' is ragged: its rows differ in length.", field=name
+            ) from None
+    else:
+        raise _refuse("wrong_type", f"'{name}' must be an array, got {type(value).__name__}.", field=name)
+    if array.dtype.kind not in kinds:
+        want = "booleans" if kinds == "b" else "integers" if kinds == "iu" else "numbers"
+        raise _refuse(
+            "wrong_type",
+            f"'{name}' must hold {want}, got dtype {array.dtype.str!r}.",
+            field=name,
+            dtype=array.dtype.str,
+        )
+    if array.ndim != ndim:
+        raise _refuse(
+            "wrong_shape",
+            f"'{name}' must have {ndim} dimension(s), got shape {list(array.shape)}.",
+            field=name,
+            shape=list(array.shape),
+        )
+    if array.shape[0] != rows:
+        raise _refuse(
+            "length_mismatch",
+            f"'{name}' has {array.shape[0]} rows but 'session_ids' names {rows} sessions.",
+            field=name,
+            expected=rows,
+            got=int(array.shape[0]),
+        )
+    return array
+
+
+def decode_columnar(data: dict[str, Any]) -> ColumnarTick:
+    """Check a decoded columnar body as a whole; raises :class:`ApiError` (422) for a malformed tick."""
+    unknown = [key for key in data if key not in FIELDS]
+    if unknown:
+        raise _refuse(
+            "unknown_field",
+            f"The body has a field the API does not define: {unknown[0]!r}.",
+            field=unknown[0],
+        )
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _refuse("wrong_type", "'model' must be a string.", field="model")
+    ids = data.get("session_ids")
+    if ids is None:
+        raise _refuse("missing_field", "'session_ids' is required.", field="session_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= 128 for i in ids):
+        raise _refuse(
+            "wrong_type",
+            "'session_ids' must be a list of session ids (1 to 128 characters).",
+            field="session_ids",
+        )
+    rows = len(ids)
+    if rows == 0:
+        raise _refuse("invalid_value", "'session_ids' must name at least one session.", field="session_ids")
+    if len(set(ids)) != rows:
+        seen: set[str] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise _refuse(
+            "duplicate_session",
+            f"Session {twice} appears twice in one tick; a tick holds one step per session.",
+            session_id=twice,
+        )
+    if data.get("observations") is None:
+        raise _refuse("missing_field", "'observations' is required.", field="observations")
+    observations = _column(data, "observations", rows, 2, _NUMBER_KINDS)
+    assert observations is not None
+    steps = _column(data, "steps", rows, 1, "iu")
+    if steps is not None:
+        if steps.dtype.kind == "u" and steps.size and int(steps.max()) >= MAX_STEP:
+            raise _refuse("invalid_value", "'steps' holds a step number out of range.", field="steps")
+        steps = steps.astype(np.int64, copy=False)
+        if steps.size and (int(steps.min()) < 0 or int(steps.max()) >= MAX_STEP):
+            raise _refuse("invalid_value", "'steps' must hold step numbers >= 0.", field="steps")
+    return ColumnarTick(
+        session_ids=ids,
+        observations=observations,
+        rewards=_column(data, "rewards", rows, 1, _NUMBER_KINDS),
+        episode_starts=_column(data, "episode_starts", rows, 1, "b"),
+        steps=steps,
+        applied_actions=_column(data, "applied_actions", rows, 2, _NUMBER_KINDS),
+        model=model,
+    )
