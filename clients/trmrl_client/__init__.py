@@ -14,18 +14,21 @@ Example:
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 from trmrl_client.http import AsyncPolicyClient, AsyncSession, PolicyClient, Session
 from trmrl_client.protocol import ModelInfo
+from trmrl_client.vector import AsyncVectorSession, VectorSession
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncPolicyClient",
     "AsyncSession",
+    "AsyncVectorSession",
     "ModelInfo",
     "PolicyClient",
     "ServiceError",
     "ServiceUnavailable",
     "Session",
     "StreamingSession",
+    "VectorSession",
 ]
 
 

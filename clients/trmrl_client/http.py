@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import numpy as np
 from numpy.typing import ArrayLike
 
 from trmrl_client.errors import ServiceError, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from trmrl_client.vector import AsyncVectorSession, VectorSession
 from trmrl_client.protocol import (
     ROUTE_HEADER,
     Call,
@@ -67,7 +70,7 @@ class _Transport:
             from trmrl_client.codec import packb
 
             return {**headers, "Content-Type": MSGPACK, "Accept": MSGPACK}, packb(call.body), None
-        return headers, None, call.body
+        return headers, None, _jsonable(call.body)
 
     @staticmethod
     def decode(response: httpx.Response) -> Reply:
@@ -104,6 +107,18 @@ class _Transport:
         if isinstance(exc, httpx.TimeoutException) or exc is None:
             return ServiceUnavailable("timeout", f"{call.method} {call.path}: no reply in time ({exc})")
         return ServiceUnavailable("unreachable", f"{call.method} {call.path}: {exc}")
+
+
+def _recreate_body(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """How one env of a vector is recreated after the service lost it (its own seed is not kept)."""
+    return {**{k: v for k, v in body.items() if k != "seed"}, "model": model}
+
+
+def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
+    """A body with its numpy arrays (a columnar tick's) as nested lists, for JSON."""
+    if not any(isinstance(v, np.ndarray) for v in body.values()):
+        return body
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in body.items()}
 
 
 def _models(reply: Reply) -> list[ModelInfo]:
@@ -283,6 +298,31 @@ class PolicyClient:
             [s.state for s in sessions], observations, rewards, episode_starts
         )
         return np.asarray(self.run(batch_flow(states, transitions)), np.float32)
+
+    def vector(
+        self,
+        num_envs: int,
+        model: str | None = None,
+        *,
+        deterministic: bool = True,
+        seed: int | None = None,
+        ttl_s: float | None = None,
+    ) -> VectorSession:
+        """``num_envs`` sessions created in one call and stepped together, one columnar request a tick.
+
+        ``seed``: env ``i`` gets ``seed + i``.
+
+        Example:
+            >>> envs = client.vector(8, "point-nav")  # doctest: +SKIP
+            >>> envs.act(np.zeros((8, 2)), episode_starts=np.ones(8, bool)).shape  # doctest: +SKIP
+            (8, 2)
+        """
+        from trmrl_client.vector import VectorSession, VectorState, create_sessions_flow
+
+        body = _create_body(model, deterministic, seed, ttl_s)
+        key = new_route_key()
+        ids, info = self.run(create_sessions_flow(num_envs, body, key))
+        return VectorSession(self, VectorState(info, ids, _recreate_body(body, info.name), key))
 
 
 class Session:
@@ -537,6 +577,37 @@ class AsyncPolicyClient:
             [s.state for s in sessions], observations, rewards, episode_starts
         )
         return np.asarray(await self.run(batch_flow(states, transitions)), np.float32)
+
+    async def vector(
+        self,
+        num_envs: int,
+        model: str | None = None,
+        *,
+        deterministic: bool = True,
+        seed: int | None = None,
+        ttl_s: float | None = None,
+        transport: Literal["batch", "stream"] = "batch",
+    ) -> AsyncVectorSession:
+        """As :meth:`PolicyClient.vector`; ``transport="stream"`` sends each tick as one frame of the
+        vectorised stream ``WS /v1/stream`` (the ``stream`` extra) instead of an HTTP request.
+
+        Example:
+            >>> envs = await client.vector(1024, transport="stream")  # doctest: +SKIP
+        """
+        from trmrl_client.vector import AsyncVectorSession, VectorState, create_sessions_flow
+
+        if transport not in ("batch", "stream"):
+            raise ValueError(f"transport must be 'batch' or 'stream', got {transport!r}")
+        body = _create_body(model, deterministic, seed, ttl_s)
+        key = new_route_key()
+        ids, info = await self.run(create_sessions_flow(num_envs, body, key))
+        state = VectorState(info, ids, _recreate_body(body, info.name), key)
+        if transport == "batch":
+            return AsyncVectorSession(self, state, self.send)
+        from trmrl_client.stream import VectorLink
+
+        link = VectorLink(self, info.name, key)
+        return AsyncVectorSession(self, state, link.send, link)
 
 
 class AsyncSession:

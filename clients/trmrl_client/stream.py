@@ -13,6 +13,7 @@ import contextlib
 import json
 import time
 from typing import Any, Literal
+from urllib.parse import quote
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -224,18 +225,7 @@ class StreamingSession:
             )
         except InvalidStatus as exc:
             # The handshake was answered with an HTTP error (404 unknown_session, 401...): a reply.
-            response = exc.response
-            try:
-                body: Any = json.loads(response.body or b"")
-            except ValueError:
-                body = {
-                    "error": {
-                        "code": f"http_{response.status_code}",
-                        "message": "the service refused the WebSocket handshake; does it serve "
-                        "/v1/sessions/{id}/stream?",
-                    }
-                }
-            raise _Refused(Reply(response.status_code, body)) from None
+            raise _Refused(_handshake_reply(exc, "/v1/sessions/{id}/stream")) from None
         self._ws_session = self.state.session_id
         return self._ws
 
@@ -246,10 +236,100 @@ class StreamingSession:
                 await ws.close()
 
 
+class VectorLink:
+    """The vectorised stream ``WS /v1/stream?model=...`` under an :class:`AsyncVectorSession`.
+
+    Columnar ticks (``POST /v1/act/batch`` calls with ``session_ids``) travel as frames of one
+    connection; every other call (creation, recovery of single rows) goes over HTTP. A dropped or
+    timed-out connection is reopened and the tick re-sent: its step numbers make that safe.
+    """
+
+    def __init__(
+        self, client: AsyncPolicyClient, model: str, route_key: str, encoding: FrameEncoding = "msgpack"
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.route_key = route_key
+        self.encoding = encoding
+        self._ws: ClientConnection | None = None
+
+    async def send(self, call: Call) -> Reply:
+        body = call.body or {}
+        if not (call.method == "POST" and call.path == "/v1/act/batch" and "session_ids" in body):
+            return await self.client.send(call)
+        last: Exception | None = None
+        for attempt in range(self.client.retries + 1):
+            try:
+                return await asyncio.wait_for(self._exchange(body), self.client.timeout)
+            except _Refused as refused:
+                return refused.reply
+            except (TimeoutError, OSError, WebSocketException) as exc:
+                last = exc
+                await self.close()
+                if attempt < self.client.retries:
+                    await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+        code = "timeout" if last is None or isinstance(last, TimeoutError) else "unreachable"
+        raise ServiceUnavailable(
+            code, f"vectorised stream of model {self.model}: {last or 'no reply in time'}"
+        )
+
+    async def _exchange(self, frame: dict[str, Any]) -> Reply:
+        if self._ws is None:
+            url = self.client.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+            try:
+                self._ws = await connect(
+                    f"{url}/v1/stream?model={quote(self.model)}",
+                    additional_headers={**self.client.api_key_headers, ROUTE_HEADER: self.route_key},
+                    max_size=64 * 1024 * 1024,
+                )
+            except InvalidStatus as exc:
+                raise _Refused(_handshake_reply(exc, "/v1/stream")) from None
+        ws = self._ws
+        if self.encoding == "msgpack":
+            from trmrl_client.codec import packb
+
+            await ws.send(packb(frame))
+        else:
+            await ws.send(
+                json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in frame.items()})
+            )
+        raw = await ws.recv()
+        if isinstance(raw, bytes):
+            from trmrl_client.codec import unpackb
+
+            body = unpackb(raw, max_bytes=64 * 1024 * 1024)
+        else:
+            body = json.loads(raw)
+        if isinstance(body, dict) and "error" in body and "session_ids" not in body:
+            return Reply(status_of_error(body), body)
+        return Reply(200, body)
+
+    async def close(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            with contextlib.suppress(OSError, WebSocketException):
+                await ws.close()
+
+
+def _handshake_reply(exc: InvalidStatus, route: str) -> Reply:
+    """A WebSocket handshake answered with an HTTP error (404, 401, ...), as a reply."""
+    response = exc.response
+    try:
+        body: Any = json.loads(response.body or b"")
+    except ValueError:
+        body = {
+            "error": {
+                "code": f"http_{response.status_code}",
+                "message": f"the service refused the WebSocket handshake; does it serve {route}?",
+            }
+        }
+    return Reply(response.status_code, body)
+
+
 class _Refused(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply.status)
         self.reply = reply
 
 
-__all__ = ["StreamingSession"]
+__all__ = ["StreamingSession", "VectorLink"]

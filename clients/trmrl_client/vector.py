@@ -1,0 +1,464 @@
+"""Many sessions as arrays: one columnar request (or stream frame) per tick of a vectorised simulator.
+
+A gymnasium vector env (or an Isaac-style batch of robots) steps ``num_envs`` environments at once;
+:class:`VectorState` keeps their ``num_envs`` sessions as arrays -- ids, step counters, last actions
+and a ring of recent transitions per row -- and builds each tick's columnar body
+(``POST /v1/act/batch`` with ``session_ids``, ``observations [B, obs_dim]``, ...) with array
+operations only. Arrays stay arrays: MessagePack carries them as msgpack-numpy maps.
+
+Rows that fail are recovered one by one exactly as a single session is (:mod:`trmrl_client.protocol`):
+the row's history becomes a :class:`~trmrl_client.protocol.SessionState`, the same flows run
+(restore by replay after a lost session, catch-up after a missed step), and the outcome is written
+back into the arrays. A tick that got no answer at all is remembered per row, and those rows' next
+step goes through the single-session flow that resends unanswered steps first.
+
+The drivers are :class:`VectorSession` (blocking), :class:`AsyncVectorSession` (asyncio, over HTTP
+or over the vectorised stream ``WS /v1/stream``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from trmrl_client.codec import finite_float32
+from trmrl_client.errors import ServiceError, ServiceUnavailable
+from trmrl_client.protocol import (
+    Call,
+    FloatArray,
+    Flow,
+    ModelInfo,
+    Reply,
+    SessionState,
+    Transition,
+    status_of_error,
+)
+
+if TYPE_CHECKING:
+    from trmrl_client.http import AsyncPolicyClient, PolicyClient
+
+
+async def drive_async(flow: Flow, send: Callable[[Call], Awaitable[Reply]]) -> Any:
+    from trmrl_client.http import drive_async as drive
+
+    return await drive(flow, send)
+
+
+BATCH_PATH = "/v1/act/batch"
+
+
+def _rows_of(
+    values: ArrayLike | None, rows: int, width: int | None, what: str, dtype: Any
+) -> np.ndarray | None:
+    if values is None:
+        return None
+    array = np.asarray(values, dtype=dtype)
+    shape = (rows,) if width is None else (rows, width)
+    if array.shape != shape:
+        if width is None and array.size == rows:
+            return array.reshape(rows)
+        raise ValueError(f"{what} must have shape {list(shape)}, got {list(array.shape)}")
+    return array
+
+
+class VectorState:
+    """The client's bookkeeping of ``num_envs`` sessions of one model, as arrays (no I/O).
+
+    Example:
+        >>> info = ModelInfo("m", "v", "point-nav", 2, 2, (-1, -1), (1, 1), 5, "episode")
+        >>> state = VectorState(info, ["a", "b"], {"model": "m"}, "key")
+        >>> body, _ = state.prepare(np.zeros((2, 2)), None, None, None, np.arange(2))
+        >>> (body["session_ids"], body["steps"].tolist())
+        (['a', 'b'], [0, 0])
+    """
+
+    def __init__(
+        self, model: ModelInfo, session_ids: Sequence[str], create_body: dict[str, Any], route_key: str
+    ) -> None:
+        n, depth = len(session_ids), model.window + 1
+        self.model = model
+        self.session_ids = list(session_ids)
+        self.create_body = create_body
+        self.route_key = route_key
+        self.next_step = np.zeros(n, np.int64)
+        self.transitions = np.zeros(n, np.int64)
+        self.last_action = np.zeros((n, model.act_dim), np.float32)
+        self.has_action = np.zeros(n, bool)
+        self.start_next = np.ones(n, bool)
+        self.unconfirmed = np.zeros(n, np.int64)
+        self.assert_previous = np.zeros(n, bool)
+        # The last window + 1 transitions of each row, as recovery needs them (slot: index % depth).
+        self.h_index = np.full((n, depth), -1, np.int64)
+        self.h_step = np.zeros((n, depth), np.int64)
+        self.h_obs = np.zeros((n, depth, model.obs_dim), np.float32)
+        self.h_reward = np.zeros((n, depth), np.float32)
+        self.h_start = np.zeros((n, depth), bool)
+        self.h_prev = np.zeros((n, depth, model.act_dim), np.float32)
+        self.h_has_prev = np.zeros((n, depth), bool)
+        self.recoveries = 0
+        self.catch_ups = 0
+
+    @property
+    def num_envs(self) -> int:
+        return len(self.session_ids)
+
+    # -- a tick ------------------------------------------------------------------------------------------
+    def prepare(
+        self,
+        observations: ArrayLike,
+        rewards: ArrayLike | None,
+        episode_starts: ArrayLike | None,
+        applied_actions: ArrayLike | None,
+        rows: np.ndarray,
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Validate a tick of ``rows`` and build its columnar body; nothing changes until :meth:`record`.
+
+        Raises ``ValueError`` for wrong shapes or a number the service would refuse (NaN, infinity, or
+        beyond float32's range), naming the row.
+        """
+        n = len(rows)
+        obs = _rows_of(observations, n, self.model.obs_dim, "observations", np.float64)
+        assert obs is not None
+        reward = _rows_of(rewards, n, None, "rewards", np.float64)
+        start = _rows_of(episode_starts, n, None, "episode_starts", bool)
+        applied = _rows_of(applied_actions, n, self.model.act_dim, "applied_actions", np.float64)
+        for what, values in (("observations", obs), ("rewards", reward), ("applied_actions", applied)):
+            if values is not None:
+                ok = finite_float32(values)
+                if not ok.all():
+                    row = int(np.flatnonzero(~ok)[0])
+                    raise ValueError(
+                        f"{what} of env {int(rows[row])} holds NaN, an infinite value or a number beyond "
+                        "float32's range"
+                    )
+        columns = {
+            "obs": obs.astype(np.float32),
+            "reward": np.zeros(n, np.float32) if reward is None else reward.astype(np.float32),
+            "start": (np.zeros(n, bool) if start is None else start) | self.start_next[rows],
+            "step": self.next_step[rows].copy(),
+        }
+        if applied is not None:
+            columns["prev"] = applied.astype(np.float32)
+            columns["has_prev"] = np.ones(n, bool)
+        else:
+            columns["prev"] = self.last_action[rows]
+            columns["has_prev"] = self.has_action[rows].copy()
+        body: dict[str, Any] = {
+            "model": self.model.name,
+            "session_ids": [self.session_ids[i] for i in rows.tolist()],
+            "observations": columns["obs"],
+            "rewards": columns["reward"],
+            "episode_starts": columns["start"],
+            "steps": columns["step"],
+        }
+        if applied is not None:
+            body["applied_actions"] = columns["prev"]
+        return body, columns
+
+    def record(self, rows: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+        """Add a tick's transitions to the rows' histories (the robots lived through them)."""
+        index = self.transitions[rows]
+        at = index % self.h_index.shape[1]
+        self.h_index[rows, at] = index
+        self.h_step[rows, at] = columns["step"]
+        self.h_obs[rows, at] = columns["obs"]
+        self.h_reward[rows, at] = columns["reward"]
+        self.h_start[rows, at] = columns["start"]
+        self.h_prev[rows, at] = columns["prev"]
+        self.h_has_prev[rows, at] = columns["has_prev"]
+        self.transitions[rows] = index + 1
+        self.next_step[rows] = columns["step"] + 1
+        self.start_next[rows] = False
+
+    def commit(self, rows: np.ndarray, actions: np.ndarray) -> None:
+        self.last_action[rows] = actions
+        self.has_action[rows] = True
+        self.unconfirmed[rows] = 0
+        self.assert_previous[rows] = False
+
+    # -- one row as a single session, and back ----------------------------------------------------------
+    def row_state(self, i: int) -> SessionState:
+        """Row ``i`` as a :class:`SessionState`, for the single-session flows."""
+        state = SessionState(self.model, self.session_ids[i], self.create_body, self.route_key)
+        order = np.argsort(self.h_index[i])
+        kept = [int(j) for j in order if self.h_index[i, j] >= 0]
+        state.history = deque(
+            (
+                Transition(
+                    index=int(self.h_index[i, j]),
+                    step=int(self.h_step[i, j]),
+                    observation=tuple(self.h_obs[i, j].astype(np.float64).tolist()),
+                    reward=float(self.h_reward[i, j]),
+                    episode_start=bool(self.h_start[i, j]),
+                    previous_action=tuple(self.h_prev[i, j].astype(np.float64).tolist())
+                    if self.h_has_prev[i, j]
+                    else None,
+                )
+                for j in kept
+            ),
+            maxlen=self.h_index.shape[1],
+        )
+        state.next_step = int(self.next_step[i])
+        state.transitions = int(self.transitions[i])
+        state.last_action = self.last_action[i].copy() if self.has_action[i] else None
+        state.start_next = bool(self.start_next[i])
+        state.unconfirmed = int(self.unconfirmed[i])
+        state.assert_previous = bool(self.assert_previous[i])
+        return state
+
+    def absorb(self, i: int, state: SessionState) -> None:
+        """Write a row's :class:`SessionState` back (after a flow ran on it)."""
+        self.session_ids[i] = state.session_id
+        self.next_step[i] = state.next_step
+        self.transitions[i] = state.transitions
+        if state.last_action is not None:
+            self.last_action[i] = state.last_action
+            self.has_action[i] = True
+        self.start_next[i] = state.start_next
+        self.unconfirmed[i] = state.unconfirmed
+        self.assert_previous[i] = state.assert_previous
+        self.recoveries += state.recoveries
+        self.catch_ups += state.catch_ups
+        self.h_index[i] = -1
+        for tr in state.history:
+            j = tr.index % self.h_index.shape[1]
+            self.h_index[i, j] = tr.index
+            self.h_step[i, j] = tr.step
+            self.h_obs[i, j] = tr.observation
+            self.h_reward[i, j] = tr.reward
+            self.h_start[i, j] = tr.episode_start
+            self.h_has_prev[i, j] = tr.previous_action is not None
+            if tr.previous_action is not None:
+                self.h_prev[i, j] = tr.previous_action
+
+    def _transition(self, i: int) -> Transition:
+        """Row ``i``'s newest transition (just recorded)."""
+        j = int((self.transitions[i] - 1) % self.h_index.shape[1])
+        return Transition(
+            index=int(self.h_index[i, j]),
+            step=int(self.h_step[i, j]),
+            observation=tuple(self.h_obs[i, j].astype(np.float64).tolist()),
+            reward=float(self.h_reward[i, j]),
+            episode_start=bool(self.h_start[i, j]),
+            previous_action=tuple(self.h_prev[i, j].astype(np.float64).tolist())
+            if self.h_has_prev[i, j]
+            else None,
+        )
+
+    # -- the flow -------------------------------------------------------------------------------------------
+    def tick_flow(
+        self,
+        observations: ArrayLike,
+        rewards: ArrayLike | None = None,
+        episode_starts: ArrayLike | None = None,
+        applied_actions: ArrayLike | None = None,
+        rows: ArrayLike | None = None,
+    ) -> Flow:
+        """One step of ``rows`` (default: every env); returns their actions, ``[len(rows), act_dim]``."""
+        rows = np.arange(self.num_envs) if rows is None else np.asarray(rows, np.int64).reshape(-1)
+        if len(np.unique(rows)) != len(rows) or (
+            len(rows) and (rows.min() < 0 or rows.max() >= self.num_envs)
+        ):
+            raise ValueError(f"rows must be distinct env indices in [0, {self.num_envs})")
+        body, columns = self.prepare(observations, rewards, episode_starts, applied_actions, rows)
+        actions = np.full((len(rows), self.model.act_dim), np.nan, np.float32)
+        # Rows with unanswered steps go through the single-session flow, which resends those first.
+        lagging = self.unconfirmed[rows] > 0
+        direct = np.flatnonzero(~lagging)
+        one_by_one: list[tuple[int, dict[str, Any] | None]] = [
+            (j, None) for j in np.flatnonzero(lagging).tolist()
+        ]
+        if len(direct):
+            if lagging.any():
+                body = {
+                    k: [v[j] for j in direct.tolist()]
+                    if k == "session_ids"
+                    else v[direct]
+                    if isinstance(v, np.ndarray)
+                    else v
+                    for k, v in body.items()
+                }
+            try:
+                reply = yield Call("POST", BATCH_PATH, body, route_key=self.route_key)
+            except ServiceUnavailable:
+                # The robots lived through this tick: it joins the histories, to be resent.
+                self.record(rows, columns)
+                self.unconfirmed[rows] += 1
+                self.assert_previous[rows] = True
+                raise
+            if not reply.ok:
+                raise reply.error()  # refused as a whole: nothing was stepped
+            got = np.asarray(reply.body["actions"], dtype=np.float32).reshape(len(direct), self.model.act_dim)
+            failed = {int(e["row"]): e for e in reply.body.get("errors", [])}
+            served = np.ones(len(direct), bool)
+            served[list(failed)] = False
+            self.record(rows, columns)
+            actions[direct[served]] = got[served]
+            self.commit(rows[direct[served]], got[served])
+            one_by_one += [(int(direct[j]), item) for j, item in sorted(failed.items())]
+        else:
+            self.record(rows, columns)
+        refused: ServiceError | None = None
+        for n, (j, item) in enumerate(one_by_one):
+            i = int(rows[j])
+            state = self.row_state(i)
+            tr = state.history.pop()
+            state.transitions, state.next_step = tr.index, tr.step
+            try:
+                if item is None:
+                    actions[j] = yield from state.act_flow(tr)
+                else:
+                    actions[j] = yield from state.finish_flow(tr, Reply(status_of_error(item), item))
+            except ServiceUnavailable:
+                # The rows not reached yet are in the same position as this one: unanswered.
+                rest = rows[[k for k, _ in one_by_one[n + 1 :]]]
+                self.unconfirmed[rest] += 1
+                self.assert_previous[rest] = True
+                raise
+            except ServiceError as exc:
+                refused = refused or exc
+            finally:
+                self.absorb(i, state)
+        if refused is not None:
+            raise refused
+        return actions
+
+
+def create_sessions_flow(num_envs: int, body: dict[str, Any], route_key: str) -> Flow:
+    """Create ``num_envs`` sessions in one ``POST /v1/sessions`` (``count``); returns ``(ids, model)``."""
+    reply = yield Call("POST", "/v1/sessions", {**body, "count": num_envs}, route_key=route_key)
+    if reply.status != 201:
+        raise reply.error()
+    return list(reply.body["session_ids"]), ModelInfo.from_json(reply.body["model"])
+
+
+def delete_flow(state: VectorState) -> Flow:
+    """Delete every session of the vector (a missing one is no error)."""
+    for session_id in state.session_ids:
+        reply = yield Call("DELETE", f"/v1/sessions/{session_id}", route_key=state.route_key)
+        if not reply.ok and reply.status != 404:
+            raise reply.error()
+    return None
+
+
+class VectorSession:
+    """``num_envs`` sessions stepped together, one columnar request per tick (blocking).
+
+    Made by :meth:`trmrl_client.PolicyClient.vector`; fits a gymnasium vector env: observations
+    ``[num_envs, obs_dim]`` in, actions ``[num_envs, act_dim]`` out.
+
+    Example:
+        >>> envs = client.vector(16, "point-nav")  # doctest: +SKIP
+        >>> actions = envs.act(obs, rewards, episode_starts)  # doctest: +SKIP
+    """
+
+    def __init__(self, client: PolicyClient, state: VectorState) -> None:
+        self.client = client
+        self.state = state
+
+    @property
+    def session_ids(self) -> list[str]:
+        return self.state.session_ids
+
+    @property
+    def model(self) -> ModelInfo:
+        return self.state.model
+
+    @property
+    def num_envs(self) -> int:
+        return self.state.num_envs
+
+    @property
+    def recoveries(self) -> int:
+        return self.state.recoveries
+
+    def act(
+        self,
+        observations: ArrayLike,
+        rewards: ArrayLike | None = None,
+        episode_starts: ArrayLike | None = None,
+        applied_actions: ArrayLike | None = None,
+        *,
+        rows: ArrayLike | None = None,
+    ) -> FloatArray:
+        """Actions for one tick of the envs ``rows`` (default: all), ``[len(rows), act_dim]``.
+
+        ``rewards[i]`` is what env ``rows[i]`` received for its previous action; ``episode_starts[i]``
+        marks its first observation of an episode; ``applied_actions`` what the envs really executed
+        when it differs from the actions returned.
+        """
+        flow = self.state.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
+        return np.asarray(self.client.run(flow), np.float32)
+
+    def close(self) -> None:
+        """Delete the sessions on the service."""
+        with contextlib.suppress(ServiceUnavailable):
+            self.client.run(delete_flow(self.state))
+
+
+class AsyncVectorSession:
+    """The asyncio :class:`VectorSession`, over HTTP (``transport="batch"``) or the vectorised stream
+    ``WS /v1/stream`` (``transport="stream"``, needs the ``stream`` extra).
+
+    Made by :meth:`trmrl_client.AsyncPolicyClient.vector`.
+
+    Example:
+        >>> envs = await client.vector(1024, "halfcheetah-vel", transport="stream")  # doctest: +SKIP
+        >>> actions = await envs.act(obs, rewards, episode_starts)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        client: AsyncPolicyClient,
+        state: VectorState,
+        send: Callable[[Call], Awaitable[Reply]],
+        link: Any = None,
+    ) -> None:
+        self.client = client
+        self.state = state
+        self._send = send
+        self._link = link
+
+    @property
+    def session_ids(self) -> list[str]:
+        return self.state.session_ids
+
+    @property
+    def model(self) -> ModelInfo:
+        return self.state.model
+
+    @property
+    def num_envs(self) -> int:
+        return self.state.num_envs
+
+    @property
+    def recoveries(self) -> int:
+        return self.state.recoveries
+
+    async def act(
+        self,
+        observations: ArrayLike,
+        rewards: ArrayLike | None = None,
+        episode_starts: ArrayLike | None = None,
+        applied_actions: ArrayLike | None = None,
+        *,
+        rows: ArrayLike | None = None,
+    ) -> FloatArray:
+        """As :meth:`VectorSession.act`."""
+        flow = self.state.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
+        return np.asarray(await drive_async(flow, self._send), np.float32)
+
+    async def close(self) -> None:
+        """Close the stream (if any) and delete the sessions on the service."""
+        if self._link is not None:
+            await self._link.close()
+        with contextlib.suppress(ServiceUnavailable):
+            await self.client.run(delete_flow(self.state))
+
+
+__all__ = ["AsyncVectorSession", "VectorSession", "VectorState", "create_sessions_flow", "delete_flow"]
