@@ -29,7 +29,7 @@ import httpx
 
 from trmrl_client.errors import ServiceError
 from trmrl_client.launch import ServiceProcess, ServiceStartError
-from trmrl_client.sim import EARLY_STEPS, SimError, SimResult, format_table, run_sim
+from trmrl_client.sim import EARLY_STEPS, TRANSPORTS, SimError, SimResult, format_table, run_sim
 
 PREFERRED_FAMILIES = ("halfcheetah-vel", "point-nav")
 KIND_ORDER = {"trmrl": 0, "memoryless": 1, "oracle": 2}
@@ -202,7 +202,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", choices=["test", "ood"], default="test", help="held-out split")
     parser.add_argument("--tasks", type=int, default=30, help="tasks, one environment each (default 30)")
     parser.add_argument("--episodes", type=int, default=2, help="episodes per task (default 2)")
-    parser.add_argument("--transport", choices=["batch", "http", "ws"], default="batch")
+    parser.add_argument(
+        "--transport", choices=TRANSPORTS, default="vstream", help="default vstream: the fastest path"
+    )
     parser.add_argument("--seed", type=int, default=1000, help="task-set seed (default 1000, as training)")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for /readyz")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full results here")

@@ -1,9 +1,12 @@
 """``trmrl-sim``: run K environments of a task family locally, each a session of the policy service.
 
 Every environment gets its own task (``family.sample_tasks(split, K, seed)``) and runs a trial of
-``--episodes`` episodes; all of them step together, one tick at a time, over one of three transports:
+``--episodes`` episodes; all of them step together, one tick at a time, over one of five transports:
 
-* ``batch``: one ``POST /v1/act/batch`` per tick for all environments;
+* ``vstream``: one frame of the vectorised stream ``WS /v1/stream`` per tick, the arrays as
+  msgpack-numpy (the fastest);
+* ``vbatch``: one columnar ``POST /v1/act/batch`` per tick (MessagePack arrays);
+* ``batch``: one ``POST /v1/act/batch`` per tick, one item per environment;
 * ``http``: one ``POST /v1/act`` per environment per tick, concurrently;
 * ``ws``: one WebSocket stream per environment.
 
@@ -13,7 +16,7 @@ latency percentiles and actions per second. The task definitions come from the `
 (its torch-free ``trmrl.tasks`` module), which must be installed next to the client.
 
 Example:
-    trmrl-sim --family point-nav --split test --envs 8 --episodes 2 --transport batch \\
+    trmrl-sim --family point-nav --split test --envs 8 --episodes 2 --transport vstream \\
         --url http://127.0.0.1:8000
 """
 
@@ -28,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -36,11 +39,14 @@ import numpy as np
 from trmrl_client.errors import ServiceError
 from trmrl_client.http import AsyncPolicyClient
 from trmrl_client.protocol import FloatArray, ModelInfo
+from trmrl_client.vector import AsyncVectorSession
 
 EARLY_STEPS = 20
 """Steps of an episode counted as "early": a meta-learned policy should have adapted by then."""
 
-TRANSPORTS = ("batch", "http", "ws")
+TRANSPORTS = ("vstream", "vbatch", "batch", "http", "ws")
+#: Transports that step all environments as one vector of sessions (arrays in, arrays out).
+VECTOR_TRANSPORTS = {"vstream": "stream", "vbatch": "batch"}
 
 
 class SimError(Exception):
@@ -226,16 +232,23 @@ ActFn = Callable[[list[int], np.ndarray, np.ndarray, np.ndarray], Awaitable[Floa
 
 
 class _Sessions:
-    """K sessions of one model behind one of the three transports."""
+    """K sessions of one model behind one of the transports."""
 
     def __init__(self, client: AsyncPolicyClient, transport: str, latencies: list[float]) -> None:
         self.client = client
         self.transport = transport
         self.latencies = latencies
         self.sessions: list[Any] = []
+        self.vector: AsyncVectorSession | None = None
 
     async def open(self, model: str, k: int) -> None:
-        if self.transport == "ws":
+        if self.transport in VECTOR_TRANSPORTS:
+            self.vector = await self.client.vector(
+                k,
+                model,
+                transport=VECTOR_TRANSPORTS[self.transport],  # type: ignore[arg-type]
+            )
+        elif self.transport == "ws":
             from trmrl_client.stream import StreamingSession
 
             async def one() -> Any:
@@ -248,6 +261,11 @@ class _Sessions:
     async def act(
         self, idx: list[int], obs: np.ndarray, rewards: np.ndarray, starts: np.ndarray
     ) -> FloatArray:
+        if self.vector is not None:
+            started = time.perf_counter()
+            actions = await self.vector.act(obs, rewards, starts, rows=idx)
+            self.latencies.append(time.perf_counter() - started)
+            return actions
         if self.transport == "batch":
             started = time.perf_counter()
             actions = await self.client.act_batch([self.sessions[i] for i in idx], obs, rewards, starts)
@@ -264,9 +282,16 @@ class _Sessions:
 
     @property
     def recoveries(self) -> int:
+        if self.vector is not None:
+            return self.vector.recoveries
         return sum(s.recoveries for s in self.sessions)
 
     async def close(self) -> None:
+        if self.vector is not None:
+            with contextlib.suppress(ServiceError):
+                await self.vector.close()
+            return
+
         async def one(s: Any) -> None:
             with contextlib.suppress(ServiceError):
                 await s.close()
@@ -315,7 +340,7 @@ async def run_sim(
     split: str = "test",
     envs: int = 8,
     episodes: int = 2,
-    transport: str = "batch",
+    transport: str = "vstream",
     model: str | None = None,
     api_key: str | None = None,
     seed: int = 1000,
@@ -341,13 +366,17 @@ async def run_sim(
         raise SimError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
     if episodes < 1:
         raise SimError("--episodes must be at least 1")
-    if transport == "ws":
+    if transport in ("ws", "vstream", "vbatch"):
         try:
+            import trmrl_client.codec
             import trmrl_client.stream  # noqa: F401
         except ImportError as exc:
             raise SimError(str(exc)) from exc
 
-    async with AsyncPolicyClient(url, api_key=api_key, timeout=timeout, max_connections=envs + 4) as client:
+    encoding: Literal["json", "msgpack"] = "msgpack" if transport in VECTOR_TRANSPORTS else "json"
+    async with AsyncPolicyClient(
+        url, api_key=api_key, timeout=timeout, max_connections=envs + 4, encoding=encoding
+    ) as client:
         try:
             models = await client.models()
         except ServiceError as exc:
@@ -455,7 +484,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--episodes", type=int, default=2, metavar="E", help="episodes per task (default 2)")
     parser.add_argument(
-        "--transport", choices=TRANSPORTS, default="batch", help="batch (default), http or ws"
+        "--transport",
+        choices=TRANSPORTS,
+        default="vstream",
+        help="vstream (default: one vectorised-stream frame per tick), vbatch, batch, http or ws",
     )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
     parser.add_argument("--model", help="model name (default: the first loaded model of the family)")

@@ -1,4 +1,4 @@
-"""trmrl-sim against a real service: the three transports agree, and bad invocations fail early."""
+"""trmrl-sim against a real service: the transports agree, and bad invocations fail early."""
 
 from __future__ import annotations
 
@@ -45,6 +45,19 @@ def test_ws_transport(service: Service) -> None:
     )
     batch = asyncio.run(sim.run_sim(service.url, "point-nav", envs=2, episodes=1, progress=False))
     np.testing.assert_allclose(result.returns, batch.returns, atol=1e-3)
+
+
+@pytest.mark.parametrize("transport", ["vstream", "vbatch"])
+def test_vector_transports_measure_the_same_returns_as_items(service: Service, transport: str) -> None:
+    vector = asyncio.run(
+        sim.run_sim(service.url, "point-nav", envs=3, episodes=2, transport=transport, progress=False)
+    )
+    items = asyncio.run(
+        sim.run_sim(service.url, "point-nav", envs=3, episodes=2, transport="batch", progress=False)
+    )
+    np.testing.assert_allclose(vector.returns, items.returns, atol=1e-3)
+    assert vector.transport == transport and vector.actions == items.actions == 3 * 2 * 100
+    assert len(vector.latencies_s) == 2 * 100  # one request (or frame) per tick
 
 
 @pytest.mark.parametrize(
