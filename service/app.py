@@ -44,6 +44,10 @@ WebSocket routes (not listed below, as OpenAPI cannot describe them):
 * `WS /v1/sessions/{session_id}/stream`: send act frames `{"observation": [...], "reward"?, "episode_start"?,
   "step"?, "applied_action"?}` as JSON text or MessagePack binary frames; each gets the `/v1/act` reply (or an
   error object) in the same encoding. A bad frame gets an error frame and the stream stays open.
+* `WS /v1/stream?model=<name>`: the vectorised stream: each frame is a whole tick of many sessions in the
+  columnar form of `POST /v1/act/batch` (`session_ids`, `observations [B, obs_dim]`, ...; MessagePack binary
+  frames with msgpack-numpy arrays, or JSON text frames), answered by the columnar reply in the same encoding,
+  with per-row errors. A malformed frame gets an error frame and the stream stays open.
 * `WS /v1/openpi?model=<name>&session_id=<id>`: the openpi websocket policy protocol (`openpi-client`):
   metadata on connect, then `{"observation", "reward"?, "episode_start"?}` ->
   `{"actions": float32 [1, act_dim], "server_timing": {...}}`. `Authorization: Api-Key <key>` is accepted.

@@ -162,3 +162,86 @@ def test_disconnect_mid_stream_is_clean(http: TestClient) -> None:
         ws.receive_text()
         ws.close()
     assert http.get(f"/v1/sessions/{sid}").json()["steps"] == 1
+
+
+# -- the vectorised stream ---------------------------------------------------------------------------------
+def new_sessions(http: TestClient, count: int) -> list[str]:
+    r = http.post("/v1/sessions", json={"count": count})
+    assert r.status_code == 201, r.text
+    return list(r.json()["session_ids"])
+
+
+def vector_frame(ws: Any, frame: dict[str, Any], binary: bool) -> dict[str, Any]:
+    if binary:
+        ws.send_bytes(packb(frame))
+        return dict(unpackb(ws.receive_bytes()))
+    ws.send_text(json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in frame.items()}))
+    return dict(json.loads(ws.receive_text()))
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "msgpack"])
+def test_vector_stream_steps_ticks_like_single_sessions(http: TestClient, binary: bool) -> None:
+    ids = new_sessions(http, 3)
+    alone = [new_session(http) for _ in range(3)]
+    with http.websocket_connect("/v1/stream?model=point-nav", headers=A) as ws:
+        for step in range(3):
+            obs = np.asarray(OBS[step : step + 3], np.float32)
+            frame = {"session_ids": ids, "observations": obs, "rewards": np.full(3, 0.5), "steps": [step] * 3}
+            reply = vector_frame(ws, frame, binary)
+            assert reply["errors"] == [] and list(reply["steps"]) == [step] * 3
+            again = vector_frame(ws, frame, binary)  # a re-sent tick: same actions, memory not advanced
+            np.testing.assert_array_equal(np.asarray(again["actions"]), np.asarray(reply["actions"]))
+            for i, sid in enumerate(alone):
+                want = http_action(http, sid, obs[i].tolist(), reward=0.5, step=step)
+                np.testing.assert_allclose(np.asarray(reply["actions"], np.float32)[i], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "msgpack"])
+def test_vector_stream_row_errors_and_error_frames_keep_it_open(http: TestClient, binary: bool) -> None:
+    good, conflict = new_sessions(http, 2)
+    with http.websocket_connect("/v1/stream", headers=A) as ws:
+        reply = vector_frame(
+            ws,
+            {"session_ids": [good, conflict, "0" * 32], "observations": OBS[:3], "steps": [0, 4, 0]},
+            binary,
+        )
+        codes = [(e["row"], e["error"]["code"]) for e in reply["errors"]]
+        assert codes == [(1, "step_conflict"), (2, "unknown_session")]
+        assert np.isnan(np.asarray(reply["actions"], np.float32)[1:]).all()
+        malformed = [
+            {"session_ids": [good, good], "observations": OBS[:2]},
+            {"session_ids": [good], "observations": [[0.0, 0.0, 0.0]]},
+            {"session_ids": [good], "observations": OBS[:1], "rewards": [1.0, 2.0]},
+            {"observations": OBS[:1]},
+        ]
+        for frame in malformed:
+            error = vector_frame(ws, frame, binary)["error"]
+            assert error["code"] in {
+                "duplicate_session",
+                "wrong_observation_length",
+                "length_mismatch",
+                "missing_field",
+            }
+        if binary:
+            ws.send_bytes(b"\xc1")  # not MessagePack
+            assert unpackb(ws.receive_bytes())["error"]["code"] == "malformed_msgpack"
+        else:
+            ws.send_text("{")
+            assert json.loads(ws.receive_text())["error"]["code"] == "malformed_json"
+        after = vector_frame(
+            ws, {"session_ids": [good, conflict], "observations": OBS[:2], "steps": [1, 0]}, binary
+        )
+        assert after["errors"] == []  # still open, and the refused rows changed nothing
+    assert http.get(f"/v1/sessions/{conflict}").json()["steps"] == 1
+
+
+def test_vector_stream_refuses_an_unknown_model_and_a_missing_key(http: TestClient) -> None:
+    assert refused(http, "/v1/stream?model=nope", A).status_code == 404
+    assert refused(http, "/v1/stream", {"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_vector_stream_sessions_stay_private(http: TestClient) -> None:
+    mine = new_sessions(http, 1)
+    with http.websocket_connect("/v1/stream", headers=B) as ws:
+        reply = vector_frame(ws, {"session_ids": mine, "observations": OBS[:1]}, True)
+        assert [e["error"]["code"] for e in reply["errors"]] == ["unknown_session"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,6 @@ from trmrl_client.codec import packb
 
 from service import errors
 from service.api.body import decode_msgpack, decode_tick, validate
-from service.api.columnar import ColumnarResult
 from service.api.deps import authenticate, registry_of
 from service.api.replies import error_reply
 from service.errors import ApiError
@@ -84,12 +83,33 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
     except ApiError as exc:
         await refuse(websocket, exc)
         return
+    limit: int = websocket.app.state.settings.max_body_bytes
+
+    async def answer(message: Mapping[str, Any], started: int) -> dict[str, Any]:
+        frame, _ = _decode_frame(message, limit)
+        result = await registry.act(_as_request(session_id, frame), started, owner)
+        return result.model_dump()
+
+    await _serve_frames(websocket, STREAM_ROUTE, "stream", {"session_id": session_id}, answer)
+
+
+async def _serve_frames(
+    websocket: WebSocket,
+    route: str,
+    kind: str,
+    context: dict[str, Any],
+    answer: Callable[[Mapping[str, Any], int], Awaitable[dict[str, Any]]],
+) -> None:
+    """Accept a stream and answer each frame in its own encoding until the peer goes away.
+
+    ``answer(message, started_ns)`` gives a frame's reply or raises :class:`ApiError`, which becomes
+    an error frame: the stream stays open.
+    """
     await websocket.accept()
     metrics: ServiceMetrics = websocket.app.state.metrics
-    limit: int = websocket.app.state.settings.max_body_bytes
-    opened = metrics.streams.labels("stream")
+    opened = metrics.streams.labels(kind)
     opened.inc()
-    log.info("stream opened", extra={"session_id": session_id})
+    log.info("%s opened", kind, extra=context)
     try:
         while True:
             message = await websocket.receive()
@@ -100,21 +120,19 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
             reply: dict[str, Any]
             status = 200
             try:
-                frame, binary = _decode_frame(message, limit)
-                result = await registry.act(_as_request(session_id, frame), started, owner)
-                reply = result.model_dump()
+                reply = await answer(message, started)
             except ApiError as exc:
                 reply, status = exc.body(), exc.status
             if binary:
                 await websocket.send_bytes(packb(reply))
             else:
-                await websocket.send_text(json.dumps(reply, separators=(",", ":")))
-            metrics.observe_request(STREAM_ROUTE, "WS", status, (time.perf_counter_ns() - started) / 1e9)
+                await websocket.send_text(json.dumps(reply, separators=(",", ":"), allow_nan=False))
+            metrics.observe_request(route, "WS", status, (time.perf_counter_ns() - started) / 1e9)
     except WebSocketDisconnect:
         pass
     finally:
         opened.dec()
-        log.info("stream closed", extra={"session_id": session_id})
+        log.info("%s closed", kind, extra=context)
 
 
 @router.websocket(VECTOR_ROUTE)
@@ -134,42 +152,17 @@ async def vector_stream(websocket: WebSocket, model: str | None = None) -> None:
     except ApiError as exc:
         await refuse(websocket, exc)
         return
-    await websocket.accept()
-    metrics: ServiceMetrics = websocket.app.state.metrics
     limit: int = websocket.app.state.settings.max_body_bytes
-    opened = metrics.streams.labels("vector")
-    opened.inc()
-    log.info("vector stream opened", extra={"model": model})
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            started = time.perf_counter_ns()
-            data, text = message.get("bytes"), message.get("text")
-            binary = data is not None
-            status = 200
-            reply: dict[str, Any]
-            try:
-                raw: bytes | str = data if data is not None else (text or "")
-                if len(raw) > limit:
-                    raise errors.body_too_large(limit)
-                result: ColumnarResult = await registry.act_columnar(
-                    decode_tick(raw, binary), started, owner, model
-                )
-                reply = result.body(arrays=binary)
-            except ApiError as exc:
-                reply, status = exc.body(), exc.status
-            if binary:
-                await websocket.send_bytes(packb(reply))
-            else:
-                await websocket.send_text(json.dumps(reply, separators=(",", ":"), allow_nan=False))
-            metrics.observe_request(VECTOR_ROUTE, "WS", status, (time.perf_counter_ns() - started) / 1e9)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        opened.dec()
-        log.info("vector stream closed", extra={"model": model})
+
+    async def answer(message: Mapping[str, Any], started: int) -> dict[str, Any]:
+        binary = message.get("bytes") is not None
+        raw: bytes | str = message["bytes"] if binary else (message.get("text") or "")
+        if len(raw) > limit:
+            raise errors.body_too_large(limit)
+        result = await registry.act_columnar(decode_tick(raw, binary), started, owner, model)
+        return result.body(arrays=binary)
+
+    await _serve_frames(websocket, VECTOR_ROUTE, "vector", {"model": model}, answer)
 
 
 def _openpi_session(
