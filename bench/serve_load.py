@@ -76,11 +76,10 @@ async def connect(host: str, port: int) -> _Connection:
     return protocol
 
 
-def _head(path: str, host: str) -> bytes:
+def _head(path: str, host: str, content_type: str = "application/json") -> bytes:
     # %d is filled with the body length per request.
     return (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
-        "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: %d\r\n\r\n"
     ).encode()
 
 
@@ -95,6 +94,8 @@ class LoadResult:
     errors: int
     seconds: float
     latencies_ms: np.ndarray
+    measured_from: float = 0.0
+    """``time.perf_counter()`` at which the measured window opened (it lasts ``seconds``)."""
 
     @property
     def actions_per_s(self) -> float:
@@ -183,6 +184,7 @@ async def run_act(
         counts["errors"],
         duration_s,
         np.asarray(latencies) * 1e3,
+        measure_from,
     )
 
 
@@ -243,6 +245,7 @@ async def run_batch(
         counts["errors"],
         duration_s,
         np.asarray(latencies) * 1e3,
+        measure_from,
     )
 
 
@@ -331,4 +334,111 @@ async def run_stream(
         counts["errors"],
         duration_s,
         np.asarray(latencies) * 1e3,
+        measure_from,
+    )
+
+
+async def create_many(host: str, port: int, count: int) -> list[str]:
+    """``count`` sessions in one ``POST /v1/sessions`` (``count``)."""
+    conn = await connect(host, port)
+    status, reply = await conn.request(_head("/v1/sessions", host), json.dumps({"count": count}).encode())
+    if status != 201:
+        raise HttpError(f"session creation failed: {status} {reply[:200]!r}")
+    assert conn.transport is not None
+    conn.transport.close()
+    return list(json.loads(reply)["session_ids"])
+
+
+#: How a reply with no failed rows ends its ``errors`` field, per encoding (cheap to look for).
+_NO_ERRORS = {"json": b'"errors":[]', "msgpack": b"\xa6errors\x90"}
+
+
+def _tick_bodies(ids: list[str], obs: np.ndarray, encoding: str) -> Any:
+    """A function of the step number that returns a tick's columnar body in ``encoding``.
+
+    The observations do not change between ticks (the server cannot tell), so their encoding is
+    made once: the load generator then costs little per tick next to the server it measures.
+    """
+    from trmrl_client.codec import packb
+
+    n = len(ids)
+    if encoding == "msgpack":
+        fixed = {"session_ids": ids, "observations": obs, "rewards": np.full(n, 0.5, np.float32)}
+        return lambda step: packb({**fixed, "steps": np.full(n, step, np.int64)})
+    prefix = json.dumps({"session_ids": ids, "observations": obs.tolist(), "rewards": [0.5] * n})[:-1]
+    return lambda step: f'{prefix},"steps":[{",".join([str(step)] * n)}]}}'.encode()
+
+
+async def run_columnar(
+    host: str,
+    port: int,
+    sessions: int,
+    obs_dim: int,
+    *,
+    duration_s: float,
+    warmup_s: float,
+    encoding: str = "msgpack",
+    simulators: int = 2,
+    stream: bool = False,
+    seed: int = 0,
+) -> LoadResult:
+    """``simulators`` closed-loop vectorised simulators, each stepping its share of the sessions as
+    one columnar tick: a ``POST /v1/act/batch`` request, or a frame of ``WS /v1/stream`` (``stream``)."""
+    from websockets.asyncio.client import connect as ws_connect
+
+    ids = await create_many(host, port, sessions)
+    simulators = max(1, min(simulators, sessions))
+    obs = np.random.default_rng(seed).uniform(-1, 1, (sessions, obs_dim)).astype(np.float32)
+    groups = [np.arange(sessions)[k::simulators] for k in range(simulators)]
+    bodies = [_tick_bodies([ids[i] for i in g.tolist()], obs[g], encoding) for g in groups]
+    kind = "application/msgpack" if encoding == "msgpack" else "application/json"
+    head = _head("/v1/act/batch", host, kind)
+    ok_marker = _NO_ERRORS[encoding]
+    conns: list[Any] = []
+    for _ in range(simulators):
+        if stream:
+            url = f"ws://{host}:{port}/v1/stream"
+            conns.append(await ws_connect(url, compression=None, ping_interval=None, max_size=None))
+        else:
+            conns.append(await connect(host, port))
+    latencies: list[float] = []
+    counts = {"requests": 0, "actions": 0, "errors": 0}
+    measure_from = time.perf_counter() + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def simulator(k: int) -> None:
+        conn, body_of, size = conns[k], bodies[k], len(groups[k])
+        step = 0
+        perf = time.perf_counter
+        while (t0 := perf()) < stop_at:
+            body = body_of(step)
+            if stream:
+                await conn.send(body if encoding == "msgpack" else body.decode())
+                reply = await conn.recv(decode=False)
+                ok = ok_marker in reply
+            else:
+                status, reply = await conn.request(head, body)
+                ok = status == 200 and ok_marker in reply
+            step += 1
+            if t0 >= measure_from:
+                latencies.append(perf() - t0)
+                counts["requests"] += 1
+                counts["actions"] += size if ok else 0
+                counts["errors"] += 0 if ok else size
+
+    await asyncio.gather(*(simulator(k) for k in range(simulators)))
+    for conn in conns:
+        if stream:
+            await conn.close()
+        else:
+            conn.transport.close()
+    return LoadResult(
+        sessions,
+        f"{'vstream' if stream else 'columnar'}-{encoding}",
+        counts["requests"],
+        counts["actions"],
+        counts["errors"],
+        duration_s,
+        np.asarray(latencies) * 1e3,
+        measure_from,
     )

@@ -1,0 +1,212 @@
+"""Host-overhead benchmark: what the service costs around the forward pass, path by path, in one run.
+
+Part 1 serves a *tiny* model (d_model 8, one layer, one head, window 5, obs 17, act 6), so that the
+forward pass costs next to nothing and what is measured is the host path: reading and decoding the
+body, validation, the session table, the batcher, encoding the reply. For every path
+
+* ``act``: one ``POST /v1/act`` per session per step (JSON), one connection per session;
+* ``items``: ``POST /v1/act/batch`` with one JSON item per session (two simulators);
+* ``columnar-json`` / ``columnar-msgpack``: the columnar batch (two simulators);
+* ``stream``: one WebSocket stream per session, MessagePack frames;
+* ``vstream``: the vectorised stream ``WS /v1/stream``, one MessagePack frame per tick (two simulators);
+
+at 1, 256 and 4,096 sessions, it reports the server's CPU time per action (user + system time of
+the ``python -m service`` process over the measured window, from ``/proc``, divided by the actions
+served in it) and actions/s. The load generator runs in this process and shares the two cores.
+
+Part 2 serves the paper's MuJoCo-size model (d_model 128, 4 layers, 16 heads) with two torch threads
+and drives it with the columnar MessagePack batch of 1,024 sessions, beside the bare batched step
+(``trmrl.policy.act`` on a slot pool, two threads, no HTTP) at batch 1,024: their ratio is the
+columnar efficiency.
+
+Run: ``python -m bench.host_overhead [--quick] [--json PATH]``; prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import uvloop
+from trmrl_client.launch import ServiceProcess
+
+from bench.serve_bench import bare_step_rate
+from bench.serve_load import LoadResult, run_act, run_batch, run_columnar, run_stream
+from trmrl.checkpoint import CheckpointInfo, save_checkpoint
+from trmrl.model import ModelConfig, TrMRL
+
+REPO = Path(__file__).resolve().parents[1]
+OBS_DIM, ACT_DIM = 17, 6
+TICK = os.sysconf("SC_CLK_TCK")
+TARGETS = {
+    "host_us_per_action": 3.0,
+    "host_actions_per_s": 150_000.0,
+    "efficiency_1024": 0.85,
+    "act_us": 60.0,
+}
+
+Runner = Callable[..., Coroutine[Any, Any, LoadResult]]
+PATHS: dict[str, Runner] = {
+    "act": run_act,
+    "items": partial(run_batch, simulators=2),
+    "columnar-json": partial(run_columnar, encoding="json"),
+    "columnar-msgpack": partial(run_columnar, encoding="msgpack"),
+    "stream": partial(run_stream, encoding="msgpack"),
+    "vstream": partial(run_columnar, encoding="msgpack", stream=True),
+}
+
+
+def make_checkpoint(path: Path, size: str) -> Path:
+    torch.manual_seed(0)
+    if size == "tiny":
+        config = ModelConfig(obs_dim=OBS_DIM, act_dim=ACT_DIM, d_model=8, n_layers=1, n_heads=1, d_ff=8)
+    else:
+        config = ModelConfig.from_preset("mujoco", obs_dim=OBS_DIM, act_dim=ACT_DIM)
+    save_checkpoint(
+        path, TrMRL(config), CheckpointInfo("halfcheetah-vel", (-1.0,) * ACT_DIM, (1.0,) * ACT_DIM)
+    )
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def measured(
+    pid: int, port: int, runner: Runner, sessions: int, duration_s: float, warmup_s: float
+) -> dict[str, Any]:
+    """Run one load while sampling the server's CPU time; CPU per action over the measured window."""
+    trace: list[tuple[float, float]] = []
+    load: asyncio.Task[LoadResult] = asyncio.create_task(
+        runner("127.0.0.1", port, sessions, OBS_DIM, duration_s=duration_s, warmup_s=warmup_s)
+    )
+    while not load.done():
+        trace.append((time.perf_counter(), cpu_seconds(pid)))
+        await asyncio.sleep(0.05)
+    trace.append((time.perf_counter(), cpu_seconds(pid)))
+    result = await load
+    times, cpu = zip(*trace, strict=True)
+    begin, end = result.measured_from, result.measured_from + result.seconds
+    spent = float(np.interp(end, times, cpu) - np.interp(begin, times, cpu))
+    per_action = spent / result.actions * 1e6 if result.actions else float("nan")
+    return result.summary() | {"server_cpu_s": round(spent, 3), "server_us_per_action": round(per_action, 2)}
+
+
+def server_env(threads: int) -> dict[str, str]:
+    return {
+        "PYTHONPATH": str(REPO),
+        "TRMRL_TORCH_THREADS": str(threads),
+        "TRMRL_MAX_BATCH": "4096",
+        "TRMRL_MAX_QUEUED_STEPS": "65536",
+        "TRMRL_MAX_SESSIONS": "65536",
+        "TRMRL_MAX_BODY_BYTES": str(16 << 20),
+        "TRMRL_LOG_LEVEL": "warning",
+    }
+
+
+async def host_part(
+    port: int, pid: int, loads: list[int], duration_s: float, warmup_s: float
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for sessions in loads:
+        for path, runner in PATHS.items():
+            row = await measured(pid, port, runner, sessions, duration_s, warmup_s)
+            out[f"{path}_{sessions}"] = row
+            print(
+                f"  {path:17s} {sessions:5d} sessions: {row['actions_per_s']:10.0f} actions/s  "
+                f"{row['server_us_per_action']:8.2f} us/action  p50 {row['p50_ms']:8.2f} ms  "
+                f"errors {row['errors']}",
+                flush=True,
+            )
+    return out
+
+
+def table(results: dict[str, Any], loads: list[int]) -> str:
+    host = results["host"]
+    lines = [
+        "Host overhead, tiny model (forward ~ free): server CPU us per action | actions/s",
+        f"{'path':18s}" + "".join(f"{n:>24d}" for n in loads),
+    ]
+    for path in PATHS:
+        cells = []
+        for n in loads:
+            row = host.get(f"{path}_{n}")
+            cells.append(f"{row['server_us_per_action']:9.2f} | {row['actions_per_s']:10.0f}" if row else "-")
+        lines.append(f"{path:18s}" + "".join(f"{c:>24s}" for c in cells))
+    mujoco = results.get("mujoco")
+    if mujoco:
+        lines += [
+            "",
+            "MuJoCo-size model, batch 1,024: actions/s",
+            f"  bare batched step (2 threads)   {mujoco['bare_1024']:10.0f}",
+            f"  columnar msgpack batch, service {mujoco['columnar_1024']['actions_per_s']:10.0f}"
+            f"   ({mujoco['columnar_1024']['server_us_per_action']:.2f} us/action of server CPU)",
+            f"  efficiency                      {mujoco['efficiency_1024']:10.3f}   "
+            f"(target >= {TARGETS['efficiency_1024']})",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short windows (a smoke run)")
+    parser.add_argument("--loads", default="1,256,4096", help="session counts (default 1,256,4096)")
+    parser.add_argument("--json", type=Path, default=REPO / "bench/results/host_overhead.json")
+    parser.add_argument("--no-mujoco", action="store_true", help="skip part 2")
+    args = parser.parse_args()
+    loads = [int(x) for x in args.loads.split(",")]
+    duration, warmup = (1.0, 0.5) if args.quick else (4.0, 1.0)
+    results: dict[str, Any] = {
+        "machine": {
+            "summary": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}",
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+        "settings": {"duration_s": duration, "warmup_s": warmup, "loads": loads},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = make_checkpoint(Path(tmp) / "tiny", "tiny")
+        print("part 1: tiny model, host path by path", flush=True)
+        with ServiceProcess([tiny], env=server_env(1), cwd=REPO) as server:
+            results["host"] = uvloop.run(host_part(server.port, server.pid, loads, duration, warmup))
+        if not args.no_mujoco:
+            print("part 2: MuJoCo-size model, columnar batch of 1,024 vs the bare batched step", flush=True)
+            big = make_checkpoint(Path(tmp) / "mujoco", "mujoco")
+            bare = bare_step_rate(big, 1024, seconds=duration / 2, threads=2)
+            with ServiceProcess([big], env=server_env(2), cwd=REPO) as server:
+                row = uvloop.run(
+                    measured(
+                        server.pid, server.port, PATHS["columnar-msgpack"], 1024, duration * 2, warmup * 2
+                    )
+                )
+            results["mujoco"] = {
+                "bare_1024": round(bare, 1),
+                "columnar_1024": row,
+                "efficiency_1024": round(row["actions_per_s"] / bare, 3),
+            }
+    print()
+    print(table(results, loads))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
