@@ -1,7 +1,7 @@
 """Host-overhead benchmark: what the service costs around the forward pass, path by path, in one run.
 
-Part 1 serves a *tiny* model (d_model 8, one layer, one head, window 5, obs 17, act 6), so that the
-forward pass costs next to nothing and what is measured is the host path: reading and decoding the
+Part 1 serves a *tiny* model (d_model 8, one layer, one head, policy and value heads of 8 units,
+window 5, obs 17, act 6), so that the forward pass costs little and what is measured is the host path: reading and decoding the
 body, validation, the session table, the batcher, encoding the reply. For every path
 
 * ``act``: one ``POST /v1/act`` per session per step (JSON), one connection per session;
@@ -70,7 +70,9 @@ PATHS: dict[str, Runner] = {
 def make_checkpoint(path: Path, size: str) -> Path:
     torch.manual_seed(0)
     if size == "tiny":
-        config = ModelConfig(obs_dim=OBS_DIM, act_dim=ACT_DIM, d_model=8, n_layers=1, n_heads=1, d_ff=8)
+        config = ModelConfig(
+            obs_dim=OBS_DIM, act_dim=ACT_DIM, d_model=8, n_layers=1, n_heads=1, d_ff=8, head_hidden=(8,)
+        )
     else:
         config = ModelConfig.from_preset("mujoco", obs_dim=OBS_DIM, act_dim=ACT_DIM)
     save_checkpoint(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from itertools import repeat
 
 import numpy as np
 
@@ -62,6 +63,8 @@ class SessionTable:
         """The action last returned, for an idempotent retry."""
         self.evictions = 0
         self.expirations = 0
+        self.owned = 0
+        """Live sessions created under an API key (none: ownership checks can be skipped)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -85,8 +88,7 @@ class SessionTable:
         Like :meth:`find` row by row (an expired session is ended on the way), with one dictionary
         lookup per id and the rest in array operations.
         """
-        get = self.ids.get
-        slots = np.fromiter((get(i, -1) for i in session_ids), np.int64, len(session_ids))
+        slots = np.fromiter(map(self.ids.get, session_ids, repeat(-1)), np.int64, len(session_ids))
         found = np.flatnonzero(slots >= 0)
         if not len(found):
             return slots
@@ -98,8 +100,8 @@ class SessionTable:
                 self._end(slot)
             self.expirations += int(expired.sum())
             slots[found[expired]] = -1
-        owners = self.owners
-        if owner is not None or any(owners[s] is not None for s in at.tolist()):
+        if owner is not None or self.owned:
+            owners = self.owners
             foreign = np.fromiter((owners[s] != owner for s in at.tolist()), bool, len(at))
             slots[found[foreign]] = -1
         return slots
@@ -139,6 +141,7 @@ class SessionTable:
         self.ids[session_id] = slot
         self.slot_ids[slot] = session_id
         self.owners[slot] = owner
+        self.owned += owner is not None
         self.in_use[slot] = True
         self.next_step[slot] = 0
         self.episodes[slot] = 0
@@ -186,6 +189,7 @@ class SessionTable:
         if session_id is not None:
             del self.ids[session_id]
         self.slot_ids[slot] = None
+        self.owned -= self.owners[slot] is not None
         self.owners[slot] = None
         self.in_use[slot] = False
         self.generation[slot] += 1
