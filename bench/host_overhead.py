@@ -1,8 +1,9 @@
 """Host-overhead benchmark: what the service costs around the forward pass, path by path, in one run.
 
 Part 1 serves a *tiny* model (d_model 8, one layer, one head, policy and value heads of 8 units,
-window 5, obs 17, act 6), so that the forward pass costs little and what is measured is the host path: reading and decoding the
-body, validation, the session table, the batcher, encoding the reply. For every path
+window 5, obs 17, act 6), so that the forward pass costs little and what is measured is the host
+path: reading and decoding the body, validation, the session table, the batcher, encoding the
+reply. For every path
 
 * ``act``: one ``POST /v1/act`` per session per step (JSON), one connection per session;
 * ``items``: ``POST /v1/act/batch`` with one JSON item per session (two simulators);
