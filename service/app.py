@@ -23,11 +23,13 @@ from service.api.body import wants_msgpack
 from service.api.deps import BODY_SCHEMAS
 from service.api.fastpath import hot_handler, serve_hot
 from service.api.replies import error_reply
-from service.api.routes import act, health, models, sessions, streams
+from service.api.routes import act, admin, health, models, sessions, streams
 from service.auth import Authenticator
 from service.config import Settings
 from service.errors import ApiError, from_validation_errors
+from service.lifecycle import apply_activation, read_manifest, restore_versions, write_manifest
 from service.metrics import ServiceMetrics
+from service.recording import Recorder
 from service.registry import ModelRegistry
 from service.state_store import count_sessions, read_sessions, write_sessions
 
@@ -68,6 +70,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if registry is None:
         registry = await asyncio.to_thread(ModelRegistry.load, settings)
         app.state.registry = registry
+    saved_models = await asyncio.to_thread(read_manifest, settings.state_dir)
+    if saved_models is not None:
+        await asyncio.to_thread(restore_versions, registry, saved_models)
+        apply_activation(registry, saved_models)
+    recorder = None
+    if settings.record_dir is not None:
+        recorder = Recorder(
+            settings.record_dir,
+            buffer_rows=settings.record_buffer_rows,
+            rotate_rows=settings.record_rotate_rows,
+            rotate_s=settings.record_rotate_s,
+        )
+    registry.recorder = recorder
+    registry.record_fraction = settings.record_fraction if recorder is not None else 0.0
+    for engine in registry.all_engines():
+        engine.recorder = recorder
     app.state.metrics.attach(registry)
     registry.draining = False  # a registry reused by a second lifespan comes back from a drain
     await registry.start()
@@ -105,7 +123,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stop_snapshots.set()
             await snapshots
         await registry.stop()
+        if recorder is not None:
+            await asyncio.to_thread(recorder.close)
+            log.info(
+                "recording closed: %d steps written, %d lost",
+                recorder.rows_written,
+                recorder.rows_dropped + recorder.rows_lost,
+            )
         if settings.state_dir is not None:
+            await asyncio.to_thread(write_manifest, registry, settings.state_dir)
             await save_sessions(registry, settings.state_dir)
 
 
@@ -204,10 +230,10 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.state.settings = settings
     app.state.registry = registry
     app.state.ready = False
-    app.state.auth = Authenticator(settings.load_api_keys())
+    app.state.auth = Authenticator(settings.load_api_keys(), settings.load_admin_keys())
     app.state.metrics = ServiceMetrics()
     _install_error_handlers(app)
-    for module in (health, models, sessions, act, streams):
+    for module in (health, models, sessions, act, streams, admin):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:

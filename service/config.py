@@ -70,8 +70,25 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     max_body_bytes: int = Field(default=1 << 20, ge=64)
     """Largest request body accepted; larger ones get 413 ``body_too_large``."""
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Keys of the admin routes (``/v1/admin/...``: load, activate, retire model versions); none: those
+    routes answer 404 and do nothing."""
+    checkpoint_root: Path | None = None
+    """The only directory the admin routes load checkpoints from (default: ``checkpoints_dir``)."""
+    max_upload_bytes: int = Field(default=256 << 20, ge=1024)
+    """Largest checkpoint archive the admin routes accept as a request body."""
+    record_dir: Path | None = None
+    """Where recorded sessions' steps are written (Parquet); none: recording is off."""
+    record_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of new sessions recorded without asking (with ``record_dir``)."""
+    record_buffer_rows: int = Field(default=262_144, ge=1)
+    """Recorded steps buffered for the writer; beyond it steps are dropped (and counted), never waited for."""
+    record_rotate_rows: int = Field(default=1_000_000, ge=1)
+    """A recording file is closed after this many rows..."""
+    record_rotate_s: float = Field(default=300.0, gt=0)
+    """...or after this many seconds."""
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
@@ -83,6 +100,13 @@ class Settings(BaseSettings):
             text = self.api_keys_file.read_text(encoding="utf-8")
             keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return keys
+
+    def load_admin_keys(self) -> list[str]:
+        return list(self.admin_keys)
+
+    def admin_root(self) -> Path:
+        """The directory admin-loaded checkpoints must lie under."""
+        return self.checkpoint_root or self.checkpoints_dir
 
     def forward_threads(self) -> int:
         """Torch intra-op threads for the forward pass: ``torch_threads``, or half the CPU cores."""

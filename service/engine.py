@@ -33,6 +33,7 @@ from trmrl_client.codec import FLOAT32_MAX
 
 from service import errors
 from service.errors import ApiError
+from service.recording import Recorder
 from service.schemas import ModelInfo, SessionState
 from service.sessions import SessionTable
 from trmrl.checkpoint import Checkpoint
@@ -42,6 +43,9 @@ from trmrl.slot_pool import SlotPool, SlotSnapshot
 log = logging.getLogger("trmrl.service")
 
 _FLOAT32_MAX = FLOAT32_MAX
+
+#: An episode's first steps, over which adaptation is judged (the simulator client reports the same).
+ADAPTATION_STEPS = 20
 
 
 def _all_float32(values: Sequence[float]) -> bool:
@@ -60,6 +64,22 @@ class EngineLimits:
     evict_idle_s: float
     max_queued_steps: int = 16_384
 
+
+#: Per-slot columns of the session table that a session takes along when it moves to another version.
+_MOVED = (
+    "next_step",
+    "episodes",
+    "episode_step",
+    "deterministic",
+    "seed",
+    "ttl_s",
+    "created_at",
+    "last_active",
+    "pending_start",
+    "pending_clear",
+    "last_action",
+    "record",
+)
 
 #: Per-session scalar columns of :meth:`Engine.export_sessions`.
 _COUNTERS = (
@@ -182,6 +202,11 @@ class Engine:
         self.queued_steps = 0
         self.ticks = 0
         self.stepped = 0
+        self.reward_sums = np.zeros(2)
+        """Rewards received for an episode's first ``ADAPTATION_STEPS`` actions, and for later ones."""
+        self.reward_counts = np.zeros(2, np.int64)
+        self.recorder: Recorder | None = None
+        """Where the steps of recorded sessions go (``TRMRL_RECORD_DIR``); ``None``: nowhere."""
         self.on_batch: Callable[[int, float], None] | None = None
         """Called after each forward pass with its batch size and the oldest step's queue wait (s)."""
 
@@ -558,18 +583,62 @@ class Engine:
         slots = batch.slots[:n]
         table.queued[slots] -= 1
         live = table.generation[slots] == batch.generation[:n]
+        start = batch.start[:n]
+        # Steps of the episode before this one; the reward a row carries is for the previous action.
+        before = np.where(start, 0, table.episode_step[slots])
+        rewarded = ~start & live
+        early = rewarded & (before <= ADAPTATION_STEPS)
+        later = rewarded & (before > ADAPTATION_STEPS)
+        rewards = batch.reward[:n]
+        self.reward_sums[0] += float(rewards[early].sum())
+        self.reward_sums[1] += float(rewards[later].sum())
+        self.reward_counts[0] += int(early.sum())
+        self.reward_counts[1] += int(later.sum())
+        if self.recorder is not None:
+            recorded = table.record[slots] & live
+            if recorded.any():
+                self.recorder.submit(self._recorded(batch, n, actions, recorded, before))
         if live.all():
             table.next_step[slots] += 1
-            table.episodes[slots] += batch.start[:n]
+            table.episodes[slots] += start
+            table.episode_step[slots] = np.where(start, 1, table.episode_step[slots] + 1)
             table.last_action[slots] = actions
         else:
             kept = slots[live]
             table.next_step[kept] += 1
-            table.episodes[kept] += batch.start[:n][live]
+            table.episodes[kept] += start[live]
+            table.episode_step[kept] = np.where(start[live], 1, table.episode_step[kept] + 1)
             table.last_action[kept] = actions[live]
             table.release_idle(slots[~live])
         self.ticks += 1
         self.stepped += n
+
+    def _recorded(
+        self, batch: _Batch, n: int, actions: np.ndarray, rows: np.ndarray, before: np.ndarray
+    ) -> dict[str, Any]:
+        """The recorded rows of a committed batch, as the block :class:`Recorder` writes."""
+        table = self.table
+        slots = batch.slots[:n][rows]
+        now = time.perf_counter()
+        applied = batch.applied[:n][rows].copy()
+        applied[~batch.applied_mask[:n][rows]] = np.nan
+        received = time.time() - (now - batch.opened_at)
+        return {
+            "session_id": [table.slot_ids[slot] for slot in slots.tolist()],
+            "model": self.name,
+            "version": self.version,
+            # Counted before this batch's starts are: a start row opens episode ``episodes``.
+            "episode": table.episodes[slots] - 1 + batch.start[:n][rows],
+            "step_in_episode": before[rows],
+            "step": batch.steps[:n][rows].copy(),
+            "observation": batch.obs[:n][rows].copy(),
+            "reward": np.where(batch.start[:n][rows], 0.0, batch.reward[:n][rows]).astype(np.float32),
+            "action": actions[rows].copy(),
+            "applied_action": applied,
+            "episode_start": batch.start[:n][rows].copy(),
+            "received_at": np.full(len(slots), received),
+            "server_timing_us": np.full(len(slots), int((now - batch.opened_at) * 1e6), np.int64),
+        }
 
     def _rollback(self, batch: _Batch, n: int) -> None:
         """Undo what ``submit`` consumed for a failed batch, so a retry behaves like the first try."""
@@ -580,6 +649,56 @@ class Engine:
         table.pending_start[slots[live & batch.start_was_pending[:n]]] = True
         table.pending_clear[slots[live & batch.clear[:n]]] = True
         table.release_idle(slots[~live])
+
+    # -- moving sessions between versions -----------------------------------------------------------------
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until no step of this model is queued or computing (new steps must be held back)."""
+        deadline = time.monotonic() + timeout_s
+        while self.queued_steps or self._inflight:
+            if time.monotonic() > deadline:
+                raise ApiError(503, "busy", "The model's queued steps did not finish in time; nothing moved.")
+            await asyncio.sleep(0.0005)
+
+    def compatible(self, other: Engine) -> bool:
+        """Whether sessions can move between the two models: same observation and action sizes."""
+        return (self.obs_dim, self.act_dim) == (other.obs_dim, other.act_dim)
+
+    def adopt(self, source: Engine) -> int:
+        """Move every session of ``source`` here with its memory intact; returns how many moved.
+
+        The caller holds both step locks and has drained ``source``. A session's memory is raw
+        working memories, so it means the same to any version of the model: the window is copied as
+        it is (a shorter window keeps the newest memories). Nothing changes if they do not fit (429).
+        """
+        count = len(source.table)
+        if not count:
+            return 0
+        slots = self.table.take_free(count)
+        ids, owners, old = source.table.release_all()
+        self.table.adopt(ids, owners, slots)
+        for name in _MOVED:
+            getattr(self.table, name)[slots] = getattr(source.table, name)[old]
+        self.table.queued[slots] = 0
+        src, dst = source.pool, self.pool
+        at = torch.from_numpy(slots).to(self.device)
+        fro = torch.from_numpy(old).to(source.device)
+        lengths = src.lengths[fro]
+        windows = src.windows[fro]
+        keep = dst.windows.shape[1]
+        if windows.shape[1] > keep:
+            # Left-aligned windows: the newest ``keep`` memories start at ``length - keep``.
+            first = (lengths - keep).clamp(min=0)
+            rows = first.unsqueeze(1) + torch.arange(keep, device=windows.device)
+            windows = windows.gather(1, rows.unsqueeze(-1).expand(-1, -1, windows.shape[2]))
+            lengths = lengths.clamp(max=keep)
+        elif windows.shape[1] < keep:
+            windows = torch.cat(
+                [windows, windows.new_zeros(len(old), keep - windows.shape[1], windows.shape[2])], 1
+            )
+        dst.windows[at] = windows.to(self.device)
+        dst.lengths[at] = lengths.to(self.device)
+        dst.prev_action[at] = src.prev_action[fro].to(self.device)
+        return count
 
     # -- snapshots -----------------------------------------------------------------------------------------
     def _memories(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from service.engine import Engine
     from service.registry import ModelRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -73,36 +74,78 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         registry = self._metrics.models
+        labels = ["model", "version"]
         sessions = GaugeMetricFamily(
-            "trmrl_active_sessions", "Sessions resident on the device.", labels=["model"]
+            "trmrl_active_sessions", "Sessions resident on the device.", labels=labels
         )
-        queued = GaugeMetricFamily(
-            "trmrl_queued_steps", "Steps waiting for a forward pass.", labels=["model"]
-        )
+        queued = GaugeMetricFamily("trmrl_queued_steps", "Steps waiting for a forward pass.", labels=labels)
         evictions = CounterMetricFamily(
-            "trmrl_session_evictions", "Idle sessions evicted to make room (LRU).", labels=["model"]
+            "trmrl_session_evictions", "Idle sessions evicted to make room (LRU).", labels=labels
         )
         expirations = CounterMetricFamily(
-            "trmrl_session_expirations", "Sessions ended by their idle TTL.", labels=["model"]
+            "trmrl_session_expirations", "Sessions ended by their idle TTL.", labels=labels
         )
-        steps = CounterMetricFamily("trmrl_steps", "Steps computed.", labels=["model"])
-        passes = CounterMetricFamily("trmrl_forward_passes", "Batched forward passes run.", labels=["model"])
+        steps = CounterMetricFamily("trmrl_steps", "Steps computed.", labels=labels)
+        passes = CounterMetricFamily("trmrl_forward_passes", "Batched forward passes run.", labels=labels)
         held = GaugeMetricFamily(
             "trmrl_model_device_bytes",
             "Device memory held by a model's weights and slot pool.",
-            labels=["model"],
+            labels=labels,
+        )
+        active = GaugeMetricFamily(
+            "trmrl_model_active", "1 for the version new sessions get, else 0.", labels=labels
+        )
+        canary = GaugeMetricFamily(
+            "trmrl_model_canary_share", "Share of new sessions a canary version gets.", labels=labels
+        )
+        phase = [*labels, "phase"]
+        reward_sum = CounterMetricFamily(
+            "trmrl_reward",
+            "Sum of rewards received, for an episode's first 20 actions (phase=first20) and later ones "
+            "(phase=after20): divide by trmrl_reward_steps for the mean, the adaptation signal.",
+            labels=phase,
+        )
+        reward_steps = CounterMetricFamily(
+            "trmrl_reward_steps", "Rewards counted in trmrl_reward.", labels=phase
+        )
+        reward_mean = GaugeMetricFamily(
+            "trmrl_reward_mean", "Mean reward per step since the version was loaded, by phase.", labels=phase
         )
         if registry is not None:
-            for name, engine in registry.engines.items():
+            for engine in registry.all_engines():
+                key = [engine.name, engine.version]
                 stats = engine.stats()
-                sessions.add_metric([name], stats["sessions"])
-                queued.add_metric([name], stats["queued_steps"])
-                evictions.add_metric([name], stats["evictions"])
-                expirations.add_metric([name], stats["expirations"])
-                steps.add_metric([name], stats["steps"])
-                passes.add_metric([name], stats["ticks"])
-                held.add_metric([name], stats["device_bytes"])
-        yield from (sessions, queued, evictions, expirations, steps, passes, held)
+                sessions.add_metric(key, stats["sessions"])
+                queued.add_metric(key, stats["queued_steps"])
+                evictions.add_metric(key, stats["evictions"])
+                expirations.add_metric(key, stats["expirations"])
+                steps.add_metric(key, stats["steps"])
+                passes.add_metric(key, stats["ticks"])
+                held.add_metric(key, stats["device_bytes"])
+                active.add_metric(key, float(registry.engines.get(engine.name) is engine))
+                share = registry.canary.get(engine.name)
+                canary.add_metric(key, share[1] if share is not None and share[0] == engine.version else 0.0)
+                for i, name in enumerate(("first20", "after20")):
+                    total, count = float(engine.reward_sums[i]), int(engine.reward_counts[i])
+                    reward_sum.add_metric([*key, name], total)
+                    reward_steps.add_metric([*key, name], count)
+                    if count:
+                        reward_mean.add_metric([*key, name], total / count)
+        yield from (sessions, queued, evictions, expirations, steps, passes, held, active, canary)
+        yield from (reward_sum, reward_steps, reward_mean)
+        recorded = CounterMetricFamily("trmrl_recorded_steps", "Steps written to recordings.")
+        lost = CounterMetricFamily(
+            "trmrl_recording_lost_steps",
+            "Recorded steps not written: the buffer was full (reason=buffer_full) or the disk refused "
+            "them (reason=write_error).",
+            labels=["reason"],
+        )
+        recorder = registry.recorder if registry is not None else None
+        if recorder is not None:
+            recorded.add_metric([], recorder.rows_written)
+            lost.add_metric(["buffer_full"], recorder.rows_dropped)
+            lost.add_metric(["write_error"], recorder.rows_lost)
+        yield from (recorded, lost)
         device = GaugeMetricFamily(
             "trmrl_device_memory_bytes", "Memory allocated on each CUDA device by torch.", labels=["device"]
         )
@@ -124,14 +167,14 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "trmrl_batch_size",
             "Steps per forward pass.",
-            ["model"],
+            ["model", "version"],
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
         self.queue_wait = Histogram(
             "trmrl_queue_wait_seconds",
             "Time a batch's first step waited before its forward pass began.",
-            ["model"],
+            ["model", "version"],
             buckets=_WAIT_BUCKETS,
             registry=self.registry,
         )
@@ -143,14 +186,19 @@ class ServiceMetrics:
     def attach(self, models: ModelRegistry) -> None:
         """Start reading ``models``' counters and recording their batches."""
         self.models = models
-        for name, engine in models.engines.items():
-            size, wait = self.batch_size.labels(name), self.queue_wait.labels(name)
+        for engine in models.all_engines():
+            self.watch(engine)
 
-            def on_batch(n: int, waited: float, size: Histogram = size, wait: Histogram = wait) -> None:
-                size.observe(n)
-                wait.observe(waited)
+    def watch(self, engine: Engine) -> None:
+        """Record one engine's batches (every version, also one loaded at runtime)."""
+        size = self.batch_size.labels(engine.name, engine.version)
+        wait = self.queue_wait.labels(engine.name, engine.version)
 
-            engine.on_batch = on_batch
+        def on_batch(n: int, waited: float) -> None:
+            size.observe(n)
+            wait.observe(waited)
+
+        engine.on_batch = on_batch
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)

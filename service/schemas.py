@@ -265,6 +265,8 @@ class ActColumnarResponse(BaseModel):
     model_version: str
     server_timing_us: int
     errors: list[RowError]
+    model_versions: list[str] | None = None
+    """Each row's model version, present only when the sessions were on more than one version."""
 
 
 _MODEL_EXAMPLE: dict[str, Any] = {
@@ -305,6 +307,10 @@ class ModelInfo(BaseModel):
     """Evaluation metrics recorded in the checkpoint."""
     default: bool
     """Used when a request names no model."""
+    active: bool = True
+    """This version gets the model's new sessions (the others serve the sessions still on them)."""
+    canary_share: float = 0.0
+    """Share of the model's new sessions this version gets as a canary (0: none)."""
 
 
 class ModelList(BaseModel):
@@ -326,6 +332,8 @@ class CreateSessionRequest(_Request):
     """Seed of the session's exploration noise; omitted: a random one."""
     ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)] | None = None
     """Idle time before the session expires; omitted: the service default."""
+    record: bool = False
+    """Record every step of the session server-side (Parquet in ``TRMRL_RECORD_DIR``)."""
     count: Annotated[int, Field(ge=1, le=MAX_CREATE)] | None = None
     """Create this many sessions with these options in one call (a vectorised simulator's envs); the
     reply then lists their ids in ``session_ids``. All are created or none (429)."""
@@ -472,3 +480,76 @@ class SessionState(_Request):
     ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)]
     created_at: float
     """Unix seconds."""
+
+
+class LoadModelRequest(_Request):
+    """A checkpoint to load as a new version of a model (admin)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "halfcheetah-vel", "checkpoint": "halfcheetah-vel-v2"}]}
+    )
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    """The model's name: a new one, or one already served (the checkpoint becomes another version)."""
+    checkpoint: Annotated[str, Field(min_length=1, max_length=4096)]
+    """Path of the checkpoint directory or archive, relative to ``TRMRL_CHECKPOINT_ROOT``."""
+
+
+class LoadModelResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "halfcheetah-vel",
+                    "version": "9b1d2c3e4f50",
+                    "active": False,
+                    "task_family": "halfcheetah-vel",
+                }
+            ]
+        }
+    )
+
+    name: str
+    version: str
+    active: bool
+    """A new model's first version is active at once; a further version waits for ``activate``."""
+    task_family: str
+
+
+class ActivateRequest(_Request):
+    """Which version new sessions get, and whether the live sessions move to it (admin)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"version": "9b1d2c3e4f50", "migrate_sessions": True}]}
+    )
+
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    canary: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    """Send only this share of new sessions to ``version`` (1 or omitted: all of them)."""
+    migrate_sessions: bool = False
+    """Move every live session of the model's other versions to ``version``, memory intact."""
+
+
+class ActivateResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "halfcheetah-vel",
+                    "active_version": "9b1d2c3e4f50",
+                    "canary_version": None,
+                    "canary_share": 0.0,
+                    "migrated_sessions": 256,
+                    "pause_ms": 4.2,
+                }
+            ]
+        }
+    )
+
+    name: str
+    active_version: str
+    canary_version: str | None
+    canary_share: float
+    migrated_sessions: int
+    pause_ms: float
+    """How long steps of every model were held back while the sessions moved."""

@@ -61,6 +61,10 @@ class SessionTable:
         self.release_when_idle = np.zeros(capacity, bool)
         self.last_action = np.zeros((capacity, act_dim), np.float32)
         """The action last returned, for an idempotent retry."""
+        self.episode_step = np.zeros(capacity, np.int64)
+        """Committed steps of the current episode (0 before its first)."""
+        self.record = np.zeros(capacity, bool)
+        """The session's steps are recorded (``service.recording``)."""
         self.evictions = 0
         self.expirations = 0
         self.owned = 0
@@ -122,6 +126,7 @@ class SessionTable:
         ttl_s: float | None,
         owner: str | None = None,
         session_id: str | None = None,
+        record: bool = False,
     ) -> tuple[str, int]:
         """Allocate a slot for a new session; returns ``(session_id, slot)``.
 
@@ -153,7 +158,52 @@ class SessionTable:
         self.pending_start[slot] = True
         self.pending_clear[slot] = True
         self.last_action[slot] = 0.0
+        self.episode_step[slot] = 0
+        self.record[slot] = record
         return session_id, slot
+
+    def take_free(self, count: int) -> np.ndarray:
+        """``count`` free slots at once (429 ``capacity_exhausted`` if there are not that many, after
+        ending expired sessions; nothing is evicted for a bulk move)."""
+        if len(self._free) < count:
+            self.expire()
+        if len(self._free) < count:
+            raise errors.capacity_exhausted(self.capacity)
+        taken = self._free[len(self._free) - count :]
+        del self._free[len(self._free) - count :]
+        return np.asarray(taken, np.int64)
+
+    def adopt(self, session_ids: list[str], owners: list[str | None], slots: np.ndarray) -> None:
+        """Register sessions moved in from elsewhere into ``slots`` (from :meth:`take_free`).
+
+        Only the ids, owners and in-use flags are set here: the caller copies every per-slot column.
+        """
+        self.ids.update(zip(session_ids, slots.tolist(), strict=True))
+        for slot, session_id, owner in zip(slots.tolist(), session_ids, owners, strict=True):
+            self.slot_ids[slot] = session_id
+            self.owners[slot] = owner
+        self.owned += sum(owner is not None for owner in owners)
+        self.in_use[slots] = True
+        self.queued[slots] = 0
+        self.release_when_idle[slots] = False
+
+    def release_all(self) -> tuple[list[str], list[str | None], np.ndarray]:
+        """End every session at once (they moved elsewhere); returns their ids, owners and slots.
+
+        The table must have no queued steps (the caller drained it).
+        """
+        ids = list(self.ids)
+        slots = np.asarray([self.ids[i] for i in ids], np.int64)
+        owners = [self.owners[s] for s in slots.tolist()]
+        for slot in slots.tolist():
+            self.slot_ids[slot] = None
+            self.owners[slot] = None
+        self.ids.clear()
+        self.owned = 0
+        self.in_use[slots] = False
+        self.generation[slots] += 1
+        self._free.extend(slots.tolist())
+        return ids, owners, slots
 
     def delete(self, session_id: str) -> None:
         """End a session (404 ``unknown_session`` if there is none)."""

@@ -64,6 +64,8 @@ class ColumnarResult:
     model_version: str
     server_timing_us: int = 0
     errors: list[tuple[int, ApiError]] = field(default_factory=list)
+    model_versions: list[str] | None = None
+    """Each row's version, when the tick's sessions were on more than one version of the model."""
 
     def body(self, *, arrays: bool) -> dict[str, Any]:
         """The reply's fields: numpy arrays (``arrays``, for MessagePack) or nested lists (JSON).
@@ -79,7 +81,7 @@ class ColumnarResult:
             actions = self.actions.tolist()
             for row, _ in self.errors:
                 actions[row] = [None] * self.actions.shape[1]
-        return {
+        body = {
             "session_ids": self.session_ids,
             "steps": steps,
             "actions": actions,
@@ -87,6 +89,9 @@ class ColumnarResult:
             "server_timing_us": self.server_timing_us,
             "errors": errors,
         }
+        if self.model_versions is not None:
+            body["model_versions"] = self.model_versions
+        return body
 
 
 def is_columnar(data: Any) -> bool:

@@ -56,19 +56,24 @@ async def test_metrics_cover_routes_batches_sessions_and_memory(make_client: Mak
     await client.post("/v1/act", json={"session_id": sid, "observation": [1.0], "step": 3})
     await client.get(f"/v1/sessions/{sid}")
     text = (await client.get("/metrics")).text
+    version = client.registry.engines["point-nav"].version
+    model = f'model="point-nav",version="{version}"'
     for line in (
         'trmrl_request_duration_seconds_count{method="POST",route="/v1/act",status="200"} 3.0',
         'trmrl_request_duration_seconds_count{method="POST",route="/v1/act",status="422"} 1.0',
         'trmrl_request_duration_seconds_count{method="GET",route="/v1/sessions/{session_id}",'
         'status="200"} 1.0',
         'trmrl_request_duration_seconds_count{method="POST",route="/v1/sessions",status="201"} 1.0',
-        'trmrl_batch_size_count{model="point-nav"} 3.0',
-        'trmrl_active_sessions{model="point-nav"} 1.0',
-        'trmrl_session_evictions_total{model="point-nav"} 0.0',
-        'trmrl_steps_total{model="point-nav"} 3.0',
+        f"trmrl_batch_size_count{{{model}}} 3.0",
+        f"trmrl_active_sessions{{{model}}} 1.0",
+        f"trmrl_session_evictions_total{{{model}}} 0.0",
+        f"trmrl_steps_total{{{model}}} 3.0",
+        f"trmrl_model_active{{{model}}} 1.0",
+        # Steps 1 and 2 carry rewards (0.0 by default) for the episode's first actions.
+        f'trmrl_reward_steps_total{{model="point-nav",phase="first20",version="{version}"}} 2.0',
     ):
         assert line in text, line
-    assert 'trmrl_queue_wait_seconds_bucket{le="+Inf",model="point-nav"} 3.0' in text
+    assert f'trmrl_queue_wait_seconds_bucket{{le="+Inf",{model}}} 3.0' in text
     assert "trmrl_model_device_bytes" in text and "trmrl_device_memory_bytes" in text
 
 

@@ -1,0 +1,165 @@
+"""Model versions at runtime: loading a checkpoint safely, and remembering versions across restarts.
+
+Checkpoints loaded through the admin routes come from one directory, ``TRMRL_CHECKPOINT_ROOT``: a
+requested path is resolved (``..`` and symbolic links followed) *before* any file is opened, and
+anything that ends up outside the root is refused. An uploaded archive is written to the state
+directory (or a temporary one) and loaded from there.
+
+The versions loaded at runtime, and which version of each model is active (or a canary), are written
+to ``models.json`` in the state directory whenever they change, and loaded again on start, before the
+saved sessions are restored: a restart brings back every version its sessions were on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from service.engine import Engine
+from service.errors import ApiError
+from service.registry import ModelRegistry
+from trmrl.checkpoint import CheckpointError, load_checkpoint
+
+log = logging.getLogger("trmrl.service")
+
+MANIFEST = "models.json"
+UPLOADS = "models"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name):
+        raise ApiError(
+            422,
+            "invalid_value",
+            "A model name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+            {"field": "name"},
+        )
+    return name
+
+
+def resolve_under(root: Path, requested: str) -> Path:
+    """``requested`` (relative to ``root``, or absolute) resolved, if it lies under ``root``.
+
+    Raises 403 ``forbidden_path`` for anything outside (``..``, a symbolic link out, an absolute path
+    elsewhere) and 404 ``unknown_checkpoint`` for nothing there. Only ``realpath`` and ``exists``
+    look at the file system here: nothing is opened.
+    """
+    base = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(base, requested))
+    if os.path.commonpath([base, target]) != base or "\x00" in requested:
+        raise ApiError(
+            403,
+            "forbidden_path",
+            "Checkpoints are loaded from the checkpoint root only.",
+            {"checkpoint": requested},
+        )
+    if not os.path.exists(target):
+        raise ApiError(
+            404, "unknown_checkpoint", f"No checkpoint at {requested!r} under the checkpoint root."
+        )
+    return Path(target)
+
+
+def load_engine(registry: ModelRegistry, name: str, path: Path) -> Engine:
+    """Load, place and warm up one version (blocking: run it in a thread). 422 if it is no checkpoint."""
+    try:
+        checkpoint = load_checkpoint(path, registry.device)
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise ApiError(
+            422, "invalid_checkpoint", f"The checkpoint cannot be loaded: {exc}", {"model": name}
+        ) from None
+    engine = Engine(name, checkpoint, registry.limits, registry.device)
+    engine.warmup()
+    return engine
+
+
+def store_upload(state_dir: Path | None, body: bytes) -> Path:
+    """Write an uploaded checkpoint archive where it outlives the request (and, with a state
+    directory, the process)."""
+    directory = (
+        state_dir / UPLOADS if state_dir is not None else Path(tempfile.gettempdir()) / "trmrl-uploads"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix="upload-", suffix=".tar.gz", dir=directory)
+    with os.fdopen(handle, "wb") as out:
+        out.write(body)
+    return Path(name)
+
+
+def manifest(registry: ModelRegistry) -> dict[str, Any]:
+    """What ``models.json`` holds: runtime-loaded versions, and each model's active version and canary."""
+    return {
+        "format": "trmrl.models/1",
+        "loaded": [
+            {"name": name, "version": version, "checkpoint": str(path)}
+            for (name, version), path in registry.sources.items()
+        ],
+        "active": {name: engine.version for name, engine in registry.engines.items()},
+        "canary": {name: {"version": v, "share": share} for name, (v, share) in registry.canary.items()},
+    }
+
+
+def write_manifest(registry: ModelRegistry, state_dir: Path | None) -> None:
+    if state_dir is None:
+        return
+    state_dir.mkdir(parents=True, exist_ok=True)
+    target = state_dir / MANIFEST
+    scratch = target.with_suffix(".tmp")
+    scratch.write_text(json.dumps(manifest(registry), indent=2))
+    os.replace(scratch, target)
+
+
+def read_manifest(state_dir: Path | None) -> dict[str, Any] | None:
+    if state_dir is None or not (state_dir / MANIFEST).is_file():
+        return None
+    try:
+        data = json.loads((state_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s not read: %s", state_dir / MANIFEST, exc)
+        return None
+    return data if isinstance(data, dict) and data.get("format") == "trmrl.models/1" else None
+
+
+def restore_versions(registry: ModelRegistry, saved: dict[str, Any]) -> list[Engine]:
+    """Load the versions a manifest lists that are not loaded yet (blocking); returns them, unstarted.
+
+    A version whose checkpoint is gone or changed is skipped with a warning: its sessions are then
+    not restored either.
+    """
+    added = []
+    for entry in saved.get("loaded", []):
+        name, version, path = entry.get("name"), entry.get("version"), entry.get("checkpoint")
+        if not (isinstance(name, str) and isinstance(version, str) and isinstance(path, str)):
+            continue
+        if version in registry.versions.get(name, {}):
+            continue
+        try:
+            engine = load_engine(registry, name, Path(path))
+        except ApiError as exc:
+            log.warning("model %s version %s not restored: %s", name, version, exc.message)
+            continue
+        if engine.version != version:
+            log.warning(
+                "model %s: %s now holds version %s, not %s; skipped", name, path, engine.version, version
+            )
+            continue
+        registry.add_version(engine, Path(path))
+        added.append(engine)
+    return added
+
+
+def apply_activation(registry: ModelRegistry, saved: dict[str, Any]) -> None:
+    """Make the manifest's active versions and canaries current again (versions not loaded are skipped)."""
+    for name, version in (saved.get("active") or {}).items():
+        engine = registry.versions.get(name, {}).get(version)
+        if engine is not None:
+            registry.engines[name] = engine
+    for name, canary in (saved.get("canary") or {}).items():
+        if isinstance(canary, dict) and canary.get("version") in registry.versions.get(name, {}):
+            registry.canary[name] = (str(canary["version"]), float(canary.get("share", 0.0)))
