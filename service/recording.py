@@ -64,6 +64,7 @@ class Recorder:
         rotate_rows: int = 1_000_000,
         rotate_s: float = 300.0,
         flush_s: float = 1.0,
+        start: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.buffer_rows = buffer_rows
@@ -82,6 +83,11 @@ class Recorder:
         self._names = itertools.count()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._closed = False
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start the writer (made with ``start=False``: blocks wait in the buffer until then)."""
         self._thread.start()
 
     # -- the hot side ------------------------------------------------------------------------------------
@@ -103,7 +109,8 @@ class Recorder:
                 return
             self._closed = True
         self._queue.put(None)
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
 
     @property
     def pending_rows(self) -> int:
