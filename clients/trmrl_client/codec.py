@@ -24,7 +24,14 @@ well as NaN and infinity) is refused, by the client before sending and by the se
 
 
 class CodecError(ValueError):
-    """A payload that cannot be decoded safely; the message says why."""
+    """A payload that cannot be decoded safely; the message says why.
+
+    Example:
+        >>> unpackb(packb({"__ndarray__": True, "data": b"", "dtype": "|O", "shape": [0]}))
+        Traceback (most recent call last):
+        ...
+        trmrl_client.codec.CodecError: dtype '|O' is not allowed (numeric and boolean arrays only)
+    """
 
 
 def _check_dtype(dtype: np.dtype[Any]) -> None:
@@ -106,7 +113,12 @@ def packb(obj: Any) -> bytes:
 
 
 def unpackb(data: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> Any:
-    """Decode MessagePack safely: arrays become numpy arrays, anything unsafe raises :class:`CodecError`."""
+    """Decode MessagePack safely: arrays become numpy arrays, anything unsafe raises :class:`CodecError`.
+
+    Example:
+        >>> unpackb(packb({"steps": np.arange(3)}))["steps"].tolist()
+        [0, 1, 2]
+    """
     import msgpack
 
     if len(data) > max_bytes:

@@ -242,6 +242,9 @@ class VectorLink:
     Columnar ticks (``POST /v1/act/batch`` calls with ``session_ids``) travel as frames of one
     connection; every other call (creation, recovery of single rows) goes over HTTP. A dropped or
     timed-out connection is reopened and the tick re-sent: its step numbers make that safe.
+
+    Example:
+        >>> envs = await client.vector(256, "point-nav", transport="stream")  # doctest: +SKIP
     """
 
     def __init__(

@@ -43,10 +43,10 @@ if TYPE_CHECKING:
     from trmrl_client.http import AsyncPolicyClient, PolicyClient
 
 
-async def drive_async(flow: Flow, send: Callable[[Call], Awaitable[Reply]]) -> Any:
-    from trmrl_client.http import drive_async as drive
+async def _drive(flow: Flow, send: Callable[[Call], Awaitable[Reply]]) -> Any:
+    from trmrl_client.http import drive_async
 
-    return await drive(flow, send)
+    return await drive_async(flow, send)
 
 
 BATCH_PATH = "/v1/act/batch"
@@ -330,7 +330,11 @@ class VectorState:
 
 
 def create_sessions_flow(num_envs: int, body: dict[str, Any], route_key: str) -> Flow:
-    """Create ``num_envs`` sessions in one ``POST /v1/sessions`` (``count``); returns ``(ids, model)``."""
+    """Create ``num_envs`` sessions in one ``POST /v1/sessions`` (``count``); returns ``(ids, model)``.
+
+    Example:
+        >>> ids, info = client.run(create_sessions_flow(8, {"model": "point-nav"}, "key"))  # doctest: +SKIP
+    """
     reply = yield Call("POST", "/v1/sessions", {**body, "count": num_envs}, route_key=route_key)
     if reply.status != 201:
         raise reply.error()
@@ -338,7 +342,11 @@ def create_sessions_flow(num_envs: int, body: dict[str, Any], route_key: str) ->
 
 
 def delete_flow(state: VectorState) -> Flow:
-    """Delete every session of the vector (a missing one is no error)."""
+    """Delete every session of the vector (a missing one is no error).
+
+    Example:
+        >>> client.run(delete_flow(envs.state))  # doctest: +SKIP
+    """
     for session_id in state.session_ids:
         reply = yield Call("DELETE", f"/v1/sessions/{session_id}", route_key=state.route_key)
         if not reply.ok and reply.status != 404:
@@ -391,6 +399,10 @@ class VectorSession:
         ``rewards[i]`` is what env ``rows[i]`` received for its previous action; ``episode_starts[i]``
         marks its first observation of an episode; ``applied_actions`` what the envs really executed
         when it differs from the actions returned.
+
+        Example:
+            >>> envs.act(np.zeros((16, 2)), np.zeros(16), np.ones(16, bool)).shape  # doctest: +SKIP
+            (16, 2)
         """
         flow = self.state.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
         return np.asarray(self.client.run(flow), np.float32)
@@ -449,9 +461,13 @@ class AsyncVectorSession:
         *,
         rows: ArrayLike | None = None,
     ) -> FloatArray:
-        """As :meth:`VectorSession.act`."""
+        """As :meth:`VectorSession.act`.
+
+        Example:
+            >>> actions = await envs.act(obs, rewards, starts, rows=running)  # doctest: +SKIP
+        """
         flow = self.state.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
-        return np.asarray(await drive_async(flow, self._send), np.float32)
+        return np.asarray(await _drive(flow, self._send), np.float32)
 
     async def close(self) -> None:
         """Close the stream (if any) and delete the sessions on the service."""

@@ -9,11 +9,12 @@ import inspect
 
 import pytest
 
-MODULES = ["errors", "protocol", "http", "stream", "sim", "robot_loop", "demo", "launch"]
+MODULES = ["errors", "protocol", "http", "stream", "vector", "codec", "sim", "robot_loop", "demo", "launch"]
 #: The classes robots and simulators program against: their public methods need examples too.
 API_CLASSES = {
     "http": ["PolicyClient", "Session", "AsyncPolicyClient", "AsyncSession"],
     "stream": ["StreamingSession"],
+    "vector": ["VectorSession", "AsyncVectorSession"],
     "robot_loop": ["RobotLoop"],
     "launch": ["ServiceProcess"],
 }
