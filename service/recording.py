@@ -4,8 +4,8 @@ A session is recorded when it asks at creation (``"record": true``) or falls in 
 ``TRMRL_RECORD_FRACTION``. After each forward pass the engine hands the recorded rows of the batch to
 :meth:`Recorder.submit` as a block of arrays -- a copy of a few rows, never a wait: when the bounded
 buffer is full the block is dropped and counted. A background thread turns blocks into Parquet row
-groups and rotates files by size and age; a file is written as ``*.parquet.partial`` and renamed
-when complete, so a reader never sees half a file. :meth:`Recorder.close` (on SIGTERM, through the
+groups and rotates files by size and age; a file is written as a hidden ``.*.parquet.partial`` and
+renamed when complete, so a reader of the directory never sees half a file. :meth:`Recorder.close` (on SIGTERM, through the
 app's shutdown) writes what is buffered. A failing disk costs the rows it could not take (counted,
 logged, in ``/metrics``), never a step.
 
@@ -183,7 +183,7 @@ class _File:
         try:
             self.writer.close()
             assert self.path is not None
-            os.replace(self.path, self.path.with_suffix(""))
+            os.replace(self.path, self.path.with_name(self.path.name[1:].removesuffix(".partial")))
             self.recorder.files_written += 1
         except OSError as exc:
             self.recorder.rows_lost += self.rows
@@ -197,7 +197,8 @@ class _File:
         rec = self.recorder
         rec.directory.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        self.path = rec.directory / f"steps-{stamp}-{os.getpid()}-{next(rec._names):05d}.parquet.partial"
+        # Hidden until complete: readers of the directory (pyarrow's dataset discovery) skip dot files.
+        self.path = rec.directory / f".steps-{stamp}-{os.getpid()}-{next(rec._names):05d}.parquet.partial"
         self.writer = pq.ParquetWriter(self.path, schema, compression="zstd")
         self.opened = time.monotonic()
         self.rows = 0

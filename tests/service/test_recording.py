@@ -44,8 +44,8 @@ async def test_recorded_steps_are_written_as_sent_and_answered(
 ) -> None:
     sent, _ = await run_app(checkpoints, {"record": True}, 30, record_dir=tmp_path)
     files = sorted(tmp_path.glob("*.parquet"))
-    assert files and not list(tmp_path.glob("*.partial"))
-    table = pq.read_table(files).to_pydict()
+    assert files and not list(tmp_path.glob(".*.partial"))
+    table = pq.read_table(tmp_path).to_pydict()  # the directory, as the docs show
     assert len(table["step"]) == 30  # the other session was not recorded
     assert table["step"] == list(range(30))
     assert table["episode"] == [0] * 12 + [1] * 18
