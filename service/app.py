@@ -26,8 +26,9 @@ from service.api.replies import error_reply
 from service.api.routes import act, admin, health, models, sessions, streams
 from service.auth import Authenticator
 from service.config import Settings
+from service.engine import Engine
 from service.errors import ApiError, from_validation_errors
-from service.lifecycle import apply_activation, read_manifest, restore_versions, write_manifest
+from service.lifecycle import apply_activation, read_manifest, restore_versions, watch, write_manifest
 from service.metrics import ServiceMetrics
 from service.recording import Recorder
 from service.registry import ModelRegistry
@@ -99,6 +100,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 count_sessions(saved),
                 extra={"path": str(settings.state_dir)},
             )
+    watcher: asyncio.Task[None] | None = None
+    if settings.watch_dir is not None:
+
+        def loaded(engine: Engine) -> None:
+            engine.recorder = registry.recorder
+            app.state.metrics.watch(engine)
+
+        def changed() -> None:
+            write_manifest(registry, settings.state_dir)
+
+        watcher = asyncio.create_task(
+            watch(registry, settings.watch_dir, settings.watch_interval_s, loaded, changed),
+            name="model-watcher",
+        )
     snapshots: asyncio.Task[None] | None = None
     stop_snapshots = asyncio.Event()
     if settings.state_dir is not None and settings.snapshot_interval_s > 0:
@@ -117,6 +132,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.ready = False
         registry.draining = True
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         if snapshots is not None:
             # Not cancelled: a write in progress must finish before the final one, or it could
             # land after it and leave an older state behind.

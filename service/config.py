@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     """The only directory the admin routes load checkpoints from (default: ``checkpoints_dir``)."""
     max_upload_bytes: int = Field(default=256 << 20, ge=1024)
     """Largest checkpoint archive the admin routes accept as a request body."""
+    watch_dir: Path | None = None
+    """Serve what is published here: each sub-directory holding a checkpoint is a model of its name; a
+    changed one becomes a new version, activated with its sessions migrated."""
+    watch_interval_s: float = Field(default=5.0, gt=0)
+    """How often ``watch_dir`` is looked at."""
     record_dir: Path | None = None
     """Where recorded sessions' steps are written (Parquet); none: recording is off."""
     record_fraction: float = Field(default=0.0, ge=0.0, le=1.0)

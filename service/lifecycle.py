@@ -12,11 +12,13 @@ saved sessions are restored: a restart brings back every version its sessions we
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +165,52 @@ def apply_activation(registry: ModelRegistry, saved: dict[str, Any]) -> None:
     for name, canary in (saved.get("canary") or {}).items():
         if isinstance(canary, dict) and canary.get("version") in registry.versions.get(name, {}):
             registry.canary[name] = (str(canary["version"]), float(canary.get("share", 0.0)))
+
+
+async def watch(
+    registry: ModelRegistry,
+    directory: Path,
+    interval_s: float,
+    on_loaded: Callable[[Engine], None],
+    on_change: Callable[[], None],
+) -> None:
+    """Serve what appears in ``directory``: each sub-directory holding a checkpoint is model
+    ``<its name>``; a new one is loaded, and a changed one is loaded as a new version and activated
+    with its sessions migrated (without migration when the sizes differ). A checkpoint caught half
+    written fails its hash check and is tried again at the next look.
+    """
+    seen: dict[str, int] = {}
+    while True:
+        try:
+            entries = sorted(p for p in directory.iterdir() if (p / "config.json").is_file())
+        except OSError as exc:
+            log.warning("watched directory %s not readable: %s", directory, exc)
+            entries = []
+        for path in entries:
+            name = path.name
+            stamp = (path / "config.json").stat().st_mtime_ns
+            if seen.get(name) == stamp or not NAME.fullmatch(name):
+                continue
+            try:
+                engine = await asyncio.to_thread(load_engine, registry, name, path)
+            except ApiError as exc:
+                log.info("watched checkpoint %s not loaded yet: %s", path, exc.message)
+                continue
+            seen[name] = stamp
+            if engine.version in registry.versions.get(name, {}):
+                continue
+            first = name not in registry.versions
+            registry.add_version(engine, path)
+            on_loaded(engine)
+            await engine.start()
+            if not first:
+                old = registry.engines[name]
+                migrate = old.compatible(engine)
+                moved = await registry.activate(name, engine.version, migrate=migrate)
+                log.info(
+                    "watched model %s: version %s active (%d sessions migrated)", name, engine.version, moved
+                )
+            else:
+                log.info("watched model %s: version %s loaded", name, engine.version)
+            on_change()
+        await asyncio.sleep(interval_s)

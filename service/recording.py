@@ -5,9 +5,9 @@ A session is recorded when it asks at creation (``"record": true``) or falls in 
 :meth:`Recorder.submit` as a block of arrays -- a copy of a few rows, never a wait: when the bounded
 buffer is full the block is dropped and counted. A background thread turns blocks into Parquet row
 groups and rotates files by size and age; a file is written as a hidden ``.*.parquet.partial`` and
-renamed when complete, so a reader of the directory never sees half a file. :meth:`Recorder.close` (on SIGTERM, through the
-app's shutdown) writes what is buffered. A failing disk costs the rows it could not take (counted,
-logged, in ``/metrics``), never a step.
+renamed when complete, so a reader of the directory never sees half a file. :meth:`Recorder.close`
+(on SIGTERM, through the app's shutdown) writes what is buffered. A failing disk costs the rows it
+could not take (counted, logged, in ``/metrics``), never a step.
 
 One row per step::
 

@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 from service_support import OBS, ServiceClient, action, assert_error, info, make_checkpoint, new_session
@@ -296,3 +297,32 @@ async def test_admin_bodies_are_validated(serve: Serve) -> None:
             "/v1/admin/models", content=b"x", headers={**ADMIN, "Content-Type": "text/plain"}
         )
         assert_error(r, 415, "unsupported_media_type")
+
+
+async def test_a_watched_directory_serves_what_is_published(serve: Serve, root: Path, tmp_path: Path) -> None:
+    """A checkpoint published into the watched directory is served; republished, it becomes the active
+    version and the live sessions move to it; a half-written one waits for the next look."""
+    watched = tmp_path / "published"
+    watched.mkdir()
+    async with serve(watch_dir=watched, watch_interval_s=0.05) as client:
+        make_checkpoint(watched / "trained", seed=2)
+        v1 = await wait_for_version(client, "trained", None)
+        r = await client.post("/v1/sessions", json={"model": "trained"})
+        sid = r.json()["session_id"]
+        await action(client, sid, OBS[0], step=0)
+        (watched / "half").mkdir()
+        (watched / "half" / "config.json").write_text("{")  # a copy caught half way
+        make_checkpoint(watched / "trained", seed=7)  # republished: a new version
+        v2 = await wait_for_version(client, "trained", v1)
+        assert v2 != v1 and (await info(client, sid))["model_version"] == v2
+        assert "half" not in client.registry.versions
+
+
+async def wait_for_version(client: ServiceClient, name: str, other_than: str | None) -> str:
+    """The active version of ``name`` once it exists and differs from ``other_than`` (bounded wait)."""
+    for _ in range(400):
+        engine = client.registry.engines.get(name)
+        if engine is not None and engine.version != other_than:
+            return engine.version
+        await anyio.sleep(0.05)
+    raise AssertionError(f"model {name} did not change from {other_than}")
