@@ -346,6 +346,7 @@ class ModelRegistry:
         which is how a client moves a session to another replica or recovers one the service lost.
         Every check runs before anything changes.
         """
+        await self.steps_allowed()  # a session restored mid-migration must not stay behind
         if state.session_id != session_id:
             raise errors.invalid_snapshot(
                 "its 'session_id' differs from the one in the path",
