@@ -63,6 +63,10 @@ class ModelInfo:
     task_params_in_obs: bool | None = None
     """Whether the model expects the task parameters appended to each observation (an oracle);
     ``None`` when the service does not say."""
+    active: bool = True
+    """This version gets the model's new sessions (a service may serve several versions of a model)."""
+    canary_share: float = 0.0
+    """Share of the model's new sessions this version gets as a canary."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelInfo:
@@ -81,6 +85,8 @@ class ModelInfo:
             metrics=dict(data.get("metrics") or {}),
             default=bool(data.get("default", False)),
             task_params_in_obs=None if oracle is None else bool(oracle),
+            active=bool(data.get("active", True)),
+            canary_share=float(data.get("canary_share", 0.0)),
         )
 
 

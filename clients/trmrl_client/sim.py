@@ -307,11 +307,12 @@ def check_model(models: Sequence[ModelInfo], family: Any, name: str | None) -> t
         >>> info, oracle = check_model(client.models(), get_family("point-nav"), None)  # doctest: +SKIP
     """
     if name is not None:
-        chosen = next((m for m in models if m.name == name), None)
+        # The active version of the model (a service may also serve others of the same name).
+        chosen = next((m for m in sorted(models, key=lambda m: not m.active) if m.name == name), None)
         if chosen is None:
             raise SimError(f"the service has no model {name!r}; loaded: {', '.join(m.name for m in models)}")
     else:
-        ordered = sorted(models, key=lambda m: not m.default)
+        ordered = sorted(models, key=lambda m: (not m.default, not m.active))
         chosen = next((m for m in ordered if m.task_family == family.name), None)
         if chosen is None:
             raise SimError(
