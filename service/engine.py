@@ -584,19 +584,11 @@ class Engine:
         table.queued[slots] -= 1
         live = table.generation[slots] == batch.generation[:n]
         start = batch.start[:n]
-        # Steps of the episode before this one; the reward a row carries is for the previous action.
-        before = np.where(start, 0, table.episode_step[slots])
-        rewarded = ~start & live
-        early = rewarded & (before <= ADAPTATION_STEPS)
-        later = rewarded & (before > ADAPTATION_STEPS)
-        rewards = batch.reward[:n]
-        self.reward_sums[0] += float(rewards[early].sum())
-        self.reward_sums[1] += float(rewards[later].sum())
-        self.reward_counts[0] += int(early.sum())
-        self.reward_counts[1] += int(later.sum())
+        self._count_rewards(slots, start, live, batch.reward[:n])
         if self.recorder is not None:
             recorded = table.record[slots] & live
             if recorded.any():
+                before = np.where(start, 0, table.episode_step[slots])
                 self.recorder.submit(self._recorded(batch, n, actions, recorded, before))
         if live.all():
             table.next_step[slots] += 1
@@ -612,6 +604,32 @@ class Engine:
             table.release_idle(slots[~live])
         self.ticks += 1
         self.stepped += n
+
+    def _count_rewards(
+        self, slots: np.ndarray, start: np.ndarray, live: np.ndarray, rewards: np.ndarray
+    ) -> None:
+        """Add a batch's rewards to the adaptation signal: those for an episode's first
+        ``ADAPTATION_STEPS`` actions, and those for later ones (a row's reward is for the action
+        before it; an episode's first row has none)."""
+        steps = self.table.episode_step
+        if len(slots) < 32:
+            # A few rows (one robot's step): plain Python costs a fraction of the array operations.
+            sums, counts = self.reward_sums, self.reward_counts
+            for first, alive, slot, reward in zip(
+                start.tolist(), live.tolist(), slots.tolist(), rewards.tolist()
+            ):
+                if alive and not first:
+                    k = 0 if steps[slot] <= ADAPTATION_STEPS else 1
+                    sums[k] += reward
+                    counts[k] += 1
+            return
+        rewarded = ~start & live
+        early = rewarded & (steps[slots] <= ADAPTATION_STEPS)
+        later = rewarded & ~early
+        self.reward_sums[0] += float(rewards[early].sum())
+        self.reward_sums[1] += float(rewards[later].sum())
+        self.reward_counts[0] += int(early.sum())
+        self.reward_counts[1] += int(later.sum())
 
     def _recorded(
         self, batch: _Batch, n: int, actions: np.ndarray, rows: np.ndarray, before: np.ndarray
