@@ -615,9 +615,8 @@ class Engine:
         if len(slots) < 32:
             # A few rows (one robot's step): plain Python costs a fraction of the array operations.
             sums, counts = self.reward_sums, self.reward_counts
-            for first, alive, slot, reward in zip(
-                start.tolist(), live.tolist(), slots.tolist(), rewards.tolist()
-            ):
+            rows = zip(start.tolist(), live.tolist(), slots.tolist(), rewards.tolist(), strict=True)
+            for first, alive, slot, reward in rows:
                 if alive and not first:
                     k = 0 if steps[slot] <= ADAPTATION_STEPS else 1
                     sums[k] += reward
