@@ -437,7 +437,8 @@ class ModelRegistry:
 
     async def act(self, request: ActRequest, started_ns: int, owner: str | None = None) -> ActResponse:
         """One act request, start to finish."""
-        await self.steps_allowed()
+        if not self._steps_open.is_set():  # sessions are moving between versions: wait for them
+            await self._steps_open.wait()
         engine, session_id, ticket = self.submit(request, owner)
         action = await ticket.action()
         return reply(engine, session_id, ticket.step, action.tolist(), started_ns)
