@@ -83,6 +83,9 @@ class Recorder:
         self._names = itertools.count()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._closed = False
+        # Imported now, at start-up: importing pyarrow costs a second of CPU, not to be spent mid-serving.
+        import pyarrow.parquet  # noqa: F401
+
         if start:
             self._thread.start()
 
@@ -120,6 +123,7 @@ class Recorder:
     def _run(self) -> None:
         file = _File(self)
         blocks: list[dict[str, Any]] = []
+        rows = 0
         last_flush = time.monotonic()
         while True:
             try:
@@ -128,13 +132,12 @@ class Recorder:
                 block = None if self._closed else {}
             if block:
                 blocks.append(block)
+                rows += len(block["step"])
             done = block is None
             now = time.monotonic()
-            if blocks and (
-                done or now - last_flush >= self.flush_s or sum(len(b["step"]) for b in blocks) >= 65_536
-            ):
+            if blocks and (done or now - last_flush >= self.flush_s or rows >= 65_536):
                 file.write(blocks)
-                blocks = []
+                blocks, rows = [], 0
                 last_flush = now
             if file.due(now) or done:
                 file.finish()
