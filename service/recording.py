@@ -220,24 +220,29 @@ class _File:
 
 
 def to_table(blocks: list[dict[str, Any]]) -> Any:
-    """Recorded blocks as one Arrow table (vectors as fixed-size lists of float32)."""
+    """Recorded blocks as one Arrow table (vectors as fixed-size lists of float32).
+
+    Runs on the writer thread while the event loop and the forward pass want the interpreter too,
+    so it stays in C loops: no per-row Python.
+    """
     import pyarrow as pa
 
+    sizes = [len(b["step"]) for b in blocks]
+
     def column(name: str) -> Any:
-        parts = [b[name] for b in blocks]
-        if name in ("session_id",):
-            return pa.array([x for part in parts for x in part], pa.string())
+        if name == "session_id":
+            return pa.array(list(itertools.chain.from_iterable(b[name] for b in blocks)), pa.string())
         if name in ("model", "version"):
-            return pa.array([b[name] for b in blocks for _ in range(len(b["step"]))], pa.string())
-        values = np.concatenate(parts)
+            # A block is one model version: a dictionary column of one entry per block.
+            labels = [b[name] for b in blocks]
+            indices = np.repeat(np.arange(len(blocks), dtype=np.int32), sizes)
+            return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array(labels, pa.string()))
+        values = np.concatenate([b[name] for b in blocks])
         if values.ndim == 2:
-            flat = pa.array(values.reshape(-1).astype(np.float32), pa.float32())
-            vectors = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-            if name == "applied_action":
-                missing = np.isnan(values).all(axis=1)
-                if missing.any():
-                    vectors = pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(missing))
-            return vectors
+            flat = pa.array(values.reshape(-1).astype(np.float32, copy=False), pa.float32())
+            missing = np.isnan(values).all(axis=1) if name == "applied_action" else None
+            mask = pa.array(missing) if missing is not None and missing.any() else None
+            return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=mask)
         return pa.array(values)
 
     return pa.table({name: column(name) for name in COLUMNS})
