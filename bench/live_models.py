@@ -6,9 +6,10 @@ with ``migrate_sessions``, and the time steps were held back (``ModelRegistry.la
 move every session's window and counters, reopen) is measured five times each way.
 
 Part 2, through two real services side by side (the same checkpoint, one recording every session to
-Parquet in a temporary directory, one not): actions/s at 256 sessions over ``/v1/act`` and over the
-columnar MessagePack batch, the two services measured alternately, twice each, so drift in the
-machine's load hits both.
+Parquet in a temporary directory, one not): actions/s and the server's CPU time per action at 256
+sessions over ``/v1/act`` and over the columnar MessagePack batch, the two services measured
+alternately, three times each, so drift in the machine's load hits both. On a busy machine the CPU
+time per action is the steadier figure: the closed-loop actions/s follow the neighbours' load.
 
 Run: ``python -m bench.live_models [--quick] [--json PATH]``; prints a table, writes JSON.
 """
@@ -32,7 +33,8 @@ import torch
 import uvloop
 from trmrl_client.launch import ServiceProcess
 
-from bench.serve_load import LoadResult, run_act, run_columnar
+from bench.host_overhead import measured
+from bench.serve_load import run_act, run_columnar
 from service.engine import Engine, EngineLimits
 from service.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
@@ -94,9 +96,10 @@ async def migration_pauses(paths: list[Path], sessions: int, repeats: int) -> di
     }
 
 
-async def load_on(port: int, path: str, duration_s: float) -> LoadResult:
+async def load_on(server: ServiceProcess, path: str, duration_s: float) -> dict[str, Any]:
+    """Actions/s at 256 sessions, and the server's CPU time per action over the same window."""
     runner = run_act if path == "act" else partial(run_columnar, encoding="msgpack", simulators=2)
-    return await runner("127.0.0.1", port, 256, OBS_DIM, duration_s=duration_s, warmup_s=1.0)
+    return await measured(server.pid, server.port, runner, 256, duration_s, 1.0)
 
 
 def recording_overhead(path: Path, duration_s: float, rounds: int) -> dict[str, Any]:
@@ -110,17 +113,28 @@ def recording_overhead(path: Path, duration_s: float, rounds: int) -> dict[str, 
         ):
             for load in ("act", "columnar"):
                 rates: dict[str, list[float]] = {"plain": [], "recording": []}
+                cpu: dict[str, list[float]] = {"plain": [], "recording": []}
                 for _ in range(rounds):
                     for name, server in (("plain", plain), ("recording", recording)):
-                        result = uvloop.run(load_on(server.port, load, duration_s))
-                        rates[name].append(result.actions_per_s)
-                        print(f"  {load:9s} {name:10s} {result.actions_per_s:9.0f} actions/s", flush=True)
+                        row = uvloop.run(load_on(server, load, duration_s))
+                        rates[name].append(row["actions_per_s"])
+                        cpu[name].append(row["server_us_per_action"])
+                        print(
+                            f"  {load:9s} {name:10s} {row['actions_per_s']:9.0f} actions/s "
+                            f"{row['server_us_per_action']:8.1f} us of server CPU per action",
+                            flush=True,
+                        )
                 mean = {k: statistics.mean(v) for k, v in rates.items()}
+                cost = {k: statistics.median(v) for k, v in cpu.items()}
                 out[load] = {
                     "plain_actions_per_s": round(mean["plain"], 1),
                     "recording_actions_per_s": round(mean["recording"], 1),
                     "ratio": round(mean["recording"] / mean["plain"], 3),
+                    "plain_us_per_action": round(cost["plain"], 2),
+                    "recording_us_per_action": round(cost["recording"], 2),
+                    "cpu_ratio": round(cost["plain"] / cost["recording"], 3),
                     "runs": rates,
+                    "cpu_runs": cpu,
                 }
         written = list(Path(records).glob("*.parquet"))
         out["files_written"] = len(written)
@@ -135,7 +149,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/live_models.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    sessions, repeats, duration, rounds = (2000, 2, 1.0, 1) if args.quick else (10_000, 5, 3.0, 2)
+    sessions, repeats, duration, rounds = (2000, 2, 1.0, 1) if args.quick else (10_000, 5, 3.0, 3)
     results: dict[str, Any] = {
         "machine": {
             "summary": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -162,7 +176,9 @@ def main() -> None:
         print(
             f"recording, {load:8s} 256 sessions: {row['recording_actions_per_s']:9.0f} vs "
             f"{row['plain_actions_per_s']:9.0f} actions/s, ratio {row['ratio']:.3f} "
-            f"(target >= {TARGETS['recording_ratio_256']})"
+            f"(target >= {TARGETS['recording_ratio_256']}); server CPU per action "
+            f"{row['recording_us_per_action']:.1f} vs {row['plain_us_per_action']:.1f} us, "
+            f"ratio {row['cpu_ratio']:.3f}"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
