@@ -36,13 +36,16 @@ __all__ = [
     "register_family",
 ]
 
-Split = Literal["train", "test", "ood"]
-"""A task split: ``train`` and ``test`` share a distribution (disjoint samples), ``ood`` does not."""
+Split = Literal["train", "validation", "test", "ood"]
+"""A task split: ``train``, ``validation`` and ``test`` share a distribution (separate samples), ``ood``
+does not. ``validation`` is for choosing checkpoints and settings, so that ``test`` stays held out."""
 
-SPLITS: Final[tuple[str, ...]] = ("train", "test", "ood")
+SPLITS: Final[tuple[str, ...]] = ("train", "validation", "test", "ood")
 
-# Each split gets its own random stream so that train and test tasks differ for the same seed.
-_SPLIT_STREAM: Final[dict[str, int]] = {"train": 0, "test": 1, "ood": 2}
+# Each split gets its own random stream so that train, validation and test tasks differ for the same
+# seed. The first three keep the numbers they had before validation existed: the same seed still draws
+# the same train, test and ood tasks.
+_SPLIT_STREAM: Final[dict[str, int]] = {"train": 0, "test": 1, "ood": 2, "validation": 3}
 
 ObsArray: TypeAlias = NDArray[np.float32]
 """Observation type of every task environment."""
@@ -58,7 +61,7 @@ class Task:
 
     Attributes:
         family: Registry name of the family this task belongs to, e.g. ``"halfcheetah-vel"``.
-        split: ``"train"``, ``"test"`` or ``"ood"``.
+        split: ``"train"``, ``"validation"``, ``"test"`` or ``"ood"``.
         index: Position in the sampled list (Meta-World: index into the benchmark's task list).
         params: Numeric task description of length ``family.task_param_dim`` (the oracle input).
         label: Short human-readable description, e.g. ``"v*=1.73"`` or ``"reach-v3#17"``.
@@ -120,7 +123,8 @@ class TaskFamily(ABC):
     def sample_tasks(self, split: str, n: int, seed: int) -> list[Task]:
         """Sample ``n`` tasks of ``split``, deterministically under ``seed``.
 
-        Train and test draw from separate random streams, so they differ for the same seed.
+        Every split draws from its own random stream, so train, validation and test differ for the same
+        seed; validation tasks come from the training distribution.
 
         Raises:
             TaskFamilyError: If the split is not supported, ``n`` is not a positive int or ``seed`` is

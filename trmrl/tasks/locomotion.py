@@ -249,6 +249,7 @@ def _direction_task(family: str, split: str, index: int, theta: float, unit: tup
 # Exact unit vectors for the axis directions, so that θ = π gives (-1, 0) and not (-1, 1.2e-16).
 _AXIS_DIRECTIONS: Final = {
     "train": ((0.0, (1.0, 0.0)), (math.pi, (-1.0, 0.0))),
+    "validation": ((0.0, (1.0, 0.0)), (math.pi, (-1.0, 0.0))),
     "test": ((0.0, (1.0, 0.0)), (math.pi, (-1.0, 0.0))),
     "ood": ((0.5 * math.pi, (0.0, 1.0)), (1.5 * math.pi, (0.0, -1.0))),
 }
@@ -333,7 +334,7 @@ FAMILIES: Final[tuple[TaskFamily, ...]] = (
         _CheetahDirFamily,
         "halfcheetah-dir",
         task_param_dim=1,
-        splits=("train", "test"),
+        splits=("train", "validation", "test"),
         description="HalfCheetah-v5 running forward (d=+1) or backward (d=-1); reward d·v_x - 0.05‖a‖².",
     ),
     _family(
@@ -348,7 +349,7 @@ FAMILIES: Final[tuple[TaskFamily, ...]] = (
         _AntDir2DFamily,
         "ant-dir-2d",
         task_param_dim=2,
-        splits=("train", "test"),
+        splits=("train", "validation", "test"),
         description="Ant-v5 running along θ ~ U[0, 2π); params (cos θ, sin θ); reward as ant-dir.",
     ),
     _family(
