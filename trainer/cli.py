@@ -56,12 +56,12 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    from trainer.run import RunDirectoryError, Trainer, init_distributed
+    from trainer.run import Trainer, init_distributed
 
     init_distributed()
     try:
         trainer = Trainer(cfg, args.out, progress=not args.no_progress)
-    except RunDirectoryError as exc:
+    except ValueError as exc:  # RunDirectoryError included: a config or directory refused before any work
         parser.error(str(exc))
     try:
         result = trainer.train()

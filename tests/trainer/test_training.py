@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -269,8 +270,7 @@ def test_sigkill_mid_training_then_resume_loses_nothing(tmp_path: Path) -> None:
     assert load_checkpoint(out / "final").info.step == trainer.steps
 
 
-@pytest.mark.slow
-def test_two_rank_ddp_update_keeps_parameters_identical(tmp_path: Path) -> None:
+def _torchrun(tmp_path: Path, preset: str, updates: int, *overrides: str) -> list[dict[str, Any]]:
     cmd = [
         sys.executable,
         "-m",
@@ -279,15 +279,60 @@ def test_two_rank_ddp_update_keeps_parameters_identical(tmp_path: Path) -> None:
         "--nproc_per_node=2",
         str(ROOT / "tests" / "trainer" / "ddp_worker.py"),
         str(tmp_path),
+        preset,
+        str(updates),
+        *overrides,
     ]
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    # A collective that waits forever would hang the suite: the timeout turns a deadlock into a failure.
+    done = subprocess.run(
+        cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _assert_identical_and_moved(ranks: list[dict[str, Any]]) -> None:
     for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(a, b)
+    assert torch.equal(ranks[0]["obs_mean"], ranks[1]["obs_mean"])
     moved = sum(
         float((p - q).abs().sum()) for p, q in zip(ranks[0]["params"], ranks[0]["initial"], strict=True)
     )
     assert moved > 0
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_update_keeps_parameters_identical(tmp_path: Path) -> None:
+    ranks = _torchrun(
+        tmp_path, "small-point-nav", 1, "tasks_per_update=8", "epochs=2", "minibatch_size=256", "eval_tasks=2"
+    )
+    _assert_identical_and_moved(ranks)
     assert ranks[0]["tasks"] != ranks[1]["tasks"]  # each rank sampled its own tasks
-    assert ranks[0]["steps"] == 2 * 4 * 2 * 100  # steps counted over both ranks
+    assert [len(t) for t in ranks[0]["tasks"] + ranks[1]["tasks"]] == [4, 4]  # the meta-batch, shared out
+    assert ranks[0]["steps"] == 8 * 2 * 100  # steps counted over both ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimization", ["joint", "separate"])
+def test_ddp_with_ragged_batches_on_early_terminating_ant_dir_cannot_hang(
+    tmp_path: Path, optimization: str
+) -> None:
+    # Five tasks over two ranks (3 + 2) and Ant episodes that end when the torso leaves [0.2, 1.0]:
+    # the ranks' batches differ in size and would need different minibatch counts of their own.
+    ranks = _torchrun(
+        tmp_path,
+        "small-halfcheetah-dir",
+        3,
+        "family=ant-dir",
+        "tasks_per_update=5",
+        "epochs=2",
+        "minibatch_size=128",
+        "eval_tasks=2",
+        f"optimization={optimization}",
+    )
+    local = [r["local_steps"] for r in ranks]
+    assert any(-(-a // 128) != -(-b // 128) for a, b in zip(*local, strict=True))
+    assert sum(local[0]) + sum(local[1]) == ranks[0]["steps"] == ranks[1]["steps"]
+    assert ranks[0]["steps"] < 3 * 5 * 2 * 200  # some episodes terminated early
+    assert ranks[0]["steps"] >= 2_000
+    _assert_identical_and_moved(ranks)
