@@ -81,7 +81,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         prog="trmrl-eval", description="Meta-test checkpoints on the same task set, deterministic actions."
     )
     parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT")
-    parser.add_argument("--split", choices=["test", "ood"], default="test")
+    parser.add_argument("--split", choices=["validation", "test", "ood"], default="test")
     parser.add_argument("--tasks", type=int, default=30, help="number of tasks (default 30)")
     parser.add_argument("--seed", type=int, default=1000, help="task-set seed (default 1000, as training)")
     parser.add_argument("--episodes", type=int, help="episodes per trial (default: as trained)")
