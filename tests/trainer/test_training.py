@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,14 @@ from trainer.cli import train_main
 from trainer.config import PRESETS, preset_config
 from trainer.evaluate import evaluate, replay_actions
 from trainer.rollout import TrialSampler
-from trainer.run import RunDirectoryError, Trainer, check_run_directory, train
+from trainer.run import (
+    RunDirectoryError,
+    Trainer,
+    check_compatible,
+    check_run_directory,
+    tasks_for_rank,
+    train,
+)
 from trmrl.checkpoint import load_checkpoint
 from trmrl.model import ModelConfig, TrMRL
 from trmrl.tasks import get_family
@@ -84,6 +92,19 @@ def test_every_paper_preset_carries_the_published_hyperparameters() -> None:
         (["--preset", "small-point-nav", "--out", "x", "--set", "epochs"], "expects key=value"),
         (["--preset", "small-point-nav", "--out", "x", "--total-steps", "0"], "total_steps must be > 0"),
         (["--preset", "small-point-nav"], "--preset and --out are required"),
+        (
+            ["--preset", "small-point-nav-memoryless", "--out", "x", "--set", "window=5"],
+            "reference=memoryless reads one working memory, but window=5",
+        ),
+        (
+            ["--preset", "small-point-nav", "--out", "x", "--set", "normalize_task_params=true"],
+            "normalize_task_params=true applies to an oracle's task parameters",
+        ),
+        (["--preset", "small-point-nav", "--out", "x", "--set", "value_lr=0"], "value_lr must be > 0"),
+        (
+            ["--preset", "small-point-nav", "--out", "x", "--set", "value_loss=huber"],
+            "expected one of mse, gaussian_nll",
+        ),
     ],
 )
 def test_cli_refuses_bad_arguments_before_any_work(
@@ -114,6 +135,39 @@ def test_cli_refuses_a_directory_holding_another_run(
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(RunDirectoryError, match="not empty"):
         Trainer(preset_config("small-point-nav"), tmp_path / "junk", progress=False)
+
+
+def test_settings_that_contradict_the_family_or_the_process_group_are_refused() -> None:
+    cfg = preset_config("small-point-nav", {"tasks_per_update": "2"})
+    family = get_family("point-nav")
+    check_compatible(cfg, family, world=2)
+    with pytest.raises(ValueError, match="tasks_per_update=2 is fewer than the 3 ranks"):
+        check_compatible(cfg, family, world=3)
+    without_validation = dataclasses.replace(family, splits=("train", "test"))
+    with pytest.raises(ValueError, match="eval_every=5 needs a 'validation' split, which family 'point-nav'"):
+        check_compatible(cfg, without_validation, world=1)
+    check_compatible(preset_config("small-point-nav", {"eval_every": "0"}), without_validation, world=1)
+    assert [tasks_for_rank(5, r, 2) for r in (0, 1)] == [3, 2]
+    assert [tasks_for_rank(20, r, 3) for r in (0, 1, 2)] == [7, 7, 6]
+
+
+def test_model_selection_sees_only_the_validation_split(tmp_path: Path) -> None:
+    cfg = preset_config(
+        "small-point-nav",
+        {"total_steps": "12800", "eval_every": "1", "eval_tasks": "2", "tasks_per_update": "32"},
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records] == [1, 2]
+    assert "validation/return" in records[0]
+    assert not any(k.startswith(("test/", "ood/")) for k in records[0])
+    # Held-out splits once, at the end, after the last choice of best/.
+    assert {"validation/return", "test/return", "ood/return"} <= set(records[1])
+    best = load_checkpoint(tmp_path / "run" / "best").info.metrics
+    assert "validation/return" in best and not any(k.startswith(("test/", "ood/")) for k in best)
+    final = load_checkpoint(tmp_path / "run" / "final").info.metrics
+    assert final["test/return"] == records[1]["test/return"]
+    assert final["validation/return"] == records[1]["validation/return"]
 
 
 def test_a_setting_added_after_a_run_started_keeps_it_resumable(tmp_path: Path) -> None:
