@@ -203,8 +203,9 @@ def _small(family: str, **kw: Any) -> dict[str, Any]:
 
 
 _BASE_PRESETS: dict[str, dict[str, Any]] = {
+    # The 20-d HalfCheetah observation, as the authors' fork (and PEARL, ProMP) defines it.
     "paper-halfcheetah-vel": _paper_mujoco(
-        "halfcheetah-vel",
+        "halfcheetah-vel-20d",
         gamma=0.9,
         gae_lambda=0.8,
         clip=0.1,
@@ -220,7 +221,7 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
         decay_value_lr=False,
     ),
     "paper-halfcheetah-dir": _paper_mujoco(
-        "halfcheetah-dir",
+        "halfcheetah-dir-20d",
         gamma=0.9,
         gae_lambda=0.8,
         clip=0.2,

@@ -561,3 +561,25 @@ def test_ml10_ml45_family(name: str) -> None:
 
 def _env_name(task: Task) -> str:
     return task.label.split("#")[0]
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_the_20d_halfcheetah_appends_the_torso_position(name: str) -> None:
+    short, long = get_family(name), get_family(f"{name}-20d")
+    assert (short.obs_dim, long.obs_dim) == (17, 20)
+    task = short.sample_tasks("train", 1, seed=0)[0]
+    envs = [f.make_env(Task(f.name, task.split, 0, task.params, task.label)) for f in (short, long)]
+    try:
+        obs = [env.reset(seed=3)[0] for env in envs]
+        action = np.full(6, 0.5, np.float32)
+        for _ in range(20):
+            steps = [env.step(action) for env in envs]
+        obs, rewards = [s[0] for s in steps], [s[1] for s in steps]
+        np.testing.assert_array_equal(obs[0], obs[1][:17])
+        assert rewards[0] == rewards[1]
+        torso = envs[1].unwrapped.data.body("torso").xpos  # type: ignore[attr-defined]
+        np.testing.assert_allclose(obs[1][17:], torso, rtol=1e-6)
+        assert obs[1][19] > 0.0  # the torso's height
+    finally:
+        for env in envs:
+            env.close()

@@ -66,7 +66,7 @@ def test_reevaluating_a_flattened_rollout_finds_the_stored_log_probs_and_values(
 def _paper_dir_model(seed: int = 0) -> tuple[TrMRL, Any]:
     cfg = preset_config("paper-halfcheetah-dir")
     torch.manual_seed(seed)
-    return TrMRL(model_config_for(cfg, get_family("halfcheetah-dir"))), cfg
+    return TrMRL(model_config_for(cfg, get_family(cfg.family))), cfg
 
 
 def _encoder(model: TrMRL) -> torch.Tensor:
@@ -126,7 +126,7 @@ def test_with_the_paper_settings_the_value_objective_cannot_steer_the_policys_en
     With one summed loss, by contrast, the size of the returns changes the encoder's step.
     """
     model, cfg = _paper_dir_model()
-    batch = _real_batch(model, "halfcheetah-dir", n_envs=2)
+    batch = _real_batch(model, cfg.family, n_envs=2)
     model.train()
     # Returns 100x larger: a value gradient 100x larger, the advantages (the policy's signal) unchanged.
     loud = Batch(*batch[:5], batch.returns * 100)
