@@ -30,6 +30,11 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="run directory (created; resumed if it holds this run)")
     parser.add_argument("--total-steps", type=int, help="environment steps to train for")
     parser.add_argument("--seed", type=int, help="seed of tasks, envs, initialisation, exploration")
+    parser.add_argument(
+        "--family",
+        help="task family instead of the preset's: a name (built in or installed under the "
+        "trmrl.task_families entry-point group) or module:attribute",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,6 +54,8 @@ def train_main(argv: list[str] | None = None) -> int:
             overrides["total_steps"] = str(args.total_steps)
         if args.seed is not None:
             overrides["seed"] = str(args.seed)
+        if args.family is not None:
+            overrides["family"] = args.family
         cfg = preset_config(args.preset, overrides)
         from trmrl.tasks import get_family
 
