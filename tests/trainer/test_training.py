@@ -79,6 +79,49 @@ def test_every_paper_preset_carries_the_published_hyperparameters() -> None:
     assert (trmrl.init_std, oracle.init_std) == (0.5, 0.2)  # the oracle runs upright only with less noise
 
 
+def test_paper_presets_optimise_as_the_authors_code_does() -> None:
+    presets = {name: preset_config(name) for name in PRESETS if name.startswith("paper-")}
+    for cfg in presets.values():
+        assert (cfg.optimization, cfg.value_loss) == ("separate", "gaussian_nll")
+        assert (cfg.weight_decay, cfg.max_grad_norm) == (0.01, 0.0)
+    # Output-layer gain: 1.0 on HalfCheetah, 0.01 on Ant and Meta-World (the authors' run commands).
+    gains = {name: cfg.policy_out_gain for name, cfg in presets.items() if "-oracle" not in name}
+    assert {g for n, g in gains.items() if "halfcheetah" in n} == {1.0}
+    assert {g for n, g in gains.items() if "halfcheetah" not in n} == {0.01}
+    # Only the policy's learning rate decays on HalfCheetahVel; both on HalfCheetahDir and AntDir.
+    assert not presets["paper-halfcheetah-vel"].decay_value_lr
+    assert presets["paper-halfcheetah-dir"].decay_value_lr and presets["paper-ant-dir"].decay_value_lr
+    # The meta-RL literature's 20-d HalfCheetah observation.
+    assert get_family(presets["paper-halfcheetah-vel"].family).obs_dim == 20
+    assert get_family(presets["paper-halfcheetah-dir"].family).obs_dim == 20
+
+
+def test_the_value_learning_rate_follows_the_decay_only_when_asked(tmp_path: Path) -> None:
+    for decay_value in (True, False):
+        cfg = preset_config(
+            "small-point-nav",
+            {
+                "total_steps": "6400",
+                "eval_every": "0",
+                "lr_decay": "0.5",
+                "lr_decay_start": "0",
+                "lr_decay_end": "1",
+                "decay_value_lr": str(decay_value),
+                "optimization": "separate",
+            },
+        )
+        trainer = Trainer(cfg, tmp_path / str(decay_value), progress=False)
+        try:
+            trainer.update = 1  # the decay's end: factor 0.5
+            trainer.train_one_update()
+        finally:
+            trainer.close()
+        assert trainer.optimizers.policy.param_groups[0]["lr"] == cfg.policy_lr * 0.5
+        assert trainer.optimizers.value is not None
+        expected = cfg.value_lr * (0.5 if decay_value else 1.0)
+        assert trainer.optimizers.value.param_groups[0]["lr"] == expected
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
