@@ -213,6 +213,31 @@ def test_model_selection_sees_only_the_validation_split(tmp_path: Path) -> None:
     assert final["validation/return"] == records[1]["validation/return"]
 
 
+def test_a_resumed_run_gets_back_both_optimisers_and_the_value_std(tmp_path: Path) -> None:
+    sets = {"total_steps": "6400", "eval_every": "0", "checkpoint_every": "1", "optimization": "separate"}
+    cfg = preset_config("small-point-nav", {**sets, "value_loss": "gaussian_nll"})
+    first = Trainer(cfg, tmp_path / "run", progress=False)
+    try:
+        first.train()
+    finally:
+        first.close()
+    again = Trainer(cfg, tmp_path / "run", progress=False)
+    try:
+        assert again.update == first.update == 1
+        assert float(again.value_log_std) == float(first.value_log_std) != 0.0
+        assert again.optimizers.value is not None and first.optimizers.value is not None
+        for mine, theirs in (
+            (again.optimizers.policy, first.optimizers.policy),
+            (again.optimizers.value, first.optimizers.value),
+        ):
+            saved, loaded = theirs.state_dict()["state"], mine.state_dict()["state"]
+            assert saved.keys() == loaded.keys() and saved
+            for key in saved:
+                assert torch.equal(saved[key]["exp_avg"], loaded[key]["exp_avg"])
+    finally:
+        again.close()
+
+
 def test_a_setting_added_after_a_run_started_keeps_it_resumable(tmp_path: Path) -> None:
     cfg = preset_config("small-point-nav-oracle", {"total_steps": "3200", "eval_every": "0"})
     out = tmp_path / "run"
