@@ -224,7 +224,7 @@ def test_a_resumed_run_gets_back_both_optimisers_and_the_value_std(tmp_path: Pat
     again = Trainer(cfg, tmp_path / "run", progress=False)
     try:
         assert again.update == first.update == 1
-        assert float(again.value_log_std) == float(first.value_log_std) != 0.0
+        assert float(again.value_log_std.detach()) == float(first.value_log_std.detach()) != 0.0
         assert again.optimizers.value is not None and first.optimizers.value is not None
         for mine, theirs in (
             (again.optimizers.policy, first.optimizers.policy),
