@@ -59,7 +59,12 @@ def test_import_loads_neither_torch_nor_metaworld() -> None:
 
 
 def test_registry_lists_every_family() -> None:
-    assert set(family_names()) == {*POINT_AND_LOCOMOTION, *METAWORLD}
+    assert set(family_names()) == {
+        *POINT_AND_LOCOMOTION,
+        *METAWORLD,
+        "halfcheetah-vel-20d",
+        "halfcheetah-dir-20d",
+    }
     for name in family_names():
         family = get_family(name)
         assert isinstance(family, TaskFamily)
