@@ -38,7 +38,8 @@ class TrainConfig:
     total_steps: int = 200_000
     """Environment steps to train for (all ranks together)."""
     tasks_per_update: int = 20
-    """Tasks (one trial each, one environment each) sampled per update: the meta-batch."""
+    """Tasks (one trial each, one environment each) sampled per update: the meta-batch, shared out among
+    the ranks under ``torchrun``."""
     episodes_per_trial: int = 2
     """Episodes per trial on the same task."""
     gamma: float = 0.9

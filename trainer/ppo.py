@@ -314,12 +314,10 @@ def ppo_update(
         n = len(mb)
         policy_opt.zero_grad(set_to_none=True)
         if n:
-            out = model(mb.windows, mb.newest)
-            loss, stats = policy_loss(out, mb, clip, normalize_advantages)
             if value_opt is None:
-                v_loss = value_loss(out.value, mb.returns, value_kind, log_std)
-                loss = loss + vf_coef * v_loss
-                stats["value_loss"] = v_loss.detach()
+                loss, stats = ppo_loss(model, mb, clip, vf_coef, normalize_advantages, value_kind, log_std)
+            else:
+                loss, stats = policy_loss(model(mb.windows, mb.newest), mb, clip, normalize_advantages)
             loss.backward()
             for key, value in stats.items():
                 totals[key] += float(value) * n
@@ -328,8 +326,9 @@ def ppo_update(
             zero_loss().backward()
         grad_norm += _step(policy_opt, n, max_grad_norm)
         steps += 1
-    if value_opt is not None:
-        weights["value"] = 0
+    if value_opt is None:
+        weights["value"] = weights["policy"]  # the value loss rode along in the joint loss
+    else:
         for mb in minibatches():
             n = len(mb)
             value_opt.zero_grad(set_to_none=True)
@@ -341,8 +340,6 @@ def ppo_update(
             else:
                 zero_loss().backward()
             _step(value_opt, n, max_grad_norm)
-    else:
-        weights["value"] = weights["policy"]
     p_weight, v_weight = max(weights["policy"], 1), max(weights["value"], 1)
     return UpdateStats(
         policy_loss=totals["policy_loss"] / p_weight,
