@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from trainer.config import preset_config
-from trainer.ppo import compute_gae, flatten, make_optimizer, ppo_update
+from trainer.ppo import compute_gae, flatten, make_optimizers, ppo_update
 from trainer.rollout import Rollout, TrialSampler
 from trainer.run import model_config_for
 from trmrl.model import TrMRL, log_prob
@@ -99,7 +99,9 @@ class SequentialSampler:
 
 
 def measure(sampler: Any, family: TaskFamily, model: TrMRL, cfg: Any, updates: int) -> dict[str, float]:
-    optimizer = make_optimizer(model, cfg.policy_lr, cfg.value_lr, cfg.weight_decay)
+    optimizers = make_optimizers(
+        model, cfg.policy_lr, cfg.value_lr, cfg.weight_decay, optimization=cfg.optimization
+    )
     generator = torch.Generator().manual_seed(0)
     sample_s = update_s = 0.0
     steps = 0
@@ -113,7 +115,7 @@ def measure(sampler: Any, family: TaskFamily, model: TrMRL, cfg: Any, updates: i
         model.train()
         ppo_update(
             model,
-            optimizer,
+            optimizers,
             flatten(rollout, adv, ret),
             epochs=cfg.epochs,
             minibatch_size=cfg.minibatch_size,
@@ -122,6 +124,7 @@ def measure(sampler: Any, family: TaskFamily, model: TrMRL, cfg: Any, updates: i
             max_grad_norm=cfg.max_grad_norm,
             normalize_advantages=cfg.normalize_advantages,
             generator=generator,
+            value_kind=cfg.value_loss,
         )
         t2 = time.perf_counter()
         if u:

@@ -30,6 +30,11 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="run directory (created; resumed if it holds this run)")
     parser.add_argument("--total-steps", type=int, help="environment steps to train for")
     parser.add_argument("--seed", type=int, help="seed of tasks, envs, initialisation, exploration")
+    parser.add_argument(
+        "--family",
+        help="task family instead of the preset's: a name (built in or installed under the "
+        "trmrl.task_families entry-point group) or module:attribute",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,6 +54,8 @@ def train_main(argv: list[str] | None = None) -> int:
             overrides["total_steps"] = str(args.total_steps)
         if args.seed is not None:
             overrides["seed"] = str(args.seed)
+        if args.family is not None:
+            overrides["family"] = args.family
         cfg = preset_config(args.preset, overrides)
         from trmrl.tasks import get_family
 
@@ -56,12 +63,12 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    from trainer.run import RunDirectoryError, Trainer, init_distributed
+    from trainer.run import Trainer, init_distributed
 
     init_distributed()
     try:
         trainer = Trainer(cfg, args.out, progress=not args.no_progress)
-    except RunDirectoryError as exc:
+    except ValueError as exc:  # RunDirectoryError included: a config or directory refused before any work
         parser.error(str(exc))
     try:
         result = trainer.train()
@@ -81,7 +88,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         prog="trmrl-eval", description="Meta-test checkpoints on the same task set, deterministic actions."
     )
     parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT")
-    parser.add_argument("--split", choices=["test", "ood"], default="test")
+    parser.add_argument("--split", choices=["validation", "test", "ood"], default="test")
     parser.add_argument("--tasks", type=int, default=30, help="number of tasks (default 30)")
     parser.add_argument("--seed", type=int, default=1000, help="task-set seed (default 1000, as training)")
     parser.add_argument("--episodes", type=int, help="episodes per trial (default: as trained)")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Reference = Literal["trmrl", "oracle", "memoryless"]
+Optimization = Literal["joint", "separate"]
+ValueLoss = Literal["mse", "gaussian_nll"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class TrainConfig:
     total_steps: int = 200_000
     """Environment steps to train for (all ranks together)."""
     tasks_per_update: int = 20
-    """Tasks (one trial each, one environment each) sampled per update: the meta-batch."""
+    """Tasks (one trial each, one environment each) sampled per update: the meta-batch, shared out among
+    the ranks under ``torchrun``."""
     episodes_per_trial: int = 2
     """Episodes per trial on the same task."""
     gamma: float = 0.9
@@ -51,12 +54,20 @@ class TrainConfig:
     """AdamW learning rate of the value head."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optimization: Optimization = "joint"
+    """``joint``: one loss (policy + ``vf_coef`` x value) and one AdamW; ``separate``: as the authors'
+    code, a policy AdamW and a value AdamW, a policy pass over the minibatches, then a value pass. With
+    the value on the episodic memory, the value AdamW holds the encoder too and steps it with its own
+    moments."""
+    value_loss: ValueLoss = "mse"
+    """``mse``: half squared error; ``gaussian_nll``: negative log-likelihood of the return under a
+    Gaussian with a learned standard deviation (the authors' value function)."""
     minibatch_size: int = 256
     """Stored windows per minibatch."""
     epochs: int = 10
     """Passes over the rollout per update."""
     vf_coef: float = 0.5
-    """Weight of the value loss."""
+    """Weight of the value loss in the ``joint`` loss."""
     max_grad_norm: float = 1.0
     """Gradient norm clip (0 disables)."""
     normalize_advantages: bool = False
@@ -71,6 +82,9 @@ class TrainConfig:
     """Update at which the decay starts."""
     lr_decay_end: int = 1
     """Update at which the decay factor is reached."""
+    decay_value_lr: bool = True
+    """Whether the value learning rate follows the decay too (the authors decay only the policy's on
+    HalfCheetahVel)."""
 
     eval_every: int = 10
     """Meta-evaluate every this many updates (0 = only at the end)."""
@@ -97,11 +111,36 @@ class TrainConfig:
             problems.append("gamma must be in (0, 1] and gae_lambda in [0, 1]")
         if self.lr_decay_end <= self.lr_decay_start:
             problems.append("lr_decay_end must be after lr_decay_start")
+        if self.window < 1:
+            problems.append(f"window must be >= 1 (got {self.window})")
+        if self.reference == "memoryless" and self.window != 1:
+            problems.append(f"reference=memoryless reads one working memory, but window={self.window}")
+        if self.normalize_task_params and self.reference != "oracle":
+            problems.append(
+                "normalize_task_params=true applies to an oracle's task parameters, "
+                f"but reference={self.reference}"
+            )
+        for name in ("policy_lr", "value_lr"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("weight_decay and max_grad_norm must be >= 0 (0 disables)")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# How the authors' code optimises (see docs/results.md, "Paper presets and their sources"): a policy
+# AdamW and a value AdamW at torch's default weight decay, a Gaussian value function fitted by
+# likelihood, no gradient clipping.
+_AUTHORS_OPTIMISATION: dict[str, Any] = {
+    "optimization": "separate",
+    "value_loss": "gaussian_nll",
+    "weight_decay": 0.01,
+    "max_grad_norm": 0.0,
+}
 
 
 def _paper_mujoco(family: str, **kw: Any) -> dict[str, Any]:
@@ -114,6 +153,7 @@ def _paper_mujoco(family: str, **kw: Any) -> dict[str, Any]:
         "epochs": 10,
         "eval_tasks": 30,
         "normalize_obs": False,
+        **_AUTHORS_OPTIMISATION,
         **kw,
     }
 
@@ -136,6 +176,8 @@ def _paper_metaworld(family: str) -> dict[str, Any]:
         "total_steps": 50_000_000,
         "eval_tasks": 50,
         "normalize_obs": False,
+        "policy_out_gain": 0.01,
+        **_AUTHORS_OPTIMISATION,
     }
 
 
@@ -162,28 +204,32 @@ def _small(family: str, **kw: Any) -> dict[str, Any]:
 
 
 _BASE_PRESETS: dict[str, dict[str, Any]] = {
+    # The 20-d HalfCheetah observation, as the authors' fork (and PEARL, ProMP) defines it.
     "paper-halfcheetah-vel": _paper_mujoco(
-        "halfcheetah-vel",
+        "halfcheetah-vel-20d",
         gamma=0.9,
         gae_lambda=0.8,
         clip=0.1,
         policy_lr=3e-5,
         value_lr=2.5e-4,
         init_std=0.2,
+        policy_out_gain=1.0,
         value_input="observation",
         total_steps=20_000_000,
         lr_decay=0.1,
         lr_decay_start=100,
         lr_decay_end=750,
+        decay_value_lr=False,
     ),
     "paper-halfcheetah-dir": _paper_mujoco(
-        "halfcheetah-dir",
+        "halfcheetah-dir-20d",
         gamma=0.9,
         gae_lambda=0.8,
         clip=0.2,
         policy_lr=3e-5,
         value_lr=3e-5,
         init_std=0.5,
+        policy_out_gain=1.0,
         value_input="memory",
         total_steps=40_000_000,
         lr_decay=1e-4,
@@ -198,6 +244,7 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
         policy_lr=3e-5,
         value_lr=3e-5,
         init_std=0.5,
+        policy_out_gain=0.01,
         value_input="memory",
         total_steps=40_000_000,
         lr_decay=1e-4,
@@ -235,6 +282,11 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
     },
     "small-halfcheetah-vel": _small(
         "halfcheetah-vel", total_steps=10_000_000, eval_every=20, checkpoint_every=10
+    ),
+    # The value on the shared episodic memory, as the authors run HalfCheetahDir: the preset on which
+    # joint and separate policy/value optimisation are compared (docs/results.md).
+    "small-halfcheetah-dir": _small(
+        "halfcheetah-dir", value_input="memory", total_steps=2_000_000, eval_every=10, checkpoint_every=10
     ),
     # 500-step episodes: 20,000 steps per update; the goal is hidden, found from the shaped reward.
     "small-ml1-reach": _small("ml1-reach", total_steps=5_000_000, eval_every=10, checkpoint_every=5),

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     trajectories = sub.add_parser("trajectories", help="an env-reported quantity and reward by step")
     trajectories.add_argument("checkpoints", nargs="+", type=Path)
     trajectories.add_argument("--info", default="x_velocity", help="info key to plot (default x_velocity)")
-    trajectories.add_argument("--split", choices=["test", "ood"], default="test")
+    trajectories.add_argument("--split", choices=["validation", "test", "ood"], default="test")
     trajectories.add_argument("--count", type=int, default=3, help="tasks to show (default 3)")
     trajectories.add_argument("--seed", type=int, default=1000, help="task-set seed (default 1000)")
     trajectories.add_argument("--target-param", type=int, help="draw this task parameter as the target")

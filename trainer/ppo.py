@@ -6,13 +6,17 @@ minibatch is just a set of windows re-evaluated independently.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from trainer.config import Optimization, ValueLoss
 from trainer.rollout import Rollout
-from trmrl.model import TrMRL, log_prob
+from trmrl.model import PolicyOutput, TrMRL, log_prob
 
 
 class Batch(NamedTuple):
@@ -38,7 +42,7 @@ class UpdateStats(NamedTuple):
     approx_kl: float
     clip_fraction: float
     grad_norm: float
-    """Mean gradient norm of the policy parameters before clipping."""
+    """Mean gradient norm of the policy parameters before clipping (after averaging over ranks)."""
 
 
 def compute_gae(rollout: Rollout, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -78,39 +82,124 @@ def flatten(rollout: Rollout, advantages: Tensor, returns: Tensor) -> Batch:
     )
 
 
-def ppo_loss(
-    model: nn.Module, mb: Batch, clip: float, vf_coef: float, normalize_advantages: bool
+def policy_loss(
+    out: PolicyOutput, mb: Batch, clip: float, normalize_advantages: bool
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The clipped surrogate objective plus the value regression, on one minibatch."""
-    out = model(mb.windows, mb.newest)
+    """The clipped surrogate objective on one minibatch, and its diagnostics."""
     advantages = mb.advantages
-    if normalize_advantages:
+    if normalize_advantages and len(mb) > 1:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     log_ratio = log_prob(out, mb.actions) - mb.old_log_probs
     ratio = log_ratio.exp()
-    policy_loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
-    value_loss = 0.5 * (out.value - mb.returns).pow(2).mean()
+    loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
     with torch.no_grad():
         stats = {
             "approx_kl": ((ratio - 1) - log_ratio).mean(),
             "clip_fraction": ((ratio - 1).abs() > clip).float().mean(),
-            "policy_loss": policy_loss.detach(),
-            "value_loss": value_loss.detach(),
+            "policy_loss": loss.detach(),
         }
-    return policy_loss + vf_coef * value_loss, stats
+    return loss, stats
 
 
-def make_optimizer(model: TrMRL, policy_lr: float, value_lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the value head in its own parameter group (TrMRL uses separate learning rates)."""
+def value_loss(value: Tensor, returns: Tensor, kind: ValueLoss, value_log_std: Tensor) -> Tensor:
+    """The value regression: half squared error, or the Gaussian negative log-likelihood of the return
+    with a learned standard deviation ``exp(value_log_std)`` (whose gradient rescales the mean's by
+    ``1 / std^2``, so a value function that is often wrong takes smaller steps)."""
+    if kind == "mse":
+        return 0.5 * (value - returns).pow(2).mean()
+    z = (returns - value) * torch.exp(-value_log_std)
+    return (0.5 * z.pow(2) + value_log_std + 0.5 * math.log(2 * math.pi)).mean()
+
+
+def ppo_loss(
+    model: nn.Module,
+    mb: Batch,
+    clip: float,
+    vf_coef: float,
+    normalize_advantages: bool,
+    value_kind: ValueLoss = "mse",
+    value_log_std: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped surrogate objective plus ``vf_coef`` times the value regression, on one minibatch."""
+    out = model(mb.windows, mb.newest)
+    loss, stats = policy_loss(out, mb, clip, normalize_advantages)
+    log_std = value_log_std if value_log_std is not None else torch.zeros((), device=out.value.device)
+    v_loss = value_loss(out.value, mb.returns, value_kind, log_std)
+    stats["value_loss"] = v_loss.detach()
+    return loss + vf_coef * v_loss, stats
+
+
+class Optimizers(NamedTuple):
+    """The optimisers of one run: ``value`` is ``None`` when one AdamW holds everything (``joint``)."""
+
+    policy: torch.optim.AdamW
+    value: torch.optim.AdamW | None
+
+    def all(self) -> list[torch.optim.AdamW]:
+        return [self.policy] if self.value is None else [self.policy, self.value]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "value": None if self.value is None else self.value.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A run saved before the value optimiser existed stored the one optimiser's state directly.
+        if "policy" not in state:
+            self.policy.load_state_dict(state)
+            return
+        self.policy.load_state_dict(state["policy"])
+        if self.value is not None and state["value"] is not None:
+            self.value.load_state_dict(state["value"])
+
+
+def encoder_parameters(model: TrMRL) -> list[nn.Parameter]:
+    """The parameters that produce the episodic memory (embedding and encoder layers)."""
+    return [*model.embed.parameters(), *model.layers.parameters()]
+
+
+def make_optimizers(
+    model: TrMRL,
+    policy_lr: float,
+    value_lr: float,
+    weight_decay: float,
+    *,
+    optimization: Optimization = "joint",
+    value_log_std: nn.Parameter | None = None,
+) -> Optimizers:
+    """AdamW for the policy and the value function (TrMRL uses separate learning rates).
+
+    ``joint``: one AdamW, the value head (and the value's learned std) in its own parameter group.
+    ``separate``: the policy AdamW holds everything but the value head; the value AdamW holds the value
+    head and -- where the value reads the episodic memory -- the encoder as well, which is what the
+    authors' code does (its value function wraps the policy's network). Each optimiser keeps its own
+    moments for the encoder, so each pass moves an encoder weight by about its learning rate however
+    large its gradient: the value loss cannot swamp the policy's update by gradient magnitude.
+    """
     value_ids = {id(p) for p in model.value.parameters()}
     policy_params = [p for p in model.parameters() if id(p) not in value_ids]
-    return torch.optim.AdamW(
-        [
-            {"params": policy_params, "lr": policy_lr, "base_lr": policy_lr},
-            {"params": list(model.value.parameters()), "lr": value_lr, "base_lr": value_lr},
-        ],
+    value_params = list(model.value.parameters()) + ([value_log_std] if value_log_std is not None else [])
+    if optimization == "joint":
+        joint = torch.optim.AdamW(
+            [
+                {"params": policy_params, "lr": policy_lr, "base_lr": policy_lr, "role": "policy"},
+                {"params": value_params, "lr": value_lr, "base_lr": value_lr, "role": "value"},
+            ],
+            weight_decay=weight_decay,
+        )
+        return Optimizers(joint, None)
+    if model.config.value_input == "memory":
+        value_params = encoder_parameters(model) + value_params
+    policy = torch.optim.AdamW(
+        [{"params": policy_params, "lr": policy_lr, "base_lr": policy_lr, "role": "policy"}],
         weight_decay=weight_decay,
     )
+    value = torch.optim.AdamW(
+        [{"params": value_params, "lr": value_lr, "base_lr": value_lr, "role": "value"}],
+        weight_decay=weight_decay,
+    )
+    return Optimizers(policy, value)
 
 
 def decayed_lr_factor(update: int, factor: float, start: int, end: int) -> float:
@@ -119,9 +208,73 @@ def decayed_lr_factor(update: int, factor: float, start: int, end: int) -> float
     return float(factor**progress)
 
 
+def minibatch_count(batch_size: int, minibatch_size: int) -> int:
+    """Minibatches per epoch so that none exceeds ``minibatch_size``, agreed on by every rank.
+
+    Every rank must run the same number of gradient all-reduces, whatever the size of its own batch
+    (episodes that terminate early make batches differ): the count is the largest any rank needs, one
+    collective before the update, and a rank with fewer steps runs smaller (possibly empty) minibatches.
+    """
+    local = torch.tensor([-(-batch_size // minibatch_size)], dtype=torch.int64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return max(int(local[0]), 1)
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def average_gradients(params: list[nn.Parameter], count: int) -> None:
+    """Make every rank's gradients the mean over all ranks' samples of this minibatch.
+
+    Each rank's gradient is of a mean over its ``count`` samples; weighting by ``count`` before the
+    sum makes the result the gradient of the mean over the union (an empty minibatch contributes
+    nothing). One all-reduce of one flat buffer per optimiser step. No-op without a process group.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) * count for p in params if p.grad is not None])
+    flat = torch.cat([flat, torch.tensor([float(count)], device=flat.device, dtype=flat.dtype)])
+    dist.all_reduce(flat)
+    total = max(float(flat[-1]), 1.0)
+    offset = 0
+    for p in params:
+        assert p.grad is not None
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p) / total)
+        offset += n
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _step(optimizer: torch.optim.Optimizer, count: int, max_grad_norm: float) -> float:
+    """Average gradients across ranks, clip each parameter group on its own, step; the first group's
+    norm before clipping."""
+    average_gradients(_params(optimizer), count)
+    norms = []
+    for group in optimizer.param_groups:
+        if max_grad_norm > 0:
+            # Each group (policy, value head) is clipped on its own: a large value-loss gradient must
+            # not shrink the policy's step.
+            norms.append(float(nn.utils.clip_grad_norm_(group["params"], max_grad_norm)))
+        else:
+            norms.append(_grad_norm(group["params"]))
+    optimizer.step()
+    return norms[0]
+
+
 def ppo_update(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: TrMRL,
+    optimizers: Optimizers,
     batch: Batch,
     *,
     epochs: int,
@@ -131,32 +284,69 @@ def ppo_update(
     max_grad_norm: float,
     normalize_advantages: bool,
     generator: torch.Generator,
+    value_kind: ValueLoss = "mse",
+    value_log_std: Tensor | None = None,
 ) -> UpdateStats:
-    """``epochs`` passes of shuffled minibatches over ``batch``."""
+    """``epochs`` passes of shuffled minibatches over ``batch``.
+
+    With one optimiser the loss is joint; with two, a policy pass over all epochs and minibatches, then
+    a value pass. Under ``torchrun`` every rank runs the same number of steps (see
+    :func:`minibatch_count`) and gradients are averaged over all ranks' samples before each step.
+    """
+    n_mb = minibatch_count(len(batch), minibatch_size)
+    log_std = value_log_std if value_log_std is not None else torch.zeros((), device=batch.windows.device)
     totals = {"approx_kl": 0.0, "clip_fraction": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
-    grad_norm, count = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(len(batch), generator=generator).to(batch.windows.device)
-        for start in range(0, len(batch), minibatch_size):
-            mb = batch.take(order[start : start + minibatch_size])
-            loss, stats = ppo_loss(model, mb, clip, vf_coef, normalize_advantages)
-            optimizer.zero_grad(set_to_none=True)
+    weights = {"policy": 0, "value": 0}
+    grad_norm, steps = 0.0, 0
+
+    def minibatches() -> Iterator[Batch]:
+        for _ in range(epochs):
+            order = torch.randperm(len(batch), generator=generator).to(batch.windows.device)
+            for index in torch.tensor_split(order, n_mb):
+                yield batch.take(index)
+
+    def zero_loss() -> Tensor:
+        # An empty local minibatch still takes part in the all-reduce, with zero gradient.
+        return sum((p.sum() * 0.0 for p in model.parameters()), torch.zeros((), device=log_std.device))
+
+    policy_opt, value_opt = optimizers
+    for mb in minibatches():
+        n = len(mb)
+        policy_opt.zero_grad(set_to_none=True)
+        if n:
+            if value_opt is None:
+                loss, stats = ppo_loss(model, mb, clip, vf_coef, normalize_advantages, value_kind, log_std)
+            else:
+                loss, stats = policy_loss(model(mb.windows, mb.newest), mb, clip, normalize_advantages)
             loss.backward()
-            if max_grad_norm > 0:
-                # Each parameter group (policy, value head) is clipped on its own: a large value-loss
-                # gradient must not shrink the policy's step.
-                norms = [nn.utils.clip_grad_norm_(g["params"], max_grad_norm) for g in optimizer.param_groups]
-                grad_norm += float(norms[0])
-            optimizer.step()
             for key, value in stats.items():
-                totals[key] += float(value)
-            count += 1
+                totals[key] += float(value) * n
+            weights["policy"] += n
+        else:
+            zero_loss().backward()
+        grad_norm += _step(policy_opt, n, max_grad_norm)
+        steps += 1
+    if value_opt is None:
+        weights["value"] = weights["policy"]  # the value loss rode along in the joint loss
+    else:
+        for mb in minibatches():
+            n = len(mb)
+            value_opt.zero_grad(set_to_none=True)
+            if n:
+                v_loss = value_loss(model(mb.windows, mb.newest).value, mb.returns, value_kind, log_std)
+                v_loss.backward()
+                totals["value_loss"] += float(v_loss.detach()) * n
+                weights["value"] += n
+            else:
+                zero_loss().backward()
+            _step(value_opt, n, max_grad_norm)
+    p_weight, v_weight = max(weights["policy"], 1), max(weights["value"], 1)
     return UpdateStats(
-        policy_loss=totals["policy_loss"] / count,
-        value_loss=totals["value_loss"] / count,
-        approx_kl=totals["approx_kl"] / count,
-        clip_fraction=totals["clip_fraction"] / count,
-        grad_norm=grad_norm / count,
+        policy_loss=totals["policy_loss"] / p_weight,
+        value_loss=totals["value_loss"] / v_weight,
+        approx_kl=totals["approx_kl"] / p_weight,
+        clip_fraction=totals["clip_fraction"] / p_weight,
+        grad_norm=grad_norm / max(steps, 1),
     )
 
 

@@ -6,8 +6,12 @@ An output directory holds one run::
     metrics.jsonl       one JSON object per update and per evaluation
     tb/                 TensorBoard events
     latest/             resumable checkpoint: model + trainer_state.pt (optimizer, RNG, counters)
-    best/               the checkpoint with the best held-out return so far
+    best/               the checkpoint with the best validation return so far
     final/              the checkpoint at the end of training
+
+Model selection never sees the held-out tasks: periodic evaluation and ``best/`` use the ``validation``
+split (tasks of the training distribution with their own seed); ``test`` and ``ood`` are evaluated
+once, at the end.
 
 Checkpoints are written atomically, so a run killed at any moment resumes from its last ``latest/``.
 """
@@ -33,7 +37,7 @@ from trainer.ppo import (
     compute_gae,
     decayed_lr_factor,
     flatten,
-    make_optimizer,
+    make_optimizers,
     ppo_update,
 )
 from trainer.rollout import TrialSampler
@@ -43,6 +47,10 @@ from trmrl.tasks import Task, TaskFamily, get_family
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
+SELECTION_SPLIT = "validation"
+"""The split periodic evaluation and ``best/`` use."""
+EVAL_SPLITS = (SELECTION_SPLIT, "test", "ood")
+"""Splits evaluated (where the family has them): the selection split periodically, the rest at the end."""
 
 
 class RunDirectoryError(ValueError):
@@ -78,6 +86,28 @@ def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:
         policy_out_gain=cfg.policy_out_gain,
         include_previous=not memoryless,
     )
+
+
+def tasks_for_rank(tasks_per_update: int, rank: int, world: int) -> int:
+    """This rank's share of the meta-batch: ``tasks_per_update`` split as evenly as it goes."""
+    return tasks_per_update // world + (1 if rank < tasks_per_update % world else 0)
+
+
+def check_compatible(cfg: TrainConfig, family: TaskFamily, world: int) -> None:
+    """Refuse, before any work, a config that contradicts the family or the process group."""
+    problems = []
+    if world > cfg.tasks_per_update:
+        problems.append(
+            f"tasks_per_update={cfg.tasks_per_update} is fewer than the {world} ranks: "
+            "every rank needs a task"
+        )
+    if SELECTION_SPLIT not in family.splits and cfg.eval_every:
+        problems.append(
+            f"eval_every={cfg.eval_every} needs a {SELECTION_SPLIT!r} split, which family {family.name!r} "
+            f"lacks (splits: {', '.join(family.splits)}); set eval_every=0"
+        )
+    if problems:
+        raise ValueError("invalid training config: " + "; ".join(problems))
 
 
 def check_run_directory(out: Path, cfg: TrainConfig) -> bool:
@@ -125,9 +155,21 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         resume = check_run_directory(out, cfg)
 
+        check_compatible(cfg, self.family, self.world)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = TrMRL(model_config_for(cfg, self.family)).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg.policy_lr, cfg.value_lr, cfg.weight_decay)
+        # The learned std of the Gaussian value loss belongs to training only: serving never reads it.
+        self.value_log_std = nn.Parameter(torch.zeros((), device=self.device))
+        self.optimizers = make_optimizers(
+            self.model,
+            cfg.policy_lr,
+            cfg.value_lr,
+            cfg.weight_decay,
+            optimization=cfg.optimization,
+            value_log_std=self.value_log_std if cfg.value_loss == "gaussian_nll" else None,
+        )
+        # The meta-batch is shared out among the ranks; the first ranks take one more task each.
+        self.local_tasks = tasks_for_rank(cfg.tasks_per_update, self.rank, self.world)
         self.stats_dim = self.family.obs_dim
         if self.oracle and cfg.normalize_task_params:
             self.stats_dim += self.family.task_param_dim
@@ -138,9 +180,7 @@ class Trainer:
         self.best_return = -float("inf")
         self.last_eval: dict[str, float] = {}
         self.last_tasks: list[Task] = []
-        self.ddp: nn.Module = self.model
-        if self.world > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(self.model)
+        self.last_local_steps = 0
 
         if resume and (out / "latest").exists():
             self._load_state(out / "latest")
@@ -151,14 +191,14 @@ class Trainer:
         self.sampler = TrialSampler(
             self.family,
             self.model,
-            cfg.tasks_per_update,
+            self.local_tasks,
             cfg.episodes_per_trial,
             oracle=self.oracle,
             vector=cfg.vector,
         )
         self.evaluators: dict[str, Evaluator] = {}
         if self.is_main:
-            for split in ("test", "ood"):
+            for split in EVAL_SPLITS:
                 if split in self.family.splits:
                     tasks = self.family.sample_tasks(split, cfg.eval_tasks, seed=cfg.eval_seed)
                     self.evaluators[split] = Evaluator(
@@ -174,7 +214,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- state
     def _trainer_state(self) -> bytes:
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizers.state_dict(),
+            "value_log_std": self.value_log_std.detach().cpu(),
             "obs_stats": self.obs_stats.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -191,7 +232,10 @@ class Trainer:
         ckpt = load_checkpoint(path, self.device)
         self.model.load_state_dict(ckpt.model.state_dict())
         state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizers.load_state_dict(state["optimizer"])
+        if "value_log_std" in state:
+            with torch.no_grad():
+                self.value_log_std.copy_(state["value_log_std"])
         self.obs_stats.load_state_dict(state["obs_stats"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -245,9 +289,12 @@ class Trainer:
                 self._writer.add_scalar(key, value, self.steps)
 
     # ---------------------------------------------------------------------------------- main loop
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, splits: tuple[str, ...] = (SELECTION_SPLIT,)) -> dict[str, float]:
+        """Deterministic meta-evaluation on the fixed task sets of ``splits`` (those the family has)."""
         metrics: dict[str, float] = {}
         for split, evaluator in self.evaluators.items():
+            if split not in splits:
+                continue
             result: EvalResult = evaluator.run()
             metrics.update(result.summary(f"{split}/"))
         return metrics
@@ -255,10 +302,12 @@ class Trainer:
     def train_one_update(self) -> dict[str, Any]:
         cfg = self.cfg
         factor = decayed_lr_factor(self.update, cfg.lr_decay, cfg.lr_decay_start, cfg.lr_decay_end)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        for optimizer in self.optimizers.all():
+            for group in optimizer.param_groups:
+                decays = group.get("role") != "value" or cfg.decay_value_lr
+                group["lr"] = group["base_lr"] * (factor if decays else 1.0)
         task_seed = (cfg.seed * 1_000_003 + self.update) * self.world + self.rank
-        tasks = self.family.sample_tasks("train", cfg.tasks_per_update, seed=task_seed)
+        tasks = self.family.sample_tasks("train", self.local_tasks, seed=task_seed)
         self.last_tasks = tasks
         t0 = time.perf_counter()
         self.model.eval()
@@ -268,8 +317,8 @@ class Trainer:
         batch = flatten(rollout, advantages, returns)
         self.model.train()
         stats = ppo_update(
-            self.ddp,
-            self.optimizer,
+            self.model,
+            self.optimizers,
             batch,
             epochs=cfg.epochs,
             minibatch_size=cfg.minibatch_size,
@@ -278,16 +327,19 @@ class Trainer:
             max_grad_norm=cfg.max_grad_norm,
             normalize_advantages=cfg.normalize_advantages,
             generator=self.generator,
+            value_kind=cfg.value_loss,
+            value_log_std=self.value_log_std,
         )
         t2 = time.perf_counter()
         if cfg.normalize_obs:
             self._update_obs_stats(batch.windows, batch.newest)
         local_steps = int(rollout.lengths.sum())
+        self.last_local_steps = local_steps
         steps = int(_all_reduce_sum(torch.tensor([local_steps], dtype=torch.float64))[0])
         self.steps += steps
         self.update += 1
         mean_return = float(_all_reduce_sum(rollout.rewards.sum().double().cpu().reshape(1))[0]) / (
-            self.world * cfg.tasks_per_update * cfg.episodes_per_trial
+            cfg.tasks_per_update * cfg.episodes_per_trial
         )
         return {
             "update": self.update,
@@ -334,10 +386,15 @@ class Trainer:
                 if self.evaluators and ((cfg.eval_every and self.update % cfg.eval_every == 0) or done):
                     self.last_eval = self.evaluate()
                     record.update(self.last_eval)
-                    headline = self.last_eval.get("test/return", -float("inf"))
+                    headline = self.last_eval.get(f"{SELECTION_SPLIT}/return", -float("inf"))
                     if headline > self.best_return:
                         self.best_return = headline
                         self.save("best")
+                if done and self.evaluators:
+                    # The held-out sets, once, after every choice has been made.
+                    held_out = self.evaluate(tuple(s for s in EVAL_SPLITS if s != SELECTION_SPLIT))
+                    self.last_eval = {**self.last_eval, **held_out}
+                    record.update(held_out)
                 self.log(record)
                 if self.update % cfg.checkpoint_every == 0 or done:
                     self.save("latest", resumable=True)
@@ -347,8 +404,8 @@ class Trainer:
                         "steps/s": f"{record['time/steps_per_s']:.0f}",
                         "ret": f"{record['train/return']:.1f}",
                     }
-                    if "test/return" in self.last_eval:
-                        postfix["test"] = f"{self.last_eval['test/return']:.1f}"
+                    if f"{SELECTION_SPLIT}/return" in self.last_eval:
+                        postfix["val"] = f"{self.last_eval[f'{SELECTION_SPLIT}/return']:.1f}"
                     bar.set_postfix(postfix)
             self.save("final")
         finally:

@@ -59,7 +59,12 @@ def test_import_loads_neither_torch_nor_metaworld() -> None:
 
 
 def test_registry_lists_every_family() -> None:
-    assert set(family_names()) == {*POINT_AND_LOCOMOTION, *METAWORLD}
+    assert set(family_names()) == {
+        *POINT_AND_LOCOMOTION,
+        *METAWORLD,
+        "halfcheetah-vel-20d",
+        "halfcheetah-dir-20d",
+    }
     for name in family_names():
         family = get_family(name)
         assert isinstance(family, TaskFamily)
@@ -94,7 +99,7 @@ def test_task_normalises_params_and_rejects_bad_split() -> None:
     assert type(task.index) is int
     assert hash(task) == hash(Task("point-nav", "train", 3, (0.5, 1.0), "x"))
     with pytest.raises(TaskFamilyError, match="split"):
-        Task("point-nav", "validation", 0, (0.0, 1.0), "x")
+        Task("point-nav", "dev", 0, (0.0, 1.0), "x")
     with pytest.raises(TaskFamilyError, match="index"):
         Task("point-nav", "train", -1, (0.0, 1.0), "x")
 
@@ -114,6 +119,9 @@ def test_sampling_is_deterministic_and_splits_differ(name: str) -> None:
     assert train != family.sample_tasks("train", 20, seed=8)
     # Compare params, not tasks: tasks of different splits are never equal, even with equal params.
     assert _params(train).tolist() != _params(family.sample_tasks("test", 20, seed=7)).tolist()
+    validation = _params(family.sample_tasks("validation", 20, seed=7)).tolist()
+    assert validation != _params(train).tolist()
+    assert validation != _params(family.sample_tasks("test", 20, seed=7)).tolist()
     for split in family.splits:
         tasks = family.sample_tasks(split, 20, seed=7)
         assert len(tasks) == 20
@@ -125,7 +133,7 @@ def test_sampling_is_deterministic_and_splits_differ(name: str) -> None:
             family.check_task(task)
 
 
-@pytest.mark.parametrize("split", ["train", "test", "ood"])
+@pytest.mark.parametrize("split", ["train", "validation", "test", "ood"])
 def test_point_nav_goal_ranges(split: str) -> None:
     goals = _params(get_family("point-nav").sample_tasks(split, 200, seed=0))
     np.testing.assert_allclose(np.linalg.norm(goals, axis=1), 1.0)
@@ -135,7 +143,9 @@ def test_point_nav_goal_ranges(split: str) -> None:
     assert np.ptp(angles) > 0.8 * np.pi  # covers the arc, not one point
 
 
-@pytest.mark.parametrize(("split", "low", "high"), [("train", 0, 3), ("test", 0, 3), ("ood", 3, 4)])
+@pytest.mark.parametrize(
+    ("split", "low", "high"), [("train", 0, 3), ("validation", 0, 3), ("test", 0, 3), ("ood", 3, 4)]
+)
 def test_halfcheetah_vel_ranges(split: str, low: float, high: float) -> None:
     v = _params(get_family("halfcheetah-vel").sample_tasks(split, 200, seed=0))[:, 0]
     assert np.all((v >= low) & (v <= high))
@@ -146,13 +156,14 @@ def test_halfcheetah_dir_directions() -> None:
     family = get_family("halfcheetah-dir")
     d = _params(family.sample_tasks("train", 50, seed=0))[:, 0]
     assert set(d) == {-1.0, 1.0}
-    assert family.splits == ("train", "test")
+    assert family.splits == ("train", "validation", "test")
 
 
 @pytest.mark.parametrize(
     ("split", "expected"),
     [
         ("train", {(1.0, 0.0), (-1.0, 0.0)}),
+        ("validation", {(1.0, 0.0), (-1.0, 0.0)}),
         ("test", {(1.0, 0.0), (-1.0, 0.0)}),
         ("ood", {(0.0, 1.0), (0.0, -1.0)}),
     ],
@@ -171,7 +182,9 @@ def test_ant_dir_2d_directions() -> None:
     assert "ood" not in family.splits
 
 
-@pytest.mark.parametrize(("split", "r_low", "r_high"), [("train", 0, 3), ("test", 0, 3), ("ood", 3, 4)])
+@pytest.mark.parametrize(
+    ("split", "r_low", "r_high"), [("train", 0, 3), ("validation", 0, 3), ("test", 0, 3), ("ood", 3, 4)]
+)
 def test_ant_goal_ranges(split: str, r_low: float, r_high: float) -> None:
     goals = _params(get_family("ant-goal").sample_tasks(split, 400, seed=0))
     r = np.linalg.norm(goals, axis=1)
@@ -183,7 +196,9 @@ def test_ant_goal_ranges(split: str, r_low: float, r_high: float) -> None:
 @pytest.mark.parametrize("name", ["halfcheetah-dir", "ant-dir-2d", "ml1-reach", "ml10"])
 def test_unsupported_split_raises(name: str) -> None:
     family = get_family(name)
-    with pytest.raises(TaskFamilyError, match=r"split 'ood' is not supported; supported splits: train, test"):
+    with pytest.raises(
+        TaskFamilyError, match=r"split 'ood' is not supported; supported splits: train, validation, test"
+    ):
         family.sample_tasks("ood", 1, seed=0)
 
 
@@ -484,7 +499,7 @@ def test_ml1_family(name: str) -> None:
     env_name = ML1[name]
     assert (family.obs_dim, family.act_dim, family.task_param_dim, family.episode_length) == (39, 4, 3, 500)
     assert family.has_success
-    assert family.splits == ("train", "test")
+    assert family.splits == ("train", "validation", "test")
     train = family.sample_tasks("train", 5, seed=3)
     test = family.sample_tasks("test", 5, seed=3)
     assert train == family.sample_tasks("train", 5, seed=3)
@@ -551,3 +566,25 @@ def test_ml10_ml45_family(name: str) -> None:
 
 def _env_name(task: Task) -> str:
     return task.label.split("#")[0]
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_the_20d_halfcheetah_appends_the_torso_position(name: str) -> None:
+    short, long = get_family(name), get_family(f"{name}-20d")
+    assert (short.obs_dim, long.obs_dim) == (17, 20)
+    task = short.sample_tasks("train", 1, seed=0)[0]
+    envs = [f.make_env(Task(f.name, task.split, 0, task.params, task.label)) for f in (short, long)]
+    try:
+        obs = [env.reset(seed=3)[0] for env in envs]
+        action = np.full(6, 0.5, np.float32)
+        for _ in range(20):
+            steps = [env.step(action) for env in envs]
+        obs, rewards = [s[0] for s in steps], [s[1] for s in steps]
+        np.testing.assert_array_equal(obs[0], obs[1][:17])
+        assert rewards[0] == rewards[1]
+        torso = envs[1].unwrapped.data.body("torso").xpos  # type: ignore[attr-defined]
+        np.testing.assert_allclose(obs[1][17:], torso, rtol=1e-6)
+        assert obs[1][19] > 0.0  # the torso's height
+    finally:
+        for env in envs:
+            env.close()

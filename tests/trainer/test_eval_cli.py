@@ -31,10 +31,21 @@ def test_eval_prints_one_table_and_writes_json(tmp_path: Path, capsys: pytest.Ca
     assert len(data["results"][1]["curve"][0]) == 100
 
 
+def test_eval_takes_the_validation_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval.json"
+    argv = [str(CHECKPOINTS / "point-nav"), "--split", "validation", "--tasks", "3", "--json", str(out)]
+    assert eval_main(argv) == 0
+    assert "point-nav validation: 3 tasks, seed 1000" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    tasks = get_family("point-nav").sample_tasks("validation", 3, seed=1000)
+    assert data["split"] == "validation" and data["results"][0]["labels"] == [t.label for t in tasks]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["nowhere"], "not a checkpoint directory"),
+        ([str(CHECKPOINTS / "point-nav"), "--split", "dev"], "invalid choice: 'dev'"),
         ([str(CHECKPOINTS / "point-nav"), "--tasks", "0"], "--tasks must be >= 1"),
     ],
 )

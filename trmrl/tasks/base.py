@@ -11,6 +11,8 @@ outermost object, so ``gymnasium.vector`` ``call("set_task", ...)`` reaches it d
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import math
 import operator
 from abc import ABC, abstractmethod
@@ -36,13 +38,16 @@ __all__ = [
     "register_family",
 ]
 
-Split = Literal["train", "test", "ood"]
-"""A task split: ``train`` and ``test`` share a distribution (disjoint samples), ``ood`` does not."""
+Split = Literal["train", "validation", "test", "ood"]
+"""A task split: ``train``, ``validation`` and ``test`` share a distribution (separate samples), ``ood``
+does not. ``validation`` is for choosing checkpoints and settings, so that ``test`` stays held out."""
 
-SPLITS: Final[tuple[str, ...]] = ("train", "test", "ood")
+SPLITS: Final[tuple[str, ...]] = ("train", "validation", "test", "ood")
 
-# Each split gets its own random stream so that train and test tasks differ for the same seed.
-_SPLIT_STREAM: Final[dict[str, int]] = {"train": 0, "test": 1, "ood": 2}
+# Each split gets its own random stream so that train, validation and test tasks differ for the same
+# seed. The first three keep the numbers they had before validation existed: the same seed still draws
+# the same train, test and ood tasks.
+_SPLIT_STREAM: Final[dict[str, int]] = {"train": 0, "test": 1, "ood": 2, "validation": 3}
 
 ObsArray: TypeAlias = NDArray[np.float32]
 """Observation type of every task environment."""
@@ -58,7 +63,7 @@ class Task:
 
     Attributes:
         family: Registry name of the family this task belongs to, e.g. ``"halfcheetah-vel"``.
-        split: ``"train"``, ``"test"`` or ``"ood"``.
+        split: ``"train"``, ``"validation"``, ``"test"`` or ``"ood"``.
         index: Position in the sampled list (Meta-World: index into the benchmark's task list).
         params: Numeric task description of length ``family.task_param_dim`` (the oracle input).
         label: Short human-readable description, e.g. ``"v*=1.73"`` or ``"reach-v3#17"``.
@@ -120,7 +125,8 @@ class TaskFamily(ABC):
     def sample_tasks(self, split: str, n: int, seed: int) -> list[Task]:
         """Sample ``n`` tasks of ``split``, deterministically under ``seed``.
 
-        Train and test draw from separate random streams, so they differ for the same seed.
+        Every split draws from its own random stream, so train, validation and test differ for the same
+        seed; validation tasks come from the training distribution.
 
         Raises:
             TaskFamilyError: If the split is not supported, ``n`` is not a positive int or ``seed`` is
@@ -283,20 +289,68 @@ def register_family(family: TaskFamily) -> None:
     _REGISTRY[family.name] = family
 
 
+ENTRY_POINT_GROUP: Final = "trmrl.task_families"
+"""Installed packages offer families under this entry-point group: ``name = "module:attribute"``, the
+attribute a :class:`TaskFamily` (or a function of no arguments returning one) named ``name``."""
+
+
+def _load_attribute(spec: str) -> TaskFamily:
+    """The family at ``module:attribute`` (a family, or a zero-argument function returning one)."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise TaskFamilyError(f"cannot load task family {spec!r}: {exc}") from exc
+    if callable(target) and not isinstance(target, TaskFamily):
+        try:
+            target = target()
+        except Exception as exc:  # a user's factory: whatever it raises, say which one failed
+            raise TaskFamilyError(f"cannot build task family from {spec!r}: {exc}") from exc
+    family = target
+    if not isinstance(family, TaskFamily):
+        raise TaskFamilyError(f"{spec!r} is a {type(family).__name__}, not a TaskFamily")
+    return family
+
+
+def _installed(name: str | None = None) -> list[importlib.metadata.EntryPoint]:
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in found if name is None or ep.name == name]
+
+
 def get_family(name: str) -> TaskFamily:
-    """Return the registered family ``name``.
+    """Return the family ``name``: a built-in or registered one, one an installed package offers under
+    the ``trmrl.task_families`` entry-point group, or ``module:attribute``.
+
+    A family found the last two ways is registered under its own name, so a checkpoint that records
+    that name finds it again.
 
     Raises:
         TaskFamilyError: If no family of that name exists; the message lists the known names.
     """
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise TaskFamilyError(
-            f"unknown task family {name!r}; known families: {', '.join(_REGISTRY)}"
-        ) from None
+    if ":" in name:
+        family = _load_attribute(name)
+    else:
+        offered = _installed(name)
+        if not offered:
+            raise TaskFamilyError(
+                f"unknown task family {name!r}; known families: {', '.join(family_names())}"
+            )
+        family = _load_attribute(offered[0].value)
+        if family.name != name:
+            raise TaskFamilyError(
+                f"entry point {name!r} of {ENTRY_POINT_GROUP} names a family {family.name!r}"
+            )
+    known = _REGISTRY.get(family.name)
+    if known is not None and known is not family:
+        raise TaskFamilyError(f"{name!r} gives a family named {family.name!r}, which is another family")
+    _REGISTRY[family.name] = family
+    return family
 
 
 def family_names() -> tuple[str, ...]:
-    """Names of all registered families, in registration order."""
-    return tuple(_REGISTRY)
+    """Names of all registered families, in registration order, then those installed packages offer."""
+    return tuple(dict.fromkeys([*_REGISTRY, *(ep.name for ep in _installed())]))

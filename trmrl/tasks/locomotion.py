@@ -69,13 +69,25 @@ class _LocomotionEnv(TaskEnv):
         self._high = np.asarray(family.action_high, dtype=np.float64)
         self._action_buf = np.empty(family.act_dim, dtype=np.float64)
         self._n_qpos_obs = int(sim.model.nq) - self._N_HIDDEN_QPOS
+        # The meta-RL literature's HalfCheetah (PEARL, ProMP, the TrMRL authors' fork) appends the
+        # torso's position (mujoco-py's get_body_com: the body frame's origin) to gymnasium's 17-d
+        # observation; a family declares it by its 3 extra observation entries.
+        extra = family.obs_dim - self._n_qpos_obs - int(sim.model.nv)
+        if extra not in (0, 3):
+            raise ValueError(
+                f"{family.name}: obs_dim {family.obs_dim} does not fit the {sim.model.nq}-qpos body"
+            )
+        self._torso = int(sim.model.body("torso").id) if extra == 3 else None
 
     def _observe(self) -> ObsArray:
         # One allocation, filled in place, instead of concatenate + astype.
         data = self._data
         obs = np.empty(self.family.obs_dim, dtype=np.float32)
-        obs[: self._n_qpos_obs] = data.qpos[self._N_HIDDEN_QPOS :]
-        obs[self._n_qpos_obs :] = data.qvel
+        n_qpos, n_qvel = self._n_qpos_obs, len(data.qvel)
+        obs[:n_qpos] = data.qpos[self._N_HIDDEN_QPOS :]
+        obs[n_qpos : n_qpos + n_qvel] = data.qvel
+        if self._torso is not None:
+            obs[n_qpos + n_qvel :] = data.xpos[self._torso]
         return obs
 
     def _simulate(self, action: NDArray[Any]) -> NDArray[np.float64]:
@@ -249,6 +261,7 @@ def _direction_task(family: str, split: str, index: int, theta: float, unit: tup
 # Exact unit vectors for the axis directions, so that θ = π gives (-1, 0) and not (-1, 1.2e-16).
 _AXIS_DIRECTIONS: Final = {
     "train": ((0.0, (1.0, 0.0)), (math.pi, (-1.0, 0.0))),
+    "validation": ((0.0, (1.0, 0.0)), (math.pi, (-1.0, 0.0))),
     "test": ((0.0, (1.0, 0.0)), (math.pi, (-1.0, 0.0))),
     "ood": ((0.5 * math.pi, (0.0, 1.0)), (1.5 * math.pi, (0.0, -1.0))),
 }
@@ -303,12 +316,14 @@ def _family(
     task_param_dim: int,
     splits: tuple[str, ...],
     description: str,
+    torso_position: bool = False,
 ) -> LocomotionFamily:
-    """A locomotion family: actions in [-1, 1], 200-step episodes, no success signal."""
+    """A locomotion family: actions in [-1, 1], 200-step episodes, no success signal; with
+    ``torso_position`` the observation ends with the torso's x, y, z."""
     obs_dim, act_dim = _BODIES[cls._ROBOT]
     return cls(
         name=name,
-        obs_dim=obs_dim,
+        obs_dim=obs_dim + (3 if torso_position else 0),
         act_dim=act_dim,
         action_low=(-1.0,) * act_dim,
         action_high=(1.0,) * act_dim,
@@ -333,8 +348,27 @@ FAMILIES: Final[tuple[TaskFamily, ...]] = (
         _CheetahDirFamily,
         "halfcheetah-dir",
         task_param_dim=1,
-        splits=("train", "test"),
+        splits=("train", "validation", "test"),
         description="HalfCheetah-v5 running forward (d=+1) or backward (d=-1); reward d·v_x - 0.05‖a‖².",
+    ),
+    # The 20-d observation of the meta-RL literature's HalfCheetah tasks (the TrMRL authors' fork among
+    # them): the same tasks, the torso's position appended. The 17-d families stay as they are, so
+    # checkpoints trained on them keep loading.
+    _family(
+        _CheetahVelFamily,
+        "halfcheetah-vel-20d",
+        task_param_dim=1,
+        splits=SPLITS,
+        description="halfcheetah-vel with the 20-d observation (gymnasium's 17-d + the torso's x, y, z).",
+        torso_position=True,
+    ),
+    _family(
+        _CheetahDirFamily,
+        "halfcheetah-dir-20d",
+        task_param_dim=1,
+        splits=("train", "validation", "test"),
+        description="halfcheetah-dir with the 20-d observation (gymnasium's 17-d + the torso's x, y, z).",
+        torso_position=True,
     ),
     _family(
         _AntDirFamily,
@@ -348,7 +382,7 @@ FAMILIES: Final[tuple[TaskFamily, ...]] = (
         _AntDir2DFamily,
         "ant-dir-2d",
         task_param_dim=2,
-        splits=("train", "test"),
+        splits=("train", "validation", "test"),
         description="Ant-v5 running along θ ~ U[0, 2π); params (cos θ, sin θ); reward as ant-dir.",
     ),
     _family(

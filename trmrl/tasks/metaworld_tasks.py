@@ -114,6 +114,12 @@ def _goals(bench: _Benchmark, split: str, indices: list[int]) -> list[tuple[floa
         return [data.goals[i] for i in indices]
 
 
+def _benchmark_split(split: str) -> str:
+    """Meta-World defines train and test goals only: validation tasks are train goals drawn with their
+    own seed (the training distribution, as with every family)."""
+    return "train" if split == "validation" else split
+
+
 @dataclass(frozen=True)
 class MetaWorldFamily(TaskFamily):
     """A Meta-World benchmark as a task family.
@@ -126,10 +132,10 @@ class MetaWorldFamily(TaskFamily):
 
     def _sample_tasks(self, split: str, n: int, rng: np.random.Generator) -> list[Task]:
         bench = _benchmark(self.benchmark)
-        data = bench.splits[split]
+        data = bench.splits[_benchmark_split(split)]
         available = len(data.tasks)
         indices = [int(i) for i in rng.choice(available, size=n, replace=n > available)]
-        goals = _goals(bench, split, indices)
+        goals = _goals(bench, _benchmark_split(split), indices)
         return [Task(self.name, split, i, g, data.labels[i]) for i, g in zip(indices, goals, strict=True)]
 
     def resolve(self, task: Task) -> tuple[str, Any]:
@@ -140,7 +146,7 @@ class MetaWorldFamily(TaskFamily):
                 index out of range, or a label that does not match the benchmark's task at that index).
         """
         self.check_task(task)
-        data = _benchmark(self.benchmark).splits[task.split]
+        data = _benchmark(self.benchmark).splits[_benchmark_split(task.split)]
         if task.index >= len(data.tasks):
             raise TaskFamilyError(
                 f"{self.name}: {task.split} task index {task.index} out of range (0..{len(data.tasks) - 1})"
@@ -254,7 +260,7 @@ def _family(name: str, benchmark: str, description: str) -> MetaWorldFamily:
         episode_length=500,
         task_param_dim=3,
         has_success=True,
-        splits=("train", "test"),
+        splits=("train", "validation", "test"),
         description=description,
         benchmark=benchmark,
     )
