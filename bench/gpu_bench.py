@@ -54,6 +54,8 @@ class Size(NamedTuple):
 MUJOCO = Size("mujoco", 17, 6)
 METAWORLD = Size("metaworld", 39, 4)
 SIZES = {"mujoco": MUJOCO, "metaworld": METAWORLD}
+#: Start-up of the trainer's part (env workers, evaluators, CUDA) plus its untimed warm-up update.
+TRAINER_OVERHEAD_S = 100.0
 TARGETS = {
     "model_actions_per_s": 2_000_000.0,
     "e2e_actions_per_s": 250_000.0,
@@ -86,7 +88,7 @@ def plan(smoke: bool) -> dict[str, Any]:
                 "device": "cpu",
                 "vector": "async",
             },
-            "timeouts_s": {"model": 240, "service": 300, "trainer": 240},
+            "timeouts_s": {"model": 240, "service": 300, "trainer": 0},  # trainer: set in main
         }
     return {
         "device": "cuda",
@@ -101,7 +103,7 @@ def plan(smoke: bool) -> dict[str, Any]:
         "stream_s": 3.0,
         "trainer_s": 120.0,
         "trainer_overrides": {"device": "cuda", "vector": "async"},
-        "timeouts_s": {"model": 200, "service": 200, "trainer": 240},
+        "timeouts_s": {"model": 200, "service": 200, "trainer": 0},  # trainer: set in main
     }
 
 
@@ -590,6 +592,14 @@ def main() -> None:
         "--parts", default="model,service,trainer", help="which parts to run (comma-separated)"
     )
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip a part that could end past this")
+    parser.add_argument(
+        "--trainer-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the trainer's preset (repeatable), e.g. tasks_per_update=80",
+    )
+    parser.add_argument("--trainer-s", type=float, help="seconds of timed training (default 120; smoke 5)")
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--out-json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -601,6 +611,11 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     p = plan(args.cpu_smoke)
+    for item in args.trainer_set:
+        key, _, value = item.partition("=")
+        p["trainer_overrides"][key] = value
+    if args.trainer_s is not None:
+        p["trainer_s"] = args.trainer_s
 
     if args.section:  # a child: run one part, write its JSON
         parts: dict[str, Callable[[], dict[str, Any]]] = {
@@ -628,15 +643,24 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts.split(","):
-            timeout = p["timeouts_s"][part]
             left = args.budget_s - (time.monotonic() - began)
+            passed = [f"--trainer-set={item}" for item in args.trainer_set]
+            timeout = p["timeouts_s"][part]
+            if part == "trainer":
+                # The trainer's timed window shrinks to what the budget has left (start-up and one
+                # warm-up update take up to TRAINER_OVERHEAD_S), rather than being killed midway.
+                seconds = min(p["trainer_s"], left - TRAINER_OVERHEAD_S)
+                passed.append(f"--trainer-s={seconds}")
+                timeout = seconds + TRAINER_OVERHEAD_S
+                if seconds < min(20.0, p["trainer_s"]):
+                    left = 0.0
             if left < min(timeout, 60):
-                results[part] = {"error": f"skipped: {left:.0f} s of the budget left"}
+                results[part] = {"error": f"skipped: {max(left, 0):.0f} s of the budget left"}
                 continue
             print(f"part {part} (at most {min(timeout, left):.0f} s)", flush=True)
             part_began = time.monotonic()
             results[part] = run_child(
-                ["--section", part] + (["--cpu-smoke"] if args.cpu_smoke else []),
+                ["--section", part, *passed] + (["--cpu-smoke"] if args.cpu_smoke else []),
                 min(timeout, left),
                 Path(tmp) / f"{part}.json",
             )
