@@ -67,27 +67,32 @@ def ticks(obs_dim: int, act_dim: int, count: int, max_batch: int, seed: int = 0)
 
 @torch.inference_mode()
 def reference(pool: SlotPool, low: torch.Tensor, high: torch.Tensor, tick: Tick) -> np.ndarray:
-    """The service's eager CPU path: clear, then one ``act``."""
-    slots = torch.from_numpy(tick.slots)
+    """The service's eager path: clear, then one ``act`` (on the pool's device)."""
+
+    def dev(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array).to(pool.device)
+
+    slots = torch.from_numpy(tick.slots).to(pool.device)
     if tick.clear.any():
-        pool.clear(slots[torch.from_numpy(tick.clear)])
-    return (
-        act(
-            pool,
-            slots,
-            torch.from_numpy(tick.obs),
-            torch.from_numpy(tick.reward),
-            torch.from_numpy(tick.start),
-            low=low,
-            high=high,
-            deterministic=torch.from_numpy(tick.deterministic),
-            noise=None if tick.noise is None else torch.from_numpy(tick.noise),
-            applied_action=None if tick.applied is None else torch.from_numpy(tick.applied),
-            applied_mask=None if tick.applied_mask is None else torch.from_numpy(tick.applied_mask),
-        )
-        .actions.cpu()
-        .numpy()
+        pool.clear(slots[torch.from_numpy(tick.clear).to(pool.device)])
+    obs, reward, start, deterministic = (
+        dev(a) for a in (tick.obs, tick.reward, tick.start, tick.deterministic)
     )
+    assert obs is not None and reward is not None and start is not None and deterministic is not None
+    result = act(
+        pool,
+        slots,
+        obs,
+        reward,
+        start,
+        low=low,
+        high=high,
+        deterministic=deterministic,
+        noise=dev(tick.noise),
+        applied_action=dev(tick.applied),
+        applied_mask=dev(tick.applied_mask),
+    )
+    return result.actions.cpu().numpy()
 
 
 def fixed(step: BucketedStep, tick: Tick) -> np.ndarray:
