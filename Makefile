@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export MUJOCO_GL ?= disable
 
 .PHONY: help venv demo test lint typecheck pytest fast-test reliability format clean docker-build docker-smoke \
-	docker-build-gpu gpu-bench gpu-bench-smoke
+	docker-build-gpu gpu-bench gpu-bench-smoke gpu-wheels
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -45,6 +45,9 @@ reliability: $(STAMP)  ## full fuzz, 10-min soak, SIGKILL and security runs (TRM
 
 gpu-bench: $(STAMP)  ## GPU benchmark (one GPU, ~16 cores, < 8 min): model side, service end to end, trainer; docs/performance.md
 	$(PY) -m bench.gpu_bench --json bench/results/gpu_bench.json
+
+gpu-wheels:  ## the Python 3.12 wheels gpu-bench needs on a GPU box with no registry, into .whl/
+	bench/gpu_wheels.sh .whl
 
 gpu-bench-smoke: $(STAMP)  ## the GPU benchmark shrunk to run on a CPU (checks the script; measures no GPU)
 	$(PY) -m bench.gpu_bench --cpu-smoke --json /tmp/gpu_bench_smoke.json
