@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from bench import gpu_bench
@@ -102,3 +103,25 @@ def test_verdicts_follow_the_targets() -> None:
 def test_a_failed_part_is_reported_not_raised(tmp_path: Path) -> None:
     out = gpu_bench.run_child(["--section", "no-such-part"], timeout_s=60, out=tmp_path / "x.json")
     assert out["error"].startswith("exit status")
+
+
+def test_a_failing_mode_keeps_the_other_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = gpu_bench._fixed_rates
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if args[3] == "bf16":
+            raise RuntimeError("capture failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_bench, "_fixed_rates", failing)
+    plan = gpu_bench.plan(smoke=True) | {"batches": [2], "point_s": 0.01, "memory_sessions": 10}
+    threads = torch.get_num_threads()
+    try:
+        out = gpu_bench.model_part(plan)
+    finally:
+        torch.set_num_threads(threads)
+    rows = out["sizes"]["mujoco"]["actions_per_s"]
+    assert rows["bf16-fixed"] == {} and rows["fp32-fixed"]["2"] > 0 and rows["fp32-eager"]["2"] > 0
+    assert "capture failed" in out["errors"]["mujoco-bf16"]
+    text = gpu_bench.table({"settings": {"cpu_smoke": True}, "model": out})
+    assert "mujoco-bf16: FAILED" in text
