@@ -80,8 +80,8 @@ COPY checkpoints /opt/trmrl/checkpoints
 COPY docker/entrypoint.sh /usr/local/bin/trmrl-entrypoint
 RUN chmod 0755 /usr/local/bin/trmrl-entrypoint \
     && /opt/venv/bin/python3 -c 'import torch, service.app, trmrl_client; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-# NVIDIA_DRIVER_CAPABILITIES: the Container Toolkit mounts the driver's CUDA library (compute) only when
-# asked; nvidia/cuda bases set it, a plain Debian base does not. Inert without a GPU runtime.
+# NVIDIA_DRIVER_CAPABILITIES: unset, the Container Toolkit's documented default is `utility` alone, without
+# the driver's CUDA library; nvidia/cuda bases set it, a plain Debian base does not. Inert without a GPU runtime.
 ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     MUJOCO_GL=disable \
