@@ -249,3 +249,42 @@ def test_cuda_graphs_replay_the_step(precision: str) -> None:
     tick = ticks(5, 3, 1, 32, seed=4)[0]
     eager_pool.windows.copy_(pool.windows)
     np.testing.assert_allclose(fixed(graphed, tick), fixed(eager, tick), rtol=0, atol=1e-5)
+
+
+@cuda
+def test_capture_while_another_step_serves_on_another_thread() -> None:
+    """A version loaded at run time captures its graphs while other models keep stepping."""
+    import threading
+
+    net = model().cuda()
+    low, high = bounds(3, "cuda")
+    serving = BucketedStep(
+        SlotPool(net, CAPACITY + 1, "cuda"), low, high, 32, scratch_slot=CAPACITY, graphs=True
+    )
+    serving.capture()
+    loading = BucketedStep(
+        SlotPool(net, CAPACITY + 1, "cuda"), low, high, 32, scratch_slot=CAPACITY, graphs=True
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    steps = ticks(5, 3, 10, 32, seed=5)
+
+    def serve() -> None:
+        try:
+            while not stop.is_set():
+                for tick in steps:
+                    assert np.isfinite(fixed(serving, tick)).all()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        for _ in range(3):
+            loading.capture()
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert not errors and not worker.is_alive()
+    assert loading.captured == buckets_for(32)
+    assert np.isfinite(fixed(loading, steps[0])).all()

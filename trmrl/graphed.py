@@ -263,7 +263,8 @@ class BucketedStep:
         """Capture one graph per bucket (largest first, sharing one memory pool); CUDA only.
 
         Each bucket first runs eagerly on a side stream (library handles and kernel choices are made
-        outside the capture), on scratch rows only. Capture itself runs nothing.
+        outside the capture), on scratch rows only. Capture itself runs nothing. Other threads may go on
+        using the device meanwhile (other models serving).
         """
         if not self.graphs:
             raise RuntimeError("this step was built without CUDA graphs")
@@ -280,7 +281,9 @@ class BucketedStep:
         torch.cuda.synchronize(self.device)
         for size in order:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: a model version loaded while others serve captures on its own thread; the
+            # default ("global") would make the serving threads' CUDA calls fail during the capture.
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 self._forward(size)
             if self._graph_pool is None:
                 self._graph_pool = graph.pool()
