@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export MUJOCO_GL ?= disable
 
-.PHONY: help venv demo test lint typecheck pytest fast-test reliability format clean docker-build docker-smoke
+.PHONY: help venv demo test lint typecheck pytest fast-test reliability format clean docker-build docker-smoke \
+	docker-build-gpu gpu-bench gpu-bench-smoke gpu-wheels
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -42,6 +43,15 @@ fast-test: $(STAMP)  ## tests without the slow marker
 reliability: $(STAMP)  ## full fuzz, 10-min soak, SIGKILL and security runs (TRMRL_LONG=1)
 	TRMRL_LONG=1 $(PY) -m pytest tests/reliability -s
 
+gpu-bench: $(STAMP)  ## GPU benchmark (one GPU, ~16 cores, < 8 min): model side, service end to end, trainer; docs/performance.md
+	$(PY) -m bench.gpu_bench --json bench/results/gpu_bench.json
+
+gpu-wheels:  ## the Python 3.12 wheels gpu-bench needs on a GPU box with no registry, into .whl/
+	bench/gpu_wheels.sh .whl
+
+gpu-bench-smoke: $(STAMP)  ## the GPU benchmark shrunk to run on a CPU (checks the script; measures no GPU)
+	$(PY) -m bench.gpu_bench --cpu-smoke --json /tmp/gpu_bench_smoke.json
+
 format: $(STAMP)  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
@@ -59,6 +69,14 @@ docker-build:  ## build the CPU images (base by debootstrap, torch from docker/w
 	DOCKER_BUILDKIT=0 docker build -f docker/trainer.Dockerfile -t trmrl/trainer:cpu --build-arg SERVICE_IMAGE=trmrl/service:cpu .
 	DOCKER_BUILDKIT=0 docker build -f docker/router.Dockerfile -t trmrl/router:local \
 		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
+
+docker-build-gpu:  ## build the GPU images without a registry: the debootstrapped Debian base, PyPI's CUDA torch (several GB)
+	docker/make-base-image.sh
+	for c in /usr/local/share/ca-certificates/*.crt; do [ ! -f "$$c" ] || cp "$$c" docker/certs/; done
+	DOCKER_BUILDKIT=0 docker build -f docker/service.Dockerfile -t trmrl/service:cuda \
+		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
+	DOCKER_BUILDKIT=0 docker build -f docker/trainer.Dockerfile -t trmrl/trainer:cuda --build-arg SERVICE_IMAGE=trmrl/service:cuda .
+	docker image ls trmrl/service:cuda
 
 docker-smoke: $(STAMP)  ## build the CPU images and run the deployment for real: compose, restart, 2 replicas, a killed one
 	docker/smoke.sh

@@ -381,9 +381,13 @@ async def run_columnar(
     simulators: int = 2,
     stream: bool = False,
     seed: int = 0,
+    start_at: float | None = None,
 ) -> LoadResult:
     """``simulators`` closed-loop vectorised simulators, each stepping its share of the sessions as
-    one columnar tick: a ``POST /v1/act/batch`` request, or a frame of ``WS /v1/stream`` (``stream``)."""
+    one columnar tick: a ``POST /v1/act/batch`` request, or a frame of ``WS /v1/stream`` (``stream``).
+
+    ``start_at`` (``time.time()``): begin stepping then, once the sessions and connections exist, so
+    that several load processes measure the same window."""
     from websockets.asyncio.client import connect as ws_connect
 
     ids = await create_many(host, port, sessions)
@@ -401,6 +405,8 @@ async def run_columnar(
             conns.append(await ws_connect(url, compression=None, ping_interval=None, max_size=None))
         else:
             conns.append(await connect(host, port))
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
     latencies: list[float] = []
     counts = {"requests": 0, "actions": 0, "errors": 0}
     measure_from = time.perf_counter() + warmup_s

@@ -2,6 +2,10 @@
 #
 # GPU (default): a CUDA runtime base and PyPI's CUDA build of torch:
 #   docker build -f docker/service.Dockerfile -t trmrl/service:cuda .
+# GPU without any image registry (`make docker-build-gpu`): the same PyPI torch, which carries its own CUDA
+# libraries, on the debootstrapped Debian base; only the driver comes from the host (Container Toolkit):
+#   docker build -f docker/service.Dockerfile -t trmrl/service:cuda \
+#     --build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
 # CPU, without any image registry (the base made by docker/make-base-image.sh, torch from the local
 # wheelhouse docker/wheelhouse/, so no CUDA wheel is ever downloaded):
 #   docker build -f docker/service.Dockerfile -t trmrl/service:cpu \
@@ -76,7 +80,10 @@ COPY checkpoints /opt/trmrl/checkpoints
 COPY docker/entrypoint.sh /usr/local/bin/trmrl-entrypoint
 RUN chmod 0755 /usr/local/bin/trmrl-entrypoint \
     && /opt/venv/bin/python3 -c 'import torch, service.app, trmrl_client; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+# NVIDIA_DRIVER_CAPABILITIES: unset, the Container Toolkit's documented default is `utility` alone, without
+# the driver's CUDA library; nvidia/cuda bases set it, a plain Debian base does not. Inert without a GPU runtime.
 ENV PATH=/opt/venv/bin:$PATH \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     MUJOCO_GL=disable \
     TRMRL_HOST=0.0.0.0 \
     TRMRL_PORT=8000 \

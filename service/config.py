@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(default=0.0, ge=0)
     """Extra time a tick may wait for its batch to fill. Steps that arrive while a forward runs are
     batched regardless, so 0 keeps a lone session's latency lowest."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of the forward pass (autocast); session memory and actions stay float32."""
+    cuda_graphs: bool = True
+    """On CUDA, capture the batched step as CUDA graphs, one per batch-size bucket (powers of two up
+    to ``max_batch``), and replay them."""
     torch_threads: int = Field(default=0, ge=0)
     """Intra-op threads for the forward pass; 0: half the CPU cores, leaving the rest to HTTP."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

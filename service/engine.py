@@ -37,6 +37,7 @@ from service.recording import Recorder
 from service.schemas import ModelInfo, SessionState
 from service.sessions import SessionTable
 from trmrl.checkpoint import Checkpoint
+from trmrl.graphed import BucketedStep, Precision
 from trmrl.policy import act, counter_normal
 from trmrl.slot_pool import SlotPool, SlotSnapshot
 
@@ -63,6 +64,10 @@ class EngineLimits:
     session_ttl_s: float
     evict_idle_s: float
     max_queued_steps: int = 16_384
+    precision: Precision = "fp32"
+    """Forward-pass precision (``TRMRL_DTYPE``); the slot pool and the actions stay float32."""
+    cuda_graphs: bool = True
+    """On CUDA, replay captured graphs of the batched step (``TRMRL_CUDA_GRAPHS``)."""
 
 
 #: Per-slot columns of the session table that a session takes along when it moves to another version.
@@ -176,9 +181,25 @@ class Engine:
         self.act_dim = cfg.act_dim
         self.version = checkpoint.info.version
         self.model = checkpoint.model.to(device).eval()
-        self.pool = SlotPool(self.model, limits.max_sessions, device)
         self.low = torch.tensor(checkpoint.info.action_low, dtype=torch.float32, device=device)
         self.high = torch.tensor(checkpoint.info.action_high, dtype=torch.float32, device=device)
+        # On a GPU (or in reduced precision) the step runs at fixed shapes through BucketedStep, whose
+        # padded rows need a slot of their own: one past the sessions'. The CPU float32 path is the
+        # trainer's own `act`, bit for bit, and needs none.
+        fixed_shapes = device.type == "cuda" or limits.precision != "fp32"
+        scratch = limits.max_sessions
+        self.pool = SlotPool(self.model, limits.max_sessions + (1 if fixed_shapes else 0), device)
+        self._fixed: BucketedStep | None = None
+        if fixed_shapes:
+            self._fixed = BucketedStep(
+                self.pool,
+                self.low,
+                self.high,
+                limits.max_batch,
+                scratch_slot=scratch,
+                graphs=device.type == "cuda" and limits.cuda_graphs,
+                precision=limits.precision,
+            )
         self.table = SessionTable(
             limits.max_sessions,
             cfg.act_dim,
@@ -235,7 +256,23 @@ class Engine:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def warmup(self, sizes: tuple[int, ...] = (1, 8, 64)) -> None:
-        """Run the batched step at a few batch sizes on free slots, then clear them (blocking)."""
+        """Capture the CUDA graphs (if any), then run the batched step at a few batch sizes on free
+        slots and clear them (blocking)."""
+        if self._fixed is not None and self._fixed.graphs:
+            began = time.perf_counter()
+            try:
+                self._fixed.capture()
+            except Exception:
+                # A driver or library that cannot capture must not keep the model from serving.
+                log.exception("model %s: CUDA graph capture failed; serving without graphs", self.name)
+                self._fixed.graphs = False
+            else:
+                log.info(
+                    "model %s: captured CUDA graphs for batch sizes %s in %.1f s",
+                    self.name,
+                    ",".join(map(str, self._fixed.captured)),
+                    time.perf_counter() - began,
+                )
         for size in sizes:
             n = min(size, self.limits.max_batch, self.limits.max_sessions)
             batch = _Batch(n, self.obs_dim, self.act_dim)
@@ -543,6 +580,8 @@ class Engine:
 
     def _compute(self, batch: _Batch, n: int, deterministic: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """One forward pass for the batch's ``n`` steps (worker thread); returns clipped actions."""
+        if self._fixed is not None:
+            return self._compute_fixed(batch, n, deterministic, seeds)
         device = self.device
         with torch.inference_mode():
             slots = torch.from_numpy(batch.slots[:n]).to(device)
@@ -577,6 +616,29 @@ class Engine:
                 applied_mask=applied_mask,
             )
             return result.actions.cpu().numpy()
+
+    def _compute_fixed(
+        self, batch: _Batch, n: int, deterministic: np.ndarray, seeds: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`_compute` at fixed shapes (GPU, reduced precision): the same step, with resets as a
+        mask and the noise drawn on the host exactly as there."""
+        assert self._fixed is not None
+        noise = None
+        if not deterministic.all():
+            steps = torch.from_numpy(batch.steps[:n])
+            noise = counter_normal(torch.from_numpy(seeds), steps, self.act_dim).numpy()
+        applied_mask = batch.applied_mask[:n]
+        return self._fixed.run(
+            batch.slots[:n],
+            batch.obs[:n],
+            batch.reward[:n],
+            batch.start[:n],
+            batch.clear[:n],
+            deterministic,
+            noise,
+            batch.applied[:n] if applied_mask.any() else None,
+            applied_mask,
+        )
 
     def _commit(self, batch: _Batch, n: int, actions: np.ndarray) -> None:
         table = self.table

@@ -131,6 +131,8 @@ class ModelRegistry:
             session_ttl_s=settings.session_ttl_s,
             evict_idle_s=settings.evict_idle_s,
             max_queued_steps=settings.max_queued_steps,
+            precision=settings.dtype,
+            cuda_graphs=settings.cuda_graphs,
         )
         engines = []
         for path in paths:

@@ -105,6 +105,7 @@ def act(
     noise: Tensor | None,
     applied_action: Tensor | None = None,
     applied_mask: Tensor | None = None,
+    clear: Tensor | None = None,
 ) -> ActResult:
     """Advance ``slots`` one step and choose their actions: the single policy step that training
     rollouts, evaluation and the service all run.
@@ -119,7 +120,7 @@ def act(
         >>> r.actions.shape
         torch.Size([2, 2])
     """
-    step = pool.step(slots, obs, reward, episode_start, applied_action, applied_mask)
+    step = pool.step(slots, obs, reward, episode_start, applied_action, applied_mask, clear)
     raw = sample_actions(step.output, deterministic, noise)
     actions = clip_actions(raw, low, high)
     pool.record_actions(slots, actions)

@@ -84,6 +84,7 @@ class SlotPool:
         episode_start: Tensor,
         applied_action: Tensor | None = None,
         applied_mask: Tensor | None = None,
+        clear: Tensor | None = None,
     ) -> PoolStep:
         """Advance ``slots`` by one step and evaluate them in one forward pass.
 
@@ -95,6 +96,9 @@ class SlotPool:
             applied_action: ``[B, act_dim]`` what was really executed for the previous step, where it
                 differs from the recorded action (e.g. a robot's own clipping).
             applied_mask: ``[B]`` bool, rows of ``applied_action`` to use (all rows if omitted).
+            clear: ``[B]`` bool, rows to read as empty slots (as after :meth:`clear`). A mask rather than
+                a prior :meth:`clear` keeps every shape fixed and the host out of the step: what a
+                captured CUDA graph needs.
 
         The pool is written only after the forward pass succeeds, so a failure leaves it unchanged.
         """
@@ -103,6 +107,11 @@ class SlotPool:
         windows = self.windows[slots]
         lengths = self.lengths[slots]
         prev_action = self.prev_action[slots]
+        if clear is not None:
+            empty = clear.to(torch.bool)
+            windows = torch.where(empty.view(-1, 1, 1), torch.zeros_like(windows), windows)
+            lengths = torch.where(empty, torch.zeros_like(lengths), lengths)
+            prev_action = torch.where(empty.unsqueeze(-1), torch.zeros_like(prev_action), prev_action)
         if applied_action is not None:
             use = torch.ones_like(start) if applied_mask is None else applied_mask.to(torch.bool)
             prev_action = torch.where(use.unsqueeze(-1), applied_action.to(prev_action.dtype), prev_action)
