@@ -202,7 +202,10 @@ class _File:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         # Hidden until complete: readers of the directory (pyarrow's dataset discovery) skip dot files.
         self.path = rec.directory / f".steps-{stamp}-{os.getpid()}-{next(rec._names):05d}.parquet.partial"
-        self.writer = pq.ParquetWriter(self.path, schema, compression="zstd")
+        # Snappy and dictionaries only where values repeat: recording shares the cores with serving.
+        self.writer = pq.ParquetWriter(
+            self.path, schema, compression="snappy", use_dictionary=["session_id", "model", "version"]
+        )
         self.opened = time.monotonic()
         self.rows = 0
 
