@@ -40,12 +40,16 @@ from trmrl.slot_pool import SlotPool, SlotSnapshot
 
 log = logging.getLogger("trmrl.service")
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: The largest magnitude of a number that enters a session's memory (observation, reward, action).
+#: The forward pass squares activations (layer norms), so inputs from about 1e18 on overflow float32
+#: and the session's actions turn NaN for as long as that step stays in its window. 1e6 leaves twelve
+#: orders of magnitude for the observation statistics' scale; no sensor or reward comes near it.
+INPUT_LIMIT = 1e6
 
 
-def _all_float32(values: Sequence[float]) -> bool:
-    """Every value finite in float32 (NaN fails every comparison, so it fails here too)."""
-    return all(-_FLOAT32_MAX <= v <= _FLOAT32_MAX for v in values)
+def _all_in_range(values: Sequence[float]) -> bool:
+    """Every value within ``INPUT_LIMIT`` (NaN fails every comparison, so it fails here too)."""
+    return all(-INPUT_LIMIT <= v <= INPUT_LIMIT for v in values)
 
 
 @dataclass(frozen=True)
@@ -232,15 +236,15 @@ class Engine:
         """Check a step's numbers against this model; returns the observation as float32."""
         if len(observation) != self.obs_dim:
             raise errors.wrong_length("observation", self.obs_dim, len(observation))
-        if not _all_float32(observation):
-            raise errors.non_finite("observation")
-        if not -_FLOAT32_MAX <= reward <= _FLOAT32_MAX:
-            raise errors.non_finite("reward")
+        if not _all_in_range(observation):
+            raise errors.out_of_range("observation", observation, INPUT_LIMIT)
+        if not -INPUT_LIMIT <= reward <= INPUT_LIMIT:
+            raise errors.out_of_range("reward", [reward], INPUT_LIMIT)
         if applied_action is not None:
             if len(applied_action) != self.act_dim:
                 raise errors.wrong_length("applied_action", self.act_dim, len(applied_action))
-            if not _all_float32(applied_action):
-                raise errors.non_finite("applied_action")
+            if not _all_in_range(applied_action):
+                raise errors.out_of_range("applied_action", applied_action, INPUT_LIMIT)
         return np.asarray(observation, np.float32)
 
     def submit(
@@ -600,10 +604,11 @@ class Engine:
             values = getattr(state, field)
             if len(values) != self.act_dim:
                 raise errors.wrong_length(field, self.act_dim, len(values))
-            if not _all_float32(values):
-                raise errors.non_finite(field)
-        if not all(_all_float32(row) for row in state.window):
-            raise errors.non_finite("window")
+            if not _all_in_range(values):
+                raise errors.out_of_range(field, values, INPUT_LIMIT)
+        for row in state.window:
+            if not _all_in_range(row):
+                raise errors.out_of_range("window", row, INPUT_LIMIT)
 
     async def restore(self, slot: int, state: SessionState) -> None:
         """Load a checked snapshot into ``slot``, a session with no steps in flight."""

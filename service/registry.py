@@ -211,13 +211,9 @@ class ModelRegistry:
 
         An existing session (of the caller) is overwritten; a missing one is created under that id,
         which is how a client moves a session to another replica or recovers one the service lost.
+        The id is the path's: a snapshot taken from another session copies that session's memory.
         Every check runs before anything changes.
         """
-        if state.session_id != session_id:
-            raise errors.invalid_snapshot(
-                "its 'session_id' differs from the one in the path",
-                {"field": "session_id", "expected": session_id, "got": state.session_id},
-            )
         engine = self.engine(state.model)
         engine.check_state(state)
         existing = self._locate(session_id)
