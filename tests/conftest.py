@@ -8,6 +8,7 @@ server's side of it (tracebacks, warnings, session lifecycle lines) under "Captu
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ _offsets = pytest.StashKey[dict[int, int]]()
 def _record_service_processes() -> Iterator[None]:
     start = ServiceProcess.start
 
+    @functools.wraps(start)  # the client's docstring tests read the method's docstring
     def recorded_start(self: ServiceProcess, *args: Any, **kwargs: Any) -> ServiceProcess:
         _services.add(self)
         return start(self, *args, **kwargs)
