@@ -240,7 +240,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_SCHEMAS)
             registry: ModelRegistry | None = app.state.registry
-            finish_document(schema, None if registry is None else registry.engines.values())
+            engines = None if registry is None else registry.engines.values()
+            finish_document(schema, engines, keyed=app.state.auth.enabled)
             if registry is None:
                 return schema  # the models' dimensions come once they are loaded: not cached before
             app.openapi_schema = schema

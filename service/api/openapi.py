@@ -7,6 +7,7 @@ would send requests the schema allows and the service refuses, and meet content 
 never names. So the document is finished here, in one place, for every route:
 
 * every JSON reply of a ``/v1`` or ``/act`` route is documented in MessagePack too;
+* with API keys configured, those routes carry the bearer scheme they require;
 * the numbers that enter a session's memory carry the engine's limit as ``minimum``/``maximum``;
 * a batch's items are validated one by one (a bad item gets its own error in the reply, with 200),
   so the request's schema takes any item, ``ActRequest`` being the one that is stepped;
@@ -47,9 +48,15 @@ LENGTHS: tuple[tuple[str, str, int, Callable[[Engine], int]], ...] = (
 )
 
 
-def finish(document: dict[str, Any], engines: Iterable[Engine] | None) -> dict[str, Any]:
-    """Complete ``document`` in place (and return it); ``engines``: the loaded models, if loaded yet."""
+def finish(document: dict[str, Any], engines: Iterable[Engine] | None, *, keyed: bool) -> dict[str, Any]:
+    """Complete ``document`` in place (and return it).
+
+    ``engines``: the loaded models, if loaded yet; ``keyed``: API keys are configured, so the
+    ``/v1`` routes and ``/act`` need one (documented as a bearer scheme only then).
+    """
     _document_msgpack(document)
+    if keyed:
+        _document_auth(document)
     schemas: dict[str, Any] = document.get("components", {}).get("schemas", {})
     for name, prop in BOUNDED_FIELDS:
         for number in _numbers(_property(schemas, name, prop)):
@@ -87,6 +94,19 @@ def _items_one_by_one(schemas: dict[str, Any]) -> None:
                 {"description": "Any other value: not stepped; its entry in the reply is its error."},
             ]
         }
+
+
+def _document_auth(document: dict[str, Any]) -> None:
+    components = document.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (TRMRL_API_KEYS): `Authorization: Bearer <key>`.",
+    }
+    for path, operations in document.get("paths", {}).items():
+        if path.startswith(NEGOTIATED):
+            for operation in operations.values():
+                operation["security"] = [{"apiKey": []}]
 
 
 def _property(schemas: dict[str, Any], name: str, prop: str) -> dict[str, Any]:

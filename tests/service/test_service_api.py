@@ -666,3 +666,19 @@ async def test_the_document_carries_what_validation_enforces(client: ServiceClie
     for status in ("200", "404", "422"):
         assert set(replies[status]["content"]) == {"application/json", "application/msgpack"}
     assert set(doc["paths"]["/healthz"]["get"]["responses"]["200"]["content"]) == {"application/json"}
+
+
+async def test_the_document_names_the_bearer_scheme_only_when_keys_are_required(
+    client: ServiceClient, make_client: Callable[..., Awaitable[ServiceClient]]
+) -> None:
+    assert "securitySchemes" not in (await client.get("/openapi.json")).json()["components"]
+    keyed = await make_client(api_keys=["key-a"])
+    doc = (await keyed.get("/openapi.json")).json()
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (TRMRL_API_KEYS): `Authorization: Bearer <key>`.",
+    }
+    assert doc["paths"]["/v1/act"]["post"]["security"] == [{"apiKey": []}]
+    assert doc["paths"]["/v1/sessions/{session_id}"]["delete"]["security"] == [{"apiKey": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
