@@ -35,6 +35,7 @@ def live() -> Iterator[ServiceProcess]:
         yield service
 
 
+@pytest.mark.timeout(2400)  # a hang guard: the long run takes 2-5 min, more on a busy machine
 def test_the_live_service_conforms_to_its_openapi_document(live: ServiceProcess, tmp_path: Path) -> None:
     seed = int.from_bytes(os.urandom(4)) if LONG else 0
     command = [
