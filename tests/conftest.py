@@ -25,7 +25,11 @@ os.environ.setdefault("TRMRL_LOG_LEVEL", "info")
 #: How much of one service's output a failing test's report shows (its end).
 LOG_TAIL_CHARS = 20_000
 
+#: Every service started so far that is still referenced (those of module and session fixtures).
 _services: weakref.WeakSet[ServiceProcess] = weakref.WeakSet()
+#: The services the current test started, held until it is reported: a benchmark's server is closed
+#: and dropped before the test's assertion fails, and its output must still be shown.
+_this_test: list[ServiceProcess] = []
 _offsets = pytest.StashKey[dict[int, int]]()
 
 
@@ -36,6 +40,7 @@ def _record_service_processes() -> Iterator[None]:
     @functools.wraps(start)  # the client's docstring tests read the method's docstring
     def recorded_start(self: ServiceProcess, *args: Any, **kwargs: Any) -> ServiceProcess:
         _services.add(self)
+        _this_test.append(self)
         return start(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -54,6 +59,7 @@ def _deterministic_torch() -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # Where each running service's output stood when the test began (module and session fixtures
     # start theirs earlier): the report shows what came after.
+    _this_test.clear()
     item.stash[_offsets] = {id(service): len(service.output()) for service in _services}
 
 
@@ -62,7 +68,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report: pytest.TestReport = yield
     if report.failed:
         offsets = item.stash.get(_offsets, {})
-        for service in list(_services):
+        for service in dict.fromkeys([*_services, *_this_test]):  # each once, in no particular order
             output = service.output()[offsets.get(id(service), 0) :]
             if output.strip():
                 if len(output) > LOG_TAIL_CHARS:

@@ -13,11 +13,17 @@ FAILING = """
 from trmrl_client.launch import ServiceProcess
 
 
-def test_a_server_fails() -> None:
-    # Not a real service: ``python -m this`` prints the Zen of Python and exits at once.
+def run_a_server() -> None:
+    # Not a real service: ``python -m this`` prints the Zen of Python and exits at once. Closed and
+    # dropped before the test fails, as a benchmark's server is.
     server = ServiceProcess([], module="this", device=None)
     server.start(wait=False)
     assert server.process is not None and server.process.wait(timeout=60) == 0
+    server.close()
+
+
+def test_a_server_fails() -> None:
+    run_a_server()
     assert False, "the test fails after its server wrote something"
 
 
