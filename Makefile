@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export MUJOCO_GL ?= disable
 
-.PHONY: help venv demo test lint typecheck pytest fast-test reliability format clean docker-build docker-smoke \
-	docker-build-gpu gpu-bench gpu-bench-smoke gpu-wheels
+.PHONY: help venv demo test lint typecheck pytest fast-test test-under-load reliability format clean docker-build \
+	docker-smoke docker-build-gpu gpu-bench gpu-bench-smoke gpu-wheels
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -39,6 +39,14 @@ pytest: $(STAMP)  ## all tests
 
 fast-test: $(STAMP)  ## tests without the slow marker
 	$(PY) -m pytest -m "not slow"
+
+HOGS ?= 2
+test-under-load: $(STAMP)  ## all tests with $(HOGS) busy processes beside them (a loaded CI machine)
+	@hogs=(); trap 'kill $${hogs[*]} 2>/dev/null' EXIT; \
+	for _ in $$(seq $(HOGS)); do $(PY) -c 'while True: pass' & hogs+=($$!); done; \
+	echo "test-under-load: $(HOGS) busy processes beside the tests, $$(nproc) CPUs"; \
+	start=$$SECONDS; status=0; $(PY) -m pytest || status=$$?; \
+	echo "test-under-load: pytest exited with $$status after $$((SECONDS - start)) s"; exit $$status
 
 reliability: $(STAMP)  ## full fuzz, 10-min soak, SIGKILL and security runs (TRMRL_LONG=1)
 	TRMRL_LONG=1 $(PY) -m pytest tests/reliability -s

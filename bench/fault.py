@@ -93,7 +93,9 @@ async def _kill_async(
     progress = [0] * sessions
     killed_at: list[list[int]] = []
     snapshot_file = state_dir / "sessions.msgpack"
-    async with AsyncPolicyClient(server.url, api_key=KEY, timeout=5.0, retries=15) as client:
+    # 120 tries (about two minutes of backoff, bounded by the run's deadline): the clients ride out a
+    # restart however slow the machine; 15 (12 s) was too few with the suite beside two busy processes.
+    async with AsyncPolicyClient(server.url, api_key=KEY, timeout=5.0, retries=120) as client:
         live = [await client.session("point-nav") for _ in range(sessions)]
 
         async def killer() -> None:

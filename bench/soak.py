@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -68,6 +69,8 @@ class Tally:
     errors: dict[str, int] = field(default_factory=dict)
     sessions_opened: int = 0
     sessions_closed: int = 0
+    stepping_s: float = 0.0
+    """The longest time a group stepped (from its sessions being open to its end)."""
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds)
 
     def error(self, code: str) -> None:
@@ -98,15 +101,24 @@ async def _close(client: httpx.AsyncClient, sid: str, counted: int, tally: Tally
 
 
 async def _group(
-    client: httpx.AsyncClient, size: int, until: float, churn_s: float, churn: int, tally: Tally, seed: int
+    client: httpx.AsyncClient, size: int, seconds: float, churn_s: float, churn: int, tally: Tally, seed: int
 ) -> None:
+    """Open ``size`` sessions, then step them for ``seconds``, churning at least once if ``churn``.
+
+    The time counts from the sessions being open, and the first churn is awaited however long the
+    steps take: on a busy machine, opening 1,024 sessions may take longer than a short run.
+    """
     rng = np.random.default_rng(seed)
     sids = [await _open(client, tally) for _ in range(size)]
     counters = [0] * size
-    next_churn = time.monotonic() + churn_s * (0.5 + random.Random(seed).random())
-    while time.monotonic() < until:
+    began = time.monotonic()
+    until = began + seconds
+    next_churn = began + churn_s * (0.5 + random.Random(seed).random())
+    churned = False
+    while time.monotonic() < until or (churn and not churned):
         if churn and time.monotonic() >= next_churn:
             next_churn += churn_s
+            churned = True
             for i in rng.choice(size, size=min(churn, size), replace=False):
                 await _close(client, sids[i], counters[i], tally)
                 sids[i], counters[i] = await _open(client, tally), 0
@@ -135,11 +147,15 @@ async def _group(
             else:
                 counters[i] += 1
                 tally.steps += 1
+    tally.stepping_s = max(tally.stepping_s, time.monotonic() - began)
     for sid, counted in zip(sids, counters, strict=True):
         await _close(client, sid, counted, tally)
 
 
-async def _sampler(server: Server, until: float, every_s: float, samples: list[dict[str, float]]) -> None:
+async def _sampler(
+    server: Server, done: asyncio.Event, every_s: float, samples: list[dict[str, float]]
+) -> None:
+    """Sample every ``every_s`` and once more when ``done`` is set."""
     start = time.monotonic()
     async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as client:
         while True:
@@ -153,9 +169,10 @@ async def _sampler(server: Server, until: float, every_s: float, samples: list[d
                     "active_sessions": metric_sum(text, "trmrl_active_sessions"),
                 }
             )
-            if time.monotonic() >= until:
+            if done.is_set():
                 return
-            await asyncio.sleep(min(every_s, max(0.0, until - time.monotonic())))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), every_s)
 
 
 def _windows(tally: Tally, samples: list[dict[str, float]], start: float) -> list[dict[str, float]]:
@@ -178,12 +195,13 @@ async def soak_async(
     groups = [min(batch, sessions - i) for i in range(0, sessions, batch)]
     limits = httpx.Limits(max_connections=len(groups) + 2)
     start = time.monotonic()
-    until = start + seconds
+    done = asyncio.Event()
     async with httpx.AsyncClient(base_url=server.url, timeout=30.0, limits=limits) as client:
-        sampler = asyncio.create_task(_sampler(server, until, sample_s, samples))
+        sampler = asyncio.create_task(_sampler(server, done, sample_s, samples))
         await asyncio.gather(
-            *(_group(client, g, until, churn_s, churn, tally, seed) for seed, g in enumerate(groups))
+            *(_group(client, g, seconds, churn_s, churn, tally, seed) for seed, g in enumerate(groups))
         )
+        done.set()
         await sampler
         leftover = int(metric_sum((await client.get("/metrics")).text, "trmrl_active_sessions"))
     windows = _windows(tally, samples, start)
@@ -197,7 +215,7 @@ async def soak_async(
         "seconds": seconds,
         "batch": batch,
         "steps": tally.steps,
-        "steps_per_s": tally.steps / seconds,
+        "steps_per_s": tally.steps / max(tally.stepping_s, 1e-9),
         "lost": tally.lost,
         "duplicated": tally.duplicated,
         "errors": tally.errors,

@@ -16,12 +16,14 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import Message, Receive, Scope, Send
 
 import trmrl
 from service.api.body import wants_msgpack
 from service.api.deps import BODY_SCHEMAS
 from service.api.fastpath import hot_handler, serve_hot
+from service.api.openapi import finish as finish_document
 from service.api.replies import error_reply
 from service.api.routes import act, admin, health, models, sessions, streams
 from service.auth import Authenticator
@@ -181,14 +183,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ApiError)
         return error_reply(exc, msgpack=wants_msgpack(request.scope))
 
-    async def http_error(_: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
-        return error_reply(ApiError(exc.status_code, code, str(exc.detail)))
+        # RFC 9110: a 405 names the methods the resource does support.
+        headers = {"Allow": allowed_methods(request.app, request.scope)} if exc.status_code == 405 else None
+        error = ApiError(exc.status_code, code, str(exc.detail))
+        return error_reply(error, msgpack=wants_msgpack(request.scope), headers=headers)
 
-    async def validation_error(_: Request, exc: Exception) -> Response:
+    async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_reply(from_validation_errors(list(exc.errors())))
+        return error_reply(from_validation_errors(list(exc.errors())), msgpack=wants_msgpack(request.scope))
 
     async def internal_error(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
@@ -198,6 +203,24 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
+
+
+#: The methods a 405's ``Allow`` is chosen from (RFC 9110's, and PATCH).
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> str:
+    """The methods some route serves on the request's path (one path may be several routes).
+
+    Asked of the routes themselves, the way the router would match them: included routers and
+    path parameters need no bookkeeping here.
+    """
+    allowed = [
+        method
+        for method in METHODS
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)
+    ]
+    return ", ".join(allowed)
 
 
 class ServiceApp(FastAPI):
@@ -265,6 +288,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 routes=app.routes,
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_SCHEMAS)
+            registry: ModelRegistry | None = app.state.registry
+            engines = None if registry is None else registry.engines.values()
+            finish_document(schema, engines, keyed=app.state.auth.enabled)
+            if registry is None:
+                return schema  # the models' dimensions come once they are loaded: not cached before
             app.openapi_schema = schema
         return app.openapi_schema
 

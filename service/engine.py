@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from trmrl_client.codec import FLOAT32_MAX
+from trmrl_client.codec import INPUT_LIMIT
 
 from service import errors
 from service.errors import ApiError
@@ -43,15 +43,13 @@ from trmrl.slot_pool import SlotPool, SlotSnapshot
 
 log = logging.getLogger("trmrl.service")
 
-_FLOAT32_MAX = FLOAT32_MAX
-
 #: An episode's first steps, over which adaptation is judged (the simulator client reports the same).
 ADAPTATION_STEPS = 20
 
 
-def _all_float32(values: Sequence[float]) -> bool:
-    """Every value finite in float32 (NaN fails every comparison, so it fails here too)."""
-    return all(-_FLOAT32_MAX <= v <= _FLOAT32_MAX for v in values)
+def _all_in_range(values: Sequence[float]) -> bool:
+    """Every value within ``INPUT_LIMIT`` (NaN fails every comparison, so it fails here too)."""
+    return all(-INPUT_LIMIT <= v <= INPUT_LIMIT for v in values)
 
 
 @dataclass(frozen=True)
@@ -311,15 +309,15 @@ class Engine:
         """Check a step's numbers against this model; returns the observation as float32."""
         if len(observation) != self.obs_dim:
             raise errors.wrong_length("observation", self.obs_dim, len(observation))
-        if not _all_float32(observation):
-            raise errors.non_finite("observation")
-        if not -_FLOAT32_MAX <= reward <= _FLOAT32_MAX:
-            raise errors.non_finite("reward")
+        if not _all_in_range(observation):
+            raise errors.out_of_range("observation", observation, INPUT_LIMIT)
+        if not -INPUT_LIMIT <= reward <= INPUT_LIMIT:
+            raise errors.out_of_range("reward", [reward], INPUT_LIMIT)
         if applied_action is not None:
             if len(applied_action) != self.act_dim:
                 raise errors.wrong_length("applied_action", self.act_dim, len(applied_action))
-            if not _all_float32(applied_action):
-                raise errors.non_finite("applied_action")
+            if not _all_in_range(applied_action):
+                raise errors.out_of_range("applied_action", applied_action, INPUT_LIMIT)
         return np.asarray(observation, np.float32)
 
     def submit(
@@ -938,10 +936,11 @@ class Engine:
             values = getattr(state, field)
             if len(values) != self.act_dim:
                 raise errors.wrong_length(field, self.act_dim, len(values))
-            if not _all_float32(values):
-                raise errors.non_finite(field)
-        if not all(_all_float32(row) for row in state.window):
-            raise errors.non_finite("window")
+            if not _all_in_range(values):
+                raise errors.out_of_range(field, values, INPUT_LIMIT)
+        for row in state.window:
+            if not _all_in_range(row):
+                raise errors.out_of_range("window", row, INPUT_LIMIT)
 
     async def restore(self, slot: int, state: SessionState) -> None:
         """Load a checked snapshot into ``slot``, a session with no steps in flight."""

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 class ApiError(Exception):
     """A request the service refuses: an HTTP status, a snake_case code and a human sentence."""
@@ -137,6 +139,18 @@ def non_finite(field: str) -> ApiError:
         "non_finite",
         f"'{field}' holds NaN or an infinite value (float32 range).",
         {"field": field},
+    )
+
+
+def out_of_range(field: str, values: Sequence[float], limit: float) -> ApiError:
+    """A number of ``field`` beyond ``limit``: ``non_finite`` if it is NaN, infinite or beyond float32."""
+    if not all(-FLOAT32_MAX <= v <= FLOAT32_MAX for v in values):
+        return non_finite(field)
+    return ApiError(
+        422,
+        "out_of_range",
+        f"'{field}' holds a number beyond ±{limit:g}, more than the model can take in float32.",
+        {"field": field, "limit": limit},
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from trmrl_client.codec import finite_float32
+from trmrl_client.codec import INPUT_LIMIT, within_limit
 
 from service import errors
 from service.api.columnar import ColumnarResult, ColumnarTick
@@ -346,14 +346,10 @@ class ModelRegistry:
 
         An existing session (of the caller) is overwritten; a missing one is created under that id,
         which is how a client moves a session to another replica or recovers one the service lost.
+        The id is the path's: a snapshot taken from another session copies that session's memory.
         Every check runs before anything changes.
         """
         await self.steps_allowed()  # a session restored mid-migration must not stay behind
-        if state.session_id != session_id:
-            raise errors.invalid_snapshot(
-                "its 'session_id' differs from the one in the path",
-                {"field": "session_id", "expected": session_id, "got": state.session_id},
-            )
         engine = self.versions.get(state.model, {}).get(state.model_version) or self.engine(state.model)
         engine.check_state(state)
         existing = self._locate(session_id)
@@ -507,24 +503,20 @@ class ModelRegistry:
             raise errors.wrong_length("applied_action", engine.act_dim, int(applied.shape[1]))
         failed: dict[int, ApiError] = {}
 
-        def fail(mask: np.ndarray, error: ApiError) -> None:
-            for row in np.flatnonzero(mask).tolist():
-                failed.setdefault(row, error)
-
-        ok = finite_float32(obs)
-        if not ok.all():
-            fail(~ok, errors.non_finite("observations"))
+        # The numbers' rule is the client's (``INPUT_LIMIT``); a row beyond it fails alone.
+        ok = np.ones(rows, bool)
+        for name, values in (("observations", obs), ("rewards", tick.rewards), ("applied_actions", applied)):
+            if values is None:
+                continue
+            fine = within_limit(values)
+            if fine.all():
+                continue
+            for row in np.flatnonzero(~fine & ok).tolist():
+                # ``non_finite`` for NaN, infinity or beyond float32; ``out_of_range`` otherwise.
+                numbers = np.atleast_1d(values[row]).astype(np.float64).tolist()
+                failed[row] = errors.out_of_range(name, numbers, INPUT_LIMIT)
+            ok &= fine
         rewards = tick.rewards
-        if rewards is not None:
-            fine = finite_float32(rewards)
-            if not fine.all():
-                fail(~fine, errors.non_finite("rewards"))
-                ok &= fine
-        if applied is not None:
-            fine = finite_float32(applied)
-            if not fine.all():
-                fail(~fine, errors.non_finite("applied_actions"))
-                ok &= fine
         slots = engine.table.lookup(tick.session_ids, owner)
         groups: list[tuple[Engine, np.ndarray, np.ndarray]] = []
         missing = slots < 0

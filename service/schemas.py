@@ -9,12 +9,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SEED_LIMIT = 1 << 63
 #: The most sessions one ``POST /v1/sessions`` creates.
 MAX_CREATE = 65_536
+LAST_SECOND = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the last instant an ISO 8601 date can show
 SessionId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+def _integral(value: object) -> object:
+    """An integral float as its integer: JSON Schema's ``integer`` includes ``4.0``, strict mode would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# The validator wraps the constrained type (rather than sitting beside the constraint) so that the
+# constraints stay JSON Schema's ``minimum``/``exclusiveMaximum`` in the document. Counters are
+# int64, as the session table holds them (and MessagePack carries no wider integer).
+Count = Annotated[Annotated[int, Field(ge=0, lt=1 << 63)], BeforeValidator(_integral)]
+Seed = Annotated[Annotated[int, Field(ge=0, lt=SEED_LIMIT)], BeforeValidator(_integral)]
 
 
 class _Request(BaseModel):
@@ -48,7 +61,7 @@ class ActRequest(_Request):
     """Reward received for the previous action (ignored at an episode start)."""
     episode_start: bool = False
     """``observation`` is the first of an episode."""
-    step: Annotated[int, Field(ge=0)] | None = None
+    step: Count | None = None
     """The client's step counter: the session's first act is step 0. Omitted: the next step."""
     applied_action: list[float] | None = None
     """What the robot really executed for the previous step, when it differs from the returned action."""
@@ -64,7 +77,7 @@ class StreamFrame(_Request):
     observation: list[float]
     reward: float = 0.0
     episode_start: bool = False
-    step: Annotated[int, Field(ge=0)] | None = None
+    step: Count | None = None
     applied_action: list[float] | None = None
 
 
@@ -328,7 +341,7 @@ class CreateSessionRequest(_Request):
     """Model name (see ``/v1/models``); omitted: the default model."""
     deterministic: bool = True
     """``true``: actions are the policy mean; ``false``: samples drawn with the session's seed."""
-    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None
+    seed: Seed | None = None
     """Seed of the session's exploration noise; omitted: a random one."""
     ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)] | None = None
     """Idle time before the session expires; omitted: the service default."""
@@ -459,27 +472,29 @@ class SessionState(_Request):
 
     format: Literal["trmrl.session/1"] = "trmrl.session/1"
     session_id: SessionId
+    """The session it was taken from. A ``PUT`` restores it under the path's id: under another id it
+    makes a copy of the session."""
     model: str
     model_version: str
     """Content hash of the checkpoint the memory was built with; restoring needs the same."""
     window: list[list[float]]
     """``[N, token_dim]`` the working memories, as the slot pool holds them."""
-    length: Annotated[int, Field(ge=0)]
+    length: Count
     """How many rows of ``window`` hold memories."""
     prev_action: list[float]
     """The action that enters the next working memory."""
     last_action: list[float]
     """The action last returned (a retry of step ``steps - 1`` returns it)."""
-    steps: Annotated[int, Field(ge=0)]
+    steps: Count
     """Steps taken: the next step's number."""
-    episodes: Annotated[int, Field(ge=0)]
+    episodes: Count
     episode_start_pending: bool
     """The next step starts an episode (a fresh session, or one reset since its last step)."""
     deterministic: bool
-    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+    seed: Seed
     ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)]
-    created_at: float
-    """Unix seconds."""
+    created_at: Annotated[float, Field(ge=0, le=LAST_SECOND)]
+    """Unix seconds (shown as an ISO 8601 date, so within years 1970 to 9999)."""
 
 
 class LoadModelRequest(_Request):

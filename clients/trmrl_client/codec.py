@@ -19,8 +19,16 @@ import numpy as np
 _ALLOWED_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-"""The largest finite float32: the service holds every number as float32, so a number beyond it (as
-well as NaN and infinity) is refused, by the client before sending and by the service on receipt."""
+"""The largest finite float32: NaN, infinity and numbers beyond it are ``non_finite`` to the service."""
+
+INPUT_LIMIT = 1e6
+"""The largest magnitude of a number that enters a session's memory (observation, reward, action).
+
+The forward pass squares activations, so inputs from about 1e18 on overflow float32 and a session's
+actions turn NaN for as long as that step stays in its window; 1e6 leaves twelve orders of magnitude
+for the observation statistics' scale, and no sensor or reward comes near it. The one rule client
+and service share: a number the client accepts, the service accepts.
+"""
 
 
 class CodecError(ValueError):
@@ -96,6 +104,20 @@ def finite_float32(values: Any) -> np.ndarray:
         ok = np.isfinite(array)
     else:
         ok = np.abs(array) <= FLOAT32_MAX  # NaN compares False, infinity is out of range
+    return np.asarray(ok.all(axis=-1) if ok.ndim > 1 else ok)
+
+
+def within_limit(values: Any) -> np.ndarray:
+    """Which values (last axis reduced: which rows) are numbers within ``INPUT_LIMIT``.
+
+    Example:
+        >>> within_limit(np.array([[0.0, 2e6], [1.0, -3.0]])).tolist()
+        [False, True]
+        >>> within_limit(np.array([1.0, float("nan")])).tolist()
+        [True, False]
+    """
+    array = np.asarray(values)
+    ok = np.abs(array) <= INPUT_LIMIT  # NaN compares False
     return np.asarray(ok.all(axis=-1) if ok.ndim > 1 else ok)
 
 

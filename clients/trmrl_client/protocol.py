@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from trmrl_client.codec import finite_float32
+from trmrl_client.codec import INPUT_LIMIT, within_limit
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 
 FloatArray = NDArray[np.float32]
@@ -176,8 +176,8 @@ def as_vector(values: ArrayLike, length: int, what: str) -> tuple[float, ...]:
     array = np.asarray(values, dtype=np.float64).reshape(-1)
     if array.shape[0] != length:
         raise ValueError(f"{what} must hold {length} numbers, got {array.shape[0]}")
-    if not finite_float32(array).all():
-        raise ValueError(f"{what} holds NaN, an infinite value or a number beyond float32's range")
+    if not within_limit(array).all():
+        raise ValueError(f"{what} holds NaN, an infinite value or a number beyond ±{INPUT_LIMIT:g}")
     return tuple(array.tolist())
 
 
@@ -232,8 +232,8 @@ class SessionState:
     ) -> Transition:
         """Validate a step's numbers and number it (nothing changes until it is committed)."""
         obs = as_vector(observation, self.model.obs_dim, "observation")
-        if not finite_float32(np.float64(reward)).all():
-            raise ValueError("reward is NaN, infinite or beyond float32's range")
+        if not within_limit(np.float64(reward)).all():
+            raise ValueError(f"reward is NaN, infinite or beyond ±{INPUT_LIMIT:g}")
         previous: tuple[float, ...] | None
         if applied_action is not None:
             previous = as_vector(applied_action, self.model.act_dim, "applied_action")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from trmrl_client.codec import finite_float32
+from trmrl_client.codec import INPUT_LIMIT, within_limit
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 from trmrl_client.protocol import (
     Call,
@@ -129,12 +129,12 @@ class VectorState:
         applied = _rows_of(applied_actions, n, self.model.act_dim, "applied_actions", np.float64)
         for what, values in (("observations", obs), ("rewards", reward), ("applied_actions", applied)):
             if values is not None:
-                ok = finite_float32(values)
+                ok = within_limit(values)
                 if not ok.all():
                     row = int(np.flatnonzero(~ok)[0])
                     raise ValueError(
                         f"{what} of env {int(rows[row])} holds NaN, an infinite value or a number beyond "
-                        "float32's range"
+                        f"±{INPUT_LIMIT:g}"
                     )
         columns = {
             "obs": obs.astype(np.float32),

@@ -34,9 +34,10 @@ def columnar_reply(result: ColumnarResult, *, msgpack: bool = False) -> Response
     return Response(payload, media_type="application/json")
 
 
-def error_reply(error: ApiError, *, msgpack: bool = False) -> Response:
+def error_reply(error: ApiError, *, msgpack: bool = False, headers: dict[str, str] | None = None) -> Response:
     # Capacity, overload and readiness are transient: tell well-behaved clients when to come back.
-    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    if error.status in (429, 503):
+        headers = {**(headers or {}), "Retry-After": "1"}
     body: dict[str, Any] = error.body()
     if msgpack:
         return Response(packb(body), status_code=error.status, media_type=MSGPACK, headers=headers)

@@ -35,7 +35,7 @@ def check_soak(result: dict[str, Any]) -> None:
     assert high - low < RSS_BOUND_MIB * 2**20
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)  # a hang guard, not a speed check: the machine may be busy
 def test_soak_short() -> None:
     check_soak(run_soak(sessions=1024, seconds=10.0, churn_s=2.5, churn=8, sample_s=2.0))
 
@@ -56,7 +56,7 @@ def check_kill(result: dict[str, Any]) -> None:
     assert result["recovered"] == result["sessions"]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)  # a hang guard, not a speed check: the machine may be busy
 def test_sigkill_under_load_loses_no_session() -> None:
     check_kill(run_kill(sessions=32, steps=40, kills=1, snapshot_s=0.5))
 
@@ -67,7 +67,7 @@ def test_sigkill_three_times_with_256_sessions() -> None:
     check_kill(run_kill(sessions=256, steps=60, kills=3, snapshot_s=0.5, timeout_s=600.0))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)  # a hang guard, not a speed check: the machine may be busy
 def test_stalled_connections_and_streams_do_not_block_others() -> None:
     result = run_stall(stalled=32, steps=40)
     print("\n" + json.dumps(result))

@@ -1,60 +1,70 @@
-"""Schemathesis: requests generated from the app's own OpenAPI schema, in process: no reply is a 5xx.
+"""Schemathesis against the live service: the OpenAPI document is the contract.
 
-Runs every documented operation with an API key (so that requests get past authentication);
-``TRMRL_LONG=1`` runs ten times the cases. Skipped when schemathesis is not installed.
+A real ``python -m service`` (uvicorn on a loopback port, API keys on) is fuzzed by the schemathesis
+CLI with **all** of its checks and all of its phases (examples, coverage, fuzzing, stateful), JSON and
+MessagePack bodies (``schemathesis_hooks``): no 5xx, every status, content type, header and body as
+documented, schema-valid requests accepted and schema-invalid ones refused, 405 with ``Allow``.
+``TRMRL_LONG=1`` runs ten times the cases with a fresh seed. Skipped when schemathesis is missing.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
+import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
-from reliability_support import A, keyed_settings
-from trmrl_client.codec import packb
+from reliability_support import KEYS, POINT_NAV, REPO
+from trmrl_client.launch import ServiceProcess
 
-from service.app import create_app
+pytest.importorskip("schemathesis")
 
-schemathesis = pytest.importorskip("schemathesis")
-
-
-@schemathesis.serializer("application/msgpack")
-def _msgpack(ctx: Any, value: Any) -> bytes:
-    try:
-        return packb(value)
-    except (TypeError, ValueError, OverflowError):  # integers beyond 64 bits: send a malformed body
-        return b"\xc1"
+LONG = os.environ.get("TRMRL_LONG") == "1"
+EXAMPLES = 300 if LONG else 30
+HERE = Path(__file__).resolve().parent
 
 
-# Schemathesis runs an app's lifespan once and ends it after each operation: every operation gets
-# an app of its own (the one the schema is read from is never called).
-SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", create_app(keyed_settings()))
-CASES = 300 if os.environ.get("TRMRL_LONG") == "1" else 30
-SEEN: Counter[tuple[str, int]] = Counter()
+@pytest.fixture(scope="module")
+def live() -> Iterator[ServiceProcess]:
+    env = {"PYTHONPATH": str(REPO), "TRMRL_TORCH_THREADS": "1", "TRMRL_API_KEYS": ",".join(KEYS)}
+    with ServiceProcess([POINT_NAV], env=env, cwd=REPO) as service:
+        yield service
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report() -> Iterator[None]:
-    yield
-    print(f"\nschemathesis: {sum(SEEN.values())} cases, by operation and status {dict(sorted(SEEN.items()))}")
-
-
-@pytest.fixture
-def app() -> Any:
-    return create_app(keyed_settings(max_body_bytes=4096))
-
-
-@SCHEMA.parametrize()
-@settings(
-    max_examples=CASES,
-    deadline=None,
-    derandomize=os.environ.get("TRMRL_LONG") != "1",
-    suppress_health_check=list(HealthCheck),
-)
-def test_no_generated_request_gets_a_server_error(case: Any, app: Any) -> None:
-    response = case.call(app=app, headers=A)
-    SEEN[f"{case.method} {case.path}", response.status_code] += 1
-    assert response.status_code < 500, response.content[:500]
+@pytest.mark.timeout(2400)  # a hang guard: the long run takes 2-5 min, more on a busy machine
+def test_the_live_service_conforms_to_its_openapi_document(live: ServiceProcess, tmp_path: Path) -> None:
+    seed = int.from_bytes(os.urandom(4)) if LONG else 0
+    command = [
+        sys.executable,
+        "-c",
+        "from schemathesis.cli import schemathesis; schemathesis()",
+        "run",
+        f"{live.url}/openapi.json",
+        "--checks=all",
+        f"--max-examples={EXAMPLES}",
+        f"--seed={seed}",
+        "--generation-database=none",
+        "--request-timeout=30",  # generous: the machine may be busy; a slow reply is not a failure here
+        "--no-color",
+        "--header",
+        f"Authorization: Bearer {KEYS[0]}",
+    ]
+    pythonpath = os.pathsep.join([str(HERE), str(REPO / "clients"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "SCHEMATHESIS_HOOKS": "schemathesis_hooks"}
+    started = time.monotonic()
+    # Run in a fresh directory: schemathesis keeps a cache of past failures (.schemathesis/) and
+    # replays them first, which would make this run depend on the ones before it.
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    report = done.stdout + done.stderr
+    cases = re.search(r"(\d+) generated", report)
+    print(
+        f"\nschemathesis (all checks, seed {seed}, {EXAMPLES} examples per operation): "
+        f"{cases.group(1) if cases else '?'} cases in {time.monotonic() - started:.0f} s"
+    )
+    assert done.returncode == 0, report
+    assert cases is not None and int(cases.group(1)) > 0, report
+    assert "Warnings:" not in report, report  # e.g. replies it could not validate

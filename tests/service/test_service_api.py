@@ -24,6 +24,7 @@ from service_support import (
     info,
     new_session,
 )
+from trmrl_client.codec import unpackb
 
 pytestmark = pytest.mark.anyio
 
@@ -333,6 +334,24 @@ BAD_ACTS: list[tuple[str, Callable[[str, int], dict[str, Any]], int, str]] = [
         "non_finite",
     ),
     (
+        "obs beyond the input limit",
+        lambda t, s: {"json": {"session_id": t, "step": s, "observation": [2e6, 0.0]}},
+        422,
+        "out_of_range",
+    ),
+    (
+        "reward beyond the input limit",
+        lambda t, s: {"json": {"session_id": t, "step": s, "observation": [0.1, 0.1], "reward": -1e7}},
+        422,
+        "out_of_range",
+    ),
+    (
+        "step beyond int64",
+        lambda t, s: {"json": {"session_id": t, "step": 2**63, "observation": [0.1, 0.1]}},
+        422,
+        "invalid_value",
+    ),
+    (
         "obs a string",
         lambda t, s: {"json": {"session_id": t, "step": s, "observation": "0.1,0.2"}},
         422,
@@ -586,3 +605,80 @@ async def test_openapi_has_an_example_for_every_route(client: ServiceClient) -> 
     for path in ("/v1/sessions/{session_id}/state", "/metrics"):
         assert path in doc["paths"]
     assert "/v1/openpi" in doc["info"]["description"]
+
+
+async def test_an_integral_float_is_an_integer(client: ServiceClient) -> None:
+    """JSON Schema's ``integer`` includes ``4.0``: what the document allows, validation takes."""
+    r = await client.post("/v1/sessions", json={"seed": 4.0, "deterministic": False})
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    assert (await info(client, sid))["seed"] == 4
+    assert (await act(client, sid, OBS[0], step=0.0)).status_code == 200
+    assert_error(await act(client, sid, OBS[1], step=1.5), 422, "wrong_type")
+
+
+async def test_a_huge_observation_cannot_turn_actions_nan(client: ServiceClient) -> None:
+    """Inputs from about 1e18 on overflow the float32 forward pass: refused at the edge instead."""
+    sid = await new_session(client)
+    assert_error(await act(client, sid, [1e20, 0.0], step=0), 422, "out_of_range")
+    got = await action(client, sid, [1e6, -1e6], reward=1e6, step=0)  # the limit itself is taken
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/v1/sessions/some-id", "GET, DELETE"),
+        ("GET", "/v1/act", "POST"),
+        ("DELETE", "/v1/sessions", "POST"),
+        ("TRACE", "/v1/sessions/some-id/state", "GET, PUT"),
+    ],
+)
+async def test_405_names_the_allowed_methods(
+    client: ServiceClient, method: str, path: str, allow: str
+) -> None:
+    r = await client.request(method, path)
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == allow
+
+
+async def test_msgpack_is_answered_in_msgpack_on_every_v1_route(client: ServiceClient) -> None:
+    mp = {"Accept": "application/msgpack"}
+    r = await client.get("/v1/models", headers=mp)
+    assert r.headers["content-type"] == "application/msgpack"
+    assert unpackb(r.content)["models"][0]["name"] == "point-nav"
+    r = await client.put("/v1/sessions/x", headers=mp)
+    assert r.status_code == 405 and unpackb(r.content)["error"]["code"] == "method_not_allowed"
+
+
+async def test_the_document_carries_what_validation_enforces(client: ServiceClient) -> None:
+    doc = (await client.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    observation = schemas["ActRequest"]["properties"]["observation"]
+    # Both test models take 2 numbers; each must be within the engine's input limit.
+    assert (observation["minItems"], observation["maxItems"]) == (2, 2)
+    assert observation["items"]["maximum"] == 1e6 and observation["items"]["minimum"] == -1e6
+    window = schemas["SessionState"]["properties"]["window"]
+    assert (window["minItems"], window["maxItems"]) == (3, 5)  # point-nav-trial holds 3, point-nav 5
+    assert schemas["SessionState"]["properties"]["length"]["maximum"] == 5
+    assert schemas["ActRequest"]["properties"]["step"]["anyOf"][0]["exclusiveMaximum"] == 2**63
+    replies = doc["paths"]["/v1/act"]["post"]["responses"]
+    for status in ("200", "404", "422"):
+        assert set(replies[status]["content"]) == {"application/json", "application/msgpack"}
+    assert set(doc["paths"]["/healthz"]["get"]["responses"]["200"]["content"]) == {"application/json"}
+
+
+async def test_the_document_names_the_bearer_scheme_only_when_keys_are_required(
+    client: ServiceClient, make_client: Callable[..., Awaitable[ServiceClient]]
+) -> None:
+    assert "securitySchemes" not in (await client.get("/openapi.json")).json()["components"]
+    keyed = await make_client(api_keys=["key-a"])
+    doc = (await keyed.get("/openapi.json")).json()
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (TRMRL_API_KEYS): `Authorization: Bearer <key>`.",
+    }
+    assert doc["paths"]["/v1/act"]["post"]["security"] == [{"apiKey": []}]
+    assert doc["paths"]["/v1/sessions/{session_id}"]["delete"]["security"] == [{"apiKey": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]

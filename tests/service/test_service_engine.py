@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -153,21 +152,25 @@ async def test_the_event_loop_keeps_running_while_the_model_computes(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_step = engine.pool.step
-    computing = threading.Event()
+    computing, loop_ran = threading.Event(), threading.Event()
+    released: list[bool] = []
 
     def slow_step(*args: Any, **kwargs: Any) -> Any:
         computing.set()
-        time.sleep(0.3)
+        # Only the event loop releases the forward pass: if the pass blocked the loop, nothing
+        # would, and the wait would time out (no timing luck either way: the timeout is only the
+        # failure's cost).
+        released.append(loop_ran.wait(timeout=60))
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(engine.pool, "step", slow_step)
     ticket = engine.submit(new(engine), np.zeros(2, np.float32), 0.0, False, None, None)
     waiting = asyncio.ensure_future(ticket.action())
-    beats = 0
-    while not waiting.done():
-        await asyncio.sleep(0.01)
-        beats += computing.is_set()
-    assert beats >= 5  # the loop ran throughout the 0.3 s forward pass (10 ms beats, slack for busy CPUs)
+    while not computing.is_set():
+        await asyncio.sleep(0.001)
+    loop_ran.set()  # the loop runs while the forward pass is in progress
+    await waiting
+    assert released == [True]
 
 
 async def test_a_failed_forward_pass_leaves_sessions_as_they_were(

@@ -311,6 +311,7 @@ def test_replay_matches_the_evaluation_path() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a hang guard: beside two busy processes the training took over 300 s
 def test_small_point_nav_learns_clearly(tmp_path: Path) -> None:
     cfg = preset_config("small-point-nav", {"total_steps": "192000", "eval_every": "0"})
     family = get_family("point-nav")
