@@ -289,8 +289,14 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_SCHEMAS)
             registry: ModelRegistry | None = app.state.registry
-            engines = None if registry is None else registry.engines.values()
-            finish_document(schema, engines, keyed=app.state.auth.enabled)
+            engines = None if registry is None else registry.all_engines()
+            finish_document(
+                schema,
+                engines,
+                keyed=app.state.auth.enabled,
+                admin=app.state.auth.admin_enabled,
+                recording=settings.record_dir is not None,
+            )
             if registry is None:
                 return schema  # the models' dimensions come once they are loaded: not cached before
             app.openapi_schema = schema

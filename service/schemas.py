@@ -198,6 +198,9 @@ _IDS: list[Any] = ["4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6", "9d2e7c41aa0b4f6e8c3b1d5f
 class ActColumnarRequest(_Request):
     """A tick of many sessions as columns: row ``i`` of every array belongs to ``session_ids[i]``.
 
+    Every column sent has as many rows as ``session_ids`` (an optional column sent empty counts as
+    not sent).
+
     In MessagePack every array may be a msgpack-numpy map (``{"__ndarray__": true, "data": <bytes>,
     "dtype": "<f4", "shape": [B, obs_dim]}``), decoded without copying through lists; object dtypes
     are refused. A malformed tick (a missing or unknown field, a wrong dtype or shape, columns of

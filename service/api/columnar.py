@@ -108,8 +108,8 @@ def _refuse(code: str, message: str, **detail: Any) -> ApiError:
 def _column(data: dict[str, Any], name: str, rows: int, ndim: int, kinds: str) -> np.ndarray | None:
     """Column ``name`` as an array of ``rows`` rows and ``ndim`` dimensions, or ``None`` if absent."""
     value = data.get(name)
-    if value is None:
-        return None
+    if value is None or (isinstance(value, list) and not value and name != "observations"):
+        return None  # an optional column left empty is a column not sent
     if isinstance(value, np.ndarray):
         array = value
     elif isinstance(value, list):
@@ -193,7 +193,14 @@ def decode_columnar(data: dict[str, Any]) -> ColumnarTick:
         raise _refuse("missing_field", "'observations' is required.", field="observations")
     observations = _column(data, "observations", rows, 2, _NUMBER_KINDS)
     assert observations is not None
-    steps = _column(data, "steps", rows, 1, "iu")
+    steps = _column(data, "steps", rows, 1, "iuf")
+    if steps is not None and steps.dtype.kind == "f":
+        # JSON Schema's integers include 4.0 (as for one session's ``step``); 4.5 is no step number.
+        if not (np.isfinite(steps).all() and (steps == np.floor(steps)).all()):
+            raise _refuse("wrong_type", "'steps' must hold integers.", field="steps", dtype=steps.dtype.str)
+        if steps.size and float(np.abs(steps).max()) >= MAX_STEP:
+            raise _refuse("invalid_value", "'steps' holds a step number out of range.", field="steps")
+        steps = steps.astype(np.int64)
     if steps is not None:
         if steps.dtype.kind == "u" and steps.size and int(steps.max()) >= MAX_STEP:
             raise _refuse("invalid_value", "'steps' holds a step number out of range.", field="steps")

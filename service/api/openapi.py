@@ -12,7 +12,11 @@ never names. So the document is finished here, in one place, for every route:
 * a batch's items are validated one by one (a bad item gets its own error in the reply, with 200),
   so the request's schema takes any item, ``ActRequest`` being the one that is stepped;
 * the array lengths the engine checks against the loaded models carry them as ``minItems``/
-  ``maxItems``: exact when every model agrees (the usual one-model service), bounds otherwise.
+  ``maxItems``: exact when every model agrees (the usual one-model service), bounds otherwise;
+* the admin routes exist only with admin keys (they answer 404 otherwise), and then carry their own
+  bearer scheme; ``record`` is only ``false`` when the service has no recording directory;
+* a columnar tick's rows are one per session (``uniqueItems``, at least one); that every column has
+  as many rows as ``session_ids`` is a rule JSON Schema cannot state: the description says it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ BOUNDED_FIELDS = (
     ("SessionState", "window"),
     ("SessionState", "prev_action"),
     ("SessionState", "last_action"),
+    ("ActColumnarRequest", "observations"),
+    ("ActColumnarRequest", "rewards"),
+    ("ActColumnarRequest", "applied_actions"),
 )
 
 #: ``(schema, property, nesting, dimension)``: an array's length must equal a dimension of the
@@ -45,23 +52,48 @@ LENGTHS: tuple[tuple[str, str, int, Callable[[Engine], int]], ...] = (
     ("SessionState", "window", 1, lambda e: e.model.config.token_dim),
     ("SessionState", "prev_action", 0, lambda e: e.act_dim),
     ("SessionState", "last_action", 0, lambda e: e.act_dim),
+    ("ActColumnarRequest", "observations", 1, lambda e: e.obs_dim),
+    ("ActColumnarRequest", "applied_actions", 1, lambda e: e.act_dim),
 )
 
+ADMIN = "/v1/admin/"
 
-def finish(document: dict[str, Any], engines: Iterable[Engine] | None, *, keyed: bool) -> dict[str, Any]:
+
+def finish(
+    document: dict[str, Any],
+    engines: Iterable[Engine] | None,
+    *,
+    keyed: bool,
+    admin: bool = False,
+    recording: bool = True,
+) -> dict[str, Any]:
     """Complete ``document`` in place (and return it).
 
     ``engines``: the loaded models, if loaded yet; ``keyed``: API keys are configured, so the
-    ``/v1`` routes and ``/act`` need one (documented as a bearer scheme only then).
+    ``/v1`` routes and ``/act`` need one (documented as a bearer scheme only then); ``admin``: admin
+    keys are configured (else the admin routes are left out: they answer 404); ``recording``: the
+    service has a recording directory (else ``record`` can only be ``false``).
     """
+    paths = document.get("paths", {})
+    if not admin:
+        for path in [p for p in paths if p.startswith(ADMIN)]:
+            del paths[path]
     _document_msgpack(document)
     if keyed:
         _document_auth(document)
+    if admin:
+        _document_admin(document)
     schemas: dict[str, Any] = document.get("components", {}).get("schemas", {})
     for name, prop in BOUNDED_FIELDS:
         for number in _numbers(_property(schemas, name, prop)):
             number["minimum"], number["maximum"] = -INPUT_LIMIT, INPUT_LIMIT
     _items_one_by_one(schemas)
+    _columnar(schemas)
+    if not recording and "CreateSessionRequest" in schemas:
+        record = schemas["CreateSessionRequest"]["properties"].get("record")
+        if record is not None:
+            record["const"] = False
+            record["description"] = "Recording is off on this service (no TRMRL_RECORD_DIR)."
     loaded = list(engines or ())
     if loaded:
         for name, prop, depth, dimension in LENGTHS:
@@ -96,6 +128,28 @@ def _items_one_by_one(schemas: dict[str, Any]) -> None:
         }
 
 
+def _columnar(schemas: dict[str, Any]) -> None:
+    """A tick names each session once, and at least one."""
+    tick = schemas.get("ActColumnarRequest", {}).get("properties", {})
+    if "session_ids" in tick:
+        tick["session_ids"]["uniqueItems"] = True
+    if "observations" in tick:
+        tick["observations"]["minItems"] = 1
+
+
+def _document_admin(document: dict[str, Any]) -> None:
+    components = document.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["adminKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An admin key (TRMRL_ADMIN_KEYS): `Authorization: Bearer <admin key>`.",
+    }
+    for path, operations in document.get("paths", {}).items():
+        if path.startswith(ADMIN):
+            for operation in operations.values():
+                operation["security"] = [{"adminKey": []}]
+
+
 def _document_auth(document: dict[str, Any]) -> None:
     components = document.setdefault("components", {})
     components.setdefault("securitySchemes", {})["apiKey"] = {
@@ -104,7 +158,7 @@ def _document_auth(document: dict[str, Any]) -> None:
         "description": "An API key (TRMRL_API_KEYS): `Authorization: Bearer <key>`.",
     }
     for path, operations in document.get("paths", {}).items():
-        if path.startswith(NEGOTIATED):
+        if path.startswith(NEGOTIATED) and not path.startswith(ADMIN):
             for operation in operations.values():
                 operation["security"] = [{"apiKey": []}]
 

@@ -55,6 +55,17 @@ def test_the_live_service_conforms_to_its_openapi_document(live: ServiceProcess,
     ]
     pythonpath = os.pathsep.join([str(HERE), str(REPO / "clients"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": pythonpath, "SCHEMATHESIS_HOOKS": "schemathesis_hooks"}
+    # One rule of the batch route is beyond JSON Schema: every column of a columnar tick has as many
+    # rows as it names sessions. Its description says so, and the generated bodies follow it where
+    # the hooks can shape them (fuzzing); the coverage phase builds ticks that break it, which the
+    # service rightly refuses with 422. For that route alone, 422 counts as a valid refusal.
+    (tmp_path / "schemathesis.toml").write_text(
+        "[[operations]]\n"
+        'include-path = "/v1/act/batch"\n'
+        'include-method = "POST"\n'
+        'checks.positive_data_acceptance.expected-statuses = ["2XX", "3XX", "401", "403", "404", "409", '
+        '"422", "429", "5XX"]\n'
+    )
     started = time.monotonic()
     # Run in a fresh directory: schemathesis keeps a cache of past failures (.schemathesis/) and
     # replays them first, which would make this run depend on the ones before it.
