@@ -236,20 +236,6 @@ class VectorState:
             if tr.previous_action is not None:
                 self.h_prev[i, j] = tr.previous_action
 
-    def _transition(self, i: int) -> Transition:
-        """Row ``i``'s newest transition (just recorded)."""
-        j = int((self.transitions[i] - 1) % self.h_index.shape[1])
-        return Transition(
-            index=int(self.h_index[i, j]),
-            step=int(self.h_step[i, j]),
-            observation=tuple(self.h_obs[i, j].astype(np.float64).tolist()),
-            reward=float(self.h_reward[i, j]),
-            episode_start=bool(self.h_start[i, j]),
-            previous_action=tuple(self.h_prev[i, j].astype(np.float64).tolist())
-            if self.h_has_prev[i, j]
-            else None,
-        )
-
     # -- the flow -------------------------------------------------------------------------------------------
     def tick_flow(
         self,
@@ -354,20 +340,10 @@ def delete_flow(state: VectorState) -> Flow:
     return None
 
 
-class VectorSession:
-    """``num_envs`` sessions stepped together, one columnar request per tick (blocking).
+class _VectorFacts:
+    """What both vector drivers tell about their sessions (from their :class:`VectorState`)."""
 
-    Made by :meth:`trmrl_client.PolicyClient.vector`; fits a gymnasium vector env: observations
-    ``[num_envs, obs_dim]`` in, actions ``[num_envs, act_dim]`` out.
-
-    Example:
-        >>> envs = client.vector(16, "point-nav")  # doctest: +SKIP
-        >>> actions = envs.act(obs, rewards, episode_starts)  # doctest: +SKIP
-    """
-
-    def __init__(self, client: PolicyClient, state: VectorState) -> None:
-        self.client = client
-        self.state = state
+    state: VectorState
 
     @property
     def session_ids(self) -> list[str]:
@@ -384,6 +360,22 @@ class VectorSession:
     @property
     def recoveries(self) -> int:
         return self.state.recoveries
+
+
+class VectorSession(_VectorFacts):
+    """``num_envs`` sessions stepped together, one columnar request per tick (blocking).
+
+    Made by :meth:`trmrl_client.PolicyClient.vector`; fits a gymnasium vector env: observations
+    ``[num_envs, obs_dim]`` in, actions ``[num_envs, act_dim]`` out.
+
+    Example:
+        >>> envs = client.vector(16, "point-nav")  # doctest: +SKIP
+        >>> actions = envs.act(obs, rewards, episode_starts)  # doctest: +SKIP
+    """
+
+    def __init__(self, client: PolicyClient, state: VectorState) -> None:
+        self.client = client
+        self.state = state
 
     def act(
         self,
@@ -413,7 +405,7 @@ class VectorSession:
             self.client.run(delete_flow(self.state))
 
 
-class AsyncVectorSession:
+class AsyncVectorSession(_VectorFacts):
     """The asyncio :class:`VectorSession`, over HTTP (``transport="batch"``) or the vectorised stream
     ``WS /v1/stream`` (``transport="stream"``, needs the ``stream`` extra).
 
@@ -435,22 +427,6 @@ class AsyncVectorSession:
         self.state = state
         self._send = send
         self._link = link
-
-    @property
-    def session_ids(self) -> list[str]:
-        return self.state.session_ids
-
-    @property
-    def model(self) -> ModelInfo:
-        return self.state.model
-
-    @property
-    def num_envs(self) -> int:
-        return self.state.num_envs
-
-    @property
-    def recoveries(self) -> int:
-        return self.state.recoveries
 
     async def act(
         self,
