@@ -473,7 +473,7 @@ class ModelRegistry:
         are stepped by their own version in the same tick.
         """
         name = tick.model if tick.model is not None else model
-        if name is not None or (len(self.versions) == 1 and len(self.all_engines()) == 1):
+        if name is not None or len(self.all_engines()) == 1:
             return self.engine(name)
         for session_id in tick.session_ids:
             for engine in self.all_engines():
