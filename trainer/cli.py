@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from trainer.config import PRESETS, preset_config
 
@@ -21,7 +22,7 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """Meta-train a TrMRL policy (or an oracle / memoryless reference) from a preset."""
+    """Meta-train a TrMRL policy (or an oracle / memoryless reference, or the RL² baseline) from a preset."""
     parser = argparse.ArgumentParser(
         prog="trmrl-train",
         description="Meta-train TrMRL with PPO. Runs resume automatically from OUT/latest.",
@@ -43,7 +44,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.list_presets:
         for name in sorted(PRESETS):
             p = PRESETS[name]
-            arch, kind = p.get("architecture", "small"), p.get("reference", "trmrl")
+            arch, kind = p.get("architecture", "small"), policy_kind(p)
             print(f"{name:36s} {p['family']:16s} {arch:10s} {kind}")
         return 0
     if not args.preset or not args.out:
@@ -80,6 +81,13 @@ def train_main(argv: list[str] | None = None) -> int:
         for key, value in sorted(result.last_eval.items()):
             print(f"  {key:28s} {value:10.2f}")
     return 0
+
+
+def policy_kind(training: dict[str, Any]) -> str:
+    """What a checkpoint is, from its training settings: ``trmrl``, ``rl2``, ``oracle`` or ``memoryless``."""
+    if training.get("policy") == "rl2":
+        return "rl2"
+    return str(training.get("reference", "trmrl"))
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -124,7 +132,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         )
         rows.append((path, ckpt, result))
 
-    kinds = {str(c.info.training.get("reference", "trmrl")): r for _, c, r in rows}
+    kinds = {policy_kind(c.info.training): r for _, c, r in rows}
     header = f"{family.name} {args.split}: {len(tasks)} tasks, seed {args.seed}, deterministic"
     print(header)
     columns = ["checkpoint", "kind", "version", "return"]
@@ -139,7 +147,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         columns.append("gap closed")
     table = []
     for path, ckpt, r in rows:
-        kind = str(ckpt.info.training.get("reference", "trmrl"))
+        kind = policy_kind(ckpt.info.training)
         line = [str(path), kind, ckpt.info.version, f"{r.returns.mean():.1f}"]
         line += [f"{r.returns[:, e].mean():.1f}" if e < r.returns.shape[1] else "" for e in range(max_eps)]
         line += [f"{r.early_returns.mean():.1f}", f"{(r.returns - r.early_returns).mean():.1f}"]
@@ -163,7 +171,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             "results": [
                 {
                     "checkpoint": str(path),
-                    "kind": str(ckpt.info.training.get("reference", "trmrl")),
+                    "kind": policy_kind(ckpt.info.training),
                     "version": ckpt.info.version,
                     "summary": r.summary(""),
                     **r.to_json(),

@@ -27,6 +27,8 @@ class PoolStep(NamedTuple):
     """``[B, N, token_dim]`` the updated windows the forward pass read (what PPO stores)."""
     newest: Tensor
     """``[B]`` position of the newest working memory in each window."""
+    state: Tensor | None = None
+    """``[B, rnn_hidden]`` a recurrent policy's hidden state before the step (``None`` for TrMRL)."""
 
 
 class SlotSnapshot(NamedTuple):
