@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from trmrl.memory import working_memory
+from trmrl.memory import begin_step
 from trmrl.model import ModelConfig, PolicyOutput, mlp, normalize_tokens
 from trmrl.slot_pool import PoolStep, SlotSnapshot
 
@@ -153,28 +153,17 @@ class RecurrentPool:
     ) -> PoolStep:
         """Advance ``slots`` by one step; the arguments mean what they mean for ``SlotPool.step``."""
         cfg = self.model.config
-        start = episode_start.to(torch.bool)
-        hidden = self.hidden[slots]
-        lengths = self.lengths[slots]
-        prev_action = self.prev_action[slots]
-        if clear is not None:
-            empty = clear.to(torch.bool)
-            hidden = torch.where(empty.unsqueeze(-1), torch.zeros_like(hidden), hidden)
-            lengths = torch.where(empty, torch.zeros_like(lengths), lengths)
-            prev_action = torch.where(empty.unsqueeze(-1), torch.zeros_like(prev_action), prev_action)
-        if applied_action is not None:
-            use = torch.ones_like(start) if applied_mask is None else applied_mask.to(torch.bool)
-            prev_action = torch.where(use.unsqueeze(-1), applied_action.to(prev_action.dtype), prev_action)
-        if cfg.memory_scope == "episode":
-            hidden = torch.where(start.unsqueeze(-1), torch.zeros_like(hidden), hidden)
-            lengths = torch.where(start, torch.zeros_like(lengths), lengths)
-        prev_done = start & (lengths > 0)
-        zero = torch.zeros((), dtype=obs.dtype, device=obs.device)
-        tokens = working_memory(
+        hidden, _, prev_action, tokens = begin_step(
+            self.hidden[slots],
+            self.lengths[slots],
+            self.prev_action[slots],
             obs,
-            torch.where(start.unsqueeze(-1), zero, prev_action),
-            torch.where(start, zero, reward.to(obs.dtype)),
-            prev_done,
+            reward,
+            episode_start,
+            applied_action,
+            applied_mask,
+            clear,
+            episode_scope=cfg.memory_scope == "episode",
             include_previous=cfg.include_previous,
         )
         output, new_hidden = self.model.step(tokens, hidden)
