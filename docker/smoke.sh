@@ -11,10 +11,11 @@
 #      to the checkpoint volume, served after a restart);
 #   2. two replicas behind the nginx router (docker-compose.scale.yml): drives sessions through the router
 #      (HTTP and WebSocket), checks both replicas got sessions (their own /metrics); upgrades the fleet while
-#      sessions step through the router (a new version of point-nav loaded, activated with migrate_sessions,
-#      rolled back and retired on every replica through its own port; no failed step, no step conflict,
-#      the versions switch between two steps, memories and step counters carry on; a user key gets 403 on
-#      the admin routes); kills one replica and checks the clients recover;
+#      sessions step through the router (the router refuses an admin call: 421 admin_on_replica; a new
+#      version of point-nav loaded, activated with migrate_sessions, rolled back and retired on every
+#      replica through its own port; no failed step, no step conflict, the versions switch between two
+#      steps, memories and step counters carry on; a user key gets 403 on the admin routes); kills one
+#      replica and checks the clients recover;
 # and tears everything down, also on failure. Prints timings and image sizes.
 #
 # Settings (environment): SMOKE_PORT (18000), SMOKE_ROUTER_PORT (18080), SMOKE_VENV (.venv: the host venv
@@ -242,11 +243,18 @@ for id in "${REPLICAS[@]}"; do
 done
 
 step "scale-out: upgrade every replica while sessions step through the router"
-# The admin routes take admin keys only: a user key gets 403 (through the router, from whichever replica).
-code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$RURL/v1/admin/models" -H "Authorization: Bearer $KEY" \
-    -H 'content-type: application/json' -d '{"name": "point-nav", "checkpoint": "upgrades/point-nav-v2"}')
+# The router refuses admin calls (421 admin_on_replica, checked by the driver): each replica is upgraded
+# through its own published port.
+REPLICA_URLS=()
+for id in "${REPLICAS[@]}"; do
+    REPLICA_URLS+=("http://127.0.0.1:$(docker port "$id" 8000/tcp | head -1 | sed 's/.*://')")
+done
+# The admin routes take admin keys only: a user key gets 403 (on a replica's own port).
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "${REPLICA_URLS[0]}/v1/admin/models" \
+    -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
+    -d '{"name": "point-nav", "checkpoint": "upgrades/point-nav-v2"}')
 [ "$code" = 403 ] || fail "an admin call with a user key answered $code, expected 403"
-echo "admin route with a user key: 403"
+echo "admin route with a user key (on a replica): 403"
 # The new version: point-nav with its weights nudged (same sizes, a new content hash), written once into the
 # checkpoints volume every replica mounts (TRMRL_CHECKPOINT_ROOT), in a sub-directory: not a model of its own.
 docker exec -i "${REPLICAS[0]}" python3 - /var/lib/trmrl/checkpoints/point-nav \
@@ -266,19 +274,14 @@ info = dataclasses.replace(old.info, created_at="", content_hash="", training=tr
 new = save_checkpoint(dst, old.model, info)
 print(f"new version of point-nav: {new.version} (from {old.info.version}) in {dst}")
 PY
-# An admin call through the router reaches one replica (the one its request id hashes to), so each
-# replica is upgraded through its own published port.
-REPLICA_URLS=()
-for id in "${REPLICAS[@]}"; do
-    REPLICA_URLS+=(--replica-url "http://127.0.0.1:$(docker port "$id" 8000/tcp | head -1 | sed 's/.*://')")
-done
 timed "scale: upgrade + rollback, sessions stepping" to_file "$LOGS/upgrade.json" "$PY" docker/smoke_driver.py \
     --url "$RURL" --api-key "$KEY" --expect upgrade --sessions 32 --rounds 10 --min-upstreams 2 \
-    --admin-key "$ADMIN_KEY" --checkpoint upgrades/point-nav-v2 "${REPLICA_URLS[@]}"
+    --admin-key "$ADMIN_KEY" --checkpoint upgrades/point-nav-v2 "${REPLICA_URLS[@]/#/--replica-url=}"
 "$PY" - "$LOGS/upgrade.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-v, sw = r["versions"], r["switch_step"]
+v, sw, a = r["versions"], r["switch_step"], r["admin_via_router"]
+print(f"upgrade: an admin call through the router (admin key): {a['status']} {a['code']}; no replica changed")
 print(f"upgrade: {r['sessions']} sessions stepping through the router on {len(r['replicas'])} replicas, "
       f"{r['steps']} steps in {r['upgrade_s']} s: {r['failed_steps']} failed, {r['step_conflicts']} conflicts; "
       f"step latency p50 {r['step_latency_ms']['p50']} ms, p99 {r['step_latency_ms']['p99']} ms, max {r['step_latency_ms']['max']} ms")

@@ -14,7 +14,9 @@ through ``--url`` (the router; each session sends its own ``X-Session-Key``) whi
 (each ``--replica-url``, with ``--admin-key``), a new version of ``--model`` is loaded from
 ``--checkpoint`` (a path under the replicas' ``TRMRL_CHECKPOINT_ROOT``), activated with
 ``migrate_sessions``, rolled back (the previous version activated the same way) and retired. Each phase
-lasts until every session has stepped in it a few times. Checks: no failed step and no step conflict;
+lasts until every session has stepped in it a few times. First, the same load sent to the router with the
+admin key must be refused: 421 ``admin_on_replica`` in the service's error format, no replica changed.
+Checks: no failed step and no step conflict;
 every session's replies name v1, then v2, then v1 again, each switch once and between two steps, and
 answer every step number in turn; ``GET /v1/models`` of each replica shows the versions and which is
 active at each phase; sessions that do not step during the switch keep their memory (window, length,
@@ -185,6 +187,29 @@ def _versions_of(http: httpx.Client, model: str, headers: dict[str, str]) -> dic
     return {m["version"]: bool(m["active"]) for m in reply.json()["models"] if m["name"] == model}
 
 
+#: The router's answer to any admin call (docker/nginx.conf): they must go to every replica's own address.
+ROUTER_ADMIN_STATUS = 421
+ROUTER_ADMIN_CODE = "admin_on_replica"
+
+
+def _admin_via_router(
+    router: httpx.Client, admin: dict[str, str], body: dict[str, Any], failures: list[str]
+) -> dict[str, Any]:
+    """An admin call with the admin key sent to the router: refused, in the service's error format."""
+    reply = router.post("/v1/admin/models", json=body, headers=admin)
+    try:
+        error = reply.json()["error"]
+        shape_ok = set(error) == {"code", "message", "detail"} and isinstance(error["detail"], dict)
+    except (ValueError, KeyError, TypeError):
+        error, shape_ok = {}, False
+    if reply.status_code != ROUTER_ADMIN_STATUS or not shape_ok or error.get("code") != ROUTER_ADMIN_CODE:
+        failures.append(
+            f"POST {router.base_url}/v1/admin/models with the admin key: {reply.status_code} "
+            f"{reply.text[:300]}, expected {ROUTER_ADMIN_STATUS} {ROUTER_ADMIN_CODE}"
+        )
+    return {"status": reply.status_code, "code": error.get("code"), "message": error.get("message")}
+
+
 def _admin_call(http: httpx.Client, method: str, path: str, want: int, **kw: Any) -> Any:
     reply = http.request(method, path, **kw)
     if reply.status_code != want:
@@ -230,6 +255,13 @@ def _upgrade(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         return out
 
     quiet_before = states(quiet)
+    # Through the router an admin call reaches no replica: refused, and every replica still has v1 alone.
+    via_router = _admin_via_router(
+        router, admin, {"name": args.model, "checkpoint": args.checkpoint}, failures
+    )
+    for http in replicas:
+        if (got := _versions_of(http, args.model, user)) != {v1: True}:
+            failures.append(f"GET {http.base_url}/v1/models after the router's refusal: {got}")
     spread = Counter(
         router.get(f"/v1/sessions/{s.session_id}", headers={ROUTE_HEADER: s.route_key})
         .headers.get("x-trmrl-upstream", "direct")
@@ -355,6 +387,7 @@ def _upgrade(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         "expect": "upgrade",
         "model": args.model,
         "versions": {"v1": v1, "v2": v2},
+        "admin_via_router": via_router,
         "sessions": len(steppers),
         "quiet_sessions": len(quiet),
         "replicas": dict(spread),
