@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from client_support import Service
 from trmrl_client import PolicyClient
-from trmrl_client.robot_loop import RobotLoop
-from trmrl_client.robot_loop import main as robot_loop_main
+from trmrl_sim.robot_loop import RobotLoop
+from trmrl_sim.robot_loop import main as robot_loop_main
 
 from trmrl.tasks import get_family
 

@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 import httpx
 import numpy as np
-
 from trmrl_client.errors import ServiceError
 from trmrl_client.http import AsyncPolicyClient
 from trmrl_client.protocol import FloatArray, ModelInfo

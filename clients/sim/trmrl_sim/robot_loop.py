@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-
 from trmrl_client.errors import ServiceError
 from trmrl_client.http import PolicyClient, Session
-from trmrl_client.sim import SimError, check_model, load_tasks_module
+
+from trmrl_sim.sim import SimError, check_model, load_tasks_module
 
 Fallback = Literal["zeros", "hold"]
 Observation = NDArray[np.float32]
