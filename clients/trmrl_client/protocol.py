@@ -134,6 +134,9 @@ class Reply:
 
     status: int
     body: Any
+    retry_after: float | None = None
+    """Seconds to wait before sending the call again, for a transient refusal (``429``/``503``);
+    ``None``: the reply stands."""
 
     @property
     def ok(self) -> bool:
@@ -409,6 +412,19 @@ class SessionState:
         self.start_next = False
         self.unconfirmed = 0
 
+    def info_flow(self) -> Flow:
+        """The service's view of the session (``GET /v1/sessions/{id}``)."""
+        reply = yield self.call("GET", f"/v1/sessions/{self.session_id}")
+        if not reply.ok:
+            raise reply.error()
+        return reply.body
+
+    def close_flow(self) -> Flow:
+        """Delete the session on the service (a session already gone is fine)."""
+        reply = yield self.call("DELETE", f"/v1/sessions/{self.session_id}")
+        if not reply.ok and reply.status != 404:
+            raise reply.error()
+
     def snapshot_flow(self) -> Flow:
         """Fetch and keep the session's snapshot (``GET /v1/sessions/{id}/state``)."""
         reply = yield self.call("GET", f"/v1/sessions/{self.session_id}/state")
@@ -429,6 +445,50 @@ class SessionState:
                 raise error
             yield from self.recover_flow()
         raise reply.error()
+
+
+def create_body(
+    model: str | None, deterministic: bool, seed: int | None, ttl_s: float | None
+) -> dict[str, Any]:
+    """The body of ``POST /v1/sessions`` (unset options left to the service).
+
+    Example:
+        >>> create_body("point-nav", True, None, None)
+        {'deterministic': True, 'model': 'point-nav'}
+    """
+    body: dict[str, Any] = {"deterministic": deterministic}
+    if model is not None:
+        body["model"] = model
+    if seed is not None:
+        body["seed"] = seed
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
+    return body
+
+
+def create_flow(body: dict[str, Any], route_key: str, deadline: float | None = None) -> Flow:
+    """Create one session (``POST /v1/sessions``); returns its :class:`SessionState`.
+
+    Example:
+        >>> state = client.run(create_flow({"model": "point-nav"}, new_route_key()))  # doctest: +SKIP
+    """
+    reply = yield Call("POST", "/v1/sessions", body, deadline, route_key)
+    if reply.status != 201:
+        raise reply.error()
+    info = ModelInfo.from_json(reply.body["model"])
+    return SessionState(info, str(reply.body["session_id"]), {**body, "model": info.name}, route_key)
+
+
+def models_flow() -> Flow:
+    """The loaded models (``GET /v1/models``), as :class:`ModelInfo`.
+
+    Example:
+        >>> models = client.run(models_flow())  # doctest: +SKIP
+    """
+    reply = yield Call("GET", "/v1/models")
+    if not reply.ok:
+        raise reply.error()
+    return [ModelInfo.from_json(m) for m in reply.body["models"]]
 
 
 def batch_flow(states: Sequence[SessionState], transitions: Sequence[Transition]) -> Flow:

@@ -38,15 +38,10 @@ from trmrl_client.protocol import (
     Transition,
     status_of_error,
 )
+from trmrl_client.retry import Outcome, Try, drive_async, with_retries
 
 if TYPE_CHECKING:
     from trmrl_client.http import AsyncPolicyClient, PolicyClient
-
-
-async def _drive(flow: Flow, send: Callable[[Call], Awaitable[Reply]]) -> Any:
-    from trmrl_client.http import drive_async
-
-    return await drive_async(flow, send)
 
 
 BATCH_PATH = "/v1/act/batch"
@@ -420,12 +415,12 @@ class AsyncVectorSession(_VectorFacts):
         self,
         client: AsyncPolicyClient,
         state: VectorState,
-        send: Callable[[Call], Awaitable[Reply]],
+        attempt: Callable[[Try], Awaitable[Outcome]],
         link: Any = None,
     ) -> None:
         self.client = client
         self.state = state
-        self._send = send
+        self._attempt = attempt
         self._link = link
 
     async def act(
@@ -443,7 +438,9 @@ class AsyncVectorSession(_VectorFacts):
             >>> actions = await envs.act(obs, rewards, starts, rows=running)  # doctest: +SKIP
         """
         flow = self.state.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
-        return np.asarray(await _drive(flow, self._send), np.float32)
+        return np.asarray(
+            await drive_async(with_retries(flow, self.client.policy), self._attempt), np.float32
+        )
 
     async def close(self) -> None:
         """Close the stream (if any) and delete the sessions on the service."""

@@ -10,7 +10,10 @@ import inspect
 import pytest
 
 MODULES = [
-    *(f"trmrl_client.{name}" for name in ("errors", "protocol", "http", "stream", "vector", "codec")),
+    *(
+        f"trmrl_client.{name}"
+        for name in ("errors", "protocol", "retry", "http", "stream", "vector", "codec")
+    ),
     *(f"trmrl_sim.{name}" for name in ("sim", "robot_loop", "demo", "launch")),
 ]
 #: The classes robots and simulators program against: their public methods need examples too.
@@ -22,7 +25,19 @@ API_CLASSES = {
     "launch": ["ServiceProcess"],
 }
 CLI_HELPERS = {"parse_args", "free_port", "load_tasks_module", "run_demo"}
-PLUMBING = {"send", "run", "close", "aclose", "from_json", "to_json", "summary", "table", "footer", "update"}
+PLUMBING = {
+    "send",
+    "attempt",
+    "run",
+    "close",
+    "aclose",
+    "from_json",
+    "to_json",
+    "summary",
+    "table",
+    "footer",
+    "update",
+}
 
 
 @pytest.mark.parametrize("name", MODULES)
