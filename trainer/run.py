@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import TrainConfig
+from trainer.config import MEMORYLESS_WINDOW, TrainConfig
 from trainer.evaluate import EvalResult, Evaluator
 from trainer.ppo import (
     RunningMeanStd,
@@ -79,7 +79,7 @@ def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:
         cfg.architecture,
         obs_dim=family.obs_dim + (family.task_param_dim if oracle else 0),
         act_dim=family.act_dim,
-        window=1 if memoryless else cfg.window,
+        window=MEMORYLESS_WINDOW if memoryless else cfg.window,
         memory_scope=cfg.memory_scope,
         value_input=cfg.value_input,
         init_std=cfg.init_std,
