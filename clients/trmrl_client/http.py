@@ -27,7 +27,7 @@ from trmrl_client.protocol import (
     ModelInfo,
     Reply,
     Scope,
-    SessionState,
+    SessionLedger,
     Transition,
     batch_flow,
     create_body,
@@ -125,28 +125,28 @@ def _recreate_body(body: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 class _SessionFacts:
-    """What every session driver tells about its session (from its :class:`SessionState`)."""
+    """What every session driver tells about its session (from its :class:`SessionLedger`)."""
 
-    state: SessionState
+    ledger: SessionLedger
 
     @property
     def session_id(self) -> str:
         """The service's id of the session (changes when the client recovers a lost session)."""
-        return self.state.session_id
+        return self.ledger.session_id
 
     @property
     def model(self) -> ModelInfo:
-        return self.state.model
+        return self.ledger.model
 
     @property
     def step(self) -> int:
         """The number the next step is sent as."""
-        return self.state.next_step
+        return self.ledger.next_step
 
     @property
     def recoveries(self) -> int:
         """How many times the session was recreated after the service lost it."""
-        return self.state.recoveries
+        return self.ledger.recoveries
 
     def _prepare(
         self,
@@ -157,9 +157,9 @@ class _SessionFacts:
         timeout: float | None,
     ) -> Flow:
         """The act flow of one step (validated now), with its deadline."""
-        tr = self.state.prepare(observation, reward, episode_start, applied_action)
+        tr = self.ledger.prepare(observation, reward, episode_start, applied_action)
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self.state.act_flow(tr, deadline)
+        return self.ledger.act_flow(tr, deadline)
 
 
 class PolicyClient:
@@ -306,12 +306,12 @@ class PolicyClient:
             >>> envs.act(np.zeros((8, 2)), episode_starts=np.ones(8, bool)).shape  # doctest: +SKIP
             (8, 2)
         """
-        from trmrl_client.vector import VectorSession, VectorState, create_sessions_flow
+        from trmrl_client.vector import VectorLedger, VectorSession, create_sessions_flow
 
         body = create_body(model, deterministic, seed, ttl_s)
         key = new_route_key()
         ids, info = self.run(create_sessions_flow(num_envs, body, key))
-        return VectorSession(self, VectorState(info, ids, _recreate_body(body, info.name), key))
+        return VectorSession(self, VectorLedger(info, ids, _recreate_body(body, info.name), key))
 
 
 class Session(_SessionFacts):
@@ -323,9 +323,9 @@ class Session(_SessionFacts):
         >>> a1 = session.act([0.01, 0.02], reward=-0.9)  # doctest: +SKIP
     """
 
-    def __init__(self, client: PolicyClient, state: SessionState) -> None:
+    def __init__(self, client: PolicyClient, ledger: SessionLedger) -> None:
         self.client = client
-        self.state = state
+        self.ledger = ledger
 
     def act(
         self,
@@ -362,15 +362,15 @@ class Session(_SessionFacts):
         Example:
             >>> session.reset("trial")  # doctest: +SKIP
         """
-        self.client.run(self.state.reset_flow(scope))
+        self.client.run(self.ledger.reset_flow(scope))
 
     def snapshot(self) -> Any:
         """Fetch the session's portable snapshot; the client keeps it for recovery.
 
         Example:
-            >>> state = session.snapshot()  # doctest: +SKIP
+            >>> snapshot = session.snapshot()  # doctest: +SKIP
         """
-        return self.client.run(self.state.snapshot_flow())
+        return self.client.run(self.ledger.snapshot_flow())
 
     def info(self) -> dict[str, Any]:
         """The service's view of the session (steps, episodes, times, model version).
@@ -379,7 +379,7 @@ class Session(_SessionFacts):
             >>> session.info()["steps"]  # doctest: +SKIP
             2
         """
-        info: dict[str, Any] = self.client.run(self.state.info_flow())
+        info: dict[str, Any] = self.client.run(self.ledger.info_flow())
         return info
 
     def close(self) -> None:
@@ -389,7 +389,7 @@ class Session(_SessionFacts):
             >>> session.close()  # doctest: +SKIP
         """
         with contextlib.suppress(ServiceUnavailable):
-            self.client.run(self.state.close_flow())
+            self.client.run(self.ledger.close_flow())
 
 
 class AsyncPolicyClient:
@@ -533,20 +533,20 @@ class AsyncPolicyClient:
         Example:
             >>> envs = await client.vector(1024, transport="stream")  # doctest: +SKIP
         """
-        from trmrl_client.vector import AsyncVectorSession, VectorState, create_sessions_flow
+        from trmrl_client.vector import AsyncVectorSession, VectorLedger, create_sessions_flow
 
         if transport not in ("batch", "stream"):
             raise ValueError(f"transport must be 'batch' or 'stream', got {transport!r}")
         body = create_body(model, deterministic, seed, ttl_s)
         key = new_route_key()
         ids, info = await self.run(create_sessions_flow(num_envs, body, key))
-        state = VectorState(info, ids, _recreate_body(body, info.name), key)
+        ledger = VectorLedger(info, ids, _recreate_body(body, info.name), key)
         if transport == "batch":
-            return AsyncVectorSession(self, state, self.attempt)
+            return AsyncVectorSession(self, ledger, self.attempt)
         from trmrl_client.stream import VectorLink
 
         link = VectorLink(self, info.name, key)
-        return AsyncVectorSession(self, state, link.attempt, link)
+        return AsyncVectorSession(self, ledger, link.attempt, link)
 
 
 class _AsyncSessionDriver(_SessionFacts):
@@ -578,7 +578,7 @@ class _AsyncSessionDriver(_SessionFacts):
         Example:
             >>> await session.reset()  # doctest: +SKIP
         """
-        await self._run(self.state.reset_flow(scope))
+        await self._run(self.ledger.reset_flow(scope))
 
     async def snapshot(self) -> Any:
         """Fetch and keep the session's snapshot.
@@ -586,7 +586,7 @@ class _AsyncSessionDriver(_SessionFacts):
         Example:
             >>> await session.snapshot()  # doctest: +SKIP
         """
-        return await self._run(self.state.snapshot_flow())
+        return await self._run(self.ledger.snapshot_flow())
 
 
 class AsyncSession(_AsyncSessionDriver):
@@ -596,9 +596,9 @@ class AsyncSession(_AsyncSessionDriver):
         >>> action = await session.act([0.0, 0.0], episode_start=True)  # doctest: +SKIP
     """
 
-    def __init__(self, client: AsyncPolicyClient, state: SessionState) -> None:
+    def __init__(self, client: AsyncPolicyClient, ledger: SessionLedger) -> None:
         self.client = client
-        self.state = state
+        self.ledger = ledger
 
     async def _run(self, flow: Flow) -> Any:
         return await self.client.run(flow)
@@ -610,7 +610,7 @@ class AsyncSession(_AsyncSessionDriver):
             >>> await session.close()  # doctest: +SKIP
         """
         with contextlib.suppress(ServiceUnavailable):
-            await self.client.run(self.state.close_flow())
+            await self.client.run(self.ledger.close_flow())
 
 
 def _batch(
@@ -620,19 +620,19 @@ def _batch(
     episode_starts: ArrayLike | None,
 ) -> Flow:
     """The flow of one ``act_batch``: every session's step validated and numbered first."""
-    states = [s.state for s in sessions]
-    n = len(states)
+    ledgers = [s.ledger for s in sessions]
+    n = len(ledgers)
     obs = np.asarray(observations, dtype=np.float64)
     if obs.ndim != 2 or obs.shape[0] != n:
         raise ValueError(f"observations must be [{n}, obs_dim], got shape {obs.shape}")
     rew = np.zeros(n) if rewards is None else np.asarray(rewards, dtype=np.float64).reshape(n)
     starts = np.zeros(n, bool) if episode_starts is None else np.asarray(episode_starts, bool).reshape(n)
-    if len({id(s) for s in states}) != n:
+    if len({id(s) for s in ledgers}) != n:
         raise ValueError("a session appears twice in one batch")
     transitions: list[Transition] = [
-        state.prepare(obs[i], float(rew[i]), bool(starts[i]), None) for i, state in enumerate(states)
+        ledger.prepare(obs[i], float(rew[i]), bool(starts[i]), None) for i, ledger in enumerate(ledgers)
     ]
-    return batch_flow(states, transitions)
+    return batch_flow(ledgers, transitions)
 
 
 __all__ = ["AsyncPolicyClient", "AsyncSession", "PolicyClient", "ServiceError", "Session"]

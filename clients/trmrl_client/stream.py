@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 from trmrl_client.http import AsyncPolicyClient, _AsyncSessionDriver, _jsonable
-from trmrl_client.protocol import ROUTE_HEADER, Flow, Reply, SessionState, status_of_error
+from trmrl_client.protocol import ROUTE_HEADER, Flow, Reply, SessionLedger, status_of_error
 from trmrl_client.retry import Outcome, Try, drive_async, with_retries
 
 try:
@@ -48,7 +48,7 @@ class StreamingSession(_AsyncSessionDriver):
     def __init__(
         self,
         client: AsyncPolicyClient,
-        state: SessionState,
+        ledger: SessionLedger,
         *,
         encoding: FrameEncoding = "msgpack",
         own_client: bool = False,
@@ -56,7 +56,7 @@ class StreamingSession(_AsyncSessionDriver):
         if encoding not in ("json", "msgpack"):
             raise ValueError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
         self.client = client
-        self.state = state
+        self.ledger = ledger
         self.encoding = encoding
         self._own_client = own_client
         self._ws: ClientConnection | None = None
@@ -90,7 +90,7 @@ class StreamingSession(_AsyncSessionDriver):
             if own:
                 await http.aclose()
             raise
-        return cls(http, session.state, encoding=encoding, own_client=own)
+        return cls(http, session.ledger, encoding=encoding, own_client=own)
 
     async def __aenter__(self) -> StreamingSession:
         return self
@@ -109,7 +109,7 @@ class StreamingSession(_AsyncSessionDriver):
         try:
             if delete:
                 with contextlib.suppress(ServiceError):  # a session already gone, or not ours, is fine
-                    await self._run(self.state.close_flow())
+                    await self._run(self.ledger.close_flow())
         finally:
             if self._own_client:
                 await self.client.aclose()
@@ -137,20 +137,20 @@ class StreamingSession(_AsyncSessionDriver):
         return Reply(200, body)
 
     async def _connection(self) -> ClientConnection:
-        if self._ws is not None and self._ws_session == self.state.session_id:
+        if self._ws is not None and self._ws_session == self.ledger.session_id:
             return self._ws
         await self._disconnect()
         url = self.client.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         try:
             self._ws = await connect(
-                f"{url}/v1/sessions/{self.state.session_id}/stream",
-                additional_headers={**self.client.api_key_headers, ROUTE_HEADER: self.state.route_key},
+                f"{url}/v1/sessions/{self.ledger.session_id}/stream",
+                additional_headers={**self.client.api_key_headers, ROUTE_HEADER: self.ledger.route_key},
                 max_size=STREAM_MAX_BYTES,
             )
         except InvalidStatus as exc:
             # The handshake was answered with an HTTP error (404 unknown_session, 401...): a reply.
             raise _Refused(_handshake_reply(exc, "/v1/sessions/{id}/stream")) from None
-        self._ws_session = self.state.session_id
+        self._ws_session = self.ledger.session_id
         return self._ws
 
     async def _disconnect(self) -> None:
