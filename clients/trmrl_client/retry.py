@@ -128,17 +128,10 @@ def drive(io: Io, attempt: Callable[[Try], Outcome]) -> Any:
     Example:
         >>> reply = drive(tries(Call("GET", "/v1/models"), policy), client.attempt)  # doctest: +SKIP
     """
-    outcome: Outcome | None = None
-    while True:
-        try:
-            step = io.send(outcome)
-        except StopIteration as stop:
-            return stop.value
-        if isinstance(step, Pause):
-            time.sleep(step.seconds)
-            outcome = None
-        else:
-            outcome = attempt(step)
+    done, step = _advance(io, None)
+    while not done:
+        done, step = _advance(io, attempt(step) if isinstance(step, Try) else _sleep(step))
+    return step
 
 
 async def drive_async(io: Io, attempt: Callable[[Try], Awaitable[Outcome]]) -> Any:
@@ -147,17 +140,28 @@ async def drive_async(io: Io, attempt: Callable[[Try], Awaitable[Outcome]]) -> A
     Example:
         >>> reply = await drive_async(tries(call, policy), client.attempt)  # doctest: +SKIP
     """
-    outcome: Outcome | None = None
-    while True:
-        try:
-            step = io.send(outcome)
-        except StopIteration as stop:
-            return stop.value
-        if isinstance(step, Pause):
-            await asyncio.sleep(step.seconds)
-            outcome = None
-        else:
-            outcome = await attempt(step)
+    done, step = _advance(io, None)
+    while not done:
+        done, step = _advance(io, await attempt(step) if isinstance(step, Try) else await _asleep(step))
+    return step
+
+
+def _advance(io: Io, outcome: Outcome | None) -> tuple[bool, Any]:
+    """Hand ``outcome`` to ``io``: ``(False, its next try or pause)``, or ``(True, its result)``."""
+    try:
+        return False, io.send(outcome)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def _sleep(pause: Pause) -> Outcome | None:
+    time.sleep(pause.seconds)
+    return None
+
+
+async def _asleep(pause: Pause) -> Outcome | None:
+    await asyncio.sleep(pause.seconds)
+    return None
 
 
 def _budget(call: Call) -> float | None:

@@ -38,6 +38,16 @@ def policy_observation(observation: np.ndarray, params: np.ndarray | None) -> np
     return np.concatenate([observation, np.asarray(params, observation.dtype)], -1)
 
 
+def policy_obs_dim(family: TaskFamily, oracle: bool) -> int:
+    """Width of what the policy reads (:func:`policy_observation`) in ``family``.
+
+    >>> from trmrl.tasks import get_family
+    >>> policy_obs_dim(get_family("point-nav"), oracle=True)
+    4
+    """
+    return family.obs_dim + (family.task_param_dim if oracle else 0)
+
+
 @dataclass(frozen=True)
 class TrialReturns:
     """Returns of a set of trials, one task each.

@@ -41,7 +41,7 @@ from trmrl_client.protocol import FloatArray, ModelInfo
 from trmrl_client.vector import AsyncVectorSession
 
 try:
-    from trmrl.tasks.trials import EARLY_STEPS, TrialReturns, trial_flow
+    from trmrl.tasks.trials import EARLY_STEPS, TrialReturns, policy_obs_dim, trial_flow
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError(
         "trmrl-sim needs the 'trmrl' package for the task definitions (gymnasium/MuJoCo environments); "
@@ -312,9 +312,8 @@ def check_model(models: Sequence[ModelInfo], family: Any, name: str | None) -> t
     # The service may not say whether a model is an oracle; its observation width does.
     oracle = chosen.task_params_in_obs
     if oracle is None:
-        oracle = family.task_param_dim > 0 and chosen.obs_dim == family.obs_dim + family.task_param_dim
-    want = family.obs_dim + (family.task_param_dim if oracle else 0)
-    if chosen.obs_dim != want or chosen.act_dim != family.act_dim:
+        oracle = family.task_param_dim > 0 and chosen.obs_dim == policy_obs_dim(family, oracle=True)
+    if chosen.obs_dim != policy_obs_dim(family, bool(oracle)) or chosen.act_dim != family.act_dim:
         raise SimError(
             f"model {chosen.name!r} takes {chosen.obs_dim} observations and gives {chosen.act_dim} actions; "
             f"family {family.name!r} has {family.obs_dim} and {family.act_dim}"
@@ -414,10 +413,7 @@ async def _run_episodes(
         for env in env_list:
             env.close()
     return SimResult(
-        labels=returns.labels,
-        returns=returns.returns,
-        early_returns=returns.early_returns,
-        success=returns.success,
+        **vars(returns),
         model=info.name,
         version=info.version,
         family=family.name,
