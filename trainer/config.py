@@ -8,9 +8,14 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from trmrl.tasks import get_family
+
 Reference = Literal["trmrl", "oracle", "memoryless"]
 Optimization = Literal["joint", "separate"]
 ValueLoss = Literal["mse", "gaussian_nll"]
+
+MEMORYLESS_WINDOW = 1
+"""A memoryless reference reads one working memory: the current observation alone."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ class TrainConfig:
             problems.append("lr_decay_end must be after lr_decay_start")
         if self.window < 1:
             problems.append(f"window must be >= 1 (got {self.window})")
-        if self.reference == "memoryless" and self.window != 1:
+        if self.reference == "memoryless" and self.window != MEMORYLESS_WINDOW:
             problems.append(f"reference=memoryless reads one working memory, but window={self.window}")
         if self.normalize_task_params and self.reference != "oracle":
             problems.append(
@@ -306,10 +311,10 @@ def _with_references(presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     """Every locomotion and point-nav preset gets ``-oracle`` and ``-memoryless`` twins: same budget."""
     out = dict(presets)
     for name, values in presets.items():
-        if values["family"].startswith("ml"):
+        if get_family(values["family"]).meta_world:
             continue
         out[f"{name}-oracle"] = {**values, "reference": "oracle", **_ORACLE_SETTINGS.get(name, {})}
-        out[f"{name}-memoryless"] = {**values, "reference": "memoryless", "window": 1}
+        out[f"{name}-memoryless"] = {**values, "reference": "memoryless", "window": MEMORYLESS_WINDOW}
     return out
 
 
