@@ -12,10 +12,10 @@ export MUJOCO_GL ?= disable
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml clients/pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml clients/pyproject.toml clients/sim/pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c requirements/constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e './clients[stream]' -e '.[dev]'
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e './clients[stream]' -e ./clients/sim -e '.[dev]'
 	# openpi-client (tests of the openpi-compatible endpoint) pins numpy<2 without needing it.
 	$(PY) -m pip install --quiet --no-deps openpi-client==0.1.2
 	touch $(STAMP)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml clients/pyproject.toml requirements/constraints.txt
 venv: $(STAMP)  ## create .venv with pinned dependencies (CPU torch)
 
 demo: $(STAMP)  ## the main job: serve the bundled TrMRL checkpoint and its references, run held-out tasks through it
-	$(PY) -m trmrl_client.demo
+	$(PY) -m trmrl_sim.demo
 
 test: lint typecheck pytest  ## everything CI runs: lint, type checks, all tests
 

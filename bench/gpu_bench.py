@@ -108,9 +108,10 @@ def plan(smoke: bool) -> dict[str, Any]:
 
 
 def child_env() -> dict[str, str]:
-    """The environment of every child: this one, with the repository and the client package importable."""
+    """The environment of every child: this one, with the repository and the client packages importable."""
     env = dict(os.environ)
-    paths = [str(REPO), str(REPO / "clients"), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    clients = [str(REPO / "clients"), str(REPO / "clients" / "sim")]
+    paths = [str(REPO), *clients, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.setdefault("MUJOCO_GL", "disable")
     env["PYTHONUNBUFFERED"] = "1"
@@ -387,7 +388,7 @@ def load(port: int, procs: int, per: int, stream: bool, p: dict[str, Any], tmp: 
 def service_part(p: dict[str, Any]) -> dict[str, Any]:
     import torch
     import uvloop
-    from trmrl_client.launch import ServiceProcess
+    from trmrl_sim.launch import ServiceProcess
 
     from bench.serve_load import run_sequential, run_stream
     from trmrl.checkpoint import CheckpointInfo, save_checkpoint

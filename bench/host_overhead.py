@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import uvloop
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 from bench.serve_bench import bare_step_rate
 from bench.serve_load import LoadResult, run_act, run_batch, run_columnar, run_stream

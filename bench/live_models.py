@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import uvloop
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 from bench.host_overhead import measured
 from bench.serve_load import run_act, run_columnar

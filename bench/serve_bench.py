@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import uvloop
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 from bench.serve_load import LoadResult, run_act, run_batch, run_sequential, run_stream
 from service.config import Settings

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "point-nav"

@@ -49,18 +49,21 @@ RUN pip install ${TORCH_PIP_ARGS} "${TORCH_SPEC}"
 COPY pyproject.toml README.md /src/
 COPY requirements/constraints.txt /src/requirements/constraints.txt
 COPY clients/pyproject.toml /src/clients/pyproject.toml
-# The service's dependencies (torch already satisfied) and the simulator client's (profile `demo` runs trmrl-sim from this image).
+COPY clients/sim/pyproject.toml /src/clients/sim/pyproject.toml
+# The service's dependencies (torch already satisfied), the client library's and the simulator client's
+# (profile `demo` runs trmrl-sim from this image).
 RUN cd /src && python3 -c 'import tomllib; \
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 c = tomllib.load(open("clients/pyproject.toml", "rb"))["project"]; \
-o = c["optional-dependencies"]; deps = p["dependencies"] + c["dependencies"] + o["stream"] + o["sim"]; \
+s = tomllib.load(open("clients/sim/pyproject.toml", "rb"))["project"]; \
+deps = p["dependencies"] + c["dependencies"] + c["optional-dependencies"]["stream"] + s["dependencies"]; \
 print("\n".join(d for d in deps if not d.startswith("trmrl")))' > /tmp/requirements.txt
 RUN pip install -c /src/requirements/constraints.txt -r /tmp/requirements.txt
 COPY trmrl /src/trmrl
 COPY service /src/service
 COPY trainer /src/trainer
 COPY clients /src/clients
-RUN pip install --no-deps /src /src/clients \
+RUN pip install --no-deps /src /src/clients /src/clients/sim \
     && pip check \
     && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
     && { pip uninstall -y pip setuptools wheel >/dev/null 2>&1 || true; }
@@ -79,7 +82,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY checkpoints /opt/trmrl/checkpoints
 COPY docker/entrypoint.sh /usr/local/bin/trmrl-entrypoint
 RUN chmod 0755 /usr/local/bin/trmrl-entrypoint \
-    && /opt/venv/bin/python3 -c 'import torch, service.app, trmrl_client; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+    && /opt/venv/bin/python3 -c 'import torch, service.app, trmrl_client, trmrl_sim; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 # NVIDIA_DRIVER_CAPABILITIES: unset, the Container Toolkit's documented default is `utility` alone, without
 # the driver's CUDA library; nvidia/cuda bases set it, a plain Debian base does not. Inert without a GPU runtime.
 ENV PATH=/opt/venv/bin:$PATH \

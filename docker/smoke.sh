@@ -10,8 +10,12 @@
 #      `demo` profile (trmrl-sim inside the image) and the `train` profile (a short training run published
 #      to the checkpoint volume, served after a restart);
 #   2. two replicas behind the nginx router (docker-compose.scale.yml): drives sessions through the router
-#      (HTTP and WebSocket), checks both replicas got sessions (their own /metrics), kills one replica and
-#      checks the clients recover;
+#      (HTTP and WebSocket), checks both replicas got sessions (their own /metrics); upgrades the fleet while
+#      sessions step through the router (the router refuses an admin call: 421 admin_on_replica; a new
+#      version of point-nav loaded, activated with migrate_sessions, rolled back and retired on every
+#      replica through its own port; no failed step, no step conflict, the versions switch between two
+#      steps, memories and step counters carry on; a user key gets 403 on the admin routes); kills one
+#      replica and checks the clients recover;
 # and tears everything down, also on failure. Prints timings and image sizes.
 #
 # Settings (environment): SMOKE_PORT (18000), SMOKE_ROUTER_PORT (18080), SMOKE_VENV (.venv: the host venv
@@ -84,6 +88,7 @@ PY="$VENV/bin/python"
 SINGLE=(-p "$PROJECT" -f docker-compose.cpu.yml)
 SCALED=(-p "$PROJECT" -f docker-compose.cpu.yml -f docker-compose.scale.yml)
 KEY="smoke-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+ADMIN_KEY="smoke-admin-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 ENV_FILE="$LOGS/smoke.env"
 cleanup() {
     local rc=$?
@@ -104,6 +109,8 @@ export TRMRL_ENV_FILE="$ENV_FILE" TRMRL_IMAGE="$SERVICE_TAG" TRMRL_TRAINER_IMAGE
     TRMRL_ROUTER_IMAGE="$ROUTER_TAG" TRMRL_ROUTER_BASE_IMAGE="$BASE_TAG"
 cat >"$ENV_FILE" <<EOF
 TRMRL_API_KEYS=$KEY
+TRMRL_ADMIN_KEYS=$ADMIN_KEY
+TRMRL_CHECKPOINT_ROOT=/var/lib/trmrl/checkpoints
 TRMRL_DEVICE=cpu
 TRMRL_LOG_FORMAT=json
 TRMRL_TORCH_THREADS=1
@@ -234,6 +241,57 @@ for id in "${REPLICAS[@]}"; do
     echo "replica $(docker inspect -f '{{.Name}}' "$id"): trmrl_steps_total = $n"
     [ "$n" -gt 0 ] || fail "replica $id got no steps: the router does not spread sessions"
 done
+
+step "scale-out: upgrade every replica while sessions step through the router"
+# The router refuses admin calls (421 admin_on_replica, checked by the driver): each replica is upgraded
+# through its own published port.
+REPLICA_URLS=()
+for id in "${REPLICAS[@]}"; do
+    REPLICA_URLS+=("http://127.0.0.1:$(docker port "$id" 8000/tcp | head -1 | sed 's/.*://')")
+done
+# The admin routes take admin keys only: a user key gets 403 (on a replica's own port).
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "${REPLICA_URLS[0]}/v1/admin/models" \
+    -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
+    -d '{"name": "point-nav", "checkpoint": "upgrades/point-nav-v2"}')
+[ "$code" = 403 ] || fail "an admin call with a user key answered $code, expected 403"
+echo "admin route with a user key (on a replica): 403"
+# The new version: point-nav with its weights nudged (same sizes, a new content hash), written once into the
+# checkpoints volume every replica mounts (TRMRL_CHECKPOINT_ROOT), in a sub-directory: not a model of its own.
+docker exec -i "${REPLICAS[0]}" python3 - /var/lib/trmrl/checkpoints/point-nav \
+    /var/lib/trmrl/checkpoints/upgrades/point-nav-v2 <<'PY' || fail "writing the new version of point-nav"
+import dataclasses, sys
+import torch
+from trmrl.checkpoint import load_checkpoint, save_checkpoint
+src, dst = sys.argv[1:3]
+old = load_checkpoint(src)
+torch.manual_seed(17)
+with torch.no_grad():
+    for p in old.model.parameters():
+        if p.numel() > 1:
+            p.add_(0.01 * p.std() * torch.randn_like(p))
+training = {**old.info.training, "derived_from": old.info.version}
+info = dataclasses.replace(old.info, created_at="", content_hash="", training=training)
+new = save_checkpoint(dst, old.model, info)
+print(f"new version of point-nav: {new.version} (from {old.info.version}) in {dst}")
+PY
+timed "scale: upgrade + rollback, sessions stepping" to_file "$LOGS/upgrade.json" "$PY" docker/smoke_driver.py \
+    --url "$RURL" --api-key "$KEY" --expect upgrade --sessions 32 --rounds 10 --min-upstreams 2 \
+    --admin-key "$ADMIN_KEY" --checkpoint upgrades/point-nav-v2 "${REPLICA_URLS[@]/#/--replica-url=}"
+"$PY" - "$LOGS/upgrade.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+v, sw, a = r["versions"], r["switch_step"], r["admin_via_router"]
+print(f"upgrade: an admin call through the router (admin key): {a['status']} {a['code']}; no replica changed")
+print(f"upgrade: {r['sessions']} sessions stepping through the router on {len(r['replicas'])} replicas, "
+      f"{r['steps']} steps in {r['upgrade_s']} s: {r['failed_steps']} failed, {r['step_conflicts']} conflicts; "
+      f"step latency p50 {r['step_latency_ms']['p50']} ms, p99 {r['step_latency_ms']['p99']} ms, max {r['step_latency_ms']['max']} ms")
+print(f"upgrade: each session's replies switch once from {v['v1']} to {v['v2']} (first step on it: "
+      f"{sw['upgrade'][0]} to {sw['upgrade'][1]}, by session) and once back (at {sw['rollback'][0]} to "
+      f"{sw['rollback'][1]}); {r['quiet_sessions']} idle sessions kept their memory; step counters continue")
+for f in r["per_replica"]:
+    print(f"upgrade: replica {f['url']}: load {f['load_s']} s; activate {f['upgrade_migrated']} sessions migrated, "
+          f"pause {f['upgrade_pause_ms']} ms; rollback {f['rollback_migrated']} migrated, pause {f['rollback_pause_ms']} ms")
+PY
 
 step "scale-out: kill one replica, the clients recover"
 timed "scale: sessions across a killed replica" to_file "$LOGS/kill.json" "$PY" docker/smoke_driver.py --url "$RURL" --api-key "$KEY" \

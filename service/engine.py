@@ -41,11 +41,9 @@ from trmrl.graphed import BucketedStep, Precision
 from trmrl.model import TrMRL
 from trmrl.policy import act, counter_normal
 from trmrl.slot_pool import SlotPool, SlotSnapshot
+from trmrl.tasks.trials import EARLY_STEPS as ADAPTATION_STEPS
 
 log = logging.getLogger("trmrl.service")
-
-#: An episode's first steps, over which adaptation is judged (the simulator client reports the same).
-ADAPTATION_STEPS = 20
 
 
 def _all_in_range(values: Sequence[float]) -> bool:

@@ -1,6 +1,6 @@
 """Shared fixtures, and the service logs of a failing test in its report.
 
-Every ``python -m service`` a test starts (``trmrl_client.launch.ServiceProcess`` and its subclasses,
+Every ``python -m service`` a test starts (``trmrl_sim.launch.ServiceProcess`` and its subclasses,
 the benchmarks' servers included) writes its output to a file. When a test fails, what each of them
 wrote while the test ran is added to the test's report, so the failure in a CI log comes with the
 server's side of it (tracebacks, warnings, session lifecycle lines) under "Captured service log".
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 os.environ.setdefault("MUJOCO_GL", "disable")
 # Child services log at info (session lifecycle), not the launcher's default of warnings only: the

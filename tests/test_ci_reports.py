@@ -10,7 +10,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 
 FAILING = """
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 
 def run_a_server() -> None:

@@ -128,9 +128,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     if args.episodes is not None and args.episodes < 1:
         parser.error("--episodes must be >= 1")
 
-    from trainer.evaluate import EARLY_STEPS, evaluate
+    from trainer.evaluate import evaluate
     from trmrl.checkpoint import CheckpointError, load_checkpoint
     from trmrl.tasks import TaskFamilyError, get_family
+    from trmrl.tasks.trials import EARLY_STEPS
 
     try:
         loaded = [load_checkpoint(path) for path in args.checkpoints]

@@ -8,10 +8,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from trmrl.tasks import get_family
+
 Reference = Literal["trmrl", "oracle", "memoryless"]
 Policy = Literal["trmrl", "rl2"]
 Optimization = Literal["joint", "separate"]
 ValueLoss = Literal["mse", "gaussian_nll"]
+
+MEMORYLESS_WINDOW = 1
+"""A memoryless reference reads one working memory: the current observation alone."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ class TrainConfig:
             )
         if self.rnn_hidden < 1 or self.bptt < 1:
             problems.append(f"rnn_hidden and bptt must be >= 1 (got {self.rnn_hidden}, {self.bptt})")
-        if self.reference == "memoryless" and self.window != 1:
+        if self.reference == "memoryless" and self.window != MEMORYLESS_WINDOW:
             problems.append(f"reference=memoryless reads one working memory, but window={self.window}")
         if self.normalize_task_params and self.reference != "oracle":
             problems.append(
@@ -326,10 +331,10 @@ def _with_references(presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     out = dict(presets)
     for name, values in presets.items():
         out[f"{name}-rl2"] = {**values, "policy": "rl2", "memory_scope": "trial"}
-        if values["family"].startswith("ml"):
+        if get_family(values["family"]).meta_world:
             continue
         out[f"{name}-oracle"] = {**values, "reference": "oracle", **_ORACLE_SETTINGS.get(name, {})}
-        out[f"{name}-memoryless"] = {**values, "reference": "memoryless", "window": 1}
+        out[f"{name}-memoryless"] = {**values, "reference": "memoryless", "window": MEMORYLESS_WINDOW}
     return out
 
 

@@ -17,45 +17,21 @@ from trainer.rollout import TrialSampler
 from trmrl.networks import Network, make_pool
 from trmrl.policy import act
 from trmrl.tasks import Task, TaskFamily
-
-EARLY_STEPS = 20
-"""Steps counted as "early" in an episode: TrMRL is expected to have adapted by then."""
+from trmrl.tasks.trials import EARLY_STEPS, TrialReturns
 
 
 @dataclass(frozen=True)
-class EvalResult:
-    """Deterministic evaluation of one policy on a fixed task set."""
+class EvalResult(TrialReturns):
+    """Deterministic evaluation of one policy on a fixed task set: its returns, and by step index."""
 
-    labels: list[str]
-    """Task labels, one per row."""
-    returns: np.ndarray
-    """``[tasks, episodes]`` undiscounted return of each episode of the trial."""
-    early_returns: np.ndarray
-    """``[tasks, episodes]`` return over the first :data:`EARLY_STEPS` steps of each episode."""
-    success: np.ndarray | None
-    """``[tasks, episodes]`` 1 where the episode succeeded; ``None`` for families without success."""
     curve: np.ndarray
     """``[episodes, horizon]`` mean reward by step index (NaN where no episode lasted that long)."""
     lengths: np.ndarray
     """``[tasks, episodes]`` episode lengths."""
 
-    def summary(self, prefix: str) -> dict[str, float]:
-        """Scalar metrics, keys prefixed by ``prefix`` (e.g. ``test/``)."""
-        out = {f"{prefix}return": float(self.returns.mean())}
-        for e in range(self.returns.shape[1]):
-            out[f"{prefix}return_ep{e + 1}"] = float(self.returns[:, e].mean())
-        out[f"{prefix}return_first{EARLY_STEPS}"] = float(self.early_returns.mean())
-        out[f"{prefix}return_after{EARLY_STEPS}"] = float((self.returns - self.early_returns).mean())
-        if self.success is not None:
-            out[f"{prefix}success"] = float(self.success.mean())
-        return out
-
     def to_json(self) -> dict[str, Any]:
         return {
-            "labels": self.labels,
-            "returns": self.returns.tolist(),
-            "early_returns": self.early_returns.tolist(),
-            "success": None if self.success is None else self.success.tolist(),
+            **super().to_json(),
             "curve": [[None if np.isnan(x) else float(x) for x in row] for row in self.curve],
             "lengths": self.lengths.tolist(),
         }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -26,6 +27,7 @@ from trmrl.checkpoint import Checkpoint, load_checkpoint
 from trmrl.networks import make_pool
 from trmrl.policy import act
 from trmrl.tasks import Task, TaskFamily, get_family
+from trmrl.tasks.trials import EARLY_STEPS, trial_flow
 
 
 def _save(fig: Figure, out: Path) -> None:
@@ -57,7 +59,7 @@ def plot_adaptation(evaluation: Path, out: Path, episode: int = 0) -> None:
     for result in data["results"]:
         curve = [x for x in result["curve"][episode] if x is not None]
         ax.plot(range(len(curve)), curve, label=f"{result['kind']} ({Path(result['checkpoint']).name})")
-    ax.axvline(20, color="grey", linestyle=":", linewidth=1)
+    ax.axvline(EARLY_STEPS, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel(f"step within episode {episode + 1}")
     ax.set_ylabel("mean reward over held-out tasks")
     ax.set_title(f"{data['family']} {data['split']}: adaptation within an episode")
@@ -81,33 +83,36 @@ def run_episode(
     model = ckpt.model.eval()
     pool = make_pool(model, 1)
     low, high = torch.tensor(family.action_low), torch.tensor(family.action_high)
-    slot = torch.zeros(1, dtype=torch.long)
+    values: list[float] = []
+    rewards: list[float] = []
+
+    def record(env: int, episode: int, reward: float, info: dict[str, Any]) -> None:
+        if info_key not in info:
+            known = ", ".join(sorted(info))
+            raise SystemExit(f"{family.name}: the environment reports no '{info_key}' (has: {known})")
+        values.append(float(info[info_key]))
+        rewards.append(reward)
+
     env = family.make_env(task)
     try:
-        obs, _ = env.reset(seed=0)
-        reward, start, done = 0.0, True, False
-        values: list[float] = []
-        rewards: list[float] = []
-        while not done:
-            x = np.concatenate([obs, task.params]) if ckpt.info.task_params_in_obs else obs
+        trial = trial_flow(
+            family, [env], [task], 1, oracle=ckpt.info.task_params_in_obs, seed=0, on_step=record
+        )
+        tick = next(trial)
+        while True:
             result = act(
                 pool,
-                slot,
-                torch.as_tensor(x, dtype=torch.float32)[None],
-                torch.tensor([reward], dtype=torch.float32),
-                torch.tensor([start]),
+                torch.as_tensor(tick.rows),
+                torch.as_tensor(tick.observations, dtype=torch.float32),
+                torch.as_tensor(tick.rewards, dtype=torch.float32),
+                torch.as_tensor(tick.episode_starts),
                 low=low,
                 high=high,
                 deterministic=True,
                 noise=None,
             )
-            obs, r, terminated, truncated, info = env.step(result.actions[0].numpy())
-            if info_key not in info:
-                known = ", ".join(sorted(info))
-                raise SystemExit(f"{family.name}: the environment reports no '{info_key}' (has: {known})")
-            values.append(float(info[info_key]))
-            rewards.append(float(r))
-            reward, start, done = float(r), False, bool(terminated or truncated)
+            tick = trial.send(result.actions.numpy())
+    except StopIteration:
         return values, rewards
     finally:
         env.close()
@@ -143,7 +148,7 @@ def plot_trajectories(
         top.set_title(f"{task.label}", fontsize=10)
         bottom.set_xlabel("step within the episode")
         for ax in (top, bottom):
-            ax.axvline(20, color="grey", linestyle=":", linewidth=1)
+            ax.axvline(EARLY_STEPS, color="grey", linestyle=":", linewidth=1)
             ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel(info_key)
     axes[1, 0].set_ylabel("reward")

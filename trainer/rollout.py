@@ -19,6 +19,7 @@ from trmrl.model import log_prob
 from trmrl.networks import Network, make_pool
 from trmrl.policy import act
 from trmrl.tasks import Task, TaskFamily
+from trmrl.tasks.trials import policy_observation
 
 
 class Rollout(NamedTuple):
@@ -151,7 +152,7 @@ class TrialSampler:
         for t in range(steps):
             idx = np.flatnonzero(active)
             slots = torch.from_numpy(idx).to(dev)
-            policy_obs = obs if params is None else np.concatenate([obs, params], 1)
+            policy_obs = policy_observation(obs, params)
             noise = None
             if not deterministic:
                 noise = torch.randn((len(idx), cfg.act_dim), generator=generator).to(dev)
@@ -197,7 +198,7 @@ class TrialSampler:
                 cut = finished & ~np.asarray(terminated)
                 if cut.any():
                     cut_idx = np.flatnonzero(cut)
-                    final_obs = obs if params is None else np.concatenate([obs, params], 1)
+                    final_obs = policy_observation(obs, params)
                     tail = self.pool.step(
                         torch.from_numpy(cut_idx).to(dev),
                         torch.from_numpy(final_obs[cut_idx]).to(dev),

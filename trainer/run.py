@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import TrainConfig
+from trainer.config import MEMORYLESS_WINDOW, TrainConfig
 from trainer.evaluate import EvalResult, Evaluator
 from trainer.ppo import (
     RunningMeanStd,
@@ -46,6 +46,7 @@ from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from trmrl.model import ModelConfig
 from trmrl.networks import build_model
 from trmrl.tasks import Task, TaskFamily, get_family
+from trmrl.tasks.trials import policy_obs_dim
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -80,9 +81,10 @@ def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:
     memoryless = cfg.reference == "memoryless"
     return ModelConfig.from_preset(
         cfg.architecture,
-        obs_dim=family.obs_dim + (family.task_param_dim if oracle else 0),
+        obs_dim=policy_obs_dim(family, oracle),
         act_dim=family.act_dim,
-        window=1 if memoryless or cfg.policy == "rl2" else cfg.window,
+        # RL² remembers in its hidden state: its window holds the newest working memory alone.
+        window=MEMORYLESS_WINDOW if memoryless or cfg.policy == "rl2" else cfg.window,
         policy=cfg.policy,
         rnn_hidden=cfg.rnn_hidden,
         memory_scope=cfg.memory_scope,

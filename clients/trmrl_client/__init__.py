@@ -1,8 +1,8 @@
 """trmrl-client: talk to a trmrl policy service from a robot or simulator, without torch.
 
 Only numpy and httpx are required; WebSocket streaming and MessagePack need the ``stream`` extra
-(``pip install 'trmrl-client[stream]'``), the simulator client needs the ``trmrl`` package for its
-task definitions.
+(``pip install 'trmrl-client[stream]'``). The simulator client, the robot loop and the demo are a
+distribution of their own on top of this library, ``trmrl-sim`` (``clients/sim``).
 
 Example:
     >>> from trmrl_client import PolicyClient

@@ -18,9 +18,6 @@ import numpy as np
 
 _ALLOWED_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-"""The largest finite float32: NaN, infinity and numbers beyond it are ``non_finite`` to the service."""
-
 INPUT_LIMIT = 1e6
 """The largest magnitude of a number that enters a session's memory (observation, reward, action).
 
@@ -84,27 +81,6 @@ def _decode_hook(obj: dict[Any, Any]) -> Any:
             f"{count * dtype.itemsize}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
-
-
-def finite_float32(values: Any) -> np.ndarray:
-    """Which values (last axis reduced: which rows) are finite numbers in float32.
-
-    The one rule client and service share: a value the client accepts, the service accepts.
-
-    Example:
-        >>> finite_float32(np.array([[0.0, 1e39], [1.0, 2.0]])).tolist()
-        [False, True]
-        >>> finite_float32(np.array([1.0, float("nan")], np.float32)).tolist()
-        [True, False]
-    """
-    array = np.asarray(values)
-    if array.dtype.kind in "iub":
-        ok = np.abs(array.astype(np.float64)) <= FLOAT32_MAX
-    elif array.dtype == np.float32 or array.dtype == np.float16:
-        ok = np.isfinite(array)
-    else:
-        ok = np.abs(array) <= FLOAT32_MAX  # NaN compares False, infinity is out of range
-    return np.asarray(ok.all(axis=-1) if ok.ndim > 1 else ok)
 
 
 def within_limit(values: Any) -> np.ndarray:

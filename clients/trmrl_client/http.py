@@ -1,14 +1,15 @@
 """HTTP clients of the policy service: :class:`PolicyClient` (blocking) and :class:`AsyncPolicyClient`.
 
-Both speak the v1 API with httpx, take and return numpy arrays, retry a request after a timeout or
-a dropped connection (safe: every act carries the session's step number, and the service answers a
-re-sent step with the same action), wait out ``429``/``503`` briefly, and recover sessions the
-service lost (see :mod:`trmrl_client.protocol`).
+Both speak the v1 API with httpx and take and return numpy arrays. They are thin drivers: a client
+makes one try of a request at a time (:meth:`PolicyClient.attempt`); what to send, what to retry (a
+timeout, a dropped connection, a ``429``/``503``: safe, since every act carries the session's step
+number and the service answers a re-sent step with the same action) and how to recover a session the
+service lost is decided once, without I/O, in :mod:`trmrl_client.retry` and :mod:`trmrl_client.protocol`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,9 +19,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from trmrl_client.errors import ServiceError, ServiceUnavailable
-
-if TYPE_CHECKING:
-    from trmrl_client.vector import AsyncVectorSession, VectorSession
 from trmrl_client.protocol import (
     ROUTE_HEADER,
     Call,
@@ -29,89 +27,89 @@ from trmrl_client.protocol import (
     ModelInfo,
     Reply,
     Scope,
-    SessionState,
+    SessionLedger,
+    Transition,
     batch_flow,
+    create_body,
+    create_flow,
+    models_flow,
     new_route_key,
 )
+from trmrl_client.retry import MAX_BACKOFF_S, RetryPolicy, Try, drive, drive_async, tries, with_retries
+
+if TYPE_CHECKING:
+    from trmrl_client.vector import AsyncVectorSession, VectorSession
 
 Encoding = Literal["json", "msgpack"]
 MSGPACK = "application/msgpack"
 
-#: Longest pause between two tries of a request (backoff doubles from ``BACKOFF_S``).
-BACKOFF_S = 0.05
-MAX_BACKOFF_S = 1.0
 
-
-class _Transport:
-    """What both clients share: base URL, headers, encoding, timeout and retry policy."""
+class _Http:
+    """What both clients share: base URL, headers, encoding and retry policy; one request's bytes."""
 
     def __init__(
         self, url: str, api_key: str | None, timeout: float, retries: int, encoding: Encoding
     ) -> None:
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
         if encoding not in ("json", "msgpack"):
             raise ValueError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
         if encoding == "msgpack":
             from trmrl_client import codec  # noqa: F401 -- fail now if the stream extra is missing
 
         self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.retries = retries
+        self.policy = RetryPolicy(timeout, retries)
         self.encoding = encoding
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    def encode(self, call: Call) -> tuple[dict[str, str], bytes | None, Any]:
-        """Headers, raw content and JSON for one call (one of the last two is ``None``)."""
+    def request(self, step: Try) -> dict[str, Any]:
+        """The keyword arguments of ``httpx`` for one try of a call."""
+        call = step.call
         headers = {ROUTE_HEADER: call.route_key} if call.route_key else {}
-        if call.body is None:
-            return headers, None, None
-        if self.encoding == "msgpack" and "/act" in call.path:
+        content: bytes | None = None
+        json: Any = None
+        if call.body is not None and self.encoding == "msgpack" and "/act" in call.path:
             from trmrl_client.codec import packb
 
-            return {**headers, "Content-Type": MSGPACK, "Accept": MSGPACK}, packb(call.body), None
-        return headers, None, _jsonable(call.body)
+            headers.update({"Content-Type": MSGPACK, "Accept": MSGPACK})
+            content = packb(call.body)
+        elif call.body is not None:
+            json = _jsonable(call.body)
+        return {
+            "method": call.method,
+            "url": call.path,
+            "headers": headers,
+            "content": content,
+            "json": json,
+            "timeout": step.timeout,
+        }
 
     @staticmethod
-    def decode(response: httpx.Response) -> Reply:
+    def reply(response: httpx.Response) -> Reply:
+        """The decoded reply, with the wait a transient refusal (capacity, starting, draining) asks for."""
+        status = response.status_code
+        retry_after = None
+        if status in (429, 503):
+            try:
+                retry_after = min(float(response.headers.get("retry-after", "0.1")), MAX_BACKOFF_S)
+            except ValueError:
+                retry_after = 0.1
         if not response.content:
-            return Reply(response.status_code, None)
-        kind = response.headers.get("content-type", "")
-        if kind.startswith(MSGPACK):
+            return Reply(status, None, retry_after)
+        if response.headers.get("content-type", "").startswith(MSGPACK):
             from trmrl_client.codec import unpackb
 
-            return Reply(response.status_code, unpackb(response.content))
+            return Reply(status, unpackb(response.content), retry_after)
         try:
-            return Reply(response.status_code, response.json())
+            return Reply(status, response.json(), retry_after)
         except ValueError:
-            return Reply(
-                response.status_code, {"error": {"code": "bad_reply", "message": response.text[:200]}}
-            )
-
-    def budget(self, call: Call) -> float | None:
-        """Seconds left for ``call`` (``None``: no deadline of its own)."""
-        return None if call.deadline is None else call.deadline - time.monotonic()
+            body = {"error": {"code": "bad_reply", "message": response.text[:200]}}
+            return Reply(status, body, retry_after)
 
     @staticmethod
-    def retry_after(reply: Reply, headers: httpx.Headers) -> float | None:
-        """Seconds to wait before resending, for transient refusals (capacity, starting, draining)."""
-        if reply.status not in (429, 503):
-            return None
-        try:
-            return min(float(headers.get("retry-after", "0.1")), MAX_BACKOFF_S)
-        except ValueError:
-            return 0.1
-
-    @staticmethod
-    def failure(call: Call, exc: Exception | None) -> ServiceUnavailable:
-        if isinstance(exc, httpx.TimeoutException) or exc is None:
+    def unavailable(call: Call, exc: httpx.TransportError) -> ServiceUnavailable:
+        """The outcome of a try that got no reply."""
+        if isinstance(exc, httpx.TimeoutException):
             return ServiceUnavailable("timeout", f"{call.method} {call.path}: no reply in time ({exc})")
         return ServiceUnavailable("unreachable", f"{call.method} {call.path}: {exc}")
-
-
-def _recreate_body(body: dict[str, Any], model: str) -> dict[str, Any]:
-    """How one env of a vector is recreated after the service lost it (its own seed is not kept)."""
-    return {**{k: v for k, v in body.items() if k != "seed"}, "model": model}
 
 
 def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
@@ -121,23 +119,47 @@ def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in body.items()}
 
 
-def _models(reply: Reply) -> list[ModelInfo]:
-    if not reply.ok:
-        raise reply.error()
-    return [ModelInfo.from_json(m) for m in reply.body["models"]]
+def _recreate_body(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """How one env of a vector is recreated after the service lost it (its own seed is not kept)."""
+    return {**{k: v for k, v in body.items() if k != "seed"}, "model": model}
 
 
-def _create_body(
-    model: str | None, deterministic: bool, seed: int | None, ttl_s: float | None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"deterministic": deterministic}
-    if model is not None:
-        body["model"] = model
-    if seed is not None:
-        body["seed"] = seed
-    if ttl_s is not None:
-        body["ttl_s"] = ttl_s
-    return body
+class _SessionFacts:
+    """What every session driver tells about its session (from its :class:`SessionLedger`)."""
+
+    ledger: SessionLedger
+
+    @property
+    def session_id(self) -> str:
+        """The service's id of the session (changes when the client recovers a lost session)."""
+        return self.ledger.session_id
+
+    @property
+    def model(self) -> ModelInfo:
+        return self.ledger.model
+
+    @property
+    def step(self) -> int:
+        """The number the next step is sent as."""
+        return self.ledger.next_step
+
+    @property
+    def recoveries(self) -> int:
+        """How many times the session was recreated after the service lost it."""
+        return self.ledger.recoveries
+
+    def _prepare(
+        self,
+        observation: ArrayLike,
+        reward: float,
+        episode_start: bool,
+        applied_action: ArrayLike | None,
+        timeout: float | None,
+    ) -> Flow:
+        """The act flow of one step (validated now), with its deadline."""
+        tr = self.ledger.prepare(observation, reward, episode_start, applied_action)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self.ledger.act_flow(tr, deadline)
 
 
 class PolicyClient:
@@ -166,14 +188,14 @@ class PolicyClient:
         encoding: Encoding = "json",
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._t = _Transport(url, api_key, timeout, retries, encoding)
+        self._h = _Http(url, api_key, timeout, retries, encoding)
         self._http = httpx.Client(
-            base_url=self._t.url, headers=self._t.headers, timeout=timeout, transport=transport
+            base_url=self._h.url, headers=self._h.headers, timeout=timeout, transport=transport
         )
 
     @property
     def url(self) -> str:
-        return self._t.url
+        return self._h.url
 
     def close(self) -> None:
         """Close the connection pool (sessions on the service stay until deleted or expired)."""
@@ -186,47 +208,21 @@ class PolicyClient:
         self.close()
 
     # -- plumbing ------------------------------------------------------------------------------------
+    def attempt(self, step: Try) -> Reply | ServiceUnavailable:
+        """One try of a call, no retry: its reply, or why there was none."""
+        try:
+            return self._h.reply(self._http.request(**self._h.request(step)))
+        except httpx.TransportError as exc:
+            return self._h.unavailable(step.call, exc)
+
     def send(self, call: Call) -> Reply:
         """Send one call, retrying transport failures and transient refusals; raise when out of tries."""
-        headers, content, body = self._t.encode(call)
-        last: Exception | None = None
-        for attempt in range(self._t.retries + 1):
-            budget = self._t.budget(call)
-            if budget is not None and budget <= 0:
-                break
-            timeout = self._t.timeout if budget is None else min(self._t.timeout, budget)
-            try:
-                response = self._http.request(
-                    call.method, call.path, headers=headers, content=content, json=body, timeout=timeout
-                )
-            except httpx.TransportError as exc:
-                last = exc
-                pause = min(BACKOFF_S * 2**attempt, MAX_BACKOFF_S)
-            else:
-                reply = self._t.decode(response)
-                pause_or_none = self._t.retry_after(reply, response.headers)
-                if pause_or_none is None or attempt == self._t.retries:
-                    return reply
-                pause, last = pause_or_none, None
-            if attempt < self._t.retries:
-                budget = self._t.budget(call)
-                time.sleep(pause if budget is None else max(0.0, min(pause, budget)))
-        raise self._t.failure(call, last)
+        reply: Reply = drive(tries(call, self._h.policy), self.attempt)
+        return reply
 
     def run(self, flow: Flow) -> Any:
         """Drive a protocol flow to its end over this client."""
-        reply: Reply | None = None
-        failure: ServiceUnavailable | None = None
-        while True:
-            try:
-                call = flow.throw(failure) if failure is not None else flow.send(reply)  # type: ignore[arg-type]
-            except StopIteration as stop:
-                return stop.value
-            failure = None
-            try:
-                reply = self.send(call)
-            except ServiceUnavailable as exc:
-                failure, reply = exc, None
+        return drive(with_retries(flow, self._h.policy), self.attempt)
 
     # -- API -----------------------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -237,7 +233,7 @@ class PolicyClient:
             False
         """
         try:
-            return self._http.get("/readyz", timeout=min(self._t.timeout, 5.0)).status_code == 200
+            return self._http.get("/readyz", timeout=min(self._h.policy.timeout, 5.0)).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -248,7 +244,8 @@ class PolicyClient:
             >>> [m.name for m in client.models()]  # doctest: +SKIP
             ['point-nav', 'point-nav-memoryless', 'point-nav-oracle']
         """
-        return _models(self.send(Call("GET", "/v1/models")))
+        models: list[ModelInfo] = self.run(models_flow())
+        return models
 
     def session(
         self,
@@ -268,15 +265,9 @@ class PolicyClient:
             >>> session.model.window  # doctest: +SKIP
             5
         """
-        body = _create_body(model, deterministic, seed, ttl_s)
         deadline = None if timeout is None else time.monotonic() + timeout
-        key = new_route_key()
-        reply = self.send(Call("POST", "/v1/sessions", body, deadline, key))
-        if reply.status != 201:
-            raise reply.error()
-        info = ModelInfo.from_json(reply.body["model"])
-        state = SessionState(info, str(reply.body["session_id"]), {**body, "model": info.name}, key)
-        return Session(self, state)
+        body = create_body(model, deterministic, seed, ttl_s)
+        return Session(self, self.run(create_flow(body, new_route_key(), deadline)))
 
     def act_batch(
         self,
@@ -294,10 +285,8 @@ class PolicyClient:
             >>> client.act_batch(envs, np.zeros((4, 2))).shape  # doctest: +SKIP
             (4, 2)
         """
-        states, transitions = _prepare_batch(
-            [s.state for s in sessions], observations, rewards, episode_starts
-        )
-        return np.asarray(self.run(batch_flow(states, transitions)), np.float32)
+        flow = _batch(sessions, observations, rewards, episode_starts)
+        return np.asarray(self.run(flow), np.float32)
 
     def vector(
         self,
@@ -308,24 +297,24 @@ class PolicyClient:
         seed: int | None = None,
         ttl_s: float | None = None,
     ) -> VectorSession:
-        """``num_envs`` sessions created in one call and stepped together, one columnar request a tick.
+        """Create ``num_envs`` sessions stepped together, one columnar request per tick (arrays in, out).
 
-        ``seed``: env ``i`` gets ``seed + i``.
+        Every env gets its own session; with ``seed``, env ``i`` is seeded ``seed + i``.
 
         Example:
             >>> envs = client.vector(8, "point-nav")  # doctest: +SKIP
             >>> envs.act(np.zeros((8, 2)), episode_starts=np.ones(8, bool)).shape  # doctest: +SKIP
             (8, 2)
         """
-        from trmrl_client.vector import VectorSession, VectorState, create_sessions_flow
+        from trmrl_client.vector import VectorLedger, VectorSession, create_sessions_flow
 
-        body = _create_body(model, deterministic, seed, ttl_s)
+        body = create_body(model, deterministic, seed, ttl_s)
         key = new_route_key()
         ids, info = self.run(create_sessions_flow(num_envs, body, key))
-        return VectorSession(self, VectorState(info, ids, _recreate_body(body, info.name), key))
+        return VectorSession(self, VectorLedger(info, ids, _recreate_body(body, info.name), key))
 
 
-class Session:
+class Session(_SessionFacts):
     """One session of a :class:`PolicyClient`: a robot's or environment's memory on the service.
 
     Example:
@@ -334,28 +323,9 @@ class Session:
         >>> a1 = session.act([0.01, 0.02], reward=-0.9)  # doctest: +SKIP
     """
 
-    def __init__(self, client: PolicyClient, state: SessionState) -> None:
+    def __init__(self, client: PolicyClient, ledger: SessionLedger) -> None:
         self.client = client
-        self.state = state
-
-    @property
-    def session_id(self) -> str:
-        """The service's id of the session (changes when the client recovers a lost session)."""
-        return self.state.session_id
-
-    @property
-    def model(self) -> ModelInfo:
-        return self.state.model
-
-    @property
-    def step(self) -> int:
-        """The number the next step is sent as."""
-        return self.state.next_step
-
-    @property
-    def recoveries(self) -> int:
-        """How many times the session was recreated after the service lost it."""
-        return self.state.recoveries
+        self.ledger = ledger
 
     def act(
         self,
@@ -383,9 +353,8 @@ class Session:
             >>> session.act(np.array([0.1, 0.2]), reward=-0.8).shape  # doctest: +SKIP
             (2,)
         """
-        tr = self.state.prepare(observation, reward, episode_start, applied_action)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return np.asarray(self.client.run(self.state.act_flow(tr, deadline)), np.float32)
+        flow = self._prepare(observation, reward, episode_start, applied_action, timeout)
+        return np.asarray(self.client.run(flow), np.float32)
 
     def reset(self, scope: Scope = "episode") -> None:
         """Start a new episode (memory kept for ``trial``-scope models) or a new trial (memory cleared).
@@ -393,15 +362,15 @@ class Session:
         Example:
             >>> session.reset("trial")  # doctest: +SKIP
         """
-        self.client.run(self.state.reset_flow(scope))
+        self.client.run(self.ledger.reset_flow(scope))
 
     def snapshot(self) -> Any:
         """Fetch the session's portable snapshot; the client keeps it for recovery.
 
         Example:
-            >>> state = session.snapshot()  # doctest: +SKIP
+            >>> snapshot = session.snapshot()  # doctest: +SKIP
         """
-        return self.client.run(self.state.snapshot_flow())
+        return self.client.run(self.ledger.snapshot_flow())
 
     def info(self) -> dict[str, Any]:
         """The service's view of the session (steps, episodes, times, model version).
@@ -410,10 +379,7 @@ class Session:
             >>> session.info()["steps"]  # doctest: +SKIP
             2
         """
-        reply = self.client.send(self.state.call("GET", f"/v1/sessions/{self.session_id}"))
-        if not reply.ok:
-            raise reply.error()
-        info: dict[str, Any] = reply.body
+        info: dict[str, Any] = self.client.run(self.ledger.info_flow())
         return info
 
     def close(self) -> None:
@@ -422,16 +388,12 @@ class Session:
         Example:
             >>> session.close()  # doctest: +SKIP
         """
-        try:
-            reply = self.client.send(self.state.call("DELETE", f"/v1/sessions/{self.session_id}"))
-        except ServiceUnavailable:
-            return
-        if not reply.ok and reply.status != 404:
-            raise reply.error()
+        with contextlib.suppress(ServiceUnavailable):
+            self.client.run(self.ledger.close_flow())
 
 
 class AsyncPolicyClient:
-    """The asyncio twin of :class:`PolicyClient` (same arguments, awaitable methods).
+    """The asyncio :class:`PolicyClient` (same arguments, awaitable methods).
 
     Example:
         >>> async def main() -> None:  # doctest: +SKIP
@@ -451,10 +413,10 @@ class AsyncPolicyClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 100,
     ) -> None:
-        self._t = _Transport(url, api_key, timeout, retries, encoding)
+        self._h = _Http(url, api_key, timeout, retries, encoding)
         self._http = httpx.AsyncClient(
-            base_url=self._t.url,
-            headers=self._t.headers,
+            base_url=self._h.url,
+            headers=self._h.headers,
             timeout=timeout,
             transport=transport,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -462,20 +424,17 @@ class AsyncPolicyClient:
 
     @property
     def url(self) -> str:
-        return self._t.url
+        return self._h.url
 
     @property
     def api_key_headers(self) -> dict[str, str]:
         """The authorization header (empty without an API key)."""
-        return dict(self._t.headers)
+        return dict(self._h.headers)
 
     @property
-    def timeout(self) -> float:
-        return self._t.timeout
-
-    @property
-    def retries(self) -> int:
-        return self._t.retries
+    def policy(self) -> RetryPolicy:
+        """The timeout of one try and the number of retries, for every transport of this client."""
+        return self._h.policy
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -487,37 +446,24 @@ class AsyncPolicyClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    # -- plumbing ------------------------------------------------------------------------------------
+    async def attempt(self, step: Try) -> Reply | ServiceUnavailable:
+        """One try of a call, no retry (see :meth:`PolicyClient.attempt`)."""
+        try:
+            return self._h.reply(await self._http.request(**self._h.request(step)))
+        except httpx.TransportError as exc:
+            return self._h.unavailable(step.call, exc)
+
     async def send(self, call: Call) -> Reply:
         """Send one call with retries (see :meth:`PolicyClient.send`)."""
-        headers, content, body = self._t.encode(call)
-        last: Exception | None = None
-        for attempt in range(self._t.retries + 1):
-            budget = self._t.budget(call)
-            if budget is not None and budget <= 0:
-                break
-            timeout = self._t.timeout if budget is None else min(self._t.timeout, budget)
-            try:
-                response = await self._http.request(
-                    call.method, call.path, headers=headers, content=content, json=body, timeout=timeout
-                )
-            except httpx.TransportError as exc:
-                last = exc
-                pause = min(BACKOFF_S * 2**attempt, MAX_BACKOFF_S)
-            else:
-                reply = self._t.decode(response)
-                pause_or_none = self._t.retry_after(reply, response.headers)
-                if pause_or_none is None or attempt == self._t.retries:
-                    return reply
-                pause, last = pause_or_none, None
-            if attempt < self._t.retries:
-                budget = self._t.budget(call)
-                await asyncio.sleep(pause if budget is None else max(0.0, min(pause, budget)))
-        raise self._t.failure(call, last)
+        reply: Reply = await drive_async(tries(call, self._h.policy), self.attempt)
+        return reply
 
     async def run(self, flow: Flow) -> Any:
         """Drive a protocol flow to its end over this client."""
-        return await drive_async(flow, self.send)
+        return await drive_async(with_retries(flow, self._h.policy), self.attempt)
 
+    # -- API -----------------------------------------------------------------------------------------
     async def ready(self) -> bool:
         """Whether ``/readyz`` answers 200.
 
@@ -526,7 +472,7 @@ class AsyncPolicyClient:
             True
         """
         try:
-            response = await self._http.get("/readyz", timeout=min(self._t.timeout, 5.0))
+            response = await self._http.get("/readyz", timeout=min(self._h.policy.timeout, 5.0))
         except httpx.TransportError:
             return False
         return response.status_code == 200
@@ -537,7 +483,8 @@ class AsyncPolicyClient:
         Example:
             >>> models = await client.models()  # doctest: +SKIP
         """
-        return _models(await self.send(Call("GET", "/v1/models")))
+        models: list[ModelInfo] = await self.run(models_flow())
+        return models
 
     async def session(
         self,
@@ -552,14 +499,8 @@ class AsyncPolicyClient:
         Example:
             >>> session = await client.session("point-nav")  # doctest: +SKIP
         """
-        body = _create_body(model, deterministic, seed, ttl_s)
-        key = new_route_key()
-        reply = await self.send(Call("POST", "/v1/sessions", body, route_key=key))
-        if reply.status != 201:
-            raise reply.error()
-        info = ModelInfo.from_json(reply.body["model"])
-        state = SessionState(info, str(reply.body["session_id"]), {**body, "model": info.name}, key)
-        return AsyncSession(self, state)
+        body = create_body(model, deterministic, seed, ttl_s)
+        return AsyncSession(self, await self.run(create_flow(body, new_route_key())))
 
     async def act_batch(
         self,
@@ -573,10 +514,8 @@ class AsyncPolicyClient:
         Example:
             >>> actions = await client.act_batch(sessions, np.zeros((len(sessions), 2)))  # doctest: +SKIP
         """
-        states, transitions = _prepare_batch(
-            [s.state for s in sessions], observations, rewards, episode_starts
-        )
-        return np.asarray(await self.run(batch_flow(states, transitions)), np.float32)
+        flow = _batch(sessions, observations, rewards, episode_starts)
+        return np.asarray(await self.run(flow), np.float32)
 
     async def vector(
         self,
@@ -594,48 +533,27 @@ class AsyncPolicyClient:
         Example:
             >>> envs = await client.vector(1024, transport="stream")  # doctest: +SKIP
         """
-        from trmrl_client.vector import AsyncVectorSession, VectorState, create_sessions_flow
+        from trmrl_client.vector import AsyncVectorSession, VectorLedger, create_sessions_flow
 
         if transport not in ("batch", "stream"):
             raise ValueError(f"transport must be 'batch' or 'stream', got {transport!r}")
-        body = _create_body(model, deterministic, seed, ttl_s)
+        body = create_body(model, deterministic, seed, ttl_s)
         key = new_route_key()
         ids, info = await self.run(create_sessions_flow(num_envs, body, key))
-        state = VectorState(info, ids, _recreate_body(body, info.name), key)
+        ledger = VectorLedger(info, ids, _recreate_body(body, info.name), key)
         if transport == "batch":
-            return AsyncVectorSession(self, state, self.send)
+            return AsyncVectorSession(self, ledger, self.attempt)
         from trmrl_client.stream import VectorLink
 
         link = VectorLink(self, info.name, key)
-        return AsyncVectorSession(self, state, link.send, link)
+        return AsyncVectorSession(self, ledger, link.attempt, link)
 
 
-class AsyncSession:
-    """One session of an :class:`AsyncPolicyClient` (methods as :class:`Session`, awaitable).
+class _AsyncSessionDriver(_SessionFacts):
+    """The steps of a session under asyncio, whatever carries them (:meth:`_run`)."""
 
-    Example:
-        >>> action = await session.act([0.0, 0.0], episode_start=True)  # doctest: +SKIP
-    """
-
-    def __init__(self, client: AsyncPolicyClient, state: SessionState) -> None:
-        self.client = client
-        self.state = state
-
-    @property
-    def session_id(self) -> str:
-        return self.state.session_id
-
-    @property
-    def model(self) -> ModelInfo:
-        return self.state.model
-
-    @property
-    def step(self) -> int:
-        return self.state.next_step
-
-    @property
-    def recoveries(self) -> int:
-        return self.state.recoveries
+    async def _run(self, flow: Flow) -> Any:
+        raise NotImplementedError
 
     async def act(
         self,
@@ -651,9 +569,8 @@ class AsyncSession:
         Example:
             >>> await session.act([0.1, 0.2], reward=-0.8)  # doctest: +SKIP
         """
-        tr = self.state.prepare(observation, reward, episode_start, applied_action)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return np.asarray(await self.client.run(self.state.act_flow(tr, deadline)), np.float32)
+        flow = self._prepare(observation, reward, episode_start, applied_action, timeout)
+        return np.asarray(await self._run(flow), np.float32)
 
     async def reset(self, scope: Scope = "episode") -> None:
         """Start a new episode or trial.
@@ -661,7 +578,7 @@ class AsyncSession:
         Example:
             >>> await session.reset()  # doctest: +SKIP
         """
-        await self.client.run(self.state.reset_flow(scope))
+        await self._run(self.ledger.reset_flow(scope))
 
     async def snapshot(self) -> Any:
         """Fetch and keep the session's snapshot.
@@ -669,7 +586,22 @@ class AsyncSession:
         Example:
             >>> await session.snapshot()  # doctest: +SKIP
         """
-        return await self.client.run(self.state.snapshot_flow())
+        return await self._run(self.ledger.snapshot_flow())
+
+
+class AsyncSession(_AsyncSessionDriver):
+    """One session of an :class:`AsyncPolicyClient` (methods as :class:`Session`, awaitable).
+
+    Example:
+        >>> action = await session.act([0.0, 0.0], episode_start=True)  # doctest: +SKIP
+    """
+
+    def __init__(self, client: AsyncPolicyClient, ledger: SessionLedger) -> None:
+        self.client = client
+        self.ledger = ledger
+
+    async def _run(self, flow: Flow) -> Any:
+        return await self.client.run(flow)
 
     async def close(self) -> None:
         """Delete the session on the service.
@@ -677,52 +609,30 @@ class AsyncSession:
         Example:
             >>> await session.close()  # doctest: +SKIP
         """
-        try:
-            reply = await self.client.send(self.state.call("DELETE", f"/v1/sessions/{self.session_id}"))
-        except ServiceUnavailable:
-            return
-        if not reply.ok and reply.status != 404:
-            raise reply.error()
+        with contextlib.suppress(ServiceUnavailable):
+            await self.client.run(self.ledger.close_flow())
 
 
-async def drive_async(flow: Flow, send: Any) -> Any:
-    """Run a protocol flow with an async ``send(call) -> Reply``.
-
-    Example:
-        >>> action = await drive_async(session.state.act_flow(tr), client.send)  # doctest: +SKIP
-    """
-    reply: Reply | None = None
-    failure: ServiceUnavailable | None = None
-    while True:
-        try:
-            call = flow.throw(failure) if failure is not None else flow.send(reply)  # type: ignore[arg-type]
-        except StopIteration as stop:
-            return stop.value
-        failure = None
-        try:
-            reply = await send(call)
-        except ServiceUnavailable as exc:
-            failure, reply = exc, None
-
-
-def _prepare_batch(
-    states: Sequence[SessionState],
+def _batch(
+    sessions: Sequence[_SessionFacts],
     observations: ArrayLike,
     rewards: ArrayLike | None,
     episode_starts: ArrayLike | None,
-) -> tuple[list[SessionState], list[Any]]:
-    n = len(states)
+) -> Flow:
+    """The flow of one ``act_batch``: every session's step validated and numbered first."""
+    ledgers = [s.ledger for s in sessions]
+    n = len(ledgers)
     obs = np.asarray(observations, dtype=np.float64)
     if obs.ndim != 2 or obs.shape[0] != n:
         raise ValueError(f"observations must be [{n}, obs_dim], got shape {obs.shape}")
     rew = np.zeros(n) if rewards is None else np.asarray(rewards, dtype=np.float64).reshape(n)
     starts = np.zeros(n, bool) if episode_starts is None else np.asarray(episode_starts, bool).reshape(n)
-    if len({id(s) for s in states}) != n:
+    if len({id(s) for s in ledgers}) != n:
         raise ValueError("a session appears twice in one batch")
-    transitions = [
-        state.prepare(obs[i], float(rew[i]), bool(starts[i]), None) for i, state in enumerate(states)
+    transitions: list[Transition] = [
+        ledger.prepare(obs[i], float(rew[i]), bool(starts[i]), None) for i, ledger in enumerate(ledgers)
     ]
-    return list(states), transitions
+    return batch_flow(ledgers, transitions)
 
 
 __all__ = ["AsyncPolicyClient", "AsyncSession", "PolicyClient", "ServiceError", "Session"]

@@ -125,7 +125,8 @@ class Call:
 
 @dataclass(frozen=True)
 class Reply:
-    """What came back: the HTTP status and the decoded body (``None`` when empty).
+    """A reply: the service's answer to one call -- its HTTP status and decoded body (``None`` when
+    empty). A batch item or a stream frame becomes one too, with the status its error code stands for.
 
     Example:
         >>> Reply(404, {"error": {"code": "unknown_session", "message": "gone"}}).error().code
@@ -134,6 +135,9 @@ class Reply:
 
     status: int
     body: Any
+    retry_after: float | None = None
+    """Seconds to wait before sending the call again, for a transient refusal (``429``/``503``);
+    ``None``: the reply stands."""
 
     @property
     def ok(self) -> bool:
@@ -181,14 +185,14 @@ def as_vector(values: ArrayLike, length: int, what: str) -> tuple[float, ...]:
     return tuple(array.tolist())
 
 
-class SessionState:
+class SessionLedger:
     """A session as the client knows it: id, model, next step number, recent history, snapshot.
 
     Example:
-        >>> state = SessionState(ModelInfo("m", "v", "point-nav", 2, 2, (-1, -1), (1, 1), 5,
+        >>> ledger = SessionLedger(ModelInfo("m", "v", "point-nav", 2, 2, (-1, -1), (1, 1), 5,
         ...     "episode"), "sid", {"model": "m"})
-        >>> tr = state.prepare([0.1, 0.2], 0.0, False, None)
-        >>> state.body(tr)["step"]
+        >>> tr = ledger.prepare([0.1, 0.2], 0.0, False, None)
+        >>> ledger.body(tr)["step"]
         0
     """
 
@@ -267,14 +271,14 @@ class SessionState:
     def _returned(self) -> tuple[float, ...] | None:
         return None if self.last_action is None else tuple(self.last_action.astype(np.float64).tolist())
 
-    def commit(self, tr: Transition, reply_body: Any) -> FloatArray:
-        """Record an answered step; returns its action."""
-        if not isinstance(reply_body, dict) or "action" not in reply_body:
-            raise ServiceError(200, "bad_reply", f"the act reply has no action: {str(reply_body)[:200]}")
-        action = np.asarray(reply_body["action"], dtype=np.float32).reshape(-1)
-        if int(reply_body.get("step", tr.step)) != tr.step:
+    def commit(self, tr: Transition, body: Any) -> FloatArray:
+        """Record an answered step (``body``: its reply's body); returns its action."""
+        if not isinstance(body, dict) or "action" not in body:
+            raise ServiceError(200, "bad_reply", f"the act reply has no action: {str(body)[:200]}")
+        action = np.asarray(body["action"], dtype=np.float32).reshape(-1)
+        if int(body.get("step", tr.step)) != tr.step:
             raise ServiceError(
-                200, "bad_reply", f"the service answered step {reply_body.get('step')}, not step {tr.step}"
+                200, "bad_reply", f"the service answered step {body.get('step')}, not step {tr.step}"
             )
         self._append(tr)
         self.last_action = action
@@ -409,6 +413,19 @@ class SessionState:
         self.start_next = False
         self.unconfirmed = 0
 
+    def info_flow(self) -> Flow:
+        """The service's view of the session (``GET /v1/sessions/{id}``)."""
+        reply = yield self.call("GET", f"/v1/sessions/{self.session_id}")
+        if not reply.ok:
+            raise reply.error()
+        return reply.body
+
+    def close_flow(self) -> Flow:
+        """Delete the session on the service (a session already gone is fine)."""
+        reply = yield self.call("DELETE", f"/v1/sessions/{self.session_id}")
+        if not reply.ok and reply.status != 404:
+            raise reply.error()
+
     def snapshot_flow(self) -> Flow:
         """Fetch and keep the session's snapshot (``GET /v1/sessions/{id}/state``)."""
         reply = yield self.call("GET", f"/v1/sessions/{self.session_id}/state")
@@ -431,25 +448,69 @@ class SessionState:
         raise reply.error()
 
 
-def batch_flow(states: Sequence[SessionState], transitions: Sequence[Transition]) -> Flow:
+def create_body(
+    model: str | None, deterministic: bool, seed: int | None, ttl_s: float | None
+) -> dict[str, Any]:
+    """The body of ``POST /v1/sessions`` (unset options left to the service).
+
+    Example:
+        >>> create_body("point-nav", True, None, None)
+        {'deterministic': True, 'model': 'point-nav'}
+    """
+    body: dict[str, Any] = {"deterministic": deterministic}
+    if model is not None:
+        body["model"] = model
+    if seed is not None:
+        body["seed"] = seed
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
+    return body
+
+
+def create_flow(body: dict[str, Any], route_key: str, deadline: float | None = None) -> Flow:
+    """Create one session (``POST /v1/sessions``); returns its :class:`SessionLedger`.
+
+    Example:
+        >>> ledger = client.run(create_flow({"model": "point-nav"}, new_route_key()))  # doctest: +SKIP
+    """
+    reply = yield Call("POST", "/v1/sessions", body, deadline, route_key)
+    if reply.status != 201:
+        raise reply.error()
+    info = ModelInfo.from_json(reply.body["model"])
+    return SessionLedger(info, str(reply.body["session_id"]), {**body, "model": info.name}, route_key)
+
+
+def models_flow() -> Flow:
+    """The loaded models (``GET /v1/models``), as :class:`ModelInfo`.
+
+    Example:
+        >>> models = client.run(models_flow())  # doctest: +SKIP
+    """
+    reply = yield Call("GET", "/v1/models")
+    if not reply.ok:
+        raise reply.error()
+    return [ModelInfo.from_json(m) for m in reply.body["models"]]
+
+
+def batch_flow(ledgers: Sequence[SessionLedger], transitions: Sequence[Transition]) -> Flow:
     """Step many sessions in one ``POST /v1/act/batch``; items that failed are resolved one by one.
 
     Example:
-        >>> actions = client.run(batch_flow(states, transitions))  # doctest: +SKIP
+        >>> actions = client.run(batch_flow(ledgers, transitions))  # doctest: +SKIP
     """
-    items = [state.body(tr) for state, tr in zip(states, transitions, strict=True)]
+    items = [ledger.body(tr) for ledger, tr in zip(ledgers, transitions, strict=True)]
     try:
         reply = yield Call("POST", "/v1/act/batch", {"items": items})
     except ServiceUnavailable:
-        for state, tr in zip(states, transitions, strict=True):
-            state.record_unanswered(tr)
+        for ledger, tr in zip(ledgers, transitions, strict=True):
+            ledger.record_unanswered(tr)
         raise
     if not reply.ok:
         raise reply.error()
     actions: list[FloatArray] = []
-    for state, tr, item in zip(states, transitions, reply.body["items"], strict=True):
+    for ledger, tr, item in zip(ledgers, transitions, reply.body["items"], strict=True):
         status = 200 if "error" not in item else status_of_error(item)
-        actions.append((yield from state.finish_flow(tr, Reply(status, item))))
+        actions.append((yield from ledger.finish_flow(tr, Reply(status, item))))
     return np.stack(actions) if actions else np.zeros((0, 0), np.float32)
 
 

@@ -11,25 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 from urllib.parse import quote
 
-import numpy as np
-from numpy.typing import ArrayLike
-
-from trmrl_client.errors import ServiceUnavailable
-from trmrl_client.http import AsyncPolicyClient, drive_async
-from trmrl_client.protocol import (
-    ROUTE_HEADER,
-    Call,
-    FloatArray,
-    ModelInfo,
-    Reply,
-    Scope,
-    SessionState,
-    status_of_error,
-)
+from trmrl_client.errors import ServiceError, ServiceUnavailable
+from trmrl_client.http import AsyncPolicyClient, _AsyncSessionDriver, _jsonable
+from trmrl_client.protocol import ROUTE_HEADER, Flow, Reply, SessionLedger, status_of_error
+from trmrl_client.retry import Outcome, Try, drive_async, with_retries
 
 try:
     from websockets.asyncio.client import ClientConnection, connect
@@ -40,9 +29,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 FrameEncoding = Literal["json", "msgpack"]
+#: Largest frame of a session's stream, and of the vectorised stream (a tick of every env).
+STREAM_MAX_BYTES = 16 * 1024 * 1024
+VECTOR_MAX_BYTES = 64 * 1024 * 1024
 
 
-class StreamingSession:
+class StreamingSession(_AsyncSessionDriver):
     """A policy session whose steps travel over one WebSocket.
 
     Use :meth:`open` to create it (it owns an :class:`AsyncPolicyClient` unless given one).
@@ -56,7 +48,7 @@ class StreamingSession:
     def __init__(
         self,
         client: AsyncPolicyClient,
-        state: SessionState,
+        ledger: SessionLedger,
         *,
         encoding: FrameEncoding = "msgpack",
         own_client: bool = False,
@@ -64,7 +56,7 @@ class StreamingSession:
         if encoding not in ("json", "msgpack"):
             raise ValueError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
         self.client = client
-        self.state = state
+        self.ledger = ledger
         self.encoding = encoding
         self._own_client = own_client
         self._ws: ClientConnection | None = None
@@ -98,19 +90,7 @@ class StreamingSession:
             if own:
                 await http.aclose()
             raise
-        return cls(http, session.state, encoding=encoding, own_client=own)
-
-    @property
-    def session_id(self) -> str:
-        return self.state.session_id
-
-    @property
-    def model(self) -> ModelInfo:
-        return self.state.model
-
-    @property
-    def recoveries(self) -> int:
-        return self.state.recoveries
+        return cls(http, session.ledger, encoding=encoding, own_client=own)
 
     async def __aenter__(self) -> StreamingSession:
         return self
@@ -118,41 +98,7 @@ class StreamingSession:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- API -------------------------------------------------------------------------------------------
-    async def act(
-        self,
-        observation: ArrayLike,
-        reward: float = 0.0,
-        episode_start: bool = False,
-        applied_action: ArrayLike | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> FloatArray:
-        """The action for ``observation`` (arguments as :meth:`trmrl_client.Session.act`).
-
-        Example:
-            >>> await stream.act([0.1, 0.2], reward=-0.8)  # doctest: +SKIP
-        """
-        tr = self.state.prepare(observation, reward, episode_start, applied_action)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return np.asarray(await drive_async(self.state.act_flow(tr, deadline), self._send), np.float32)
-
-    async def reset(self, scope: Scope = "episode") -> None:
-        """Start a new episode or trial (over HTTP).
-
-        Example:
-            >>> await stream.reset("trial")  # doctest: +SKIP
-        """
-        await drive_async(self.state.reset_flow(scope), self._send)
-
-    async def snapshot(self) -> Any:
-        """Fetch and keep the session's snapshot (over HTTP).
-
-        Example:
-            >>> await stream.snapshot()  # doctest: +SKIP
-        """
-        return await drive_async(self.state.snapshot_flow(), self._send)
-
+    # -- API (act, reset, snapshot: as an AsyncSession's) ---------------------------------------------
     async def close(self, *, delete: bool = True) -> None:
         """Close the stream, delete the session (unless ``delete=False``) and the owned HTTP client.
 
@@ -162,71 +108,49 @@ class StreamingSession:
         await self._disconnect()
         try:
             if delete:
-                await self.client.send(self.state.call("DELETE", f"/v1/sessions/{self.session_id}"))
-        except ServiceUnavailable:
-            pass
+                with contextlib.suppress(ServiceError):  # a session already gone, or not ours, is fine
+                    await self._run(self.ledger.close_flow())
         finally:
             if self._own_client:
                 await self.client.aclose()
 
     # -- transport ---------------------------------------------------------------------------------------
-    async def _send(self, call: Call) -> Reply:
+    async def _run(self, flow: Flow) -> Any:
+        return await drive_async(with_retries(flow, self.client.policy), self._attempt)
+
+    async def _attempt(self, step: Try) -> Outcome:
+        """One try: an act as a frame of the stream, any other call over HTTP."""
+        call = step.call
         if not (call.method == "POST" and call.path == "/v1/act"):
-            return await self.client.send(call)
+            return await self.client.attempt(step)
         frame = {k: v for k, v in (call.body or {}).items() if k != "session_id"}
-        last: Exception | None = None
-        for attempt in range(self.client.retries + 1):
-            budget = None if call.deadline is None else call.deadline - time.monotonic()
-            if budget is not None and budget <= 0:
-                break
-            wait = self.client.timeout if budget is None else min(self.client.timeout, budget)
-            try:
-                return await asyncio.wait_for(self._exchange(frame), wait)
-            except _Refused as refused:
-                return refused.reply
-            except (TimeoutError, OSError, WebSocketException) as exc:
-                # The connection's state is unknown (a late reply could still arrive on it): start over.
-                last = exc
-                await self._disconnect()
-                if attempt < self.client.retries:
-                    await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-        code = "timeout" if last is None or isinstance(last, TimeoutError) else "unreachable"
-        raise ServiceUnavailable(code, f"stream of session {self.session_id}: {last or 'no reply in time'}")
+        return await _try_frame(self._exchange(frame), step.timeout, self._disconnect, self._what)
+
+    @property
+    def _what(self) -> str:
+        return f"stream of session {self.session_id}"
 
     async def _exchange(self, frame: dict[str, Any]) -> Reply:
-        ws = await self._connection()
-        if self.encoding == "msgpack":
-            from trmrl_client.codec import packb
-
-            await ws.send(packb(frame))
-        else:
-            await ws.send(json.dumps(frame, separators=(",", ":")))
-        raw = await ws.recv()
-        if isinstance(raw, bytes):
-            from trmrl_client.codec import unpackb
-
-            body = unpackb(raw)
-        else:
-            body = json.loads(raw)
+        body = await _exchange(await self._connection(), frame, self.encoding, STREAM_MAX_BYTES)
         if isinstance(body, dict) and "error" in body:
             return Reply(status_of_error(body), body)
         return Reply(200, body)
 
     async def _connection(self) -> ClientConnection:
-        if self._ws is not None and self._ws_session == self.state.session_id:
+        if self._ws is not None and self._ws_session == self.ledger.session_id:
             return self._ws
         await self._disconnect()
         url = self.client.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         try:
             self._ws = await connect(
-                f"{url}/v1/sessions/{self.state.session_id}/stream",
-                additional_headers={**self.client.api_key_headers, ROUTE_HEADER: self.state.route_key},
-                max_size=16 * 1024 * 1024,
+                f"{url}/v1/sessions/{self.ledger.session_id}/stream",
+                additional_headers={**self.client.api_key_headers, ROUTE_HEADER: self.ledger.route_key},
+                max_size=STREAM_MAX_BYTES,
             )
         except InvalidStatus as exc:
             # The handshake was answered with an HTTP error (404 unknown_session, 401...): a reply.
             raise _Refused(_handshake_reply(exc, "/v1/sessions/{id}/stream")) from None
-        self._ws_session = self.state.session_id
+        self._ws_session = self.ledger.session_id
         return self._ws
 
     async def _disconnect(self) -> None:
@@ -256,25 +180,13 @@ class VectorLink:
         self.encoding = encoding
         self._ws: ClientConnection | None = None
 
-    async def send(self, call: Call) -> Reply:
-        body = call.body or {}
-        if not (call.method == "POST" and call.path == "/v1/act/batch" and "session_ids" in body):
-            return await self.client.send(call)
-        last: Exception | None = None
-        for attempt in range(self.client.retries + 1):
-            try:
-                return await asyncio.wait_for(self._exchange(body), self.client.timeout)
-            except _Refused as refused:
-                return refused.reply
-            except (TimeoutError, OSError, WebSocketException) as exc:
-                last = exc
-                await self.close()
-                if attempt < self.client.retries:
-                    await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-        code = "timeout" if last is None or isinstance(last, TimeoutError) else "unreachable"
-        raise ServiceUnavailable(
-            code, f"vectorised stream of model {self.model}: {last or 'no reply in time'}"
-        )
+    async def attempt(self, step: Try) -> Outcome:
+        """One try: a columnar tick as a frame of the stream, any other call over HTTP."""
+        body = step.call.body or {}
+        if not (step.call.method == "POST" and step.call.path == "/v1/act/batch" and "session_ids" in body):
+            return await self.client.attempt(step)
+        what = f"vectorised stream of model {self.model}"
+        return await _try_frame(self._exchange(body), step.timeout, self.close, what)
 
     async def _exchange(self, frame: dict[str, Any]) -> Reply:
         if self._ws is None:
@@ -283,26 +195,11 @@ class VectorLink:
                 self._ws = await connect(
                     f"{url}/v1/stream?model={quote(self.model)}",
                     additional_headers={**self.client.api_key_headers, ROUTE_HEADER: self.route_key},
-                    max_size=64 * 1024 * 1024,
+                    max_size=VECTOR_MAX_BYTES,
                 )
             except InvalidStatus as exc:
                 raise _Refused(_handshake_reply(exc, "/v1/stream")) from None
-        ws = self._ws
-        if self.encoding == "msgpack":
-            from trmrl_client.codec import packb
-
-            await ws.send(packb(frame))
-        else:
-            await ws.send(
-                json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in frame.items()})
-            )
-        raw = await ws.recv()
-        if isinstance(raw, bytes):
-            from trmrl_client.codec import unpackb
-
-            body = unpackb(raw, max_bytes=64 * 1024 * 1024)
-        else:
-            body = json.loads(raw)
+        body = await _exchange(self._ws, frame, self.encoding, VECTOR_MAX_BYTES)
         if isinstance(body, dict) and "error" in body and "session_ids" not in body:
             return Reply(status_of_error(body), body)
         return Reply(200, body)
@@ -312,6 +209,44 @@ class VectorLink:
         if ws is not None:
             with contextlib.suppress(OSError, WebSocketException):
                 await ws.close()
+
+
+async def _try_frame(
+    exchange: Awaitable[Reply], timeout: float, drop: Callable[[], Awaitable[None]], what: str
+) -> Outcome:
+    """One try of a frame: its reply, or -- after a timeout or a dropped connection -- why there was none."""
+    try:
+        return await asyncio.wait_for(exchange, timeout)
+    except _Refused as refused:
+        return refused.reply
+    except (TimeoutError, OSError, WebSocketException) as exc:
+        # The connection's state is unknown (a late reply could still arrive on it): start over.
+        await drop()
+        return _unavailable(exc, what)
+
+
+async def _exchange(
+    ws: ClientConnection, frame: dict[str, Any], encoding: FrameEncoding, max_bytes: int
+) -> Any:
+    """Send one frame, receive and decode the next."""
+    if encoding == "msgpack":
+        from trmrl_client.codec import packb
+
+        await ws.send(packb(frame))
+    else:
+        await ws.send(json.dumps(_jsonable(frame), separators=(",", ":")))
+    raw = await ws.recv()
+    if isinstance(raw, bytes):
+        from trmrl_client.codec import unpackb
+
+        return unpackb(raw, max_bytes=max_bytes)
+    return json.loads(raw)
+
+
+def _unavailable(exc: Exception, what: str) -> ServiceUnavailable:
+    """The outcome of a try on a stream that got no reply."""
+    code = "timeout" if isinstance(exc, TimeoutError) else "unreachable"
+    return ServiceUnavailable(code, f"{what}: {str(exc) or 'no reply in time'}")
 
 
 def _handshake_reply(exc: InvalidStatus, route: str) -> Reply:

@@ -1,13 +1,13 @@
 """Many sessions as arrays: one columnar request (or stream frame) per tick of a vectorised simulator.
 
 A gymnasium vector env (or an Isaac-style batch of robots) steps ``num_envs`` environments at once;
-:class:`VectorState` keeps their ``num_envs`` sessions as arrays -- ids, step counters, last actions
+:class:`VectorLedger` keeps their ``num_envs`` sessions as arrays -- ids, step counters, last actions
 and a ring of recent transitions per row -- and builds each tick's columnar body
 (``POST /v1/act/batch`` with ``session_ids``, ``observations [B, obs_dim]``, ...) with array
 operations only. Arrays stay arrays: MessagePack carries them as msgpack-numpy maps.
 
 Rows that fail are recovered one by one exactly as a single session is (:mod:`trmrl_client.protocol`):
-the row's history becomes a :class:`~trmrl_client.protocol.SessionState`, the same flows run
+the row's history becomes a :class:`~trmrl_client.protocol.SessionLedger`, the same flows run
 (restore by replay after a lost session, catch-up after a missed step), and the outcome is written
 back into the arrays. A tick that got no answer at all is remembered per row, and those rows' next
 step goes through the single-session flow that resends unanswered steps first.
@@ -34,19 +34,14 @@ from trmrl_client.protocol import (
     Flow,
     ModelInfo,
     Reply,
-    SessionState,
+    SessionLedger,
     Transition,
     status_of_error,
 )
+from trmrl_client.retry import Outcome, Try, drive_async, with_retries
 
 if TYPE_CHECKING:
     from trmrl_client.http import AsyncPolicyClient, PolicyClient
-
-
-async def _drive(flow: Flow, send: Callable[[Call], Awaitable[Reply]]) -> Any:
-    from trmrl_client.http import drive_async
-
-    return await drive_async(flow, send)
 
 
 BATCH_PATH = "/v1/act/batch"
@@ -66,13 +61,13 @@ def _rows_of(
     return array
 
 
-class VectorState:
+class VectorLedger:
     """The client's bookkeeping of ``num_envs`` sessions of one model, as arrays (no I/O).
 
     Example:
         >>> info = ModelInfo("m", "v", "point-nav", 2, 2, (-1, -1), (1, 1), 5, "episode")
-        >>> state = VectorState(info, ["a", "b"], {"model": "m"}, "key")
-        >>> body, _ = state.prepare(np.zeros((2, 2)), None, None, None, np.arange(2))
+        >>> ledger = VectorLedger(info, ["a", "b"], {"model": "m"}, "key")
+        >>> body, _ = ledger.prepare(np.zeros((2, 2)), None, None, None, np.arange(2))
         >>> (body["session_ids"], body["steps"].tolist())
         (['a', 'b'], [0, 0])
     """
@@ -182,12 +177,12 @@ class VectorState:
         self.assert_previous[rows] = False
 
     # -- one row as a single session, and back ----------------------------------------------------------
-    def row_state(self, i: int) -> SessionState:
-        """Row ``i`` as a :class:`SessionState`, for the single-session flows."""
-        state = SessionState(self.model, self.session_ids[i], self.create_body, self.route_key)
+    def row_ledger(self, i: int) -> SessionLedger:
+        """Row ``i`` as a :class:`SessionLedger`, for the single-session flows."""
+        ledger = SessionLedger(self.model, self.session_ids[i], self.create_body, self.route_key)
         order = np.argsort(self.h_index[i])
         kept = [int(j) for j in order if self.h_index[i, j] >= 0]
-        state.history = deque(
+        ledger.history = deque(
             (
                 Transition(
                     index=int(self.h_index[i, j]),
@@ -203,29 +198,29 @@ class VectorState:
             ),
             maxlen=self.h_index.shape[1],
         )
-        state.next_step = int(self.next_step[i])
-        state.transitions = int(self.transitions[i])
-        state.last_action = self.last_action[i].copy() if self.has_action[i] else None
-        state.start_next = bool(self.start_next[i])
-        state.unconfirmed = int(self.unconfirmed[i])
-        state.assert_previous = bool(self.assert_previous[i])
-        return state
+        ledger.next_step = int(self.next_step[i])
+        ledger.transitions = int(self.transitions[i])
+        ledger.last_action = self.last_action[i].copy() if self.has_action[i] else None
+        ledger.start_next = bool(self.start_next[i])
+        ledger.unconfirmed = int(self.unconfirmed[i])
+        ledger.assert_previous = bool(self.assert_previous[i])
+        return ledger
 
-    def absorb(self, i: int, state: SessionState) -> None:
-        """Write a row's :class:`SessionState` back (after a flow ran on it)."""
-        self.session_ids[i] = state.session_id
-        self.next_step[i] = state.next_step
-        self.transitions[i] = state.transitions
-        if state.last_action is not None:
-            self.last_action[i] = state.last_action
+    def absorb(self, i: int, ledger: SessionLedger) -> None:
+        """Write a row's :class:`SessionLedger` back (after a flow ran on it)."""
+        self.session_ids[i] = ledger.session_id
+        self.next_step[i] = ledger.next_step
+        self.transitions[i] = ledger.transitions
+        if ledger.last_action is not None:
+            self.last_action[i] = ledger.last_action
             self.has_action[i] = True
-        self.start_next[i] = state.start_next
-        self.unconfirmed[i] = state.unconfirmed
-        self.assert_previous[i] = state.assert_previous
-        self.recoveries += state.recoveries
-        self.catch_ups += state.catch_ups
+        self.start_next[i] = ledger.start_next
+        self.unconfirmed[i] = ledger.unconfirmed
+        self.assert_previous[i] = ledger.assert_previous
+        self.recoveries += ledger.recoveries
+        self.catch_ups += ledger.catch_ups
         self.h_index[i] = -1
-        for tr in state.history:
+        for tr in ledger.history:
             j = tr.index % self.h_index.shape[1]
             self.h_index[i, j] = tr.index
             self.h_step[i, j] = tr.step
@@ -292,14 +287,14 @@ class VectorState:
         refused: ServiceError | None = None
         for n, (j, item) in enumerate(one_by_one):
             i = int(rows[j])
-            state = self.row_state(i)
-            tr = state.history.pop()
-            state.transitions, state.next_step = tr.index, tr.step
+            ledger = self.row_ledger(i)
+            tr = ledger.history.pop()
+            ledger.transitions, ledger.next_step = tr.index, tr.step
             try:
                 if item is None:
-                    actions[j] = yield from state.act_flow(tr)
+                    actions[j] = yield from ledger.act_flow(tr)
                 else:
-                    actions[j] = yield from state.finish_flow(tr, Reply(status_of_error(item), item))
+                    actions[j] = yield from ledger.finish_flow(tr, Reply(status_of_error(item), item))
             except ServiceUnavailable:
                 # The rows not reached yet are in the same position as this one: unanswered.
                 rest = rows[[k for k, _ in one_by_one[n + 1 :]]]
@@ -309,7 +304,7 @@ class VectorState:
             except ServiceError as exc:
                 refused = refused or exc
             finally:
-                self.absorb(i, state)
+                self.absorb(i, ledger)
         if refused is not None:
             raise refused
         return actions
@@ -327,39 +322,39 @@ def create_sessions_flow(num_envs: int, body: dict[str, Any], route_key: str) ->
     return list(reply.body["session_ids"]), ModelInfo.from_json(reply.body["model"])
 
 
-def delete_flow(state: VectorState) -> Flow:
+def delete_flow(ledger: VectorLedger) -> Flow:
     """Delete every session of the vector (a missing one is no error).
 
     Example:
-        >>> client.run(delete_flow(envs.state))  # doctest: +SKIP
+        >>> client.run(delete_flow(envs.ledger))  # doctest: +SKIP
     """
-    for session_id in state.session_ids:
-        reply = yield Call("DELETE", f"/v1/sessions/{session_id}", route_key=state.route_key)
+    for session_id in ledger.session_ids:
+        reply = yield Call("DELETE", f"/v1/sessions/{session_id}", route_key=ledger.route_key)
         if not reply.ok and reply.status != 404:
             raise reply.error()
     return None
 
 
 class _VectorFacts:
-    """What both vector drivers tell about their sessions (from their :class:`VectorState`)."""
+    """What both vector drivers tell about their sessions (from their :class:`VectorLedger`)."""
 
-    state: VectorState
+    ledger: VectorLedger
 
     @property
     def session_ids(self) -> list[str]:
-        return self.state.session_ids
+        return self.ledger.session_ids
 
     @property
     def model(self) -> ModelInfo:
-        return self.state.model
+        return self.ledger.model
 
     @property
     def num_envs(self) -> int:
-        return self.state.num_envs
+        return self.ledger.num_envs
 
     @property
     def recoveries(self) -> int:
-        return self.state.recoveries
+        return self.ledger.recoveries
 
 
 class VectorSession(_VectorFacts):
@@ -373,9 +368,9 @@ class VectorSession(_VectorFacts):
         >>> actions = envs.act(obs, rewards, episode_starts)  # doctest: +SKIP
     """
 
-    def __init__(self, client: PolicyClient, state: VectorState) -> None:
+    def __init__(self, client: PolicyClient, ledger: VectorLedger) -> None:
         self.client = client
-        self.state = state
+        self.ledger = ledger
 
     def act(
         self,
@@ -396,13 +391,13 @@ class VectorSession(_VectorFacts):
             >>> envs.act(np.zeros((16, 2)), np.zeros(16), np.ones(16, bool)).shape  # doctest: +SKIP
             (16, 2)
         """
-        flow = self.state.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
+        flow = self.ledger.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
         return np.asarray(self.client.run(flow), np.float32)
 
     def close(self) -> None:
         """Delete the sessions on the service."""
         with contextlib.suppress(ServiceUnavailable):
-            self.client.run(delete_flow(self.state))
+            self.client.run(delete_flow(self.ledger))
 
 
 class AsyncVectorSession(_VectorFacts):
@@ -419,13 +414,13 @@ class AsyncVectorSession(_VectorFacts):
     def __init__(
         self,
         client: AsyncPolicyClient,
-        state: VectorState,
-        send: Callable[[Call], Awaitable[Reply]],
+        ledger: VectorLedger,
+        attempt: Callable[[Try], Awaitable[Outcome]],
         link: Any = None,
     ) -> None:
         self.client = client
-        self.state = state
-        self._send = send
+        self.ledger = ledger
+        self._attempt = attempt
         self._link = link
 
     async def act(
@@ -442,15 +437,17 @@ class AsyncVectorSession(_VectorFacts):
         Example:
             >>> actions = await envs.act(obs, rewards, starts, rows=running)  # doctest: +SKIP
         """
-        flow = self.state.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
-        return np.asarray(await _drive(flow, self._send), np.float32)
+        flow = self.ledger.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
+        return np.asarray(
+            await drive_async(with_retries(flow, self.client.policy), self._attempt), np.float32
+        )
 
     async def close(self) -> None:
         """Close the stream (if any) and delete the sessions on the service."""
         if self._link is not None:
             await self._link.close()
         with contextlib.suppress(ServiceUnavailable):
-            await self.client.run(delete_flow(self.state))
+            await self.client.run(delete_flow(self.ledger))
 
 
-__all__ = ["AsyncVectorSession", "VectorSession", "VectorState", "create_sessions_flow", "delete_flow"]
+__all__ = ["AsyncVectorSession", "VectorLedger", "VectorSession", "create_sessions_flow", "delete_flow"]

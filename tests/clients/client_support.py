@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from trmrl_client import PolicyClient
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "checkpoints"

@@ -11,7 +11,7 @@ from client_support import REPO
 
 def test_demo_runs_end_to_end_on_point_nav() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "trmrl_client.demo", "--family", "point-nav", "--tasks", "4", "--no-progress"],
+        [sys.executable, "-m", "trmrl_sim.demo", "--family", "point-nav", "--tasks", "4", "--no-progress"],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "TRMRL_TORCH_THREADS": "1"},
         capture_output=True,
@@ -30,7 +30,7 @@ def test_demo_runs_end_to_end_on_point_nav() -> None:
 
 def test_demo_reports_a_missing_family_without_starting_anything() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "trmrl_client.demo", "--family", "ant-goal"],
+        [sys.executable, "-m", "trmrl_sim.demo", "--family", "ant-goal"],
         cwd=REPO,
         capture_output=True,
         text=True,

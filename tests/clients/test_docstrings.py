@@ -1,5 +1,5 @@
-"""Every public class, function and method of the client library documents itself with an example,
-and the examples that can run without a service do."""
+"""Every public class, function and method of the client library and the simulator client documents
+itself with an example, and the examples that can run without a service do."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import inspect
 
 import pytest
 
-MODULES = ["errors", "protocol", "http", "stream", "vector", "codec", "sim", "robot_loop", "demo", "launch"]
+MODULES = [
+    *(
+        f"trmrl_client.{name}"
+        for name in ("errors", "protocol", "retry", "http", "stream", "vector", "codec")
+    ),
+    *(f"trmrl_sim.{name}" for name in ("sim", "robot_loop", "demo", "launch")),
+]
 #: The classes robots and simulators program against: their public methods need examples too.
 API_CLASSES = {
     "http": ["PolicyClient", "Session", "AsyncPolicyClient", "AsyncSession"],
@@ -19,12 +25,24 @@ API_CLASSES = {
     "launch": ["ServiceProcess"],
 }
 CLI_HELPERS = {"parse_args", "free_port", "load_tasks_module", "run_demo"}
-PLUMBING = {"send", "run", "close", "aclose", "from_json", "to_json", "summary", "table", "footer", "update"}
+PLUMBING = {
+    "send",
+    "attempt",
+    "run",
+    "close",
+    "aclose",
+    "from_json",
+    "to_json",
+    "summary",
+    "table",
+    "footer",
+    "update",
+}
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_public_docstrings_have_examples_that_run(name: str) -> None:
-    module = importlib.import_module(f"trmrl_client.{name}")
+    module = importlib.import_module(name)
     missing = []
     for attr, obj in vars(module).items():
         if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
@@ -33,7 +51,7 @@ def test_public_docstrings_have_examples_that_run(name: str) -> None:
             continue
         if (inspect.isclass(obj) or inspect.isfunction(obj)) and "Example" not in (obj.__doc__ or ""):
             missing.append(attr)
-    for cls_name in API_CLASSES.get(name, []):
+    for cls_name in API_CLASSES.get(name.rpartition(".")[2], []):
         for attr, member in vars(getattr(module, cls_name)).items():
             if attr.startswith("_") or attr in PLUMBING or not inspect.isfunction(member):
                 continue

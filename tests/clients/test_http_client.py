@@ -14,8 +14,8 @@ from trmrl_client.protocol import ROUTE_HEADER, Call
 
 
 def test_importing_every_client_module_loads_no_torch() -> None:
-    modules = "trmrl_client, trmrl_client.http, trmrl_client.stream, trmrl_client.sim"
-    modules += ", trmrl_client.robot_loop, trmrl_client.demo, trmrl_client.launch"
+    modules = "trmrl_client, trmrl_client.http, trmrl_client.stream, trmrl_sim.sim"
+    modules += ", trmrl_sim.robot_loop, trmrl_sim.demo, trmrl_sim.launch"
     code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -108,7 +108,7 @@ def test_a_step_that_never_arrived_is_sent_again_with_the_next(service: Service)
             session.act(obs[4], rewards[4], bool(starts[4]))
         got.append(want[4])  # what the service would have said; the robot never saw it
         got.append(session.act(obs[5], rewards[5], bool(starts[5]), applied_action=fallback))
-        assert session.state.unconfirmed == 0 and session.recoveries == 0
+        assert session.ledger.unconfirmed == 0 and session.recoveries == 0
     assert_same(np.stack(got), np.stack(want))
 
 
@@ -231,15 +231,15 @@ def test_every_request_of_a_session_carries_its_own_routing_key(service: Service
         other.send(Call("DELETE", f"/v1/sessions/{original}"))  # lost: restored from the snapshot
         first.act(obs[4], rewards[4], bool(starts[4]))
         assert first.recoveries == 1 and first.session_id == original
-        first.state.snapshot = None
+        first.ledger.snapshot = None
         other.send(Call("DELETE", f"/v1/sessions/{original}"))  # lost again: recreated under a new id
         first.act(obs[5], rewards[5], bool(starts[5]))
         assert first.recoveries == 2 and first.session_id != original
         client.act_batch([first, second], obs[6:8], rewards[6:8], starts[6:8])
         first.close()
-    key = first.state.route_key
-    assert second.state.route_key != key
-    assert {k for _, k in recorder.seen} == {key, second.state.route_key, None}
+    key = first.ledger.route_key
+    assert second.ledger.route_key != key
+    assert {k for _, k in recorder.seen} == {key, second.ledger.route_key, None}
     mine = [path for path, k in recorder.seen if k == key]
     assert mine.count("/v1/sessions") == 2  # created, then recreated by the second recovery
     assert f"/v1/sessions/{original}/state" in mine  # snapshot fetched and restored

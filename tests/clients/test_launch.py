@@ -1,4 +1,4 @@
-"""``trmrl_client.launch``: the one way demos, tests and benchmarks run ``python -m service``."""
+"""``trmrl_sim.launch``: the one way demos, tests and benchmarks run ``python -m service``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 from client_support import BUNDLED, Service
-from trmrl_client.launch import ServiceStartError
+from trmrl_sim.launch import ServiceStartError
 
 
 def test_importing_launch_loads_no_torch() -> None:
-    code = "import sys, trmrl_client.launch; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, trmrl_sim.launch; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

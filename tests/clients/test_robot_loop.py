@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from client_support import Service
 from trmrl_client import PolicyClient
-from trmrl_client.robot_loop import RobotLoop
-from trmrl_client.robot_loop import main as robot_loop_main
+from trmrl_sim.robot_loop import RobotLoop
+from trmrl_sim.robot_loop import main as robot_loop_main
 
 from trmrl.tasks import get_family
 
@@ -116,9 +116,9 @@ def test_hold_last_fallback_after_the_service_goes_away(service: Service) -> Non
         network.up = True
         loop.run(env, steps=10)
         session.act(np.full(17, 0.1), reward=0.5, timeout=30.0)  # whatever was late is sent now
-        assert session.state.unconfirmed == 0
-        lived = list(session.state.history)  # the robot's newest transitions, window + 1 of them
-        assert session.state.transitions == 26 and session.step == lived[-1].step + 1
+        assert session.ledger.unconfirmed == 0
+        lived = list(session.ledger.history)  # the robot's newest transitions, window + 1 of them
+        assert session.ledger.transitions == 26 and session.step == lived[-1].step + 1
         twin = httpx.post(f"{service.url}/v1/sessions", json={"model": "cheetah-random"}).json()["session_id"]
         items = [
             {

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from client_support import Service, require_streams
-from trmrl_client import sim
+from trmrl_sim import sim
 
 
 def test_batch_and_http_transports_measure_the_same_returns(service: Service, tmp_path: Path) -> None:

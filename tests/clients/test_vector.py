@@ -83,14 +83,14 @@ def test_a_tick_that_never_arrived_is_resent_with_the_next(service: Service) -> 
         got = [envs.act(obs[t], rewards[t], starts[t]) for t in range(5)]
         with pytest.raises(ServiceUnavailable):
             envs.act(obs[5], rewards[5], starts[5])
-        assert envs.state.unconfirmed.tolist() == [1] * ENVS
+        assert envs.ledger.unconfirmed.tolist() == [1] * ENVS
         # The robots ran a fallback for tick 5 and say so; here the fallback is what the service would
         # have answered, so the uninterrupted sessions are the reference.
         executed = np.repeat(want[5][None], ENVS, 0)
         got.append(executed)
         got.append(envs.act(obs[6], rewards[6], starts[6], applied_actions=executed))
         got += [envs.act(obs[t], rewards[t], starts[t]) for t in range(7, N_STEPS)]
-        assert envs.state.unconfirmed.tolist() == [0] * ENVS and envs.recoveries == 0
+        assert envs.ledger.unconfirmed.tolist() == [0] * ENVS and envs.recoveries == 0
     for i in range(ENVS):
         assert_same(np.stack(got)[:, i], want)
 
@@ -102,7 +102,7 @@ def test_a_subset_of_rows_steps_alone(service: Service) -> None:
         envs.act(obs[0], rewards[0], starts[0])
         part = envs.act(obs[1][:2], rewards[1][:2], starts[1][:2], rows=[2, 0])
         assert part.shape == (2, 2)
-        assert envs.state.next_step.tolist() == [2, 1, 2]
+        assert envs.ledger.next_step.tolist() == [2, 1, 2]
 
 
 def test_bad_input_is_refused_before_sending(service: Service) -> None:
@@ -114,7 +114,7 @@ def test_bad_input_is_refused_before_sending(service: Service) -> None:
             envs.act(np.array([[0.0, 0.0], [1e39, 0.0]]))  # finite in float64, not in float32
         with pytest.raises(ValueError, match="distinct"):
             envs.act(np.zeros((2, 2)), rows=[1, 1])
-        assert envs.state.next_step.tolist() == [0, 0]
+        assert envs.ledger.next_step.tolist() == [0, 0]
         with pytest.raises(ServiceError) as info:
             client.vector(2, "no-such-model")
         assert info.value.code == "unknown_model"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from reliability_support import KEYS, POINT_NAV, REPO
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 pytest.importorskip("schemathesis")
 

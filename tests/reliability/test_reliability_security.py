@@ -16,7 +16,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from trmrl_client.codec import packb, unpackb
 
 # -- 1. no pickle / eval / exec / unsafe loaders on any code path ----------------------------------------
-SCANNED = ["service", "clients/trmrl_client", "trmrl", "trainer", "bench"]
+SCANNED = ["service", "clients/trmrl_client", "clients/sim/trmrl_sim", "trmrl", "trainer", "bench"]
 BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve", "jsonpickle"}
 BANNED_CALLS = {"eval", "exec", "compile", "__import__"}
 #: Calls that are safe as written here, by file and call: the trainer reloads its *own* training state.

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import torch
 from fastapi import FastAPI
-from trmrl_client.launch import ServiceProcess
+from trmrl_sim.launch import ServiceProcess
 
 from service.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointInfo, save_checkpoint

@@ -17,7 +17,7 @@ import math
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 import gymnasium
 import numpy as np
@@ -103,7 +103,11 @@ class TaskFamily(ABC):
         has_success: Whether ``info["success"]`` is reported by ``step``.
         splits: The splits this family supports.
         description: One-line human description.
+        meta_world: Whether the family is a Meta-World benchmark (trained and evaluated without the
+            oracle and memoryless references).
     """
+
+    meta_world: ClassVar[bool] = False
 
     name: str
     obs_dim: int

@@ -20,7 +20,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 from gymnasium.spaces import Box
@@ -129,6 +129,7 @@ class MetaWorldFamily(TaskFamily):
     """
 
     benchmark: str
+    meta_world: ClassVar[bool] = True
 
     def _sample_tasks(self, split: str, n: int, rng: np.random.Generator) -> list[Task]:
         bench = _benchmark(self.benchmark)

@@ -29,20 +29,24 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import numpy as np
-
 from trmrl_client.errors import ServiceError
 from trmrl_client.http import AsyncPolicyClient
 from trmrl_client.protocol import FloatArray, ModelInfo
 from trmrl_client.vector import AsyncVectorSession
 
-EARLY_STEPS = 20
-"""Steps of an episode counted as "early": a meta-learned policy should have adapted by then."""
+try:
+    from trmrl.tasks.trials import EARLY_STEPS, TrialReturns, policy_obs_dim, trial_flow
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "trmrl-sim needs the 'trmrl' package for the task definitions (gymnasium/MuJoCo environments); "
+        f"install it (pip install -e . in the trmrl repository): {exc}"
+    ) from exc
 
 TRANSPORTS = ("vstream", "vbatch", "batch", "http", "ws")
 #: Transports that step all environments as one vector of sessions (arrays in, arrays out).
@@ -70,12 +74,12 @@ def load_tasks_module() -> Any:
     return trmrl.tasks
 
 
-@dataclass
-class SimResult:
-    """What one run measured.
+@dataclass(frozen=True)
+class SimResult(TrialReturns):
+    """What one run measured: the trials' returns, and how the service answered.
 
     Example:
-        >>> r = SimResult("m", "v", "point-nav", "test", ["a"], np.ones((1, 2)), np.ones((1, 2)), None,
+        >>> r = SimResult(["a"], np.ones((1, 2)), np.ones((1, 2)), None, "m", "v", "point-nav", "test",
         ...     [0.001, 0.002], 200, 0.5, 1)
         >>> r.summary()["return"]
         1.0
@@ -85,13 +89,6 @@ class SimResult:
     version: str
     family: str
     split: str
-    labels: list[str]
-    returns: np.ndarray
-    """``[tasks, episodes]`` undiscounted return of each episode."""
-    early_returns: np.ndarray
-    """``[tasks, episodes]`` return over the first :data:`EARLY_STEPS` steps."""
-    success: np.ndarray | None
-    """``[tasks, episodes]`` 1 where the episode succeeded (Meta-World), else ``None``."""
     latencies_s: list[float]
     """Round trip of every request (one per tick for ``batch``, one per step otherwise)."""
     actions: int
@@ -100,19 +97,13 @@ class SimResult:
     transport: str = "batch"
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, float]:
-        """Scalar figures: mean returns (all, per episode, early, late), success, latency, throughput."""
-        out = {"return": float(self.returns.mean())}
-        for e in range(self.returns.shape[1]):
-            out[f"return_ep{e + 1}"] = float(self.returns[:, e].mean())
-        out[f"return_first{EARLY_STEPS}"] = float(self.early_returns.mean())
-        out[f"return_after{EARLY_STEPS}"] = float((self.returns - self.early_returns).mean())
-        if self.success is not None:
-            out["success"] = float(self.success.mean())
+    def summary(self, prefix: str = "") -> dict[str, float]:
+        """The trials' figures (:meth:`TrialReturns.summary`), latency percentiles and throughput."""
+        out = super().summary(prefix)
         lat = np.asarray(self.latencies_s) * 1000.0
-        out["latency_p50_ms"] = float(np.percentile(lat, 50)) if len(lat) else float("nan")
-        out["latency_p99_ms"] = float(np.percentile(lat, 99)) if len(lat) else float("nan")
-        out["actions_per_s"] = self.actions / max(self.seconds, 1e-9)
+        out[f"{prefix}latency_p50_ms"] = float(np.percentile(lat, 50)) if len(lat) else float("nan")
+        out[f"{prefix}latency_p99_ms"] = float(np.percentile(lat, 99)) if len(lat) else float("nan")
+        out[f"{prefix}actions_per_s"] = self.actions / max(self.seconds, 1e-9)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -122,10 +113,7 @@ class SimResult:
             "family": self.family,
             "split": self.split,
             "transport": self.transport,
-            "labels": self.labels,
-            "returns": self.returns.tolist(),
-            "early_returns": self.early_returns.tolist(),
-            "success": None if self.success is None else self.success.tolist(),
+            **super().to_json(),
             "actions": self.actions,
             "seconds": self.seconds,
             "recoveries": self.recoveries,
@@ -324,9 +312,8 @@ def check_model(models: Sequence[ModelInfo], family: Any, name: str | None) -> t
     # The service may not say whether a model is an oracle; its observation width does.
     oracle = chosen.task_params_in_obs
     if oracle is None:
-        oracle = family.task_param_dim > 0 and chosen.obs_dim == family.obs_dim + family.task_param_dim
-    want = family.obs_dim + (family.task_param_dim if oracle else 0)
-    if chosen.obs_dim != want or chosen.act_dim != family.act_dim:
+        oracle = family.task_param_dim > 0 and chosen.obs_dim == policy_obs_dim(family, oracle=True)
+    if chosen.obs_dim != policy_obs_dim(family, bool(oracle)) or chosen.act_dim != family.act_dim:
         raise SimError(
             f"model {chosen.name!r} takes {chosen.obs_dim} observations and gives {chosen.act_dim} actions; "
             f"family {family.name!r} has {family.obs_dim} and {family.act_dim}"
@@ -390,9 +377,7 @@ async def run_sim(
             result = await _run_episodes(family, tasks, sessions, episodes, oracle, seed, progress, info)
         finally:
             await sessions.close()
-    result.transport = transport
-    result.recoveries = sessions.recoveries
-    return result
+    return replace(result, transport=transport, recoveries=sessions.recoveries)
 
 
 async def _run_episodes(
@@ -405,63 +390,34 @@ async def _run_episodes(
     progress: bool,
     info: ModelInfo,
 ) -> SimResult:
-    k = len(tasks)
     env_list = [family.make_env(task) for task in tasks]
-    params = np.asarray([t.params for t in tasks], np.float32)
     try:
-        obs = np.stack([env.reset(seed=seed * 1000 + i)[0] for i, env in enumerate(env_list)])
-        returns = np.zeros((k, episodes))
-        early = np.zeros((k, episodes))
-        success = np.zeros((k, episodes)) if family.has_success else None
-        episode = np.zeros(k, np.int64)
-        episode_step = np.zeros(k, np.int64)
-        start = np.ones(k, bool)
-        prev_reward = np.zeros(k, np.float64)
-        active = np.ones(k, bool)
-        bar = Progress(k * episodes * family.episode_length, info.name, progress)
+        trial = trial_flow(family, env_list, tasks, episodes, oracle=oracle, seed=seed)
+        bar = Progress(len(tasks) * episodes * family.episode_length, info.name, progress)
         actions_taken = 0
         started = time.perf_counter()
-        while active.any():
-            idx = np.flatnonzero(active)
-            policy_obs = np.concatenate([obs, params], 1) if oracle else obs
-            actions = await sessions.act(idx.tolist(), policy_obs[idx], prev_reward[idx], start[idx])
-            actions_taken += len(idx)
-            for j, i in enumerate(idx.tolist()):
-                next_obs, reward, terminated, truncated, step_info = env_list[i].step(actions[j])
-                e = episode[i]
-                returns[i, e] += reward
-                if episode_step[i] < EARLY_STEPS:
-                    early[i, e] += reward
-                if success is not None and step_info.get("success"):
-                    success[i, e] = 1.0
-                episode_step[i] += 1
-                prev_reward[i] = reward
-                start[i] = False
-                obs[i] = next_obs
-                if terminated or truncated:
-                    episode[i] += 1
-                    if episode[i] >= episodes:
-                        active[i] = False
-                    else:
-                        obs[i] = env_list[i].reset()[0]
-                        episode_step[i] = 0
-                        prev_reward[i] = 0.0
-                        start[i] = True
-            bar.update(len(idx))
+        tick = next(trial)
+        while True:
+            rows = tick.rows.tolist()
+            actions = await sessions.act(rows, tick.observations, tick.rewards, tick.episode_starts)
+            actions_taken += len(rows)
+            bar.update(len(rows))
+            try:
+                tick = trial.send(actions)
+            except StopIteration as stop:
+                returns: TrialReturns = stop.value
+                break
         seconds = time.perf_counter() - started
         bar.close()
     finally:
         for env in env_list:
             env.close()
     return SimResult(
+        **vars(returns),
         model=info.name,
         version=info.version,
         family=family.name,
         split=tasks[0].split,
-        labels=[t.label for t in tasks],
-        returns=returns,
-        early_returns=early,
-        success=success,
         latencies_s=sessions.latencies,
         actions=actions_taken,
         seconds=seconds,

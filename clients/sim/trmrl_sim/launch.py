@@ -5,7 +5,7 @@ from its ``service`` package, not from this torch-free client). The child's outp
 file (a pipe nobody reads can fill and block it), readable with :meth:`ServiceProcess.output`.
 
 Example:
-    >>> from trmrl_client.launch import ServiceProcess
+    >>> from trmrl_sim.launch import ServiceProcess
     >>> with ServiceProcess([Path("checkpoints/point-nav")]) as service:  # doctest: +SKIP
     ...     print(httpx.get(f"{service.url}/readyz").status_code)
     200

@@ -5,12 +5,12 @@ One command, from a checkout of the repository (the service comes from its ``ser
 1. pick a task family -- ``halfcheetah-vel`` when its checkpoints are bundled, else ``point-nav``
    (or ``--family``) -- and its TrMRL checkpoint with the memoryless and oracle references;
 2. start the service on them (CPU, a free port) and wait for ``/readyz``;
-3. run :mod:`trmrl_client.sim` on the held-out tasks for each model, through the service;
+3. run :mod:`trmrl_sim.sim` on the held-out tasks for each model, through the service;
 4. print the adaptation table side by side, with the trainer's own evaluation of each checkpoint;
 5. stop the service with SIGTERM (and wait), also when anything above failed.
 
 Example:
-    python -m trmrl_client.demo --family point-nav --tasks 30
+    python -m trmrl_sim.demo --family point-nav --tasks 30
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import IO
 
 import httpx
-
 from trmrl_client.errors import ServiceError
-from trmrl_client.launch import ServiceProcess, ServiceStartError
-from trmrl_client.sim import EARLY_STEPS, TRANSPORTS, SimError, SimResult, format_table, run_sim
+
+from trmrl_sim.launch import ServiceProcess, ServiceStartError
+from trmrl_sim.sim import EARLY_STEPS, TRANSPORTS, SimError, SimResult, format_table, run_sim
 
 PREFERRED_FAMILIES = ("halfcheetah-vel", "point-nav")
 KIND_ORDER = {"trmrl": 0, "memoryless": 1, "oracle": 2}
@@ -216,7 +216,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``make demo`` (``python -m trmrl_client.demo``); returns the exit status.
+    """Entry point of ``make demo`` (``python -m trmrl_sim.demo``); returns the exit status.
 
     Example:
         >>> main(["--family", "point-nav", "--tasks", "8"])  # doctest: +SKIP

@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-
 from trmrl_client.errors import ServiceError
 from trmrl_client.http import PolicyClient, Session
-from trmrl_client.sim import SimError, check_model, load_tasks_module
+
+from trmrl.tasks.trials import policy_observation
+from trmrl_sim.sim import SimError, check_model, load_tasks_module
 
 Fallback = Literal["zeros", "hold"]
 Observation = NDArray[np.float32]
@@ -257,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate_hz=args.rate,
         deadline_s=None if args.deadline_ms is None else args.deadline_ms / 1000.0,
         fallback=args.fallback,
-        observe=(lambda obs: np.concatenate([obs, params])) if oracle else None,
+        observe=(lambda obs: policy_observation(obs, params)) if oracle else None,
     )
     env = family.make_env(task)
     try:
