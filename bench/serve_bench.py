@@ -39,6 +39,7 @@ from bench.serve_load import LoadResult, run_act, run_batch, run_sequential, run
 from service.config import Settings
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from trmrl.model import ModelConfig, TrMRL
+from trmrl.networks import make_pool
 from trmrl.policy import act
 from trmrl.slot_pool import SlotPool
 
@@ -63,7 +64,7 @@ def bare_step_rate(checkpoint: Path, batch: int, seconds: float, threads: int, r
     """
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
-    pool = SlotPool(ckpt.model, max(batch, 1))
+    pool = make_pool(ckpt.model, max(batch, 1))
     low, high = torch.tensor(ckpt.info.action_low), torch.tensor(ckpt.info.action_high)
     slots = torch.arange(batch)
     obs = torch.randn(batch, OBS_DIM)
@@ -88,6 +89,7 @@ def bare_step_rate(checkpoint: Path, batch: int, seconds: float, threads: int, r
 def memory_per_session(checkpoint: Path) -> dict[str, float]:
     """Device bytes one slot takes, and what a pool of a million slots really allocates."""
     model = load_checkpoint(checkpoint).model
+    assert isinstance(model, TrMRL), "the serving benchmark measures TrMRL checkpoints"
     per_slot = SlotPool(model, 1).bytes_per_slot
     million = SlotPool(model, 1_000_000)
     allocated = sum(

@@ -36,8 +36,9 @@ from service.errors import ApiError
 from service.recording import Recorder
 from service.schemas import ModelInfo, SessionState
 from service.sessions import SessionTable
-from trmrl.checkpoint import Checkpoint
+from trmrl.checkpoint import Checkpoint, CheckpointError
 from trmrl.graphed import BucketedStep, Precision
+from trmrl.model import TrMRL
 from trmrl.policy import act, counter_normal
 from trmrl.slot_pool import SlotPool, SlotSnapshot
 from trmrl.tasks.trials import EARLY_STEPS as ADAPTATION_STEPS
@@ -172,6 +173,11 @@ class Engine:
         self.checkpoint = checkpoint
         self.limits = limits
         self.device = device
+        if not isinstance(checkpoint.model, TrMRL):
+            raise CheckpointError(
+                f"{checkpoint.path}: a {checkpoint.model.config.policy} policy cannot be served: the service "
+                "serves TrMRL checkpoints (RL² baselines are evaluated with trmrl-eval)"
+            )
         cfg = checkpoint.model.config
         self.obs_dim = cfg.obs_dim
         self.act_dim = cfg.act_dim

@@ -72,11 +72,11 @@ def load_engine(registry: ModelRegistry, name: str, path: Path) -> Engine:
     """Load, place and warm up one version (blocking: run it in a thread). 422 if it is no checkpoint."""
     try:
         checkpoint = load_checkpoint(path, registry.device)
+        engine = Engine(name, checkpoint, registry.limits, registry.device)
     except (CheckpointError, OSError, ValueError) as exc:
         raise ApiError(
             422, "invalid_checkpoint", f"The checkpoint cannot be loaded: {exc}", {"model": name}
         ) from None
-    engine = Engine(name, checkpoint, registry.limits, registry.device)
     engine.warmup()
     return engine
 

@@ -10,6 +10,7 @@ import pytest
 
 from trainer.evaluate import evaluate
 from trmrl.checkpoint import CONFIG_FILE, load_checkpoint
+from trmrl.recurrent import RL2
 from trmrl.tasks import get_family
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -55,3 +56,25 @@ def test_shipped_trmrl_policy_beats_its_memoryless_reference(name: str) -> None:
         returns[kind] = evaluate(ckpt.model, family, tasks, 1, oracle=kind == "oracle").returns.mean()
     assert returns["memoryless"] < returns["trmrl"]
     assert returns["memoryless"] < returns["oracle"]
+
+
+BASELINES = sorted(p for p in (CHECKPOINTS / "baselines").iterdir() if (p / CONFIG_FILE).is_file())
+"""RL² baselines shipped beside the TrMRL policies (evaluated with trmrl-eval; the service serves TrMRL)."""
+
+
+def test_rl2_baselines_are_shipped() -> None:
+    assert "point-nav-rl2" in {p.name for p in BASELINES}
+
+
+@pytest.mark.parametrize("path", BASELINES, ids=[p.name for p in BASELINES])
+def test_shipped_rl2_baseline_loads_and_beats_the_memoryless_reference(path: Path) -> None:
+    ckpt = load_checkpoint(path)
+    assert isinstance(ckpt.model, RL2) and ckpt.info.training["policy"] == "rl2"
+    family = get_family(ckpt.info.task_family)
+    memoryless = load_checkpoint(CHECKPOINTS / f"{family.name}-memoryless")
+    tasks = family.sample_tasks("test", 4, seed=11)
+    returns = {
+        "rl2": evaluate(ckpt.model, family, tasks, 2).returns.mean(),
+        "memoryless": evaluate(memoryless.model, family, tasks, 2).returns.mean(),
+    }
+    assert returns["memoryless"] < returns["rl2"]

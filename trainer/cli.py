@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from trainer.config import PRESETS, preset_config
 
@@ -21,7 +23,7 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """Meta-train a TrMRL policy (or an oracle / memoryless reference) from a preset."""
+    """Meta-train a TrMRL policy (or an oracle / memoryless reference, or the RL² baseline) from a preset."""
     parser = argparse.ArgumentParser(
         prog="trmrl-train",
         description="Meta-train TrMRL with PPO. Runs resume automatically from OUT/latest.",
@@ -43,7 +45,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.list_presets:
         for name in sorted(PRESETS):
             p = PRESETS[name]
-            arch, kind = p.get("architecture", "small"), p.get("reference", "trmrl")
+            arch, kind = p.get("architecture", "small"), policy_kind(p)
             print(f"{name:36s} {p['family']:16s} {arch:10s} {kind}")
         return 0
     if not args.preset or not args.out:
@@ -80,6 +82,33 @@ def train_main(argv: list[str] | None = None) -> int:
         for key, value in sorted(result.last_eval.items()):
             print(f"  {key:28s} {value:10.2f}")
     return 0
+
+
+def _print_table(columns: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(columns[i]), *(len(row[i]) for row in rows)) for i in range(len(columns))]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _group_summary(values: list[float], gap_closed: Callable[[float], float | None]) -> dict[str, float]:
+    """Mean, sample standard deviation, worst and best return of one kind's checkpoints (seeds), and the
+    gap closed by their mean and by the worst of them."""
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    out = {"n": n, "mean": mean, "std": std, "worst": min(values), "best": max(values)}
+    closed_mean, closed_worst = gap_closed(mean), gap_closed(min(values))
+    if closed_mean is not None and closed_worst is not None:
+        out |= {"gap_mean": closed_mean, "gap_worst": closed_worst}
+    return out
+
+
+def policy_kind(training: dict[str, Any]) -> str:
+    """What a checkpoint is, from its training settings: ``trmrl``, ``rl2``, ``oracle`` or ``memoryless``."""
+    if training.get("policy") == "rl2":
+        return "rl2"
+    return str(training.get("reference", "trmrl"))
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -125,7 +154,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         )
         rows.append((path, ckpt, result))
 
-    kinds = {str(c.info.training.get("reference", "trmrl")): r for _, c, r in rows}
+    # Several checkpoints of one kind (seeds) are a group: the references are each group's mean.
+    groups: dict[str, list[float]] = {}
+    for _, ckpt, r in rows:
+        groups.setdefault(policy_kind(ckpt.info.training), []).append(float(r.returns.mean()))
+    means = {kind: sum(values) / len(values) for kind, values in groups.items()}
     header = f"{family.name} {args.split}: {len(tasks)} tasks, seed {args.seed}, deterministic"
     print(header)
     columns = ["checkpoint", "kind", "version", "return"]
@@ -135,25 +168,51 @@ def eval_main(argv: list[str] | None = None) -> int:
     has_success = family.has_success
     if has_success:
         columns.append("success")
-    gap = "oracle" in kinds and "memoryless" in kinds
+    gap = "oracle" in groups and "memoryless" in groups
+
+    def gap_closed(value: float) -> float | None:
+        if not gap or means["oracle"] == means["memoryless"]:
+            return None
+        return (value - means["memoryless"]) / (means["oracle"] - means["memoryless"])
+
     if gap:
         columns.append("gap closed")
     table = []
     for path, ckpt, r in rows:
-        kind = str(ckpt.info.training.get("reference", "trmrl"))
+        kind = policy_kind(ckpt.info.training)
         line = [str(path), kind, ckpt.info.version, f"{r.returns.mean():.1f}"]
         line += [f"{r.returns[:, e].mean():.1f}" if e < r.returns.shape[1] else "" for e in range(max_eps)]
         line += [f"{r.early_returns.mean():.1f}", f"{(r.returns - r.early_returns).mean():.1f}"]
         if has_success:
             line.append(f"{100 * r.success.mean():.0f}%" if r.success is not None else "")
         if gap:
-            lo, hi = kinds["memoryless"].returns.mean(), kinds["oracle"].returns.mean()
-            line.append(f"{(r.returns.mean() - lo) / (hi - lo):.2f}" if hi != lo else "n/a")
+            closed = gap_closed(float(r.returns.mean()))
+            line.append("n/a" if closed is None else f"{closed:.2f}")
         table.append(line)
-    widths = [max(len(columns[i]), *(len(row[i]) for row in table)) for i in range(len(columns))]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    _print_table(columns, table)
+
+    summary = {kind: _group_summary(values, gap_closed) for kind, values in groups.items()}
+    if any(len(values) > 1 for values in groups.values()):
+        print()
+        group_columns = ["kind", "checkpoints", "mean return", "std", "worst", "best"]
+        if gap:
+            group_columns += ["gap closed (mean)", "gap closed (worst)"]
+        group_rows = []
+        for kind, s in summary.items():
+            line = [
+                kind,
+                str(s["n"]),
+                f"{s['mean']:.1f}",
+                f"{s['std']:.1f}",
+                f"{s['worst']:.1f}",
+                f"{s['best']:.1f}",
+            ]
+            if gap:
+                line += (
+                    [f"{s['gap_mean']:.2f}", f"{s['gap_worst']:.2f}"] if "gap_mean" in s else ["n/a", "n/a"]
+                )
+            group_rows.append(line)
+        _print_table(group_columns, group_rows)
 
     if args.json:
         payload = {
@@ -161,10 +220,11 @@ def eval_main(argv: list[str] | None = None) -> int:
             "split": args.split,
             "tasks": args.tasks,
             "seed": args.seed,
+            "groups": summary,
             "results": [
                 {
                     "checkpoint": str(path),
-                    "kind": str(ckpt.info.training.get("reference", "trmrl")),
+                    "kind": policy_kind(ckpt.info.training),
                     "version": ckpt.info.version,
                     "summary": r.summary(""),
                     **r.to_json(),

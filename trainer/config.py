@@ -11,6 +11,7 @@ from typing import Any, Literal
 from trmrl.tasks import get_family
 
 Reference = Literal["trmrl", "oracle", "memoryless"]
+Policy = Literal["trmrl", "rl2"]
 Optimization = Literal["joint", "separate"]
 ValueLoss = Literal["mse", "gaussian_nll"]
 
@@ -27,8 +28,17 @@ class TrainConfig:
     reference: Reference = "trmrl"
     """``trmrl``; ``oracle`` (task parameters appended to observations); ``memoryless`` (window 1, no
     previous action or reward)."""
+    policy: Policy = "trmrl"
+    """``trmrl``: the transformer over a window of working memories; ``rl2``: the RL² baseline, a GRU
+    over the same working memories, its hidden state carried as the trial's memory, trained by the
+    same PPO with truncated backpropagation through time (``bptt``)."""
     architecture: str = "small"
     """Encoder size: ``mujoco`` and ``metaworld`` (published), ``small`` (CPU)."""
+    rnn_hidden: int = 128
+    """Hidden width of the ``rl2`` GRU."""
+    bptt: int = 64
+    """Steps per stored sequence that ``rl2``'s update backpropagates through (the hidden state at each
+    sequence's start is the one recorded during the rollout)."""
     window: int = 5
     """N, working memories per window."""
     memory_scope: Literal["episode", "trial"] = "episode"
@@ -118,6 +128,13 @@ class TrainConfig:
             problems.append("lr_decay_end must be after lr_decay_start")
         if self.window < 1:
             problems.append(f"window must be >= 1 (got {self.window})")
+        if self.policy == "rl2" and self.reference != "trmrl":
+            problems.append(
+                "policy=rl2 is a baseline meta-learner; its references are TrMRL's "
+                f"(got reference={self.reference})"
+            )
+        if self.rnn_hidden < 1 or self.bptt < 1:
+            problems.append(f"rnn_hidden and bptt must be >= 1 (got {self.rnn_hidden}, {self.bptt})")
         if self.reference == "memoryless" and self.window != MEMORYLESS_WINDOW:
             problems.append(f"reference=memoryless reads one working memory, but window={self.window}")
         if self.normalize_task_params and self.reference != "oracle":
@@ -308,9 +325,12 @@ _ORACLE_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def _with_references(presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every locomotion and point-nav preset gets ``-oracle`` and ``-memoryless`` twins: same budget."""
+    """Every preset gets an ``-rl2`` twin (the RL² baseline: the same PPO, sampler, budget and evaluation,
+    the hidden state kept across the trial); every locomotion and point-nav preset gets ``-oracle`` and
+    ``-memoryless`` twins too."""
     out = dict(presets)
     for name, values in presets.items():
+        out[f"{name}-rl2"] = {**values, "policy": "rl2", "memory_scope": "trial"}
         if get_family(values["family"]).meta_world:
             continue
         out[f"{name}-oracle"] = {**values, "reference": "oracle", **_ORACLE_SETTINGS.get(name, {})}

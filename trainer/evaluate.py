@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from trainer.rollout import TrialSampler
-from trmrl.model import TrMRL
+from trmrl.networks import Network, make_pool
 from trmrl.policy import act
-from trmrl.slot_pool import SlotPool
 from trmrl.tasks import Task, TaskFamily
 from trmrl.tasks.trials import EARLY_STEPS, TrialReturns
 
@@ -44,7 +43,7 @@ class Evaluator:
     def __init__(
         self,
         family: TaskFamily,
-        model: TrMRL,
+        model: Network,
         tasks: list[Task],
         episodes: int,
         *,
@@ -91,7 +90,7 @@ class Evaluator:
 
 
 def evaluate(
-    model: TrMRL,
+    model: Network,
     family: TaskFamily,
     tasks: list[Task],
     episodes: int,
@@ -109,7 +108,7 @@ def evaluate(
 
 @torch.no_grad()
 def replay_actions(
-    model: TrMRL,
+    model: Network,
     observations: np.ndarray,
     rewards: np.ndarray,
     episode_starts: np.ndarray,
@@ -122,7 +121,7 @@ def replay_actions(
     clipped actions, exactly as :class:`Evaluator` would have chosen them.
     """
     device = next(model.parameters()).device
-    pool = SlotPool(model, 1, device)
+    pool = make_pool(model, 1, device)
     slot = torch.zeros(1, dtype=torch.long, device=device)
     low = torch.as_tensor(action_low, dtype=torch.float32, device=device)
     high = torch.as_tensor(action_high, dtype=torch.float32, device=device)

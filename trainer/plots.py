@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from trmrl.checkpoint import Checkpoint, load_checkpoint
+from trmrl.networks import make_pool
 from trmrl.policy import act
-from trmrl.slot_pool import SlotPool
 from trmrl.tasks import Task, TaskFamily, get_family
 from trmrl.tasks.trials import EARLY_STEPS, trial_flow
 
@@ -81,7 +81,7 @@ def run_episode(
 ) -> tuple[list[float], list[float]]:
     """One deterministic first episode of ``task``: ``info[info_key]`` and the reward at each step."""
     model = ckpt.model.eval()
-    pool = SlotPool(model, 1)
+    pool = make_pool(model, 1)
     low, high = torch.tensor(family.action_low), torch.tensor(family.action_high)
     values: list[float] = []
     rewards: list[float] = []

@@ -1,7 +1,9 @@
 """PPO as TrMRL trains it: GAE over whole trials, the clipped objective, minibatches of stored windows.
 
-There is no backpropagation through time: every stored step carries the window the policy read, so a
-minibatch is just a set of windows re-evaluated independently.
+TrMRL needs no backpropagation through time: every stored step carries the window the policy read, so a
+minibatch is just a set of windows re-evaluated independently. The RL² baseline's memory is a hidden
+state, so its minibatches are stored sequences (:class:`SequenceBatch`) unrolled from the hidden state
+recorded at their start: truncated backpropagation through time, with the same losses and optimisers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 from trainer.config import Optimization, ValueLoss
 from trainer.rollout import Rollout
 from trmrl.model import PolicyOutput, TrMRL, log_prob
+from trmrl.networks import Network
+from trmrl.recurrent import RL2
 
 
 class Batch(NamedTuple):
@@ -34,6 +38,34 @@ class Batch(NamedTuple):
 
     def take(self, index: Tensor) -> Batch:
         return Batch(*(t[index] for t in self))
+
+
+class SequenceBatch(NamedTuple):
+    """A rollout cut into sequences of ``L`` steps per environment, for a recurrent policy."""
+
+    tokens: Tensor
+    """``[C, L, token_dim]`` working memories."""
+    hidden: Tensor
+    """``[C, H]`` hidden state before each sequence's first step, as recorded during the rollout."""
+    actions: Tensor
+    """``[C, L, A]``."""
+    old_log_probs: Tensor
+    """``[C, L]``."""
+    advantages: Tensor
+    returns: Tensor
+    mask: Tensor
+    """``[C, L]`` bool: steps that were valid (a sequence past its trial's end is padded)."""
+    episode_starts: Tensor
+    """``[C, L]`` bool: steps that start an episode (an ``episode``-scoped policy clears its state)."""
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def take(self, index: Tensor) -> SequenceBatch:
+        return SequenceBatch(*(t[index] for t in self))
+
+
+AnyBatch = Batch | SequenceBatch
 
 
 class UpdateStats(NamedTuple):
@@ -82,6 +114,59 @@ def flatten(rollout: Rollout, advantages: Tensor, returns: Tensor) -> Batch:
     )
 
 
+def sequences(rollout: Rollout, advantages: Tensor, returns: Tensor, length: int) -> SequenceBatch:
+    """Cut each environment's trial into sequences of ``length`` steps (the last one padded), keeping
+    those with at least one valid step; each starts from the hidden state the rollout recorded there."""
+    if rollout.states is None:
+        raise ValueError("the rollout holds no hidden states: it was not sampled by a recurrent policy")
+    steps, envs = rollout.valid.shape
+    chunks = -(-steps // length)
+    pad = chunks * length - steps
+
+    def cut(t: Tensor) -> Tensor:
+        # [T, E, ...] -> [chunks * E, length, ...], sequences of one env in time order.
+        t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) if pad else t
+        t = t.reshape(chunks, length, envs, *t.shape[2:]).transpose(1, 2)
+        return t.reshape(chunks * envs, length, *t.shape[3:])
+
+    mask = cut(rollout.valid)
+    keep = mask.any(1)
+    hidden = rollout.states[::length].reshape(chunks * envs, -1)
+    return SequenceBatch(
+        cut(rollout.windows[:, :, 0])[keep],
+        hidden[keep],
+        cut(rollout.actions)[keep],
+        cut(rollout.log_probs)[keep],
+        cut(advantages)[keep],
+        cut(returns)[keep],
+        mask[keep],
+        cut(rollout.episode_step == 0)[keep],
+    )
+
+
+def forward(model: Network, mb: AnyBatch) -> tuple[PolicyOutput, Batch]:
+    """Evaluate a minibatch: the policy output of each valid step and those steps as a flat batch.
+
+    Stored windows are re-read independently; stored sequences are unrolled from their recorded
+    hidden state (gradients flow through the whole sequence, not into the recorded state).
+    """
+    if isinstance(mb, Batch):
+        assert isinstance(model, TrMRL)
+        return model(mb.windows, mb.newest), mb
+    assert isinstance(model, RL2)
+    out, _ = model.unroll(mb.tokens.transpose(0, 1), mb.hidden, mb.episode_starts.transpose(0, 1))
+    mask = mb.mask.transpose(0, 1)
+    flat = Batch(
+        mb.tokens.transpose(0, 1)[mask].unsqueeze(1),
+        torch.zeros(int(mask.sum()), dtype=torch.long, device=mask.device),
+        mb.actions.transpose(0, 1)[mask],
+        mb.old_log_probs.transpose(0, 1)[mask],
+        mb.advantages.transpose(0, 1)[mask],
+        mb.returns.transpose(0, 1)[mask],
+    )
+    return PolicyOutput(out.mean[mask], out.log_std, out.value[mask]), flat
+
+
 def policy_loss(
     out: PolicyOutput, mb: Batch, clip: float, normalize_advantages: bool
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -112,8 +197,8 @@ def value_loss(value: Tensor, returns: Tensor, kind: ValueLoss, value_log_std: T
 
 
 def ppo_loss(
-    model: nn.Module,
-    mb: Batch,
+    model: Network,
+    mb: AnyBatch,
     clip: float,
     vf_coef: float,
     normalize_advantages: bool,
@@ -121,10 +206,10 @@ def ppo_loss(
     value_log_std: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped surrogate objective plus ``vf_coef`` times the value regression, on one minibatch."""
-    out = model(mb.windows, mb.newest)
-    loss, stats = policy_loss(out, mb, clip, normalize_advantages)
+    out, flat = forward(model, mb)
+    loss, stats = policy_loss(out, flat, clip, normalize_advantages)
     log_std = value_log_std if value_log_std is not None else torch.zeros((), device=out.value.device)
-    v_loss = value_loss(out.value, mb.returns, value_kind, log_std)
+    v_loss = value_loss(out.value, flat.returns, value_kind, log_std)
     stats["value_loss"] = v_loss.detach()
     return loss + vf_coef * v_loss, stats
 
@@ -154,13 +239,16 @@ class Optimizers(NamedTuple):
             self.value.load_state_dict(state["value"])
 
 
-def encoder_parameters(model: TrMRL) -> list[nn.Parameter]:
-    """The parameters that produce the episodic memory (embedding and encoder layers)."""
+def encoder_parameters(model: Network) -> list[nn.Parameter]:
+    """The parameters that produce the episodic memory (TrMRL's embedding and encoder layers, RL²'s
+    GRU)."""
+    if isinstance(model, RL2):
+        return list(model.gru.parameters())
     return [*model.embed.parameters(), *model.layers.parameters()]
 
 
 def make_optimizers(
-    model: TrMRL,
+    model: Network,
     policy_lr: float,
     value_lr: float,
     weight_decay: float,
@@ -221,6 +309,11 @@ def minibatch_count(batch_size: int, minibatch_size: int) -> int:
     return max(int(local[0]), 1)
 
 
+def samples(mb: AnyBatch) -> int:
+    """Valid steps in a minibatch: what its loss is a mean over."""
+    return len(mb) if isinstance(mb, Batch) else int(mb.mask.sum())
+
+
 def _grad_norm(params: list[nn.Parameter]) -> float:
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
@@ -273,9 +366,9 @@ def _step(optimizer: torch.optim.Optimizer, count: int, max_grad_norm: float) ->
 
 
 def ppo_update(
-    model: TrMRL,
+    model: Network,
     optimizers: Optimizers,
-    batch: Batch,
+    batch: AnyBatch,
     *,
     epochs: int,
     minibatch_size: int,
@@ -292,16 +385,23 @@ def ppo_update(
     With one optimiser the loss is joint; with two, a policy pass over all epochs and minibatches, then
     a value pass. Under ``torchrun`` every rank runs the same number of steps (see
     :func:`minibatch_count`) and gradients are averaged over all ranks' samples before each step.
+    ``minibatch_size`` counts steps; a :class:`SequenceBatch` is cut into minibatches of
+    ``minibatch_size // L`` sequences.
     """
-    n_mb = minibatch_count(len(batch), minibatch_size)
-    log_std = value_log_std if value_log_std is not None else torch.zeros((), device=batch.windows.device)
+    device = batch.windows.device if isinstance(batch, Batch) else batch.tokens.device
+    if isinstance(batch, Batch):
+        per_minibatch = minibatch_size
+    else:
+        per_minibatch = max(1, minibatch_size // batch.tokens.shape[1])
+    n_mb = minibatch_count(len(batch), per_minibatch)
+    log_std = value_log_std if value_log_std is not None else torch.zeros((), device=device)
     totals = {"approx_kl": 0.0, "clip_fraction": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
     weights = {"policy": 0, "value": 0}
     grad_norm, steps = 0.0, 0
 
-    def minibatches() -> Iterator[Batch]:
+    def minibatches() -> Iterator[AnyBatch]:
         for _ in range(epochs):
-            order = torch.randperm(len(batch), generator=generator).to(batch.windows.device)
+            order = torch.randperm(len(batch), generator=generator).to(device)
             for index in torch.tensor_split(order, n_mb):
                 yield batch.take(index)
 
@@ -311,13 +411,13 @@ def ppo_update(
 
     policy_opt, value_opt = optimizers
     for mb in minibatches():
-        n = len(mb)
+        n = samples(mb)
         policy_opt.zero_grad(set_to_none=True)
         if n:
             if value_opt is None:
                 loss, stats = ppo_loss(model, mb, clip, vf_coef, normalize_advantages, value_kind, log_std)
             else:
-                loss, stats = policy_loss(model(mb.windows, mb.newest), mb, clip, normalize_advantages)
+                loss, stats = policy_loss(*forward(model, mb), clip, normalize_advantages)
             loss.backward()
             for key, value in stats.items():
                 totals[key] += float(value) * n
@@ -330,10 +430,11 @@ def ppo_update(
         weights["value"] = weights["policy"]  # the value loss rode along in the joint loss
     else:
         for mb in minibatches():
-            n = len(mb)
+            n = samples(mb)
             value_opt.zero_grad(set_to_none=True)
             if n:
-                v_loss = value_loss(model(mb.windows, mb.newest).value, mb.returns, value_kind, log_std)
+                out, flat = forward(model, mb)
+                v_loss = value_loss(out.value, flat.returns, value_kind, log_std)
                 v_loss.backward()
                 totals["value_loss"] += float(v_loss.detach()) * n
                 weights["value"] += n
@@ -373,7 +474,7 @@ class RunningMeanStd:
         self.var = m2 / total
         self.count = total
 
-    def apply_to(self, model: TrMRL) -> None:
+    def apply_to(self, model: Network) -> None:
         """Write the statistics into the network (used by every path that evaluates it).
 
         An oracle's observation ends with the task parameters; those keep identity statistics.

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trmrl.model import TrMRL, log_prob
+from trmrl.model import log_prob
+from trmrl.networks import Network, make_pool
 from trmrl.policy import act
-from trmrl.slot_pool import SlotPool
 from trmrl.tasks import Task, TaskFamily
 from trmrl.tasks.trials import policy_observation
 
@@ -50,6 +50,8 @@ class Rollout(NamedTuple):
     """``[T, E]`` step index within its episode."""
     success: Tensor
     """``[E, k]`` 1 where an episode reported ``info["success"]`` at any step."""
+    states: Tensor | None = None
+    """``[T, E, H]`` a recurrent policy's hidden state before each step (``None`` for TrMRL)."""
 
 
 VectorEnv = gymnasium.vector.SyncVectorEnv | gymnasium.vector.AsyncVectorEnv
@@ -74,7 +76,7 @@ class TrialSampler:
     """Runs one trial per environment with batched policy inference.
 
     Example:
-        >>> from trmrl.model import ModelConfig
+        >>> from trmrl.model import ModelConfig, TrMRL
         >>> from trmrl.tasks import get_family
         >>> family = get_family("point-nav")
         >>> net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2))
@@ -87,7 +89,7 @@ class TrialSampler:
     def __init__(
         self,
         family: TaskFamily,
-        model: TrMRL,
+        model: Network,
         n_envs: int,
         episodes_per_trial: int,
         *,
@@ -101,7 +103,7 @@ class TrialSampler:
         self.oracle = oracle
         self.envs = make_vector_env(family, n_envs, vector)
         self.device = next(model.parameters()).device
-        self.pool = SlotPool(model, n_envs, self.device)
+        self.pool = make_pool(model, n_envs, self.device)
         self.low = torch.tensor(family.action_low, dtype=torch.float32, device=self.device)
         self.high = torch.tensor(family.action_high, dtype=torch.float32, device=self.device)
 
@@ -128,6 +130,7 @@ class TrialSampler:
         buf_actions = torch.zeros(steps, n, cfg.act_dim, device=dev)
         buf_logp = torch.zeros(steps, n, device=dev)
         buf_values = torch.zeros(steps, n, device=dev)
+        buf_states = torch.zeros(steps, n, cfg.rnn_hidden, device=dev) if cfg.policy == "rl2" else None
         rewards = np.zeros((steps, n), np.float32)
         valid = np.zeros((steps, n), bool)
         episode_of = np.zeros((steps, n), np.int64)
@@ -170,6 +173,8 @@ class TrialSampler:
             buf_actions[t, slots] = raw
             buf_logp[t, slots] = log_prob(out, raw)
             buf_values[t, slots] = out.value
+            if buf_states is not None and result.state is not None:
+                buf_states[t, slots] = result.state
             valid[t, idx] = True
             episode_of[t, idx] = episode[idx]
             step_of[t, idx] = episode_step[idx]
@@ -225,4 +230,5 @@ class TrialSampler:
             episode=torch.from_numpy(episode_of).to(dev),
             episode_step=torch.from_numpy(step_of).to(dev),
             success=torch.from_numpy(success).to(dev),
+            states=buf_states,
         )

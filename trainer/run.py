@@ -39,10 +39,12 @@ from trainer.ppo import (
     flatten,
     make_optimizers,
     ppo_update,
+    sequences,
 )
 from trainer.rollout import TrialSampler
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-from trmrl.model import ModelConfig, TrMRL
+from trmrl.model import ModelConfig
+from trmrl.networks import build_model
 from trmrl.tasks import Task, TaskFamily, get_family
 from trmrl.tasks.trials import policy_obs_dim
 
@@ -73,14 +75,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:
-    """The network a training config implies, including the oracle and memoryless references."""
+    """The network a training config implies, including the oracle and memoryless references and the
+    RL² baseline (whose memory is its hidden state: a window of one working memory)."""
     oracle = cfg.reference == "oracle"
     memoryless = cfg.reference == "memoryless"
     return ModelConfig.from_preset(
         cfg.architecture,
         obs_dim=policy_obs_dim(family, oracle),
         act_dim=family.act_dim,
-        window=MEMORYLESS_WINDOW if memoryless else cfg.window,
+        # RL² remembers in its hidden state: its window holds the newest working memory alone.
+        window=MEMORYLESS_WINDOW if memoryless or cfg.policy == "rl2" else cfg.window,
+        policy=cfg.policy,
+        rnn_hidden=cfg.rnn_hidden,
         memory_scope=cfg.memory_scope,
         value_input=cfg.value_input,
         init_std=cfg.init_std,
@@ -158,7 +164,7 @@ class Trainer:
 
         check_compatible(cfg, self.family, self.world)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = TrMRL(model_config_for(cfg, self.family)).to(self.device)
+        self.model = build_model(model_config_for(cfg, self.family)).to(self.device)
         # The learned std of the Gaussian value loss belongs to training only: serving never reads it.
         self.value_log_std = nn.Parameter(torch.zeros((), device=self.device))
         self.optimizers = make_optimizers(
@@ -315,7 +321,8 @@ class Trainer:
         rollout = self.sampler.run(tasks, seed=task_seed, generator=self.generator)
         t1 = time.perf_counter()
         advantages, returns = compute_gae(rollout, cfg.gamma, cfg.gae_lambda)
-        batch = flatten(rollout, advantages, returns)
+        flat = flatten(rollout, advantages, returns)
+        batch = sequences(rollout, advantages, returns, cfg.bptt) if cfg.policy == "rl2" else flat
         self.model.train()
         stats = ppo_update(
             self.model,
@@ -333,7 +340,7 @@ class Trainer:
         )
         t2 = time.perf_counter()
         if cfg.normalize_obs:
-            self._update_obs_stats(batch.windows, batch.newest)
+            self._update_obs_stats(flat.windows, flat.newest)
         local_steps = int(rollout.lengths.sum())
         self.last_local_steps = local_steps
         steps = int(_all_reduce_sum(torch.tensor([local_steps], dtype=torch.float64))[0])

@@ -29,7 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from trmrl.model import ModelConfig, TrMRL
+from trmrl.model import ModelConfig
+from trmrl.networks import Network, build_model
 
 SCHEMA_VERSION = 1
 FORMAT = "trmrl-checkpoint"
@@ -69,7 +70,7 @@ class CheckpointInfo:
 class Checkpoint:
     """A loaded checkpoint: the network, ready to run, and its facts."""
 
-    model: TrMRL
+    model: Network
     info: CheckpointInfo
     path: Path
 
@@ -93,7 +94,7 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(
-    path: str | Path, model: TrMRL, info: CheckpointInfo, *, extra_files: dict[str, bytes] | None = None
+    path: str | Path, model: Network, info: CheckpointInfo, *, extra_files: dict[str, bytes] | None = None
 ) -> CheckpointInfo:
     """Write ``model`` and ``info`` to the directory ``path``, atomically.
 
@@ -107,7 +108,7 @@ def save_checkpoint(
     Example:
         >>> cfg = ModelConfig.from_preset("small", obs_dim=2, act_dim=2)
         >>> info = CheckpointInfo("point-nav", (-0.1, -0.1), (0.1, 0.1))
-        >>> saved = save_checkpoint("/tmp/ckpt-doc", TrMRL(cfg), info)
+        >>> saved = save_checkpoint("/tmp/ckpt-doc", build_model(cfg), info)
         >>> load_checkpoint("/tmp/ckpt-doc").info.version == saved.version
         True
     """
@@ -249,7 +250,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
         state = load_safetensors(weights)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{where}: model.safetensors is truncated or corrupted ({exc})") from exc
-    model = TrMRL(model_config)
+    model = build_model(model_config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in _STATS}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -70,3 +70,55 @@ def append_to_windows(windows: Tensor, lengths: Tensor, tokens: Tensor) -> tuple
     newest = lengths.clamp(max=n - 1)
     out[torch.arange(out.shape[0], device=out.device), newest] = tokens
     return out, (newest + 1), newest
+
+
+def begin_step(
+    memory: Tensor,
+    lengths: Tensor,
+    prev_action: Tensor,
+    obs: Tensor,
+    reward: Tensor,
+    episode_start: Tensor,
+    applied_action: Tensor | None,
+    applied_mask: Tensor | None,
+    clear: Tensor | None,
+    *,
+    episode_scope: bool,
+    include_previous: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The step rules every memory pool shares, on copies of a batch of slots' state.
+
+    ``memory`` is ``[B, ...]``: a window per slot (TrMRL) or a hidden state (RL²). Rows in ``clear``
+    read as empty slots; ``applied_action`` replaces the remembered previous action where
+    ``applied_mask`` says so (all rows without a mask); with ``episode_scope`` a slot starting an
+    episode forgets its memory. Returns ``(memory, lengths, prev_action, tokens)``: the state to
+    advance and the new working memories, flagged as done where a later episode of the same trial
+    starts.
+    """
+    start = episode_start.to(torch.bool)
+
+    def rows(mask: Tensor, like: Tensor) -> Tensor:
+        return mask.view(-1, *([1] * (like.dim() - 1)))
+
+    if clear is not None:
+        empty = clear.to(torch.bool)
+        memory = torch.where(rows(empty, memory), torch.zeros_like(memory), memory)
+        lengths = torch.where(empty, torch.zeros_like(lengths), lengths)
+        prev_action = torch.where(empty.unsqueeze(-1), torch.zeros_like(prev_action), prev_action)
+    if applied_action is not None:
+        use = torch.ones_like(start) if applied_mask is None else applied_mask.to(torch.bool)
+        prev_action = torch.where(use.unsqueeze(-1), applied_action.to(prev_action.dtype), prev_action)
+    if episode_scope:
+        memory = torch.where(rows(start, memory), torch.zeros_like(memory), memory)
+        lengths = torch.where(start, torch.zeros_like(lengths), lengths)
+    # Within a trial, the first memory of a later episode is flagged: the previous transition ended one.
+    prev_done = start & (lengths > 0)
+    zero = torch.zeros((), dtype=obs.dtype, device=obs.device)
+    tokens = working_memory(
+        obs,
+        torch.where(start.unsqueeze(-1), zero, prev_action),
+        torch.where(start, zero, reward.to(obs.dtype)),
+        prev_done,
+        include_previous=include_previous,
+    )
+    return memory, lengths, prev_action, tokens

@@ -22,6 +22,7 @@ from trmrl.memory import token_dim
 
 MemoryScope = Literal["episode", "trial"]
 ValueInput = Literal["memory", "observation"]
+PolicyKind = Literal["trmrl", "rl2"]
 
 #: Encoder sizes. ``mujoco`` and ``metaworld`` are the published ones; ``small`` fits 2 CPU cores.
 ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -62,6 +63,11 @@ class ModelConfig:
     """``episode``: the window is cleared at each episode start; ``trial``: kept across a trial's episodes."""
     include_previous: bool = True
     """``False`` for a memoryless reference policy: tokens carry the observation only."""
+    policy: PolicyKind = "trmrl"
+    """``trmrl``: the transformer over a window of working memories; ``rl2``: the RL² baseline, a GRU
+    over the same working memories whose hidden state is the whole memory (``window`` is then 1)."""
+    rnn_hidden: int = 128
+    """Hidden width of the ``rl2`` GRU (unused by ``trmrl``)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,6 +78,12 @@ class ModelConfig:
             problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.memory_scope not in ("episode", "trial"):
             problems.append(f"memory_scope must be 'episode' or 'trial' (got {self.memory_scope!r})")
+        if self.policy not in ("trmrl", "rl2"):
+            problems.append(f"policy must be 'trmrl' or 'rl2' (got {self.policy!r})")
+        if self.policy == "rl2" and self.window != 1:
+            problems.append(f"policy=rl2 remembers in its hidden state: window must be 1 (got {self.window})")
+        if self.rnn_hidden < 1:
+            problems.append(f"rnn_hidden must be >= 1 (got {self.rnn_hidden})")
         if self.value_input not in ("memory", "observation"):
             problems.append(f"value_input must be 'memory' or 'observation' (got {self.value_input!r})")
         if not self.init_std > 0:
@@ -180,7 +192,14 @@ class EncoderLayer(nn.Module):
         return x + self.linear2(F.relu(self.linear1(x)))
 
 
-def _mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
+def normalize_tokens(tokens: Tensor, obs_mean: Tensor, obs_std: Tensor) -> Tensor:
+    """Apply observation statistics to the observation part of working memories ``[..., token_dim]``."""
+    obs_dim = obs_mean.shape[0]
+    obs = (tokens[..., :obs_dim] - obs_mean) / obs_std
+    return torch.cat([obs, tokens[..., obs_dim:]], -1)
+
+
+def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         linear = nn.Linear(fan_in, fan_out)
@@ -214,10 +233,10 @@ class TrMRL(nn.Module):
         self.embed = nn.Linear(c.token_dim, c.d_model, bias=False)
         self.register_buffer("positions", sinusoidal_positions(c.window, c.d_model), persistent=False)
         self.layers = nn.ModuleList(EncoderLayer(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
-        self.policy_mean = _mlp([c.d_model, *c.head_hidden, c.act_dim], out_gain=c.policy_out_gain)
+        self.policy_mean = mlp([c.d_model, *c.head_hidden, c.act_dim], out_gain=c.policy_out_gain)
         self.log_std = nn.Parameter(torch.full((c.act_dim,), math.log(c.init_std)))
         value_in = c.d_model if c.value_input == "memory" else c.token_dim
-        self.value = _mlp([value_in, *c.head_hidden, 1], out_gain=1.0)
+        self.value = mlp([value_in, *c.head_hidden, 1], out_gain=1.0)
         # Observation normalisation lives in the network so that every path applies the same statistics.
         self.register_buffer("obs_mean", torch.zeros(c.obs_dim))
         self.register_buffer("obs_std", torch.ones(c.obs_dim))
@@ -242,9 +261,7 @@ class TrMRL(nn.Module):
 
     def normalize(self, windows: Tensor) -> Tensor:
         """Apply the observation statistics to the observation part of every working memory."""
-        obs_dim = self.config.obs_dim
-        obs = (windows[..., :obs_dim] - self.obs_mean) / self.obs_std
-        return torch.cat([obs, windows[..., obs_dim:]], -1)
+        return normalize_tokens(windows, self.obs_mean, self.obs_std)
 
     def forward(self, windows: Tensor, newest: Tensor) -> PolicyOutput:
         """Evaluate a batch of windows.

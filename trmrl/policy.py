@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from trmrl.model import PolicyOutput
+from trmrl.recurrent import RecurrentPool
 from trmrl.slot_pool import PoolStep, SlotPool
 
 _MASK64 = (1 << 64) - 1
@@ -93,7 +94,7 @@ class ActResult(NamedTuple):
 
 
 def act(
-    pool: SlotPool,
+    pool: SlotPool | RecurrentPool,
     slots: Tensor,
     obs: Tensor,
     reward: Tensor,

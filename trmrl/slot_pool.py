@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from trmrl.memory import append_to_windows, working_memory
+from trmrl.memory import append_to_windows, begin_step
 from trmrl.model import PolicyOutput, TrMRL
 
 
@@ -27,6 +27,8 @@ class PoolStep(NamedTuple):
     """``[B, N, token_dim]`` the updated windows the forward pass read (what PPO stores)."""
     newest: Tensor
     """``[B]`` position of the newest working memory in each window."""
+    state: Tensor | None = None
+    """``[B, rnn_hidden]`` a recurrent policy's hidden state before the step (``None`` for TrMRL)."""
 
 
 class SlotSnapshot(NamedTuple):
@@ -103,29 +105,17 @@ class SlotPool:
         The pool is written only after the forward pass succeeds, so a failure leaves it unchanged.
         """
         cfg = self.model.config
-        start = episode_start.to(torch.bool)
-        windows = self.windows[slots]
-        lengths = self.lengths[slots]
-        prev_action = self.prev_action[slots]
-        if clear is not None:
-            empty = clear.to(torch.bool)
-            windows = torch.where(empty.view(-1, 1, 1), torch.zeros_like(windows), windows)
-            lengths = torch.where(empty, torch.zeros_like(lengths), lengths)
-            prev_action = torch.where(empty.unsqueeze(-1), torch.zeros_like(prev_action), prev_action)
-        if applied_action is not None:
-            use = torch.ones_like(start) if applied_mask is None else applied_mask.to(torch.bool)
-            prev_action = torch.where(use.unsqueeze(-1), applied_action.to(prev_action.dtype), prev_action)
-        if cfg.memory_scope == "episode":
-            windows = torch.where(start.view(-1, 1, 1), torch.zeros_like(windows), windows)
-            lengths = torch.where(start, torch.zeros_like(lengths), lengths)
-        # Within a trial, the first memory of a later episode is flagged: the previous transition ended one.
-        prev_done = start & (lengths > 0)
-        zero = torch.zeros((), dtype=obs.dtype, device=obs.device)
-        tokens = working_memory(
+        windows, lengths, prev_action, tokens = begin_step(
+            self.windows[slots],
+            self.lengths[slots],
+            self.prev_action[slots],
             obs,
-            torch.where(start.unsqueeze(-1), zero, prev_action),
-            torch.where(start, zero, reward.to(obs.dtype)),
-            prev_done,
+            reward,
+            episode_start,
+            applied_action,
+            applied_mask,
+            clear,
+            episode_scope=cfg.memory_scope == "episode",
             include_previous=cfg.include_previous,
         )
         windows, lengths, newest = append_to_windows(windows, lengths, tokens)

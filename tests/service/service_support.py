@@ -15,7 +15,8 @@ from trmrl_sim.launch import ServiceProcess
 
 from service.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointInfo, save_checkpoint
-from trmrl.model import ModelConfig, TrMRL
+from trmrl.model import ModelConfig
+from trmrl.networks import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,7 @@ def make_checkpoint(
     """Save a checkpoint with random weights and non-trivial observation statistics."""
     torch.manual_seed(seed)
     config = ModelConfig.from_preset(preset, obs_dim=obs_dim, act_dim=act_dim, **overrides)  # type: ignore[arg-type]
-    model = TrMRL(config)
+    model = build_model(config)
     with torch.no_grad():
         model.obs_mean.copy_(torch.linspace(-0.5, 0.5, obs_dim))
         model.obs_std.copy_(torch.linspace(0.5, 2.0, obs_dim))

@@ -86,3 +86,20 @@ def test_meta_world_trials_record_success() -> None:
     assert rollout.lengths.tolist() == [500, 500]
     assert rollout.success.shape == (2, 1)
     assert set(rollout.success.flatten().tolist()) <= {0.0, 1.0}
+
+
+def test_eval_summarises_several_checkpoints_of_one_kind_as_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = ["point-nav-memoryless", "point-nav", "point-nav", "point-nav-oracle"]
+    out = tmp_path / "eval.json"
+    argv = [str(CHECKPOINTS / n) for n in names] + ["--tasks", "2", "--episodes", "1", "--json", str(out)]
+    assert eval_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "gap closed (worst)" in printed
+    groups = json.loads(out.read_text())["groups"]
+    assert groups["trmrl"]["n"] == 2 and groups["trmrl"]["std"] == 0.0  # deterministic: the same twice
+    lo, hi = groups["memoryless"]["mean"], groups["oracle"]["mean"]
+    expected = (groups["trmrl"]["worst"] - lo) / (hi - lo)
+    assert groups["trmrl"]["gap_worst"] == pytest.approx(expected)
+    assert lo < groups["trmrl"]["mean"] <= hi + 1.0
