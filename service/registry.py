@@ -35,20 +35,12 @@ from service.schemas import (
     SessionState,
 )
 from trmrl.checkpoint import load_checkpoint
+from trmrl.device import resolve_device
 
 log = logging.getLogger("trmrl.service")
 
 #: How often idle sessions past their TTL are swept (lookups also expire them lazily).
 SWEEP_INTERVAL_S = 1.0
-
-
-def pick_device(choice: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("TRMRL_DEVICE=cuda but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def model_name(path: Path) -> str:
@@ -123,7 +115,7 @@ class ModelRegistry:
                 f"no checkpoints to serve: none given (--checkpoint or TRMRL_MODELS) and none bundled "
                 f"under {settings.checkpoints_dir}"
             )
-        device = pick_device(settings.device)
+        device = resolve_device(settings.device)
         limits = EngineLimits(
             max_sessions=settings.max_sessions,
             max_batch=settings.max_batch,
