@@ -29,6 +29,17 @@ class PoolStep(NamedTuple):
     """``[B]`` position of the newest working memory in each window."""
 
 
+class SlotMemory(NamedTuple):
+    """The complete memory of some slots: what session snapshots and moves carry."""
+
+    windows: Tensor
+    """``[B, N, token_dim]``."""
+    lengths: Tensor
+    """``[B]`` memories held in each window (0..N)."""
+    prev_action: Tensor
+    """``[B, act_dim]``."""
+
+
 class SlotSnapshot(NamedTuple):
     """The complete memory of one slot: what a session snapshot carries."""
 
@@ -138,6 +149,34 @@ class SlotPool:
     def record_actions(self, slots: Tensor, actions: Tensor) -> None:
         """Remember the actions returned for ``slots``: they enter the next working memories."""
         self.prev_action[slots] = actions.to(self.prev_action.dtype)
+
+    def read(self, slots: Tensor) -> SlotMemory:
+        """Copies of the given slots' memories, on the pool's device."""
+        return SlotMemory(self.windows[slots], self.lengths[slots], self.prev_action[slots])
+
+    def write(self, slots: Tensor, memory: SlotMemory) -> None:
+        """Load the given slots' memories (shapes and lengths are checked first: a refused write
+        changes nothing)."""
+        cfg = self.model.config
+        count = len(slots)
+        if tuple(memory.windows.shape) != (count, cfg.window, cfg.token_dim):
+            raise ValueError(
+                f"windows shape {tuple(memory.windows.shape)} != {(count, cfg.window, cfg.token_dim)}"
+            )
+        if tuple(memory.prev_action.shape) != (count, cfg.act_dim):
+            raise ValueError(f"prev_action shape {tuple(memory.prev_action.shape)} != {(count, cfg.act_dim)}")
+        if (
+            tuple(memory.lengths.shape) != (count,)
+            or ((memory.lengths < 0) | (memory.lengths > cfg.window)).any()
+        ):
+            raise ValueError(f"lengths must be {count} values in [0, {cfg.window}]")
+        self.windows[slots] = memory.windows.to(self.device, self.windows.dtype)
+        self.lengths[slots] = memory.lengths.to(self.device, self.lengths.dtype)
+        self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
+
+    def addresses(self) -> tuple[int, ...]:
+        """Where the pool's tensors live on the device (a captured CUDA graph holds these)."""
+        return tuple(t.data_ptr() for t in (self.windows, self.lengths, self.prev_action))
 
     def snapshot(self, slot: int) -> SlotSnapshot:
         """Copy one slot's memory to the CPU."""
