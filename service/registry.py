@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from trmrl_client.codec import INPUT_LIMIT, within_limit
 
-from service import errors
+from service import errors, session_state
 from service.api.columnar import ColumnarResult, ColumnarTick
 from service.config import Settings
 from service.engine import Engine, EngineLimits, RowTickets, Ticket
@@ -331,7 +331,7 @@ class ModelRegistry:
     # -- snapshots ---------------------------------------------------------------------------------------
     async def get_state(self, session_id: str, owner: str | None = None) -> SessionState:
         engine, slot = self.find(session_id, owner)
-        return await engine.snapshot(slot)
+        return await session_state.snapshot(engine, slot)
 
     async def put_state(self, session_id: str, state: SessionState, owner: str | None = None) -> bool:
         """Restore ``state`` under ``session_id``; returns ``True`` if the session was created.
@@ -343,13 +343,13 @@ class ModelRegistry:
         """
         await self.steps_allowed()  # a session restored mid-migration must not stay behind
         engine = self.versions.get(state.model, {}).get(state.model_version) or self.engine(state.model)
-        engine.check_state(state)
+        session_state.check_state(engine, state)
         existing = self._locate(session_id)
         if existing is not None and existing[0].table.owners[existing[1]] != owner:
             # Taken by another key: to this caller the id does not exist, nor can it be claimed.
             raise errors.unknown_session(session_id)
         if existing is not None and existing[0] is engine:
-            await engine.restore(existing[1], state)
+            await session_state.restore(engine, existing[1], state)
             log.info("session restored", extra={"session_id": session_id, "model": engine.name})
             return False
         if self.draining:
@@ -364,7 +364,7 @@ class ModelRegistry:
             session_id=session_id,
         )
         try:
-            await engine.restore(slot, state)
+            await session_state.restore(engine, slot, state)
         except Exception:
             engine.table.delete(session_id)
             raise
@@ -375,7 +375,7 @@ class ModelRegistry:
 
     async def export_all(self) -> list[dict[str, Any]]:
         """Every live session, one block of columns per model (committed steps)."""
-        return [await engine.export_sessions() for engine in self.all_engines()]
+        return [await session_state.export_sessions(engine) for engine in self.all_engines()]
 
     async def import_all(self, blocks: Iterable[dict[str, Any]]) -> int:
         """Restore saved blocks of sessions; a block that no longer fits is skipped with a warning."""
@@ -390,7 +390,7 @@ class ModelRegistry:
                 )
                 continue
             try:
-                restored += await engine.import_sessions(block)
+                restored += await session_state.import_sessions(engine, block)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("saved sessions of model %s not restored: %s", name, exc)
         return restored
@@ -635,7 +635,7 @@ class ModelRegistry:
         others = [e for e in self.versions[name].values() if e is not target]
         if migrate:
             for other in others:
-                if len(other.table) and not target.compatible(other):
+                if len(other.table) and not session_state.compatible(target, other):
                     raise ApiError(
                         409,
                         "incompatible_model",
@@ -673,8 +673,8 @@ class ModelRegistry:
                 if not len(source.table):
                     continue
                 await source.drain()
-                async with source._step_lock, target._step_lock:
-                    moved += target.adopt(source)
+                async with source.step_lock, target.step_lock:
+                    moved += session_state.move_sessions(source, target)
         finally:
             self._steps_open.set()
             self.last_pause_s = time.perf_counter() - started

@@ -187,22 +187,6 @@ def test_a_batched_read_and_write_move_many_slots_at_once() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_snapshot_restore_reproduces_the_next_output() -> None:
-    pool = _pool(window=3)
-    for i in range(4):
-        _step(pool, 0, float(i), reward=0.1 * i, start=i == 0)
-    snap = pool.snapshot(0)
-    pool.restore(3, snap)
-    with torch.no_grad():
-        a = pool.step(torch.tensor([0]), torch.ones(1, 2), torch.tensor([0.2]), torch.tensor([False]))
-        b = pool.step(torch.tensor([3]), torch.ones(1, 2), torch.tensor([0.2]), torch.tensor([False]))
-    torch.testing.assert_close(a.output.mean, b.output.mean, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="window shape"):
-        pool.restore(1, snap._replace(window=torch.zeros(2, 5)))
-    with pytest.raises(ValueError, match="length 9"):
-        pool.restore(1, snap._replace(length=9))
-
-
 def test_failed_forward_leaves_the_pool_unchanged() -> None:
     pool = _pool()
     _step(pool, 0, 1.0, start=True)

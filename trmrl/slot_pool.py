@@ -40,16 +40,6 @@ class SlotMemory(NamedTuple):
     """``[B, act_dim]``."""
 
 
-class SlotSnapshot(NamedTuple):
-    """The complete memory of one slot: what a session snapshot carries."""
-
-    window: Tensor
-    """``[N, token_dim]``."""
-    length: int
-    prev_action: Tensor
-    """``[act_dim]``."""
-
-
 class SlotPool:
     """Preallocated ``[capacity, N, token_dim]`` windows plus per-slot counters on one device.
 
@@ -177,22 +167,3 @@ class SlotPool:
     def addresses(self) -> tuple[int, ...]:
         """Where the pool's tensors live on the device (a captured CUDA graph holds these)."""
         return tuple(t.data_ptr() for t in (self.windows, self.lengths, self.prev_action))
-
-    def snapshot(self, slot: int) -> SlotSnapshot:
-        """Copy one slot's memory to the CPU."""
-        return SlotSnapshot(
-            self.windows[slot].cpu().clone(), int(self.lengths[slot]), self.prev_action[slot].cpu().clone()
-        )
-
-    def restore(self, slot: int, snap: SlotSnapshot) -> None:
-        """Load a slot's memory from a snapshot (shapes are validated)."""
-        cfg = self.model.config
-        if tuple(snap.window.shape) != (cfg.window, cfg.token_dim):
-            raise ValueError(f"window shape {tuple(snap.window.shape)} != {(cfg.window, cfg.token_dim)}")
-        if tuple(snap.prev_action.shape) != (cfg.act_dim,):
-            raise ValueError(f"prev_action shape {tuple(snap.prev_action.shape)} != {(cfg.act_dim,)}")
-        if not 0 <= snap.length <= cfg.window:
-            raise ValueError(f"length {snap.length} outside [0, {cfg.window}]")
-        self.windows[slot] = snap.window.to(self.device)
-        self.lengths[slot] = snap.length
-        self.prev_action[slot] = snap.prev_action.to(self.device)
