@@ -431,7 +431,7 @@ class ModelRegistry:
             await self._steps_open.wait()
         engine, session_id, ticket = self.submit(request, owner)
         action = await ticket.action()
-        return reply(engine, session_id, ticket.step, action.tolist(), started_ns)
+        return _act_response(engine, session_id, ticket.step, action.tolist(), started_ns)
 
     async def act_batch(
         self, requests: list[ActRequest], started_ns: int, owner: str | None = None
@@ -455,7 +455,7 @@ class ModelRegistry:
             except ApiError as exc:
                 results.append(exc)
                 continue
-            results.append(reply(engine, session_id, ticket.step, action.tolist(), started_ns))
+            results.append(_act_response(engine, session_id, ticket.step, action.tolist(), started_ns))
         return results
 
     def _tick_engine(self, tick: ColumnarTick, model: str | None) -> Engine:
@@ -705,8 +705,10 @@ class ModelRegistry:
         log.info("model %s: version %s retired", name, version)
 
 
-def reply(engine: Engine, session_id: str, step: int, action: list[float], started_ns: int) -> ActResponse:
-    """An act response."""
+def _act_response(
+    engine: Engine, session_id: str, step: int, action: list[float], started_ns: int
+) -> ActResponse:
+    """The answer to one act request, timed from ``started_ns`` (the routes turn it into a reply)."""
     return ActResponse(
         session_id=session_id,
         step=step,
