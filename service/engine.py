@@ -235,6 +235,7 @@ class Engine:
 
     # -- facts ---------------------------------------------------------------------------------------
     def info(self, *, default: bool) -> ModelInfo:
+        """What ``GET /v1/models`` says of this model (``default``: it is the service's default)."""
         cfg, info = self.model.config, self.checkpoint.info
         return ModelInfo(
             name=self.name,

@@ -1,11 +1,12 @@
 """The session table of one model: ids, slots and per-slot counters, all in flat numpy arrays.
 
 A session *is* a slot of the model's :class:`~trmrl.slot_pool.SlotPool` plus one row of each array
-here; the only per-session Python values are the id -> slot dictionary entry and its reverse. Others
-read the arrays; only the table's verbs write them -- a step begins (:meth:`SessionTable.begin_step`),
-is committed or rolled back (:meth:`~SessionTable.commit`, :meth:`~SessionTable.roll_back`), a
-snapshot is loaded (:meth:`~SessionTable.load`), sessions move (:meth:`~SessionTable.take_over`) --
-each for any set of slots with fancy indexing, never with a loop over sessions.
+here; the only per-session Python values are the id -> slot dictionary entry, its reverse and the
+session's owner. Others read the arrays; only the table's verbs write them -- a step begins
+(:meth:`SessionTable.begin_step`), is committed or rolled back (:meth:`~SessionTable.commit`,
+:meth:`~SessionTable.roll_back`), a snapshot is loaded (:meth:`~SessionTable.load`), sessions move
+(:meth:`~SessionTable.take_over`) -- each for any set of slots with fancy indexing, never with a loop
+over sessions.
 
 Slots are handed out from a free list. A session ends by deletion, by idle expiry (its own
 ``ttl_s``) or, when the table is full and a new session is wanted, by eviction of the least recently
@@ -138,6 +139,7 @@ class SessionTable:
         return slot
 
     def session_id(self, slot: int) -> str:
+        """The id of the session in ``slot`` (a 500 if the slot was released under a caller)."""
         session_id = self.slot_ids[slot]
         if session_id is None:
             raise ApiError(500, "internal_error", "A session's slot was released while in use.")
