@@ -110,7 +110,9 @@ class _Batch:
         self.steps[at] = steps
         self.obs[at] = obs
         self.reward[at] = reward
-        self.start[at] = episode_start | pending
+        self.start[at] = episode_start
+        # In place: a numpy scalar or-ed with a Python bool costs a microsecond on a request's path.
+        self.start[at] |= pending
         self.start_was_pending[at] = pending
         self.clear[at] = clear
         if applied is None:
