@@ -104,17 +104,16 @@ class _Batch:
         session table: a pending episode start or window clear is consumed into the row. Returns the
         rows written."""
         rows = at if isinstance(at, int) else np.arange(at.start, at.stop)
-        generation, pending, clear = table.begin_step(slots, self.id, rows)
+        self.generation[at], self.start_was_pending[at], self.clear[at] = table.begin_step(
+            slots, self.id, rows
+        )
         self.slots[at] = slots
-        self.generation[at] = generation
         self.steps[at] = steps
         self.obs[at] = obs
         self.reward[at] = reward
         self.start[at] = episode_start
-        # In place: a numpy scalar or-ed with a Python bool costs a microsecond on a request's path.
-        self.start[at] |= pending
-        self.start_was_pending[at] = pending
-        self.clear[at] = clear
+        # In place, from the row: a numpy bool or-ed with a Python bool costs a microsecond.
+        self.start[at] |= self.start_was_pending[at]
         if applied is None:
             self.applied_mask[at] = False
         else:
