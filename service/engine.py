@@ -2,17 +2,19 @@
 
 The hot path, for every waiting step of every session of this model at once:
 
-1. ``submit`` (event loop, per request): validate at the edge, check the step number, write the
-   step into the open batch's preallocated numpy rows. Nothing about the session changes unless
-   all checks pass.
+1. ``submit`` (event loop, per request) or ``submit_rows`` (a columnar tick): validate at the edge,
+   check the step number, write the step into the open batch's preallocated numpy rows and begin it
+   in the session table. Nothing about the session changes unless all checks pass.
 2. the batcher (one asyncio task): takes the oldest open batch and runs ``_compute`` on a dedicated
    worker thread -- one :func:`trmrl.policy.act` call, i.e. one forward pass, for the whole batch --
    while the event loop keeps parsing requests into the next batch.
-3. ``_commit`` (event loop): advances the counters of the stepped slots with array operations and
-   resolves the batch's single future, which every request in it awaits.
+3. ``_commit`` (event loop): counts the batch in the session table with array operations (or rolls
+   it back if the forward pass failed) and resolves the batch's single future, which every request
+   in it awaits.
 
 A batch never holds two steps of one session: a session's second step goes to a later batch, so its
-memory advances in order.
+memory advances in order. Session state in and out of an engine (snapshots, exports, imports,
+moves between versions) is :mod:`service.session_state`'s.
 """
 
 from __future__ import annotations
@@ -34,19 +36,19 @@ from trmrl_client.codec import INPUT_LIMIT
 from service import errors
 from service.errors import ApiError
 from service.recording import Recorder
-from service.schemas import ModelInfo, SessionState
+from service.schemas import ModelInfo
 from service.sessions import SessionTable
 from trmrl.checkpoint import Checkpoint, CheckpointError
 from trmrl.graphed import BucketedStep, Precision
 from trmrl.model import TrMRL
 from trmrl.policy import act, counter_normal
-from trmrl.slot_pool import SlotPool, SlotSnapshot
+from trmrl.slot_pool import SlotPool
 from trmrl.tasks.trials import EARLY_STEPS as ADAPTATION_STEPS
 
 log = logging.getLogger("trmrl.service")
 
 
-def _all_in_range(values: Sequence[float]) -> bool:
+def all_in_range(values: Sequence[float]) -> bool:
     """Every value within ``INPUT_LIMIT`` (NaN fails every comparison, so it fails here too)."""
     return all(-INPUT_LIMIT <= v <= INPUT_LIMIT for v in values)
 
@@ -67,35 +69,6 @@ class EngineLimits:
     """On CUDA, replay captured graphs of the batched step (``TRMRL_CUDA_GRAPHS``)."""
 
 
-#: Per-slot columns of the session table that a session takes along when it moves to another version.
-_MOVED = (
-    "next_step",
-    "episodes",
-    "episode_step",
-    "deterministic",
-    "seed",
-    "ttl_s",
-    "created_at",
-    "last_active",
-    "pending_start",
-    "pending_clear",
-    "last_action",
-    "record",
-)
-
-#: Per-session scalar columns of :meth:`Engine.export_sessions`.
-_COUNTERS = (
-    "length",
-    "steps",
-    "episodes",
-    "episode_start_pending",
-    "deterministic",
-    "seed",
-    "ttl_s",
-    "created_at",
-)
-
-
 class _Batch:
     """Preallocated rows for up to ``max_batch`` steps; reused once its forward pass is done."""
 
@@ -114,6 +87,38 @@ class _Batch:
         self.size = 0
         self.opened_at = 0.0
         self.future: asyncio.Future[np.ndarray] | None = None
+
+    def put(
+        self,
+        at: int | slice,
+        slots: int | np.ndarray,
+        table: SessionTable,
+        steps: int | np.ndarray,
+        obs: np.ndarray,
+        reward: float | np.ndarray,
+        episode_start: bool | np.ndarray,
+        applied: Sequence[float] | np.ndarray | None,
+    ) -> int | np.ndarray:
+        """Write steps of ``slots`` into rows ``at`` (one row or a run of them), beginning them in the
+        session table: a pending episode start or window clear is consumed into the row. Returns the
+        rows written."""
+        rows = at if isinstance(at, int) else np.arange(at.start, at.stop)
+        self.generation[at], self.start_was_pending[at], self.clear[at] = table.begin_step(
+            slots, self.id, rows
+        )
+        self.slots[at] = slots
+        self.steps[at] = steps
+        self.obs[at] = obs
+        self.reward[at] = reward
+        self.start[at] = episode_start
+        # In place, from the row: a numpy bool or-ed with a Python bool costs a microsecond.
+        self.start[at] |= self.start_was_pending[at]
+        if applied is None:
+            self.applied_mask[at] = False
+        else:
+            self.applied_mask[at] = True
+            self.applied[at] = applied
+        return rows
 
 
 class _SharedFuture(asyncio.Future[np.ndarray]):
@@ -219,9 +224,9 @@ class Engine:
         self._wake = asyncio.Event()
         self._filled = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._step_lock = asyncio.Lock()
+        self.step_lock = asyncio.Lock()
         """Held from a batch's forward pass to its commit: while another holder has it, the pool and
-        the table's counters agree and no forward pass runs (snapshots and restores take it)."""
+        the table's counters agree and no forward pass runs (``service.session_state`` takes it)."""
         self.queued_steps = 0
         self.ticks = 0
         self.stepped = 0
@@ -235,6 +240,7 @@ class Engine:
 
     # -- facts ---------------------------------------------------------------------------------------
     def info(self, *, default: bool) -> ModelInfo:
+        """What ``GET /v1/models`` says of this model (``default``: it is the service's default)."""
         cfg, info = self.model.config, self.checkpoint.info
         return ModelInfo(
             name=self.name,
@@ -255,6 +261,24 @@ class Engine:
     def bytes_per_session(self) -> int:
         """Device memory one resident session occupies."""
         return self.pool.bytes_per_slot
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for logs now and metrics later."""
+        return {
+            "sessions": len(self.table),
+            "ticks": self.ticks,
+            "steps": self.stepped,
+            "evictions": self.table.evictions,
+            "expirations": self.table.expirations,
+            "queued_steps": self.queued_steps,
+            "device_bytes": self.device_bytes,
+        }
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory held by the weights and the slot pool."""
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        return weights + self.pool.capacity * self.pool.bytes_per_slot
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def warmup(self, sizes: tuple[int, ...] = (1, 8, 64)) -> None:
@@ -306,6 +330,14 @@ class Engine:
                 await self._task
         self._executor.shutdown(wait=True)
 
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until no step of this model is queued or computing (new steps must be held back)."""
+        deadline = time.monotonic() + timeout_s
+        while self.queued_steps or self._inflight:
+            if time.monotonic() > deadline:
+                raise ApiError(503, "busy", "The model's queued steps did not finish in time; nothing moved.")
+            await asyncio.sleep(0.0005)
+
     # -- the edge ----------------------------------------------------------------------------------------
     def validate(
         self, observation: list[float], reward: float, applied_action: list[float] | None
@@ -313,14 +345,14 @@ class Engine:
         """Check a step's numbers against this model; returns the observation as float32."""
         if len(observation) != self.obs_dim:
             raise errors.wrong_length("observation", self.obs_dim, len(observation))
-        if not _all_in_range(observation):
+        if not all_in_range(observation):
             raise errors.out_of_range("observation", observation, INPUT_LIMIT)
         if not -INPUT_LIMIT <= reward <= INPUT_LIMIT:
             raise errors.out_of_range("reward", [reward], INPUT_LIMIT)
         if applied_action is not None:
             if len(applied_action) != self.act_dim:
                 raise errors.wrong_length("applied_action", self.act_dim, len(applied_action))
-            if not _all_in_range(applied_action):
+            if not all_in_range(applied_action):
                 raise errors.out_of_range("applied_action", applied_action, INPUT_LIMIT)
         return np.asarray(observation, np.float32)
 
@@ -342,7 +374,7 @@ class Engine:
         retry = table.check_step(slot, step)
         if not retry and self.queued_steps >= self.limits.max_queued_steps:
             raise errors.overloaded(self.limits.max_queued_steps)
-        table.last_active[slot] = time.monotonic()
+        table.touch(slot)
         if retry:
             assert step is not None
             if table.queued[slot]:
@@ -354,26 +386,8 @@ class Engine:
         row = batch.size
         batch.size = row + 1
         number = table.expected_step(slot)
-        batch.slots[row] = slot
-        batch.generation[row] = table.generation[slot]
-        batch.steps[row] = number
-        batch.obs[row] = obs
-        batch.reward[row] = reward
-        pending = bool(table.pending_start[slot])
-        batch.start[row] = episode_start or pending
-        batch.start_was_pending[row] = pending
-        batch.clear[row] = table.pending_clear[slot]
-        table.pending_start[slot] = False
-        table.pending_clear[slot] = False
-        if applied_action is None:
-            batch.applied_mask[row] = False
-        else:
-            batch.applied_mask[row] = True
-            batch.applied[row] = applied_action
-        table.queued[slot] += 1
+        batch.put(row, slot, table, number, obs, reward, episode_start, applied_action)
         self.queued_steps += 1
-        table.last_batch[slot] = batch.id
-        table.last_row[slot] = row
         if batch.size == self.limits.max_batch:
             self._filled.set()
         self._wake.set()
@@ -409,7 +423,7 @@ class Engine:
         fresh = np.flatnonzero(new)
         if len(fresh) and self.queued_steps + len(fresh) > self.limits.max_queued_steps:
             raise errors.overloaded(self.limits.max_queued_steps)
-        table.last_active[slots[~conflict]] = time.monotonic()
+        table.touch(slots[~conflict])
         parts: list[tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]] = []
         cached_rows = np.zeros(0, np.int64)
         cached = np.zeros((0, self.act_dim), np.float32)
@@ -468,35 +482,24 @@ class Engine:
         applied: np.ndarray | None,
     ) -> tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]:
         """Write ``rows`` of a tick into ``batch``'s next free rows (one array write per column)."""
-        table = self.table
         start, stop = batch.size, batch.size + len(rows)
-        at = slice(start, stop)
         chosen = slots[rows]
-        batch.slots[at] = chosen
-        batch.generation[at] = table.generation[chosen]
-        batch.steps[at] = expected[rows]
-        batch.obs[at] = obs[rows]
-        batch.reward[at] = reward[rows]
-        pending = table.pending_start[chosen]
-        batch.start[at] = episode_start[rows] | pending
-        batch.start_was_pending[at] = pending
-        batch.clear[at] = table.pending_clear[chosen]
-        table.pending_start[chosen] = False
-        table.pending_clear[chosen] = False
-        if applied is None:
-            batch.applied_mask[at] = False
-        else:
-            batch.applied_mask[at] = True
-            batch.applied[at] = applied[rows]
-        table.queued[chosen] += 1
-        table.last_batch[chosen] = batch.id
-        batch_rows = np.arange(start, stop)
-        table.last_row[chosen] = batch_rows
+        batch_rows = batch.put(
+            slice(start, stop),
+            chosen,
+            self.table,
+            expected[rows],
+            obs[rows],
+            reward[rows],
+            episode_start[rows],
+            None if applied is None else applied[rows],
+        )
         batch.size = stop
         self.queued_steps += len(rows)
         if stop == self.limits.max_batch:
             self._filled.set()
         assert batch.future is not None
+        assert isinstance(batch_rows, np.ndarray)
         return batch.future, rows, batch_rows
 
     def _inflight_future(self, batch_id: int) -> asyncio.Future[np.ndarray]:
@@ -550,14 +553,15 @@ class Engine:
         deterministic = self.table.deterministic[slots]
         seeds = self.table.seed[slots]
         waited = time.perf_counter() - batch.opened_at
-        await self._step_lock.acquire()
+        await self.step_lock.acquire()
         try:
             actions = await loop.run_in_executor(
                 self._executor, self._compute, batch, n, deterministic, seeds
             )
         except Exception:
             log.exception("forward pass of model %s failed for %d steps", self.name, n)
-            self._rollback(batch, n)
+            # Undo what ``submit`` consumed, so a retry behaves like the first try.
+            self.table.roll_back(slots, batch.generation[:n], batch.start_was_pending[:n], batch.clear[:n])
             if not future.done():
                 future.set_exception(
                     ApiError(
@@ -574,7 +578,7 @@ class Engine:
             if self.on_batch is not None:
                 self.on_batch(n, waited)
         finally:
-            self._step_lock.release()
+            self.step_lock.release()
             self.queued_steps -= n
             del self._inflight[batch.id]
             batch.future = None
@@ -643,10 +647,10 @@ class Engine:
         )
 
     def _commit(self, batch: _Batch, n: int, actions: np.ndarray) -> None:
+        """Count a computed batch (event loop): the adaptation signal, the recording, the table."""
         table = self.table
         slots = batch.slots[:n]
-        table.queued[slots] -= 1
-        live = table.generation[slots] == batch.generation[:n]
+        live = table.alive(slots, batch.generation[:n])
         start = batch.start[:n]
         self._count_rewards(slots, start, live, batch.reward[:n])
         if self.recorder is not None:
@@ -654,18 +658,7 @@ class Engine:
             if recorded.any():
                 before = np.where(start, 0, table.episode_step[slots])
                 self.recorder.submit(self._recorded(batch, n, actions, recorded, before))
-        if live.all():
-            table.next_step[slots] += 1
-            table.episodes[slots] += start
-            table.episode_step[slots] = np.where(start, 1, table.episode_step[slots] + 1)
-            table.last_action[slots] = actions
-        else:
-            kept = slots[live]
-            table.next_step[kept] += 1
-            table.episodes[kept] += start[live]
-            table.episode_step[kept] = np.where(start[live], 1, table.episode_step[kept] + 1)
-            table.last_action[kept] = actions[live]
-            table.release_idle(slots[~live])
+        table.commit(slots, live, start, actions)
         self.ticks += 1
         self.stepped += n
 
@@ -720,272 +713,3 @@ class Engine:
             "received_at": np.full(len(slots), received),
             "server_timing_us": np.full(len(slots), int((now - batch.opened_at) * 1e6), np.int64),
         }
-
-    def _rollback(self, batch: _Batch, n: int) -> None:
-        """Undo what ``submit`` consumed for a failed batch, so a retry behaves like the first try."""
-        table = self.table
-        slots = batch.slots[:n]
-        table.queued[slots] -= 1
-        live = table.generation[slots] == batch.generation[:n]
-        table.pending_start[slots[live & batch.start_was_pending[:n]]] = True
-        table.pending_clear[slots[live & batch.clear[:n]]] = True
-        table.release_idle(slots[~live])
-
-    # -- moving sessions between versions -----------------------------------------------------------------
-    async def drain(self, timeout_s: float = 10.0) -> None:
-        """Wait until no step of this model is queued or computing (new steps must be held back)."""
-        deadline = time.monotonic() + timeout_s
-        while self.queued_steps or self._inflight:
-            if time.monotonic() > deadline:
-                raise ApiError(503, "busy", "The model's queued steps did not finish in time; nothing moved.")
-            await asyncio.sleep(0.0005)
-
-    def compatible(self, other: Engine) -> bool:
-        """Whether sessions can move between the two models: same observation and action sizes."""
-        return (self.obs_dim, self.act_dim) == (other.obs_dim, other.act_dim)
-
-    def adopt(self, source: Engine) -> int:
-        """Move every session of ``source`` here with its memory intact; returns how many moved.
-
-        The caller holds both step locks and has drained ``source``. A session's memory is raw
-        working memories, so it means the same to any version of the model: the window is copied as
-        it is (a shorter window keeps the newest memories). Nothing changes if they do not fit (429).
-        """
-        count = len(source.table)
-        if not count:
-            return 0
-        slots = self.table.take_free(count)
-        ids, owners, old = source.table.release_all()
-        self.table.adopt(ids, owners, slots)
-        for name in _MOVED:
-            getattr(self.table, name)[slots] = getattr(source.table, name)[old]
-        self.table.queued[slots] = 0
-        src, dst = source.pool, self.pool
-        at = torch.from_numpy(slots).to(self.device)
-        fro = torch.from_numpy(old).to(source.device)
-        lengths = src.lengths[fro]
-        windows = src.windows[fro]
-        keep = dst.windows.shape[1]
-        if windows.shape[1] > keep:
-            # Left-aligned windows: the newest ``keep`` memories start at ``length - keep``.
-            first = (lengths - keep).clamp(min=0)
-            rows = first.unsqueeze(1) + torch.arange(keep, device=windows.device)
-            windows = windows.gather(1, rows.unsqueeze(-1).expand(-1, -1, windows.shape[2]))
-            lengths = lengths.clamp(max=keep)
-        elif windows.shape[1] < keep:
-            windows = torch.cat(
-                [windows, windows.new_zeros(len(old), keep - windows.shape[1], windows.shape[2])], 1
-            )
-        dst.windows[at] = windows.to(self.device)
-        dst.lengths[at] = lengths.to(self.device)
-        dst.prev_action[at] = src.prev_action[fro].to(self.device)
-        return count
-
-    # -- snapshots -----------------------------------------------------------------------------------------
-    def _memories(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of the sessions' windows, lengths and previous actions (hold the step lock).
-
-        A new session (or a trial reset) clears its slot at its next step, not before: until then
-        the slot still holds its previous tenant's memory, which is not this session's, so such a
-        session's memory is reported empty.
-        """
-        index = torch.from_numpy(slots).to(self.device)
-        windows = self.pool.windows[index].cpu().numpy()
-        lengths = self.pool.lengths[index].cpu().numpy().astype(np.int64)
-        prev = self.pool.prev_action[index].cpu().numpy()
-        fresh = self.table.pending_clear[slots]
-        windows[fresh], lengths[fresh], prev[fresh] = 0.0, 0, 0.0
-        return windows, lengths, prev
-
-    async def snapshot(self, slot: int) -> SessionState:
-        """The portable state of one session: its committed steps (a queued step is not in it)."""
-        async with self._step_lock:
-            windows, lengths, prev = self._memories(np.asarray([slot], np.int64))
-            table = self.table
-            return SessionState(
-                session_id=table.session_id(slot),
-                model=self.name,
-                model_version=self.version,
-                window=windows[0].tolist(),
-                length=int(lengths[0]),
-                prev_action=prev[0].tolist(),
-                last_action=table.last_action[slot].tolist(),
-                steps=int(table.next_step[slot]),
-                episodes=int(table.episodes[slot]),
-                episode_start_pending=bool(table.pending_start[slot]),
-                deterministic=bool(table.deterministic[slot]),
-                seed=int(table.seed[slot]),
-                ttl_s=float(table.ttl_s[slot]),
-                created_at=float(table.created_at[slot]),
-            )
-
-    async def export_sessions(self) -> dict[str, Any]:
-        """Every session of this model, column by column (the state directory's format).
-
-        Array copies only, under the step lock: cheap on the event loop even for many sessions; the
-        caller encodes them elsewhere.
-        """
-        async with self._step_lock:
-            table = self.table
-            slots = np.asarray(sorted(table.ids.values()), np.int64)
-            window, length, prev = self._memories(slots)
-            return {
-                "model": self.name,
-                "model_version": self.version,
-                "session_ids": [table.slot_ids[slot] for slot in slots.tolist()],
-                "owners": [table.owners[slot] for slot in slots.tolist()],
-                "window": window,
-                "length": length,
-                "prev_action": prev,
-                "last_action": table.last_action[slots],
-                "steps": table.next_step[slots],
-                "episodes": table.episodes[slots],
-                "episode_start_pending": table.pending_start[slots],
-                "deterministic": table.deterministic[slots],
-                "seed": table.seed[slots],
-                "ttl_s": table.ttl_s[slots],
-                "created_at": table.created_at[slots],
-            }
-
-    async def import_sessions(self, block: dict[str, Any]) -> int:
-        """Restore sessions written by :meth:`export_sessions`; returns how many.
-
-        The block is checked as a whole first (version, shapes, finite numbers) and refused as a
-        whole (``ValueError``) if it does not fit; ids already in use and sessions beyond the
-        capacity are skipped.
-        """
-        if block.get("model_version") != self.version:
-            raise ValueError(
-                f"written by version {block.get('model_version')} of the model, this is {self.version}"
-            )
-        cfg = self.model.config
-        ids, owners = block["session_ids"], block["owners"]
-        count = len(ids)
-        shapes = {
-            "window": (count, cfg.window, cfg.token_dim),
-            "prev_action": (count, self.act_dim),
-            "last_action": (count, self.act_dim),
-        }
-        columns = {name: np.asarray(block[name]) for name in (*shapes, *_COUNTERS)}
-        for name, shape in shapes.items():
-            if columns[name].shape != shape or not np.isfinite(columns[name]).all():
-                raise ValueError(f"column {name!r} is not {shape} finite numbers")
-        for name in _COUNTERS:
-            if columns[name].shape != (count,):
-                raise ValueError(f"column {name!r} does not hold {count} values")
-        length = columns["length"]
-        if (
-            len(owners) != count
-            or ((length < 0) | (length > cfg.window)).any()
-            or (columns["steps"] < 0).any()
-        ):
-            raise ValueError("owners, lengths or step counts are out of range")
-        table = self.table
-        slots: list[int] = []
-        kept: list[int] = []
-        async with self._step_lock:
-            for i, (session_id, owner) in enumerate(zip(ids, owners, strict=True)):
-                if not isinstance(session_id, str) or session_id in table.ids:
-                    continue
-                try:
-                    _, slot = table.create(
-                        deterministic=bool(columns["deterministic"][i]),
-                        seed=int(columns["seed"][i]),
-                        ttl_s=float(columns["ttl_s"][i]),
-                        owner=owner if isinstance(owner, str) else None,
-                        session_id=session_id,
-                    )
-                except ApiError:
-                    log.warning("model %s is full: %d saved sessions not restored", self.name, count - i)
-                    break
-                slots.append(slot)
-                kept.append(i)
-            if not slots:
-                return 0
-            rows = np.asarray(kept)
-            at = np.asarray(slots, np.int64)
-            index = torch.from_numpy(at).to(self.device)
-            self.pool.windows[index] = torch.tensor(
-                columns["window"][rows], dtype=torch.float32, device=self.device
-            )
-            self.pool.lengths[index] = torch.tensor(length[rows], dtype=torch.long, device=self.device)
-            self.pool.prev_action[index] = torch.tensor(
-                columns["prev_action"][rows], dtype=torch.float32, device=self.device
-            )
-            table.last_action[at] = columns["last_action"][rows]
-            table.next_step[at] = columns["steps"][rows]
-            table.episodes[at] = columns["episodes"][rows]
-            table.pending_start[at] = columns["episode_start_pending"][rows]
-            table.pending_clear[at] = False
-            table.created_at[at] = columns["created_at"][rows]
-            table.last_active[at] = time.monotonic()
-        return len(slots)
-
-    def check_state(self, state: SessionState) -> None:
-        """Refuse a snapshot that was not taken with this model or does not fit it (before any change)."""
-        if state.model_version != self.version:
-            raise errors.model_version_mismatch(self.name, self.version, state.model_version)
-        cfg = self.model.config
-        rows = {len(row) for row in state.window}
-        if len(state.window) != cfg.window or rows != {cfg.token_dim}:
-            raise errors.invalid_snapshot(
-                f"'window' must be {cfg.window} rows of {cfg.token_dim} numbers",
-                {"field": "window", "expected": [cfg.window, cfg.token_dim]},
-            )
-        if state.length > cfg.window:
-            raise errors.invalid_snapshot(
-                f"'length' must be at most {cfg.window}", {"field": "length", "expected_max": cfg.window}
-            )
-        for field in ("prev_action", "last_action"):
-            values = getattr(state, field)
-            if len(values) != self.act_dim:
-                raise errors.wrong_length(field, self.act_dim, len(values))
-            if not _all_in_range(values):
-                raise errors.out_of_range(field, values, INPUT_LIMIT)
-        for row in state.window:
-            if not _all_in_range(row):
-                raise errors.out_of_range("window", row, INPUT_LIMIT)
-
-    async def restore(self, slot: int, state: SessionState) -> None:
-        """Load a checked snapshot into ``slot``, a session with no steps in flight."""
-        async with self._step_lock:
-            table = self.table
-            if table.queued[slot]:
-                raise errors.session_busy(table.session_id(slot))
-            self.pool.restore(
-                slot,
-                SlotSnapshot(
-                    torch.tensor(state.window, dtype=torch.float32),
-                    state.length,
-                    torch.tensor(state.prev_action, dtype=torch.float32),
-                ),
-            )
-            table.next_step[slot] = state.steps
-            table.episodes[slot] = state.episodes
-            table.pending_start[slot] = state.episode_start_pending
-            table.pending_clear[slot] = False
-            table.deterministic[slot] = state.deterministic
-            table.seed[slot] = state.seed
-            table.ttl_s[slot] = state.ttl_s
-            table.created_at[slot] = state.created_at
-            table.last_action[slot] = state.last_action
-            table.last_active[slot] = time.monotonic()
-
-    def stats(self) -> dict[str, Any]:
-        """Counters for logs now and metrics later."""
-        return {
-            "sessions": len(self.table),
-            "ticks": self.ticks,
-            "steps": self.stepped,
-            "evictions": self.table.evictions,
-            "expirations": self.table.expirations,
-            "queued_steps": self.queued_steps,
-            "device_bytes": self.device_bytes,
-        }
-
-    @property
-    def device_bytes(self) -> int:
-        """Device memory held by the weights and the slot pool."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [self.pool.windows, self.pool.lengths, self.pool.prev_action]
-        return sum(t.numel() * t.element_size() for t in tensors)

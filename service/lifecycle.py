@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service import session_state
 from service.engine import Engine
 from service.errors import ApiError
 from service.registry import ModelRegistry
@@ -205,7 +206,7 @@ async def watch(
             await engine.start()
             if not first:
                 old = registry.engines[name]
-                migrate = old.compatible(engine)
+                migrate = session_state.compatible(old, engine)
                 moved = await registry.activate(name, engine.version, migrate=migrate)
                 log.info(
                     "watched model %s: version %s active (%d sessions migrated)", name, engine.version, moved

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from trmrl_client.codec import INPUT_LIMIT, within_limit
 
-from service import errors
+from service import errors, session_state
 from service.api.columnar import ColumnarResult, ColumnarTick
 from service.config import Settings
 from service.engine import Engine, EngineLimits, RowTickets, Ticket
@@ -35,20 +35,12 @@ from service.schemas import (
     SessionState,
 )
 from trmrl.checkpoint import load_checkpoint
+from trmrl.device import resolve_device
 
 log = logging.getLogger("trmrl.service")
 
 #: How often idle sessions past their TTL are swept (lookups also expire them lazily).
 SWEEP_INTERVAL_S = 1.0
-
-
-def pick_device(choice: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("TRMRL_DEVICE=cuda but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def model_name(path: Path) -> str:
@@ -123,7 +115,7 @@ class ModelRegistry:
                 f"no checkpoints to serve: none given (--checkpoint or TRMRL_MODELS) and none bundled "
                 f"under {settings.checkpoints_dir}"
             )
-        device = pick_device(settings.device)
+        device = resolve_device(settings.device)
         limits = EngineLimits(
             max_sessions=settings.max_sessions,
             max_batch=settings.max_batch,
@@ -339,7 +331,7 @@ class ModelRegistry:
     # -- snapshots ---------------------------------------------------------------------------------------
     async def get_state(self, session_id: str, owner: str | None = None) -> SessionState:
         engine, slot = self.find(session_id, owner)
-        return await engine.snapshot(slot)
+        return await session_state.snapshot(engine, slot)
 
     async def put_state(self, session_id: str, state: SessionState, owner: str | None = None) -> bool:
         """Restore ``state`` under ``session_id``; returns ``True`` if the session was created.
@@ -351,13 +343,13 @@ class ModelRegistry:
         """
         await self.steps_allowed()  # a session restored mid-migration must not stay behind
         engine = self.versions.get(state.model, {}).get(state.model_version) or self.engine(state.model)
-        engine.check_state(state)
+        session_state.check_state(engine, state)
         existing = self._locate(session_id)
         if existing is not None and existing[0].table.owners[existing[1]] != owner:
             # Taken by another key: to this caller the id does not exist, nor can it be claimed.
             raise errors.unknown_session(session_id)
         if existing is not None and existing[0] is engine:
-            await engine.restore(existing[1], state)
+            await session_state.restore(engine, existing[1], state)
             log.info("session restored", extra={"session_id": session_id, "model": engine.name})
             return False
         if self.draining:
@@ -372,7 +364,7 @@ class ModelRegistry:
             session_id=session_id,
         )
         try:
-            await engine.restore(slot, state)
+            await session_state.restore(engine, slot, state)
         except Exception:
             engine.table.delete(session_id)
             raise
@@ -383,7 +375,7 @@ class ModelRegistry:
 
     async def export_all(self) -> list[dict[str, Any]]:
         """Every live session, one block of columns per model (committed steps)."""
-        return [await engine.export_sessions() for engine in self.all_engines()]
+        return [await session_state.export_sessions(engine) for engine in self.all_engines()]
 
     async def import_all(self, blocks: Iterable[dict[str, Any]]) -> int:
         """Restore saved blocks of sessions; a block that no longer fits is skipped with a warning."""
@@ -398,7 +390,7 @@ class ModelRegistry:
                 )
                 continue
             try:
-                restored += await engine.import_sessions(block)
+                restored += await session_state.import_sessions(engine, block)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("saved sessions of model %s not restored: %s", name, exc)
         return restored
@@ -439,7 +431,7 @@ class ModelRegistry:
             await self._steps_open.wait()
         engine, session_id, ticket = self.submit(request, owner)
         action = await ticket.action()
-        return reply(engine, session_id, ticket.step, action.tolist(), started_ns)
+        return _act_response(engine, session_id, ticket.step, action.tolist(), started_ns)
 
     async def act_batch(
         self, requests: list[ActRequest], started_ns: int, owner: str | None = None
@@ -463,7 +455,7 @@ class ModelRegistry:
             except ApiError as exc:
                 results.append(exc)
                 continue
-            results.append(reply(engine, session_id, ticket.step, action.tolist(), started_ns))
+            results.append(_act_response(engine, session_id, ticket.step, action.tolist(), started_ns))
         return results
 
     def _tick_engine(self, tick: ColumnarTick, model: str | None) -> Engine:
@@ -643,7 +635,7 @@ class ModelRegistry:
         others = [e for e in self.versions[name].values() if e is not target]
         if migrate:
             for other in others:
-                if len(other.table) and not target.compatible(other):
+                if len(other.table) and not session_state.compatible(target, other):
                     raise ApiError(
                         409,
                         "incompatible_model",
@@ -681,8 +673,8 @@ class ModelRegistry:
                 if not len(source.table):
                     continue
                 await source.drain()
-                async with source._step_lock, target._step_lock:
-                    moved += target.adopt(source)
+                async with source.step_lock, target.step_lock:
+                    moved += session_state.move_sessions(source, target)
         finally:
             self._steps_open.set()
             self.last_pause_s = time.perf_counter() - started
@@ -713,8 +705,10 @@ class ModelRegistry:
         log.info("model %s: version %s retired", name, version)
 
 
-def reply(engine: Engine, session_id: str, step: int, action: list[float], started_ns: int) -> ActResponse:
-    """An act response."""
+def _act_response(
+    engine: Engine, session_id: str, step: int, action: list[float], started_ns: int
+) -> ActResponse:
+    """The answer to one act request, timed from ``started_ns`` (the routes turn it into a reply)."""
     return ActResponse(
         session_id=session_id,
         step=step,

@@ -1,8 +1,12 @@
 """The session table of one model: ids, slots and per-slot counters, all in flat numpy arrays.
 
 A session *is* a slot of the model's :class:`~trmrl.slot_pool.SlotPool` plus one row of each array
-here; the only per-session Python values are the id -> slot dictionary entry and its reverse. The
-batched step reads and writes the arrays with fancy indexing, never with a loop over sessions.
+here; the only per-session Python values are the id -> slot dictionary entry, its reverse and the
+session's owner. Others read the arrays; only the table's verbs write them -- a step begins
+(:meth:`SessionTable.begin_step`), is committed or rolled back (:meth:`~SessionTable.commit`,
+:meth:`~SessionTable.roll_back`), a snapshot is loaded (:meth:`~SessionTable.load`), sessions move
+(:meth:`~SessionTable.take_over`) -- each for any set of slots with fancy indexing, never with a loop
+over sessions.
 
 Slots are handed out from a free list. A session ends by deletion, by idle expiry (its own
 ``ttl_s``) or, when the table is full and a new session is wanted, by eviction of the least recently
@@ -16,11 +20,28 @@ from __future__ import annotations
 import secrets
 import time
 from itertools import repeat
+from typing import Any
 
 import numpy as np
 
 from service import errors
 from service.errors import ApiError
+
+#: Per-slot columns a session takes along when it moves to another version of its model.
+_MOVED = (
+    "next_step",
+    "episodes",
+    "episode_step",
+    "deterministic",
+    "seed",
+    "ttl_s",
+    "created_at",
+    "last_active",
+    "pending_start",
+    "pending_clear",
+    "last_action",
+    "record",
+)
 
 
 class SessionTable:
@@ -117,6 +138,13 @@ class SessionTable:
             raise errors.unknown_session(session_id)
         return slot
 
+    def session_id(self, slot: int) -> str:
+        """The id of the session in ``slot`` (a 500 if the slot was released under a caller)."""
+        session_id = self.slot_ids[slot]
+        if session_id is None:
+            raise ApiError(500, "internal_error", "A session's slot was released while in use.")
+        return session_id
+
     # -- lifecycle ----------------------------------------------------------------------------------
     def create(
         self,
@@ -162,9 +190,22 @@ class SessionTable:
         self.record[slot] = record
         return session_id, slot
 
-    def take_free(self, count: int) -> np.ndarray:
-        """``count`` free slots at once (429 ``capacity_exhausted`` if there are not that many, after
-        ending expired sessions; nothing is evicted for a bulk move)."""
+    def take_over(self, source: SessionTable) -> tuple[np.ndarray, np.ndarray]:
+        """Move every session of ``source`` (nothing queued there) into free slots here, counters and
+        all; returns their slots there and here, in the same order.
+
+        429 ``capacity_exhausted`` with nothing changed if they do not fit (after ending expired
+        sessions; nothing is evicted for a move).
+        """
+        slots = self._take_free(len(source))
+        ids, owners, old = source._release_all()
+        self._adopt(ids, owners, slots)
+        for name in _MOVED:
+            getattr(self, name)[slots] = getattr(source, name)[old]
+        return old, slots
+
+    def _take_free(self, count: int) -> np.ndarray:
+        """``count`` free slots at once (429 ``capacity_exhausted`` if there are not that many)."""
         if len(self._free) < count:
             self.expire()
         if len(self._free) < count:
@@ -173,10 +214,10 @@ class SessionTable:
         del self._free[len(self._free) - count :]
         return np.asarray(taken, np.int64)
 
-    def adopt(self, session_ids: list[str], owners: list[str | None], slots: np.ndarray) -> None:
-        """Register sessions moved in from elsewhere into ``slots`` (from :meth:`take_free`).
+    def _adopt(self, session_ids: list[str], owners: list[str | None], slots: np.ndarray) -> None:
+        """Register sessions moved in from elsewhere into ``slots`` (from :meth:`_take_free`).
 
-        Only the ids, owners and in-use flags are set here: the caller copies every per-slot column.
+        Only the ids, owners and in-use flags are set here: :meth:`take_over` copies the columns.
         """
         self.ids.update(zip(session_ids, slots.tolist(), strict=True))
         for slot, session_id, owner in zip(slots.tolist(), session_ids, owners, strict=True):
@@ -187,8 +228,8 @@ class SessionTable:
         self.queued[slots] = 0
         self.release_when_idle[slots] = False
 
-    def release_all(self) -> tuple[list[str], list[str | None], np.ndarray]:
-        """End every session at once (they moved elsewhere); returns their ids, owners and slots.
+    def _release_all(self) -> tuple[list[str], list[str | None], np.ndarray]:
+        """End every session at once (they move elsewhere); returns their ids, owners and slots.
 
         The table must have no queued steps (the caller drained it).
         """
@@ -248,7 +289,7 @@ class SessionTable:
         else:
             self._free.append(slot)
 
-    def release_idle(self, slots: np.ndarray) -> None:
+    def _release_idle(self, slots: np.ndarray) -> None:
         """Return to the free list the ended slots among ``slots`` whose queued steps have completed."""
         done = slots[self.release_when_idle[slots] & (self.queued[slots] == 0)]
         if len(done):
@@ -273,8 +314,84 @@ class SessionTable:
             return True
         raise errors.step_conflict(expected, step)
 
-    def session_id(self, slot: int) -> str:
-        session_id = self.slot_ids[slot]
-        if session_id is None:
-            raise ApiError(500, "internal_error", "A session's slot was released while in use.")
-        return session_id
+    def touch(self, slots: int | np.ndarray) -> None:
+        """The sessions were active now (a step, a retry): their idle time starts again."""
+        self.last_active[slots] = time.monotonic()
+
+    def begin_step(
+        self, slots: int | np.ndarray, batch_id: int, rows: int | np.ndarray
+    ) -> tuple[Any, Any, Any]:
+        """Queue the next step of each of ``slots`` (distinct) at ``rows`` of batch ``batch_id``; one
+        slot (a request's step) or an array of them (a tick's rows).
+
+        Returns what the batch keeps of each row, as numpy scalars or arrays: the slot's generation
+        (a step of a session ended meanwhile is not committed), whether a pending episode start is
+        consumed and whether the window is to be cleared first. Both are consumed here;
+        :meth:`roll_back` re-arms them.
+        """
+        generation = self.generation[slots]
+        pending = self.pending_start[slots]
+        clear = self.pending_clear[slots]
+        self.pending_start[slots] = False
+        self.pending_clear[slots] = False
+        self.queued[slots] += 1
+        self.last_batch[slots] = batch_id
+        self.last_row[slots] = rows
+        return generation, pending, clear
+
+    def alive(self, slots: np.ndarray, generation: np.ndarray) -> np.ndarray:
+        """Which of a batch's rows still belong to the session that queued them."""
+        return self.generation[slots] == generation
+
+    def commit(self, slots: np.ndarray, live: np.ndarray, start: np.ndarray, actions: np.ndarray) -> None:
+        """Count a computed batch's steps: the live rows' sessions advance (``start``: the step began an
+        episode) and remember their actions; the slots of ended sessions are released once idle."""
+        self.queued[slots] -= 1
+        if live.all():
+            self.next_step[slots] += 1
+            self.episodes[slots] += start
+            self.episode_step[slots] = np.where(start, 1, self.episode_step[slots] + 1)
+            self.last_action[slots] = actions
+            return
+        kept = slots[live]
+        self.next_step[kept] += 1
+        self.episodes[kept] += start[live]
+        self.episode_step[kept] = np.where(start[live], 1, self.episode_step[kept] + 1)
+        self.last_action[kept] = actions[live]
+        self._release_idle(slots[~live])
+
+    def roll_back(
+        self, slots: np.ndarray, generation: np.ndarray, start_was_pending: np.ndarray, clear: np.ndarray
+    ) -> None:
+        """Undo :meth:`begin_step` for a batch that failed, so a retry behaves like the first try."""
+        self.queued[slots] -= 1
+        live = self.alive(slots, generation)
+        self.pending_start[slots[live & start_was_pending]] = True
+        self.pending_clear[slots[live & clear]] = True
+        self._release_idle(slots[~live])
+
+    def load(
+        self,
+        slots: np.ndarray,
+        *,
+        steps: np.ndarray,
+        episodes: np.ndarray,
+        episode_start_pending: np.ndarray,
+        deterministic: np.ndarray,
+        seed: np.ndarray,
+        ttl_s: np.ndarray,
+        created_at: np.ndarray,
+        last_action: np.ndarray,
+    ) -> None:
+        """Give sessions the counters of a snapshot or a saved block; their memory is loaded into the
+        slot pool alongside, so their windows are not cleared at the next step."""
+        self.next_step[slots] = steps
+        self.episodes[slots] = episodes
+        self.pending_start[slots] = episode_start_pending
+        self.pending_clear[slots] = False
+        self.deterministic[slots] = deterministic
+        self.seed[slots] = seed
+        self.ttl_s[slots] = ttl_s
+        self.created_at[slots] = created_at
+        self.last_action[slots] = last_action
+        self.last_active[slots] = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -17,7 +18,6 @@ from trmrl.checkpoint import (
     CheckpointInfo,
     content_hash,
     load_checkpoint,
-    pack_archive,
     save_checkpoint,
 )
 from trmrl.model import ModelConfig, TrMRL
@@ -83,6 +83,15 @@ def test_save_replaces_an_existing_checkpoint_atomically(saved: Path, model: TrM
     assert second.content_hash != first
     assert load_checkpoint(saved).info.content_hash == second.content_hash
     assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]  # no staging leftovers
+
+
+def pack_archive(directory: Path) -> bytes:
+    """Pack a checkpoint directory into ``.tar.gz`` bytes, as one is shipped as a single file."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            archive.add(directory / name, arcname=name)
+    return buffer.getvalue()
 
 
 def test_archive_loads_like_the_directory(saved: Path, tmp_path: Path) -> None:

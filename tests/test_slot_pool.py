@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from trmrl.memory import fit_windows
 from trmrl.model import ModelConfig, TrMRL
 from trmrl.slot_pool import SlotPool
 
@@ -155,20 +156,35 @@ def test_memoryless_tokens_carry_the_observation_only() -> None:
     assert pool.windows[0, 0].tolist() == [2.0, 2.0, 0.0, 0.0, 0.0]
 
 
-def test_snapshot_restore_reproduces_the_next_output() -> None:
+def test_read_write_reproduces_the_next_output() -> None:
     pool = _pool(window=3)
     for i in range(4):
         _step(pool, 0, float(i), reward=0.1 * i, start=i == 0)
-    snap = pool.snapshot(0)
-    pool.restore(3, snap)
+    memory = pool.read(torch.tensor([0]))
+    pool.write(torch.tensor([3]), memory)
     with torch.no_grad():
         a = pool.step(torch.tensor([0]), torch.ones(1, 2), torch.tensor([0.2]), torch.tensor([False]))
         b = pool.step(torch.tensor([3]), torch.ones(1, 2), torch.tensor([0.2]), torch.tensor([False]))
     torch.testing.assert_close(a.output.mean, b.output.mean, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="window shape"):
-        pool.restore(1, snap._replace(window=torch.zeros(2, 5)))
-    with pytest.raises(ValueError, match="length 9"):
-        pool.restore(1, snap._replace(length=9))
+    before = pool.read(torch.tensor([1]))
+    with pytest.raises(ValueError, match="windows shape"):
+        pool.write(torch.tensor([1]), memory._replace(windows=torch.zeros(1, 2, 5)))
+    with pytest.raises(ValueError, match="lengths"):
+        pool.write(torch.tensor([1]), memory._replace(lengths=torch.tensor([9])))
+    after = pool.read(torch.tensor([1]))
+    for old, new in zip(before, after, strict=True):
+        torch.testing.assert_close(old, new, rtol=0, atol=0)
+
+
+def test_a_batched_read_and_write_move_many_slots_at_once() -> None:
+    pool = _pool(window=3)
+    for i in range(5):
+        _step(pool, 0, float(i), start=i == 0)
+        _step(pool, 1, -float(i), start=i == 0)
+    pool.write(torch.tensor([3, 2]), pool.read(torch.tensor([0, 1])))
+    moved, kept = pool.read(torch.tensor([2, 3])), pool.read(torch.tensor([1, 0]))
+    for a, b in zip(moved, kept, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_failed_forward_leaves_the_pool_unchanged() -> None:
@@ -184,3 +200,15 @@ def test_failed_forward_leaves_the_pool_unchanged() -> None:
 def test_bytes_per_slot_is_the_window_plus_counters() -> None:
     pool = _pool(window=5)
     assert pool.bytes_per_slot == 5 * 5 * 4 + 8 + 1 * 4
+
+
+def test_windows_refitted_to_another_length_keep_the_newest_memories() -> None:
+    windows = torch.arange(1.0, 5.0).view(1, 4, 1).repeat(2, 1, 1)
+    windows[1, 2:] = 0.0  # the second window holds two memories
+    lengths = torch.tensor([4, 2])
+    shorter, short_lengths = fit_windows(windows, lengths, 3)
+    assert shorter.squeeze(-1).tolist() == [[2.0, 3.0, 4.0], [1.0, 2.0, 0.0]]
+    assert short_lengths.tolist() == [3, 2]
+    longer, long_lengths = fit_windows(windows, lengths, 6)
+    assert longer.squeeze(-1).tolist() == [[1.0, 2.0, 3.0, 4.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0, 0.0, 0.0]]
+    assert long_lengths.tolist() == [4, 2]

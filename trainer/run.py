@@ -43,6 +43,7 @@ from trainer.ppo import (
 )
 from trainer.rollout import TrialSampler
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from trmrl.device import resolve_device
 from trmrl.model import ModelConfig
 from trmrl.networks import build_model
 from trmrl.tasks import Task, TaskFamily, get_family
@@ -66,12 +67,6 @@ class TrainResult:
     updates: int
     seconds: float
     last_eval: dict[str, float]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:

@@ -14,7 +14,6 @@ truncated, corrupted, foreign or mismatched checkpoint never reaches a model.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -289,12 +288,3 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
         content_hash=expected_hash,
     )
     return Checkpoint(model, info, where)
-
-
-def pack_archive(directory: str | Path) -> bytes:
-    """Pack a checkpoint directory into ``.tar.gz`` bytes (for shipping one file)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            archive.add(Path(directory) / name, arcname=name)
-    return buffer.getvalue()

@@ -19,8 +19,8 @@ form a CUDA graph can hold:
 On the CPU the same code runs eagerly (no graphs), which is how the tests check padding, the scratch
 slot and the precision bounds without a GPU. The CUDA-only lines are the ones under ``self.cuda``.
 
-The slot pool's tensors must be updated in place only (as :class:`SlotPool` and the service do): a
-graph holds their addresses. If they are replaced, the graphs are captured again on the next step.
+The slot pool's tensors must be updated in place only (as :class:`SlotPool` does): a graph holds
+their addresses. If they are replaced, the graphs are captured again on the next step.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class BucketedStep:
         >>> n = 3
         >>> actions = step.run(np.arange(n), np.zeros((n, 2), np.float32), np.zeros(n, np.float32),
         ...                    np.ones(n, bool), np.ones(n, bool), np.ones(n, bool))
-        >>> actions.shape, pool.lengths[:n].tolist()
+        >>> actions.shape, pool.read(torch.arange(n)).lengths.tolist()
         ((3, 2), [1, 1, 1])
     """
 
@@ -243,11 +243,8 @@ class BucketedStep:
         return self._out_np[:n].copy()
 
     # -- CUDA graphs (CUDA only) ----------------------------------------------------------------------
-    def _pool_addresses(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in (self.pool.windows, self.pool.lengths, self.pool.prev_action))
-
     def _graph(self, size: int) -> torch.cuda.CUDAGraph:
-        if self._captured_for != self._pool_addresses():
+        if self._captured_for != self.pool.addresses():
             self.capture()
         return self._cuda_graphs[size]
 
@@ -289,7 +286,7 @@ class BucketedStep:
                 self._graph_pool = graph.pool()
             self._cuda_graphs[size] = graph
         torch.cuda.synchronize(self.device)
-        self._captured_for = self._pool_addresses()
+        self._captured_for = self.pool.addresses()
 
     @property
     def captured(self) -> tuple[int, ...]:

@@ -122,3 +122,32 @@ def begin_step(
         include_previous=include_previous,
     )
     return memory, lengths, prev_action, tokens
+
+
+def fit_windows(windows: Tensor, lengths: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Left-aligned windows refitted to ``size`` memories: a shorter window keeps the newest ones.
+
+    Args:
+        windows: ``[B, N, D]`` left-aligned windows (not modified).
+        lengths: ``[B]`` number of memories held (0..N).
+        size: the new window length.
+
+    Returns:
+        ``(windows, lengths)`` as ``[B, size, D]`` and ``[B]``.
+
+    Example:
+        >>> w = torch.arange(3.0).view(1, 3, 1)
+        >>> fitted, n = fit_windows(w, torch.tensor([3]), 2)
+        >>> fitted.flatten().tolist(), n.tolist()
+        ([1.0, 2.0], [2])
+    """
+    n = windows.shape[1]
+    if n > size:
+        # The newest ``size`` memories start at ``length - size``.
+        first = (lengths - size).clamp(min=0)
+        rows = first.unsqueeze(1) + torch.arange(size, device=windows.device)
+        windows = windows.gather(1, rows.unsqueeze(-1).expand(-1, -1, windows.shape[2]))
+        lengths = lengths.clamp(max=size)
+    elif n < size:
+        windows = torch.cat([windows, windows.new_zeros(windows.shape[0], size - n, windows.shape[2])], 1)
+    return windows, lengths

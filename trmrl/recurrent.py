@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from trmrl.memory import begin_step
 from trmrl.model import ModelConfig, PolicyOutput, mlp, normalize_tokens
-from trmrl.slot_pool import PoolStep, SlotSnapshot
+from trmrl.slot_pool import PoolStep, SlotMemory
 
 
 class RL2(nn.Module):
@@ -177,23 +177,27 @@ class RecurrentPool:
         """Remember the actions returned for ``slots``: they enter the next working memories."""
         self.prev_action[slots] = actions.to(self.prev_action.dtype)
 
-    def snapshot(self, slot: int) -> SlotSnapshot:
-        """Copy one slot's memory to the CPU: the hidden state as a one-row ``window``."""
-        return SlotSnapshot(
-            self.hidden[slot : slot + 1].cpu().clone(),
-            int(self.lengths[slot]),
-            self.prev_action[slot].cpu().clone(),
-        )
+    def read(self, slots: Tensor) -> SlotMemory:
+        """Copies of the given slots' memories: each hidden state as a one-row ``windows`` entry."""
+        return SlotMemory(self.hidden[slots].unsqueeze(1), self.lengths[slots], self.prev_action[slots])
 
-    def restore(self, slot: int, snap: SlotSnapshot) -> None:
-        """Load a slot's memory from a snapshot (shapes are validated)."""
+    def write(self, slots: Tensor, memory: SlotMemory) -> None:
+        """Load the given slots' memories (shapes and lengths are checked first: a refused write
+        changes nothing)."""
         cfg = self.model.config
-        if tuple(snap.window.shape) != (1, cfg.rnn_hidden):
-            raise ValueError(f"hidden state shape {tuple(snap.window.shape)} != {(1, cfg.rnn_hidden)}")
-        if tuple(snap.prev_action.shape) != (cfg.act_dim,):
-            raise ValueError(f"prev_action shape {tuple(snap.prev_action.shape)} != {(cfg.act_dim,)}")
-        if not 0 <= snap.length <= 1:
-            raise ValueError(f"length {snap.length} outside [0, 1]")
-        self.hidden[slot] = snap.window[0].to(self.device)
-        self.lengths[slot] = snap.length
-        self.prev_action[slot] = snap.prev_action.to(self.device)
+        count = len(slots)
+        if tuple(memory.windows.shape) != (count, 1, cfg.rnn_hidden):
+            raise ValueError(
+                f"hidden state shape {tuple(memory.windows.shape)} != {(count, 1, cfg.rnn_hidden)}"
+            )
+        if tuple(memory.prev_action.shape) != (count, cfg.act_dim):
+            raise ValueError(f"prev_action shape {tuple(memory.prev_action.shape)} != {(count, cfg.act_dim)}")
+        if tuple(memory.lengths.shape) != (count,) or ((memory.lengths < 0) | (memory.lengths > 1)).any():
+            raise ValueError(f"lengths must be {count} values in [0, 1]")
+        self.hidden[slots] = memory.windows[:, 0].to(self.device, self.hidden.dtype)
+        self.lengths[slots] = memory.lengths.to(self.device, self.lengths.dtype)
+        self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
+
+    def addresses(self) -> tuple[int, ...]:
+        """Where the pool's tensors live on the device."""
+        return tuple(t.data_ptr() for t in (self.hidden, self.lengths, self.prev_action))

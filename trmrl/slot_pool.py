@@ -31,14 +31,15 @@ class PoolStep(NamedTuple):
     """``[B, rnn_hidden]`` a recurrent policy's hidden state before the step (``None`` for TrMRL)."""
 
 
-class SlotSnapshot(NamedTuple):
-    """The complete memory of one slot: what a session snapshot carries."""
+class SlotMemory(NamedTuple):
+    """The complete memory of some slots: what session snapshots and moves carry."""
 
-    window: Tensor
-    """``[N, token_dim]``."""
-    length: int
+    windows: Tensor
+    """``[B, N, token_dim]``."""
+    lengths: Tensor
+    """``[B]`` memories held in each window (0..N)."""
     prev_action: Tensor
-    """``[act_dim]``."""
+    """``[B, act_dim]``."""
 
 
 class SlotPool:
@@ -129,21 +130,30 @@ class SlotPool:
         """Remember the actions returned for ``slots``: they enter the next working memories."""
         self.prev_action[slots] = actions.to(self.prev_action.dtype)
 
-    def snapshot(self, slot: int) -> SlotSnapshot:
-        """Copy one slot's memory to the CPU."""
-        return SlotSnapshot(
-            self.windows[slot].cpu().clone(), int(self.lengths[slot]), self.prev_action[slot].cpu().clone()
-        )
+    def read(self, slots: Tensor) -> SlotMemory:
+        """Copies of the given slots' memories, on the pool's device."""
+        return SlotMemory(self.windows[slots], self.lengths[slots], self.prev_action[slots])
 
-    def restore(self, slot: int, snap: SlotSnapshot) -> None:
-        """Load a slot's memory from a snapshot (shapes are validated)."""
+    def write(self, slots: Tensor, memory: SlotMemory) -> None:
+        """Load the given slots' memories (shapes and lengths are checked first: a refused write
+        changes nothing)."""
         cfg = self.model.config
-        if tuple(snap.window.shape) != (cfg.window, cfg.token_dim):
-            raise ValueError(f"window shape {tuple(snap.window.shape)} != {(cfg.window, cfg.token_dim)}")
-        if tuple(snap.prev_action.shape) != (cfg.act_dim,):
-            raise ValueError(f"prev_action shape {tuple(snap.prev_action.shape)} != {(cfg.act_dim,)}")
-        if not 0 <= snap.length <= cfg.window:
-            raise ValueError(f"length {snap.length} outside [0, {cfg.window}]")
-        self.windows[slot] = snap.window.to(self.device)
-        self.lengths[slot] = snap.length
-        self.prev_action[slot] = snap.prev_action.to(self.device)
+        count = len(slots)
+        if tuple(memory.windows.shape) != (count, cfg.window, cfg.token_dim):
+            raise ValueError(
+                f"windows shape {tuple(memory.windows.shape)} != {(count, cfg.window, cfg.token_dim)}"
+            )
+        if tuple(memory.prev_action.shape) != (count, cfg.act_dim):
+            raise ValueError(f"prev_action shape {tuple(memory.prev_action.shape)} != {(count, cfg.act_dim)}")
+        if (
+            tuple(memory.lengths.shape) != (count,)
+            or ((memory.lengths < 0) | (memory.lengths > cfg.window)).any()
+        ):
+            raise ValueError(f"lengths must be {count} values in [0, {cfg.window}]")
+        self.windows[slots] = memory.windows.to(self.device, self.windows.dtype)
+        self.lengths[slots] = memory.lengths.to(self.device, self.lengths.dtype)
+        self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
+
+    def addresses(self) -> tuple[int, ...]:
+        """Where the pool's tensors live on the device (a captured CUDA graph holds these)."""
+        return tuple(t.data_ptr() for t in (self.windows, self.lengths, self.prev_action))

@@ -1,4 +1,8 @@
-"""Serialising replies straight to bytes: JSON by pydantic's serializer, MessagePack by the shared codec."""
+"""Serialising replies straight to bytes: JSON by pydantic's serializer, MessagePack by the shared codec.
+
+In the service a *reply* is what goes back to a client on the wire -- an HTTP response built here, or a
+stream's frame; the models of :mod:`service.schemas` (``ActResponse`` and the others) are its bodies.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ MSGPACK = "application/msgpack"
 
 
 def json_reply(body: BaseModel, status: int = 200) -> Response:
+    """``body`` as JSON, whatever the request asked for (health probes)."""
     return Response(body.model_dump_json().encode(), status_code=status, media_type="application/json")
 
 

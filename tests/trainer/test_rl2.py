@@ -96,17 +96,21 @@ def test_episode_scope_resets_the_hidden_state_at_each_episode_start() -> None:
     torch.testing.assert_close(again.step.output.mean, first.output.mean)
 
 
-def test_a_snapshot_restores_the_hidden_state_and_refuses_wrong_shapes() -> None:
+def test_memories_read_and_write_by_slot_and_wrong_shapes_change_nothing() -> None:
     torch.manual_seed(0)
     net = RL2(_config()).eval()
-    pool = RecurrentPool(net, capacity=2)
+    pool = RecurrentPool(net, capacity=3)
     with torch.no_grad():
         pool.step(torch.tensor([0]), torch.ones(1, 2), torch.zeros(1), torch.ones(1, dtype=torch.bool))
-    snap = pool.snapshot(0)
-    pool.restore(1, snap)
-    assert torch.equal(pool.hidden[1], pool.hidden[0]) and int(pool.lengths[1]) == 1
+    memory = pool.read(torch.tensor([0]))
+    assert memory.windows.shape == (1, 1, 16)
+    pool.write(torch.tensor([2]), memory)
+    assert torch.equal(pool.hidden[2], pool.hidden[0]) and int(pool.lengths[2]) == 1
     with pytest.raises(ValueError, match="hidden state shape"):
-        pool.restore(1, snap._replace(window=torch.zeros(1, 15)))
+        pool.write(torch.tensor([1]), memory._replace(windows=torch.ones(1, 1, 15)))
+    with pytest.raises(ValueError, match="lengths"):
+        pool.write(torch.tensor([1]), memory._replace(lengths=torch.tensor([2])))
+    assert not pool.hidden[1].any() and int(pool.lengths[1]) == 0
 
 
 @pytest.mark.parametrize("scope", ["episode", "trial"])

@@ -91,8 +91,8 @@ async def act_batch(request: Request) -> Response:
         return columnar_reply(result, msgpack=wants_msgpack(request.scope))
     valid = [item for item in items if not isinstance(item, ApiError)]
     results = iter(await registry_of(request).act_batch(valid, started, owner))
-    replies: list[ActResponse | ErrorBody] = []
+    answers: list[ActResponse | ErrorBody] = []
     for item in items:
         outcome = item if isinstance(item, ApiError) else next(results)
-        replies.append(ErrorBody.model_validate(outcome.body()) if isinstance(outcome, ApiError) else outcome)
-    return reply(ActBatchResponse.model_construct(items=replies), msgpack=wants_msgpack(request.scope))
+        answers.append(ErrorBody.model_validate(outcome.body()) if isinstance(outcome, ApiError) else outcome)
+    return reply(ActBatchResponse.model_construct(items=answers), msgpack=wants_msgpack(request.scope))

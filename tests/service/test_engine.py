@@ -209,7 +209,8 @@ async def test_a_slot_ended_with_a_step_in_flight_is_not_reused_until_it_complet
 async def test_warmup_leaves_the_pool_empty(checkpoints: dict[str, Path]) -> None:
     e = Engine("point-nav", load_checkpoint(checkpoints["point-nav"]), limits(), torch.device("cpu"))
     e.warmup()
-    assert not e.pool.windows.any() and not e.pool.lengths.any() and not e.pool.prev_action.any()
+    memory = e.pool.read(torch.arange(e.pool.capacity))
+    assert not any(tensor.any() for tensor in memory)
 
 
 async def test_stop_finishes_queued_steps(checkpoints: dict[str, Path]) -> None:

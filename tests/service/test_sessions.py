@@ -48,17 +48,66 @@ def test_delete_frees_the_slot_and_forgets_the_id() -> None:
 def test_a_slot_with_queued_steps_is_reused_only_after_they_complete() -> None:
     t = table(capacity=1, evict_idle=0.0)
     sid, slot = t.create(deterministic=True, seed=None, ttl_s=None)
-    t.queued[slot] = 1
-    generation = t.generation[slot]
+    generation, _, _ = t.begin_step(slot, 0, 0)
     t.delete(sid)
     assert t.generation[slot] == generation + 1
     with pytest.raises(ApiError) as err:
         t.create(deterministic=True, seed=None, ttl_s=None)
     assert err.value.code == "capacity_exhausted"
-    t.queued[slot] = 0
-    t.release_idle(np.array([slot]))
+    slots = np.array([slot])
+    t.commit(slots, t.alive(slots, np.array([generation])), np.array([True]), np.zeros((1, 2), np.float32))
+    assert t.next_step[slot] == 0  # the ended session's step is not counted
     _, again = t.create(deterministic=True, seed=None, ttl_s=None)
     assert again == slot
+
+
+def test_a_step_begins_then_commits_or_rolls_back() -> None:
+    t = table()
+    _, slot = t.create(deterministic=True, seed=None, ttl_s=None)
+    slots = np.array([slot])
+    generation, pending, clear = t.begin_step(slots, 7, np.array([3]))
+    assert pending.tolist() == [True] and clear.tolist() == [True]
+    assert t.expected_step(slot) == 1 and t.last_batch[slot] == 7 and t.last_row[slot] == 3
+    assert not t.pending_start[slot] and not t.pending_clear[slot]
+    t.roll_back(slots, generation, pending, clear)
+    assert t.expected_step(slot) == 0 and t.pending_start[slot] and t.pending_clear[slot]
+    generation, pending, clear = t.begin_step(slots, 8, np.array([0]))
+    t.commit(slots, t.alive(slots, generation), pending, np.ones((1, 2), np.float32))
+    assert t.expected_step(slot) == 1 and t.episodes[slot] == 1 and t.episode_step[slot] == 1
+    assert t.last_action[slot].tolist() == [1.0, 1.0]
+
+
+def test_sessions_move_to_another_table_with_their_counters() -> None:
+    source, target = table(), table()
+    sid, slot = source.create(deterministic=False, seed=5, ttl_s=9.0, owner="k")
+    target.create(deterministic=True, seed=None, ttl_s=None)
+    old, new = target.take_over(source)
+    assert old.tolist() == [slot] and len(source) == 0 and source.find(sid) is None
+    assert target.find(sid) == int(new[0]) and target.owners[int(new[0])] == "k"
+    assert target.seed[new[0]] == 5 and target.ttl_s[new[0]] == 9.0 and target.pending_start[new[0]]
+    with pytest.raises(ApiError) as err:
+        table(capacity=1).take_over(target)
+    assert err.value.code == "capacity_exhausted"
+    assert len(target) == 2  # nothing moved
+
+
+def test_a_loaded_session_continues_from_its_counters_on_its_own_window() -> None:
+    t = table()
+    _, slot = t.create(deterministic=True, seed=None, ttl_s=None)
+    t.load(
+        np.array([slot]),
+        steps=np.array([12]),
+        episodes=np.array([2]),
+        episode_start_pending=np.array([False]),
+        deterministic=np.array([False]),
+        seed=np.array([3]),
+        ttl_s=np.array([30.0]),
+        created_at=np.array([1.0]),
+        last_action=np.ones((1, 2), np.float32),
+    )
+    assert t.expected_step(slot) == 12 and t.episodes[slot] == 2
+    assert not t.pending_start[slot] and not t.pending_clear[slot]
+    assert not t.deterministic[slot] and t.seed[slot] == 3 and t.ttl_s[slot] == 30.0
 
 
 @pytest.mark.parametrize(("step", "retry"), [(None, False), (3, False), (2, True)])

@@ -1,0 +1,265 @@
+"""Session state in and out of an engine: snapshots, exports and imports, moves between versions.
+
+* one session: :func:`snapshot` takes its portable :class:`~service.schemas.SessionState`,
+  :func:`check_state` and :func:`restore` load one back (``GET``/``PUT /v1/sessions/{id}/state``);
+* every session of a model, column by column: :func:`export_sessions` and :func:`import_sessions`
+  (the state directory, ``service.state_store``);
+* every session of one version moved to another, memory intact: :func:`move_sessions`.
+
+Each runs between two batches (under the engine's step lock, or with the engine drained), when the
+slot pool and the session table agree; it reads and writes them through their own methods only.
+A session's memory is raw working memories, so it means the same to any version of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from trmrl_client.codec import INPUT_LIMIT
+
+from service import errors
+from service.engine import Engine, all_in_range
+from service.errors import ApiError
+from service.schemas import SessionState
+from trmrl.memory import fit_windows
+from trmrl.slot_pool import SlotMemory
+
+log = logging.getLogger("trmrl.service")
+
+#: Per-session scalar columns of :func:`export_sessions`.
+_COUNTERS = (
+    "length",
+    "steps",
+    "episodes",
+    "episode_start_pending",
+    "deterministic",
+    "seed",
+    "ttl_s",
+    "created_at",
+)
+
+
+def _memories(engine: Engine, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copies of the sessions' windows, lengths and previous actions (hold the step lock).
+
+    A new session (or a trial reset) clears its slot at its next step, not before: until then
+    the slot still holds its previous tenant's memory, which is not this session's, so such a
+    session's memory is reported empty.
+    """
+    memory = engine.pool.read(torch.from_numpy(slots).to(engine.device))
+    windows = memory.windows.cpu().numpy()
+    lengths = memory.lengths.cpu().numpy().astype(np.int64)
+    prev = memory.prev_action.cpu().numpy()
+    fresh = engine.table.pending_clear[slots]
+    windows[fresh], lengths[fresh], prev[fresh] = 0.0, 0, 0.0
+    return windows, lengths, prev
+
+
+def _load(engine: Engine, slots: np.ndarray, columns: dict[str, Any]) -> None:
+    """Load sessions' memories and counters (columns as :func:`export_sessions` writes them)."""
+    engine.pool.write(
+        torch.from_numpy(slots).to(engine.device),
+        SlotMemory(
+            torch.as_tensor(columns["window"], dtype=torch.float32),
+            torch.as_tensor(columns["length"], dtype=torch.long),
+            torch.as_tensor(columns["prev_action"], dtype=torch.float32),
+        ),
+    )
+    engine.table.load(
+        slots,
+        steps=columns["steps"],
+        episodes=columns["episodes"],
+        episode_start_pending=columns["episode_start_pending"],
+        deterministic=columns["deterministic"],
+        seed=columns["seed"],
+        ttl_s=columns["ttl_s"],
+        created_at=columns["created_at"],
+        last_action=columns["last_action"],
+    )
+
+
+# -- one session ----------------------------------------------------------------------------------------
+async def snapshot(engine: Engine, slot: int) -> SessionState:
+    """The portable state of one session: its committed steps (a queued step is not in it)."""
+    async with engine.step_lock:
+        windows, lengths, prev = _memories(engine, np.asarray([slot], np.int64))
+        table = engine.table
+        return SessionState(
+            session_id=table.session_id(slot),
+            model=engine.name,
+            model_version=engine.version,
+            window=windows[0].tolist(),
+            length=int(lengths[0]),
+            prev_action=prev[0].tolist(),
+            last_action=table.last_action[slot].tolist(),
+            steps=int(table.next_step[slot]),
+            episodes=int(table.episodes[slot]),
+            episode_start_pending=bool(table.pending_start[slot]),
+            deterministic=bool(table.deterministic[slot]),
+            seed=int(table.seed[slot]),
+            ttl_s=float(table.ttl_s[slot]),
+            created_at=float(table.created_at[slot]),
+        )
+
+
+def check_state(engine: Engine, state: SessionState) -> None:
+    """Refuse a snapshot that was not taken with this model or does not fit it (before any change)."""
+    if state.model_version != engine.version:
+        raise errors.model_version_mismatch(engine.name, engine.version, state.model_version)
+    cfg = engine.model.config
+    rows = {len(row) for row in state.window}
+    if len(state.window) != cfg.window or rows != {cfg.token_dim}:
+        raise errors.invalid_snapshot(
+            f"'window' must be {cfg.window} rows of {cfg.token_dim} numbers",
+            {"field": "window", "expected": [cfg.window, cfg.token_dim]},
+        )
+    if state.length > cfg.window:
+        raise errors.invalid_snapshot(
+            f"'length' must be at most {cfg.window}", {"field": "length", "expected_max": cfg.window}
+        )
+    for field in ("prev_action", "last_action"):
+        values = getattr(state, field)
+        if len(values) != engine.act_dim:
+            raise errors.wrong_length(field, engine.act_dim, len(values))
+        if not all_in_range(values):
+            raise errors.out_of_range(field, values, INPUT_LIMIT)
+    for row in state.window:
+        if not all_in_range(row):
+            raise errors.out_of_range("window", row, INPUT_LIMIT)
+
+
+async def restore(engine: Engine, slot: int, state: SessionState) -> None:
+    """Load a checked snapshot into ``slot``, a session with no steps in flight."""
+    async with engine.step_lock:
+        if engine.table.queued[slot]:
+            raise errors.session_busy(engine.table.session_id(slot))
+        _load(
+            engine,
+            np.asarray([slot], np.int64),
+            {
+                "window": [state.window],
+                "length": [state.length],
+                "prev_action": [state.prev_action],
+                "last_action": [state.last_action],
+                "steps": state.steps,
+                "episodes": state.episodes,
+                "episode_start_pending": state.episode_start_pending,
+                "deterministic": state.deterministic,
+                "seed": state.seed,
+                "ttl_s": state.ttl_s,
+                "created_at": state.created_at,
+            },
+        )
+
+
+# -- every session of a model -------------------------------------------------------------------------
+async def export_sessions(engine: Engine) -> dict[str, Any]:
+    """Every session of the engine's model, column by column (the state directory's format).
+
+    Array copies only, under the step lock: cheap on the event loop even for many sessions; the
+    caller encodes them elsewhere.
+    """
+    async with engine.step_lock:
+        table = engine.table
+        slots = np.asarray(sorted(table.ids.values()), np.int64)
+        window, length, prev = _memories(engine, slots)
+        return {
+            "model": engine.name,
+            "model_version": engine.version,
+            "session_ids": [table.slot_ids[slot] for slot in slots.tolist()],
+            "owners": [table.owners[slot] for slot in slots.tolist()],
+            "window": window,
+            "length": length,
+            "prev_action": prev,
+            "last_action": table.last_action[slots],
+            "steps": table.next_step[slots],
+            "episodes": table.episodes[slots],
+            "episode_start_pending": table.pending_start[slots],
+            "deterministic": table.deterministic[slots],
+            "seed": table.seed[slots],
+            "ttl_s": table.ttl_s[slots],
+            "created_at": table.created_at[slots],
+        }
+
+
+async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
+    """Restore sessions written by :func:`export_sessions`; returns how many.
+
+    The block is checked as a whole first (version, shapes, finite numbers) and refused as a
+    whole (``ValueError``) if it does not fit; ids already in use and sessions beyond the
+    capacity are skipped.
+    """
+    if block.get("model_version") != engine.version:
+        raise ValueError(
+            f"written by version {block.get('model_version')} of the model, this is {engine.version}"
+        )
+    cfg = engine.model.config
+    ids, owners = block["session_ids"], block["owners"]
+    count = len(ids)
+    shapes = {
+        "window": (count, cfg.window, cfg.token_dim),
+        "prev_action": (count, engine.act_dim),
+        "last_action": (count, engine.act_dim),
+    }
+    columns = {name: np.asarray(block[name]) for name in (*shapes, *_COUNTERS)}
+    for name, shape in shapes.items():
+        if columns[name].shape != shape or not np.isfinite(columns[name]).all():
+            raise ValueError(f"column {name!r} is not {shape} finite numbers")
+    for name in _COUNTERS:
+        if columns[name].shape != (count,):
+            raise ValueError(f"column {name!r} does not hold {count} values")
+    length = columns["length"]
+    if len(owners) != count or ((length < 0) | (length > cfg.window)).any() or (columns["steps"] < 0).any():
+        raise ValueError("owners, lengths or step counts are out of range")
+    table = engine.table
+    slots: list[int] = []
+    kept: list[int] = []
+    async with engine.step_lock:
+        for i, (session_id, owner) in enumerate(zip(ids, owners, strict=True)):
+            if not isinstance(session_id, str) or session_id in table.ids:
+                continue
+            try:
+                _, slot = table.create(
+                    deterministic=bool(columns["deterministic"][i]),
+                    seed=int(columns["seed"][i]),
+                    ttl_s=float(columns["ttl_s"][i]),
+                    owner=owner if isinstance(owner, str) else None,
+                    session_id=session_id,
+                )
+            except ApiError:
+                log.warning("model %s is full: %d saved sessions not restored", engine.name, count - i)
+                break
+            slots.append(slot)
+            kept.append(i)
+        if not slots:
+            return 0
+        rows = np.asarray(kept)
+        _load(engine, np.asarray(slots, np.int64), {name: column[rows] for name, column in columns.items()})
+    return len(slots)
+
+
+# -- moving sessions between versions -----------------------------------------------------------------
+def compatible(a: Engine, b: Engine) -> bool:
+    """Whether sessions can move between the two models: same observation and action sizes."""
+    return (a.obs_dim, a.act_dim) == (b.obs_dim, b.act_dim)
+
+
+def move_sessions(source: Engine, target: Engine) -> int:
+    """Move every session of ``source`` to ``target`` with its memory intact; returns how many moved.
+
+    The caller holds both step locks and has drained ``source``. The window is copied as it is (a
+    shorter window keeps the newest memories). Nothing changes if they do not fit (429).
+    """
+    count = len(source.table)
+    if not count:
+        return 0
+    old, slots = target.table.take_over(source.table)
+    memory = source.pool.read(torch.from_numpy(old).to(source.device))
+    windows, lengths = fit_windows(memory.windows, memory.lengths, target.model.config.window)
+    target.pool.write(
+        torch.from_numpy(slots).to(target.device), SlotMemory(windows, lengths, memory.prev_action)
+    )
+    return count
