@@ -121,6 +121,12 @@ class SlotStore:
         raise NotImplementedError
 
     @property
+    def memory_shape(self) -> tuple[int, int]:
+        """``(rows, width)`` of one slot's memory: ``(N, token_dim)`` for a window, ``(1, H)`` for a
+        hidden state."""
+        return int(self.windows.shape[1]), int(self.windows.shape[2])
+
+    @property
     def bytes_per_slot(self) -> int:
         """Device memory one slot occupies."""
         tensors = (self.windows, self.lengths, self.prev_action)
