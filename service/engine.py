@@ -41,6 +41,7 @@ from service.sessions import SessionTable
 from trmrl.checkpoint import Checkpoint, CheckpointError
 from trmrl.graphed import BucketedStep, Precision
 from trmrl.model import TrMRL
+from trmrl.networks import make_pool
 from trmrl.policy import act, counter_normal
 from trmrl.slot_pool import SlotPool
 from trmrl.tasks.trials import EARLY_STEPS as ADAPTATION_STEPS
@@ -178,10 +179,14 @@ class Engine:
         self.checkpoint = checkpoint
         self.limits = limits
         self.device = device
-        if not isinstance(checkpoint.model, TrMRL):
+        # On a GPU (or in reduced precision) the step runs at fixed shapes through BucketedStep, whose
+        # padded rows need a slot of their own: one past the sessions'. The CPU float32 path is the
+        # trainer's own `act`, bit for bit, and needs none. An RL² policy (a GRU whose memory is its
+        # hidden state) runs that eager path on every device, in float32.
+        recurrent = not isinstance(checkpoint.model, TrMRL)
+        if recurrent and limits.precision != "fp32":
             raise CheckpointError(
-                f"{checkpoint.path}: a {checkpoint.model.config.policy} policy cannot be served: the service "
-                "serves TrMRL checkpoints (RL² baselines are evaluated with trmrl-eval)"
+                f"{checkpoint.path}: an rl2 policy is served in fp32 only (TRMRL_DTYPE={limits.precision})"
             )
         cfg = checkpoint.model.config
         self.obs_dim = cfg.obs_dim
@@ -190,14 +195,12 @@ class Engine:
         self.model = checkpoint.model.to(device).eval()
         self.low = torch.tensor(checkpoint.info.action_low, dtype=torch.float32, device=device)
         self.high = torch.tensor(checkpoint.info.action_high, dtype=torch.float32, device=device)
-        # On a GPU (or in reduced precision) the step runs at fixed shapes through BucketedStep, whose
-        # padded rows need a slot of their own: one past the sessions'. The CPU float32 path is the
-        # trainer's own `act`, bit for bit, and needs none.
-        fixed_shapes = device.type == "cuda" or limits.precision != "fp32"
+        fixed_shapes = not recurrent and (device.type == "cuda" or limits.precision != "fp32")
         scratch = limits.max_sessions
-        self.pool = SlotPool(self.model, limits.max_sessions + (1 if fixed_shapes else 0), device)
+        self.pool = make_pool(self.model, limits.max_sessions + (1 if fixed_shapes else 0), device)
         self._fixed: BucketedStep | None = None
         if fixed_shapes:
+            assert isinstance(self.pool, SlotPool)
             self._fixed = BucketedStep(
                 self.pool,
                 self.low,

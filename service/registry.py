@@ -639,9 +639,11 @@ class ModelRegistry:
                     raise ApiError(
                         409,
                         "incompatible_model",
-                        f"Version {version} of {name!r} takes {target.obs_dim} observations and gives "
-                        f"{target.act_dim} actions; version {other.version} has {other.obs_dim} and "
-                        f"{other.act_dim}: its sessions cannot move.",
+                        f"Version {version} of {name!r} ({target.model.config.policy}, memory "
+                        f"{target.pool.memory_shape}) takes {target.obs_dim} observations and gives "
+                        f"{target.act_dim} actions; version {other.version} ({other.model.config.policy}, "
+                        f"memory {other.pool.memory_shape}) has {other.obs_dim} and {other.act_dim}: "
+                        "its sessions cannot move.",
                         {"model": name, "version": version, "from_version": other.version},
                     )
             moving = sum(len(other.table) for other in others)

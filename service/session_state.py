@@ -109,17 +109,15 @@ def check_state(engine: Engine, state: SessionState) -> None:
     """Refuse a snapshot that was not taken with this model or does not fit it (before any change)."""
     if state.model_version != engine.version:
         raise errors.model_version_mismatch(engine.name, engine.version, state.model_version)
-    cfg = engine.model.config
+    # A TrMRL window: N working memories; an RL² memory: its hidden state as one row.
+    n, width = engine.pool.memory_shape
     rows = {len(row) for row in state.window}
-    if len(state.window) != cfg.window or rows != {cfg.token_dim}:
+    if len(state.window) != n or rows != {width}:
         raise errors.invalid_snapshot(
-            f"'window' must be {cfg.window} rows of {cfg.token_dim} numbers",
-            {"field": "window", "expected": [cfg.window, cfg.token_dim]},
+            f"'window' must be {n} rows of {width} numbers", {"field": "window", "expected": [n, width]}
         )
-    if state.length > cfg.window:
-        raise errors.invalid_snapshot(
-            f"'length' must be at most {cfg.window}", {"field": "length", "expected_max": cfg.window}
-        )
+    if state.length > n:
+        raise errors.invalid_snapshot(f"'length' must be at most {n}", {"field": "length", "expected_max": n})
     for field in ("prev_action", "last_action"):
         values = getattr(state, field)
         if len(values) != engine.act_dim:
@@ -196,11 +194,11 @@ async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
         raise ValueError(
             f"written by version {block.get('model_version')} of the model, this is {engine.version}"
         )
-    cfg = engine.model.config
+    n, width = engine.pool.memory_shape
     ids, owners = block["session_ids"], block["owners"]
     count = len(ids)
     shapes = {
-        "window": (count, cfg.window, cfg.token_dim),
+        "window": (count, n, width),
         "prev_action": (count, engine.act_dim),
         "last_action": (count, engine.act_dim),
     }
@@ -212,7 +210,7 @@ async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
         if columns[name].shape != (count,):
             raise ValueError(f"column {name!r} does not hold {count} values")
     length = columns["length"]
-    if len(owners) != count or ((length < 0) | (length > cfg.window)).any() or (columns["steps"] < 0).any():
+    if len(owners) != count or ((length < 0) | (length > n)).any() or (columns["steps"] < 0).any():
         raise ValueError("owners, lengths or step counts are out of range")
     table = engine.table
     slots: list[int] = []
@@ -243,8 +241,12 @@ async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
 
 # -- moving sessions between versions -----------------------------------------------------------------
 def compatible(a: Engine, b: Engine) -> bool:
-    """Whether sessions can move between the two models: same observation and action sizes."""
-    return (a.obs_dim, a.act_dim) == (b.obs_dim, b.act_dim)
+    """Whether sessions can move between the two models: same observation and action sizes, and the
+    same kind of memory (any two TrMRL windows refit; RL² hidden states move between equal widths)."""
+    if (a.obs_dim, a.act_dim) != (b.obs_dim, b.act_dim):
+        return False
+    kind_a, kind_b = a.model.config.policy, b.model.config.policy
+    return kind_a == kind_b and (kind_a == "trmrl" or a.pool.memory_shape == b.pool.memory_shape)
 
 
 def move_sessions(source: Engine, target: Engine) -> int:
@@ -258,7 +260,7 @@ def move_sessions(source: Engine, target: Engine) -> int:
         return 0
     old, slots = target.table.take_over(source.table)
     memory = source.pool.read(torch.from_numpy(old).to(source.device))
-    windows, lengths = fit_windows(memory.windows, memory.lengths, target.model.config.window)
+    windows, lengths = fit_windows(memory.windows, memory.lengths, target.pool.memory_shape[0])
     target.pool.write(
         torch.from_numpy(slots).to(target.device), SlotMemory(windows, lengths, memory.prev_action)
     )

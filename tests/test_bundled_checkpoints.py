@@ -59,7 +59,7 @@ def test_shipped_trmrl_policy_beats_its_memoryless_reference(name: str) -> None:
 
 
 BASELINES = sorted(p for p in (CHECKPOINTS / "baselines").iterdir() if (p / CONFIG_FILE).is_file())
-"""RL² baselines shipped beside the TrMRL policies (evaluated with trmrl-eval; the service serves TrMRL)."""
+"""RL² baselines shipped beside the TrMRL policies (in a folder the demo and model directories skip)."""
 
 
 def test_rl2_baselines_are_shipped() -> None:

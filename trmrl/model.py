@@ -212,6 +212,16 @@ def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def heads(config: ModelConfig, memory_width: int) -> tuple[nn.Sequential, nn.Parameter, nn.Sequential]:
+    """The policy mean MLP, the state-independent log-std and the value MLP over a memory of
+    ``memory_width`` (with ``value_input="observation"`` the value reads the newest working memory)."""
+    c = config
+    policy_mean = mlp([memory_width, *c.head_hidden, c.act_dim], out_gain=c.policy_out_gain)
+    log_std = nn.Parameter(torch.full((c.act_dim,), math.log(c.init_std)))
+    value_in = memory_width if c.value_input == "memory" else c.token_dim
+    return policy_mean, log_std, mlp([value_in, *c.head_hidden, 1], out_gain=1.0)
+
+
 class TrMRL(nn.Module):
     """The TrMRL policy and value network.
 
@@ -233,10 +243,7 @@ class TrMRL(nn.Module):
         self.embed = nn.Linear(c.token_dim, c.d_model, bias=False)
         self.register_buffer("positions", sinusoidal_positions(c.window, c.d_model), persistent=False)
         self.layers = nn.ModuleList(EncoderLayer(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
-        self.policy_mean = mlp([c.d_model, *c.head_hidden, c.act_dim], out_gain=c.policy_out_gain)
-        self.log_std = nn.Parameter(torch.full((c.act_dim,), math.log(c.init_std)))
-        value_in = c.d_model if c.value_input == "memory" else c.token_dim
-        self.value = mlp([value_in, *c.head_hidden, 1], out_gain=1.0)
+        self.policy_mean, self.log_std, self.value = heads(c, c.d_model)
         # Observation normalisation lives in the network so that every path applies the same statistics.
         self.register_buffer("obs_mean", torch.zeros(c.obs_dim))
         self.register_buffer("obs_std", torch.ones(c.obs_dim))

@@ -11,14 +11,11 @@ unchanged. PPO trains it with truncated backpropagation through time over stored
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from trmrl.memory import begin_step
-from trmrl.model import ModelConfig, PolicyOutput, mlp, normalize_tokens
-from trmrl.slot_pool import PoolStep, SlotMemory
+from trmrl.model import ModelConfig, PolicyOutput, heads, normalize_tokens
+from trmrl.slot_pool import PoolStep, SlotStore
 
 
 class RL2(nn.Module):
@@ -44,10 +41,7 @@ class RL2(nn.Module):
         self.obs_mean: Tensor
         self.obs_std: Tensor
         self.gru = nn.GRU(c.token_dim, c.rnn_hidden)
-        self.policy_mean = mlp([c.rnn_hidden, *c.head_hidden, c.act_dim], out_gain=c.policy_out_gain)
-        self.log_std = nn.Parameter(torch.full((c.act_dim,), math.log(c.init_std)))
-        value_in = c.rnn_hidden if c.value_input == "memory" else c.token_dim
-        self.value = mlp([value_in, *c.head_hidden, 1], out_gain=1.0)
+        self.policy_mean, self.log_std, self.value = heads(c, c.rnn_hidden)
         self.register_buffer("obs_mean", torch.zeros(c.obs_dim))
         self.register_buffer("obs_std", torch.ones(c.obs_dim))
         with torch.no_grad():
@@ -99,8 +93,8 @@ class RL2(nn.Module):
         return PolicyOutput(out.mean[0], out.log_std, out.value[0]), last
 
 
-class RecurrentPool:
-    """Every session's (or environment's) hidden state in one ``[capacity, rnn_hidden]`` tensor.
+class RecurrentPool(SlotStore):
+    """Every session's (or environment's) hidden state as the one memory row of its slot.
 
     The same interface as :class:`~trmrl.slot_pool.SlotPool`: :meth:`step` clears the slots that start
     a trial (or an episode, with ``memory_scope="episode"``), builds their working memories, advances
@@ -118,86 +112,22 @@ class RecurrentPool:
     """
 
     def __init__(self, model: RL2, capacity: int, device: torch.device | str | None = None) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1 (got {capacity})")
         cfg = model.config
+        super().__init__(model, capacity, 1, cfg.rnn_hidden, cfg.act_dim, device)
         self.model = model
-        self.capacity = capacity
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.hidden = torch.zeros(capacity, cfg.rnn_hidden, device=self.device)
-        self.lengths = torch.zeros(capacity, dtype=torch.long, device=self.device)
-        """1 once a slot has taken a step since it was cleared, else 0 (a window's fill count, capped)."""
-        self.prev_action = torch.zeros(capacity, cfg.act_dim, device=self.device)
 
     @property
-    def bytes_per_slot(self) -> int:
-        """Device memory one slot occupies."""
-        tensors = (self.hidden, self.lengths, self.prev_action)
-        return sum(t[0].numel() * t.element_size() for t in tensors)
+    def hidden(self) -> Tensor:
+        """``[capacity, rnn_hidden]``: the slots' hidden states (a view of their one memory row)."""
+        return self.windows[:, 0]
 
-    def clear(self, slots: Tensor) -> None:
-        """Forget everything the given slots hold (a new trial, a freed session)."""
-        self.hidden[slots] = 0.0
-        self.lengths[slots] = 0
-        self.prev_action[slots] = 0.0
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
 
-    def step(
-        self,
-        slots: Tensor,
-        obs: Tensor,
-        reward: Tensor,
-        episode_start: Tensor,
-        applied_action: Tensor | None = None,
-        applied_mask: Tensor | None = None,
-        clear: Tensor | None = None,
-    ) -> PoolStep:
-        """Advance ``slots`` by one step; the arguments mean what they mean for ``SlotPool.step``."""
-        cfg = self.model.config
-        hidden, _, prev_action, tokens = begin_step(
-            self.hidden[slots],
-            self.lengths[slots],
-            self.prev_action[slots],
-            obs,
-            reward,
-            episode_start,
-            applied_action,
-            applied_mask,
-            clear,
-            episode_scope=cfg.memory_scope == "episode",
-            include_previous=cfg.include_previous,
-        )
+    def _advance(self, memory: Tensor, lengths: Tensor, tokens: Tensor) -> tuple[PoolStep, Tensor, Tensor]:
+        hidden = memory[:, 0]
         output, new_hidden = self.model.step(tokens, hidden)
-        self.hidden[slots] = new_hidden
-        self.lengths[slots] = 1
-        self.prev_action[slots] = prev_action
         newest = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
-        return PoolStep(output, tokens.unsqueeze(1), newest, hidden)
-
-    def record_actions(self, slots: Tensor, actions: Tensor) -> None:
-        """Remember the actions returned for ``slots``: they enter the next working memories."""
-        self.prev_action[slots] = actions.to(self.prev_action.dtype)
-
-    def read(self, slots: Tensor) -> SlotMemory:
-        """Copies of the given slots' memories: each hidden state as a one-row ``windows`` entry."""
-        return SlotMemory(self.hidden[slots].unsqueeze(1), self.lengths[slots], self.prev_action[slots])
-
-    def write(self, slots: Tensor, memory: SlotMemory) -> None:
-        """Load the given slots' memories (shapes and lengths are checked first: a refused write
-        changes nothing)."""
-        cfg = self.model.config
-        count = len(slots)
-        if tuple(memory.windows.shape) != (count, 1, cfg.rnn_hidden):
-            raise ValueError(
-                f"hidden state shape {tuple(memory.windows.shape)} != {(count, 1, cfg.rnn_hidden)}"
-            )
-        if tuple(memory.prev_action.shape) != (count, cfg.act_dim):
-            raise ValueError(f"prev_action shape {tuple(memory.prev_action.shape)} != {(count, cfg.act_dim)}")
-        if tuple(memory.lengths.shape) != (count,) or ((memory.lengths < 0) | (memory.lengths > 1)).any():
-            raise ValueError(f"lengths must be {count} values in [0, 1]")
-        self.hidden[slots] = memory.windows[:, 0].to(self.device, self.hidden.dtype)
-        self.lengths[slots] = memory.lengths.to(self.device, self.lengths.dtype)
-        self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
-
-    def addresses(self) -> tuple[int, ...]:
-        """Where the pool's tensors live on the device."""
-        return tuple(t.data_ptr() for t in (self.hidden, self.lengths, self.prev_action))
+        step = PoolStep(output, tokens.unsqueeze(1), newest, hidden)
+        return step, new_hidden.unsqueeze(1), torch.ones_like(lengths)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from trmrl.memory import append_to_windows, begin_step
-from trmrl.model import PolicyOutput, TrMRL
+from trmrl.model import ModelConfig, PolicyOutput, TrMRL
 
 
 class PoolStep(NamedTuple):
@@ -42,42 +42,32 @@ class SlotMemory(NamedTuple):
     """``[B, act_dim]``."""
 
 
-class SlotPool:
-    """Preallocated ``[capacity, N, token_dim]`` windows plus per-slot counters on one device.
+class SlotStore:
+    """What every memory pool holds per slot, and the verbs on it: ``[capacity, rows, width]`` memory
+    rows (a TrMRL window of ``N`` working memories; an RL² hidden state as one row), a fill count
+    (``0..rows``) and the last action executed. Nothing outside a pool touches these tensors: batched
+    :meth:`read` and :meth:`write` by slot are the way in and out."""
 
-    Example:
-        >>> from trmrl.model import ModelConfig, TrMRL
-        >>> net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2))
-        >>> pool = SlotPool(net, capacity=8)
-        >>> slots = torch.tensor([0, 5])
-        >>> step = pool.step(slots, torch.zeros(2, 2), torch.zeros(2), torch.ones(2, dtype=torch.bool))
-        >>> pool.record_actions(slots, step.output.mean)
-        >>> pool.lengths[slots].tolist()
-        [1, 1]
-    """
-
-    def __init__(self, model: TrMRL, capacity: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        capacity: int,
+        rows: int,
+        width: int,
+        act_dim: int,
+        device: torch.device | str | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 (got {capacity})")
-        cfg = model.config
-        self.model = model
         self.capacity = capacity
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.windows = torch.zeros(capacity, cfg.window, cfg.token_dim, device=self.device)
+        self.windows = torch.zeros(capacity, rows, width, device=self.device)
         self.lengths = torch.zeros(capacity, dtype=torch.long, device=self.device)
-        self.prev_action = torch.zeros(capacity, cfg.act_dim, device=self.device)
+        self.prev_action = torch.zeros(capacity, act_dim, device=self.device)
 
     @property
-    def bytes_per_slot(self) -> int:
-        """Device memory one slot occupies."""
-        tensors = (self.windows, self.lengths, self.prev_action)
-        return sum(t[0].numel() * t.element_size() for t in tensors)
-
-    def clear(self, slots: Tensor) -> None:
-        """Forget everything the given slots hold (a new trial, a freed session)."""
-        self.windows[slots] = 0.0
-        self.lengths[slots] = 0
-        self.prev_action[slots] = 0.0
+    def config(self) -> ModelConfig:
+        raise NotImplementedError
 
     def step(
         self,
@@ -105,7 +95,7 @@ class SlotPool:
 
         The pool is written only after the forward pass succeeds, so a failure leaves it unchanged.
         """
-        cfg = self.model.config
+        cfg = self.config
         windows, lengths, prev_action, tokens = begin_step(
             self.windows[slots],
             self.lengths[slots],
@@ -119,12 +109,34 @@ class SlotPool:
             episode_scope=cfg.memory_scope == "episode",
             include_previous=cfg.include_previous,
         )
-        windows, lengths, newest = append_to_windows(windows, lengths, tokens)
-        output = self.model(windows, newest)
+        result, windows, lengths = self._advance(windows, lengths, tokens)
         self.windows[slots] = windows
         self.lengths[slots] = lengths
         self.prev_action[slots] = prev_action
-        return PoolStep(output, windows, newest)
+        return result
+
+    def _advance(self, memory: Tensor, lengths: Tensor, tokens: Tensor) -> tuple[PoolStep, Tensor, Tensor]:
+        """Take in one working memory per row and evaluate: the step's result and the new memory rows
+        and fill counts (written to the pool by :meth:`step`)."""
+        raise NotImplementedError
+
+    @property
+    def memory_shape(self) -> tuple[int, int]:
+        """``(rows, width)`` of one slot's memory: ``(N, token_dim)`` for a window, ``(1, H)`` for a
+        hidden state."""
+        return int(self.windows.shape[1]), int(self.windows.shape[2])
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Device memory one slot occupies."""
+        tensors = (self.windows, self.lengths, self.prev_action)
+        return sum(t[0].numel() * t.element_size() for t in tensors)
+
+    def clear(self, slots: Tensor) -> None:
+        """Forget everything the given slots hold (a new trial, a freed session)."""
+        self.windows[slots] = 0.0
+        self.lengths[slots] = 0
+        self.prev_action[slots] = 0.0
 
     def record_actions(self, slots: Tensor, actions: Tensor) -> None:
         """Remember the actions returned for ``slots``: they enter the next working memories."""
@@ -137,19 +149,16 @@ class SlotPool:
     def write(self, slots: Tensor, memory: SlotMemory) -> None:
         """Load the given slots' memories (shapes and lengths are checked first: a refused write
         changes nothing)."""
-        cfg = self.model.config
         count = len(slots)
-        if tuple(memory.windows.shape) != (count, cfg.window, cfg.token_dim):
-            raise ValueError(
-                f"windows shape {tuple(memory.windows.shape)} != {(count, cfg.window, cfg.token_dim)}"
-            )
-        if tuple(memory.prev_action.shape) != (count, cfg.act_dim):
-            raise ValueError(f"prev_action shape {tuple(memory.prev_action.shape)} != {(count, cfg.act_dim)}")
-        if (
-            tuple(memory.lengths.shape) != (count,)
-            or ((memory.lengths < 0) | (memory.lengths > cfg.window)).any()
-        ):
-            raise ValueError(f"lengths must be {count} values in [0, {cfg.window}]")
+        _, rows, width = self.windows.shape
+        expected = (count, rows, width)
+        if tuple(memory.windows.shape) != expected:
+            raise ValueError(f"windows shape {tuple(memory.windows.shape)} != {expected}")
+        act_dim = self.prev_action.shape[1]
+        if tuple(memory.prev_action.shape) != (count, act_dim):
+            raise ValueError(f"prev_action shape {tuple(memory.prev_action.shape)} != {(count, act_dim)}")
+        if tuple(memory.lengths.shape) != (count,) or ((memory.lengths < 0) | (memory.lengths > rows)).any():
+            raise ValueError(f"lengths must be {count} values in [0, {rows}]")
         self.windows[slots] = memory.windows.to(self.device, self.windows.dtype)
         self.lengths[slots] = memory.lengths.to(self.device, self.lengths.dtype)
         self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
@@ -157,3 +166,32 @@ class SlotPool:
     def addresses(self) -> tuple[int, ...]:
         """Where the pool's tensors live on the device (a captured CUDA graph holds these)."""
         return tuple(t.data_ptr() for t in (self.windows, self.lengths, self.prev_action))
+
+
+class SlotPool(SlotStore):
+    """Preallocated ``[capacity, N, token_dim]`` windows plus per-slot counters on one device.
+
+    Example:
+        >>> from trmrl.model import ModelConfig, TrMRL
+        >>> net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2))
+        >>> pool = SlotPool(net, capacity=8)
+        >>> slots = torch.tensor([0, 5])
+        >>> step = pool.step(slots, torch.zeros(2, 2), torch.zeros(2), torch.ones(2, dtype=torch.bool))
+        >>> pool.record_actions(slots, step.output.mean)
+        >>> pool.lengths[slots].tolist()
+        [1, 1]
+    """
+
+    def __init__(self, model: TrMRL, capacity: int, device: torch.device | str | None = None) -> None:
+        cfg = model.config
+        super().__init__(model, capacity, cfg.window, cfg.token_dim, cfg.act_dim, device)
+        self.model = model
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def _advance(self, memory: Tensor, lengths: Tensor, tokens: Tensor) -> tuple[PoolStep, Tensor, Tensor]:
+        windows, lengths, newest = append_to_windows(memory, lengths, tokens)
+        output = self.model(windows, newest)
+        return PoolStep(output, windows, newest), windows, lengths

@@ -34,7 +34,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_checkpoint(base / "point-nav", seed=0, policy_out_gain=0.1)
     make_checkpoint(base / "point-nav-v2", seed=5, policy_out_gain=0.1)
     make_checkpoint(base / "wide", seed=1, obs_dim=3)
-    make_checkpoint(base / "rl2", seed=2, policy="rl2", window=1, rnn_hidden=8)
     return base
 
 
@@ -253,18 +252,6 @@ def archive_of(directory: Path) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(directory, arcname=directory.name)
     return buffer.getvalue()
-
-
-async def test_an_rl2_baseline_checkpoint_is_refused_and_serving_goes_on(serve: Serve) -> None:
-    async with serve() as client:
-        sid = await new_session(client)
-        r = await client.post(
-            "/v1/admin/models", json={"name": "point-nav", "checkpoint": "rl2"}, headers=ADMIN
-        )
-        assert_error(r, 422, "invalid_checkpoint")
-        assert "rl2 policy cannot be served" in r.json()["error"]["message"]
-        await action(client, sid, OBS[0], step=0)
-        assert len((await client.get("/v1/models")).json()["models"]) == 1
 
 
 async def test_archives_upload_and_corrupt_ones_are_refused(serve: Serve, root: Path) -> None:

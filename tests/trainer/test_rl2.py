@@ -106,7 +106,7 @@ def test_memories_read_and_write_by_slot_and_wrong_shapes_change_nothing() -> No
     assert memory.windows.shape == (1, 1, 16)
     pool.write(torch.tensor([2]), memory)
     assert torch.equal(pool.hidden[2], pool.hidden[0]) and int(pool.lengths[2]) == 1
-    with pytest.raises(ValueError, match="hidden state shape"):
+    with pytest.raises(ValueError, match="windows shape"):
         pool.write(torch.tensor([1]), memory._replace(windows=torch.ones(1, 1, 15)))
     with pytest.raises(ValueError, match="lengths"):
         pool.write(torch.tensor([1]), memory._replace(lengths=torch.tensor([2])))

@@ -338,6 +338,7 @@ def _wait_for(predicate: object, timeout: float) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a hang guard: beside a second test suite and training runs it took over 300 s
 def test_sigkill_mid_training_then_resume_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [
