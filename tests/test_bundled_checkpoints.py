@@ -78,3 +78,20 @@ def test_shipped_rl2_baseline_loads_and_beats_the_memoryless_reference(path: Pat
         "memoryless": evaluate(memoryless.model, family, tasks, 2).returns.mean(),
     }
     assert returns["memoryless"] < returns["rl2"]
+
+
+SEEDS = sorted(p for p in (CHECKPOINTS / "seeds").iterdir() if (p / CONFIG_FILE).is_file())
+"""More seeds of shipped policies (TrMRL and RL²), for the seed tables of docs/results.md."""
+
+
+@pytest.mark.parametrize("path", SEEDS, ids=[p.name for p in SEEDS])
+def test_shipped_seed_loads_and_beats_the_memoryless_reference(path: Path) -> None:
+    ckpt = load_checkpoint(path)
+    assert ckpt.info.training["seed"] != 0
+    family = get_family(ckpt.info.task_family)
+    memoryless = load_checkpoint(CHECKPOINTS / f"{family.name}-memoryless")
+    tasks = family.sample_tasks("test", 4, seed=11)
+    assert (
+        evaluate(memoryless.model, family, tasks, 2).returns.mean()
+        < evaluate(ckpt.model, family, tasks, 2).returns.mean()
+    )
