@@ -11,10 +11,9 @@ import torch
 
 from trmrl.model import ModelConfig, TrMRL
 from trmrl.recurrent import RL2, RecurrentPool
-from trmrl.slot_pool import SlotPool
+from trmrl.slot_pool import SlotPool, SlotStore
 
 Network = TrMRL | RL2
-Pool = SlotPool | RecurrentPool
 
 
 def build_model(config: ModelConfig) -> Network:
@@ -27,7 +26,7 @@ def build_model(config: ModelConfig) -> Network:
     return RL2(config) if config.policy == "rl2" else TrMRL(config)
 
 
-def make_pool(model: Network, capacity: int, device: torch.device | str | None = None) -> Pool:
+def make_pool(model: Network, capacity: int, device: torch.device | str | None = None) -> SlotStore:
     """A pool of ``capacity`` memories for ``model``: windows for TrMRL, hidden states for RL²."""
     if isinstance(model, RL2):
         return RecurrentPool(model, capacity, device)

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from trmrl.model import PolicyOutput
-from trmrl.recurrent import RecurrentPool
-from trmrl.slot_pool import PoolStep, SlotPool
+from trmrl.slot_pool import PoolStep, SlotStore
 
 _MASK64 = (1 << 64) - 1
 
@@ -94,7 +93,7 @@ class ActResult(NamedTuple):
 
 
 def act(
-    pool: SlotPool | RecurrentPool,
+    pool: SlotStore,
     slots: Tensor,
     obs: Tensor,
     reward: Tensor,
@@ -113,6 +112,7 @@ def act(
 
     Example:
         >>> from trmrl.model import ModelConfig, TrMRL
+        >>> from trmrl.slot_pool import SlotPool
         >>> pool = SlotPool(TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2)), capacity=2)
         >>> one = torch.ones(2)
         >>> start = torch.ones(2, dtype=torch.bool)

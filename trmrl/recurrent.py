@@ -3,8 +3,8 @@
 RL² (Duan et al., 2016; Wang et al., 2016) feeds a recurrent network the observation, the previous
 action, the previous reward and the done flag -- exactly a TrMRL working memory -- and carries its hidden
 state across the episodes of a trial. Its memory is therefore one vector per session, not a window:
-:class:`RecurrentPool` holds ``[capacity, rnn_hidden]`` hidden states and offers the same step as
-:class:`~trmrl.slot_pool.SlotPool`, so rollouts, evaluation and :func:`trmrl.policy.act` run it
+:class:`RecurrentPool` holds each slot's hidden state as its one memory row and shares the store and the
+step of :class:`~trmrl.slot_pool.SlotPool`, so rollouts, evaluation and :func:`trmrl.policy.act` run it
 unchanged. PPO trains it with truncated backpropagation through time over stored sequences
 (:meth:`RL2.unroll` from the hidden state recorded during the rollout).
 """
@@ -113,17 +113,13 @@ class RecurrentPool(SlotStore):
 
     def __init__(self, model: RL2, capacity: int, device: torch.device | str | None = None) -> None:
         cfg = model.config
-        super().__init__(model, capacity, 1, cfg.rnn_hidden, cfg.act_dim, device)
+        super().__init__(model, cfg, capacity, 1, cfg.rnn_hidden, device)
         self.model = model
 
     @property
     def hidden(self) -> Tensor:
         """``[capacity, rnn_hidden]``: the slots' hidden states (a view of their one memory row)."""
         return self.windows[:, 0]
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.model.config
 
     def _advance(self, memory: Tensor, lengths: Tensor, tokens: Tensor) -> tuple[PoolStep, Tensor, Tensor]:
         hidden = memory[:, 0]

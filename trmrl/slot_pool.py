@@ -51,23 +51,20 @@ class SlotStore:
     def __init__(
         self,
         model: torch.nn.Module,
+        config: ModelConfig,
         capacity: int,
         rows: int,
         width: int,
-        act_dim: int,
         device: torch.device | str | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 (got {capacity})")
+        self.config = config
         self.capacity = capacity
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.windows = torch.zeros(capacity, rows, width, device=self.device)
         self.lengths = torch.zeros(capacity, dtype=torch.long, device=self.device)
-        self.prev_action = torch.zeros(capacity, act_dim, device=self.device)
-
-    @property
-    def config(self) -> ModelConfig:
-        raise NotImplementedError
+        self.prev_action = torch.zeros(capacity, config.act_dim, device=self.device)
 
     def step(
         self,
@@ -184,12 +181,8 @@ class SlotPool(SlotStore):
 
     def __init__(self, model: TrMRL, capacity: int, device: torch.device | str | None = None) -> None:
         cfg = model.config
-        super().__init__(model, capacity, cfg.window, cfg.token_dim, cfg.act_dim, device)
+        super().__init__(model, cfg, capacity, cfg.window, cfg.token_dim, device)
         self.model = model
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.model.config
 
     def _advance(self, memory: Tensor, lengths: Tensor, tokens: Tensor) -> tuple[PoolStep, Tensor, Tensor]:
         windows, lengths, newest = append_to_windows(memory, lengths, tokens)
