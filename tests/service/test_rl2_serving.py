@@ -85,12 +85,14 @@ async def test_rl2_retries_are_idempotent_and_snapshots_restore_the_hidden_state
     nxt = [await action(client, s, obs[5].tolist(), step=5, reward=float(rewards[5])) for s in (sid, copy)]
     np.testing.assert_array_equal(nxt[0], nxt[1])
     # A TrMRL-shaped memory does not fit: refused, nothing changed.
+    before = (await client.get(f"/v1/sessions/{copy}/state")).json()
     bad = {**state, "window": [[0.0] * 8] * 5}
     assert_error(
         await client.put(f"/v1/sessions/{copy}/state", json={**bad, "session_id": copy}),
         422,
         "invalid_snapshot",
     )
+    assert (await client.get(f"/v1/sessions/{copy}/state")).json() == before
 
 
 async def test_rl2_sessions_migrate_between_rl2_versions_but_not_to_trmrl(client: ServiceClient) -> None:
