@@ -255,6 +255,7 @@ class Engine:
             action_high=list(info.action_high),
             window=cfg.window,
             memory_scope=cfg.memory_scope,
+            policy=cfg.policy,
             task_params_in_obs=info.task_params_in_obs,
             metrics=info.metrics,
             default=default,

@@ -295,6 +295,7 @@ _MODEL_EXAMPLE: dict[str, Any] = {
     "action_high": [1.0, 1.0],
     "window": 5,
     "memory_scope": "episode",
+    "policy": "trmrl",
     "task_params_in_obs": False,
     "metrics": {"test/return": -8.0},
     "default": True,
@@ -317,6 +318,9 @@ class ModelInfo(BaseModel):
     window: int
     """N, the working memories a session holds."""
     memory_scope: Literal["episode", "trial"]
+    policy: Literal["trmrl", "rl2"] = "trmrl"
+    """The network: ``trmrl`` (a transformer over the last ``window`` working memories) or ``rl2`` (the
+    recurrent baseline: a session's memory is its hidden state; its ``window`` is 1)."""
     task_params_in_obs: bool
     """True for an oracle reference: each observation must end with the task's parameters."""
     metrics: dict[str, Any]

@@ -67,6 +67,9 @@ class ModelInfo:
     """This version gets the model's new sessions (a service may serve several versions of a model)."""
     canary_share: float = 0.0
     """Share of the model's new sessions this version gets as a canary."""
+    policy: str | None = None
+    """The network: ``"trmrl"`` or ``"rl2"`` (the recurrent baseline); ``None`` when the service does not
+    say."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelInfo:
@@ -87,6 +90,7 @@ class ModelInfo:
             task_params_in_obs=None if oracle is None else bool(oracle),
             active=bool(data.get("active", True)),
             canary_share=float(data.get("canary_share", 0.0)),
+            policy=None if data.get("policy") is None else str(data["policy"]),
         )
 
 

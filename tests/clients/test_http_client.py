@@ -24,6 +24,7 @@ def test_session_acts_with_numpy_in_and_out(service: Service) -> None:
     with PolicyClient(service.url) as client:
         models = {m.name: m for m in client.models()}
         assert models["point-nav"].window == 5 and models["point-nav-memoryless"].window == 1
+        assert models["point-nav"].policy == "trmrl"
         session = client.session("point-nav")
         action = session.act(np.zeros(2, np.float32), episode_start=True)
         assert action.dtype == np.float32 and action.shape == (2,)

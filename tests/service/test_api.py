@@ -45,6 +45,7 @@ async def test_models_lists_every_loaded_model_with_its_facts(client: ServiceCli
     assert (m["task_family"], m["obs_dim"], m["act_dim"], m["window"]) == ("point-nav", 2, 2, 5)
     assert m["action_low"] == [-BOUND, -BOUND] and m["action_high"] == [BOUND, BOUND]
     assert m["memory_scope"] == "episode" and models["point-nav-trial"]["memory_scope"] == "trial"
+    assert m["policy"] == "trmrl"
     assert m["metrics"] == {}
 
 

@@ -103,10 +103,13 @@ async def test_rl2_sessions_migrate_between_rl2_versions_but_not_to_trmrl(client
             "/v1/admin/models", json={"name": "rl2", "checkpoint": checkpoint}, headers=ADMIN
         )
         assert r.status_code == 201, r.text
-    versions = {m["version"] for m in (await client.get("/v1/models")).json()["models"]}
+    listed = (await client.get("/v1/models")).json()["models"]
+    versions = {m["version"] for m in listed}
+    kinds = {m["version"]: m["policy"] for m in listed}
     root = Path(client.app.state.settings.checkpoint_root)
     v2, trmrl = (load_checkpoint(root / name).info.version for name in ("rl2-v2", "trmrl"))
     assert {v2, trmrl} <= versions
+    assert (kinds[v2], kinds[trmrl]) == ("rl2", "trmrl")
     r = await client.post(
         "/v1/admin/models/rl2/activate", json={"version": trmrl, "migrate_sessions": True}, headers=ADMIN
     )
