@@ -112,7 +112,10 @@ class TrainConfig:
     seed: int = 0
     """Seed of tasks, environments, initialisation and exploration."""
     vector: Literal["sync", "async"] = "sync"
-    """``sync``: envs stepped in-process (fastest on few cores); ``async``: one worker process per env."""
+    """``sync``: envs stepped in this process between policy steps; ``async``: envs stepped by worker
+    processes, two halves taking turns, so one half's simulation overlaps the policy's step of the other."""
+    env_workers: int = 0
+    """``async``: worker processes in all (at least 2; 0: one per CPU core this process may use)."""
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
 
@@ -135,6 +138,8 @@ class TrainConfig:
             )
         if self.rnn_hidden < 1 or self.bptt < 1:
             problems.append(f"rnn_hidden and bptt must be >= 1 (got {self.rnn_hidden}, {self.bptt})")
+        if self.env_workers < 0:
+            problems.append(f"env_workers must be >= 0 (got {self.env_workers})")
         if self.reference == "memoryless" and self.window != MEMORYLESS_WINDOW:
             problems.append(f"reference=memoryless reads one working memory, but window={self.window}")
         if self.normalize_task_params and self.reference != "oracle":

@@ -7,15 +7,14 @@ is stored per step: the window the policy read, the raw action, its log-probabil
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import gymnasium
 import numpy as np
 import torch
 from torch import Tensor
 
-from trmrl.model import log_prob
+from trainer.envs import StepResult, make_stages
+from trmrl.model import ModelConfig, log_prob
 from trmrl.networks import Network, make_pool
 from trmrl.policy import act
 from trmrl.tasks import Task, TaskFamily
@@ -54,24 +53,6 @@ class Rollout(NamedTuple):
     """``[T, E, H]`` a recurrent policy's hidden state before each step (``None`` for TrMRL)."""
 
 
-VectorEnv = gymnasium.vector.SyncVectorEnv | gymnasium.vector.AsyncVectorEnv
-
-
-def make_vector_env(family: TaskFamily, n_envs: int, mode: str = "sync") -> VectorEnv:
-    """``n_envs`` environments of ``family`` behind the gymnasium vector API, resets under our control.
-
-    ``sync`` steps them in this process, which on a few cores beats paying inter-process messages on
-    every step; ``async`` gives each its own worker process, for boxes with many cores.
-    """
-    fns: list[Callable[[], gymnasium.Env[Any, Any]]] = [family.make_env for _ in range(n_envs)]
-    disabled = gymnasium.vector.AutoresetMode.DISABLED
-    if mode == "sync":
-        return gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=disabled)
-    if mode == "async":
-        return gymnasium.vector.AsyncVectorEnv(fns, autoreset_mode=disabled, shared_memory=True)
-    raise ValueError(f"vector mode must be 'sync' or 'async' (got {mode!r})")
-
-
 class TrialSampler:
     """Runs one trial per environment with batched policy inference.
 
@@ -95,20 +76,23 @@ class TrialSampler:
         *,
         oracle: bool = False,
         vector: str = "sync",
+        env_workers: int = 0,
     ) -> None:
         self.family = family
         self.model = model
         self.n_envs = n_envs
         self.episodes = episodes_per_trial
         self.oracle = oracle
-        self.envs = make_vector_env(family, n_envs, vector)
+        self.stages = make_stages(family, n_envs, vector, env_workers)
+        self.workers = vector == "async"
         self.device = next(model.parameters()).device
         self.pool = make_pool(model, n_envs, self.device)
         self.low = torch.tensor(family.action_low, dtype=torch.float32, device=self.device)
         self.high = torch.tensor(family.action_high, dtype=torch.float32, device=self.device)
 
     def close(self) -> None:
-        self.envs.close()
+        for stage in self.stages:
+            stage.close()
 
     @torch.no_grad()
     def run(
@@ -119,116 +103,196 @@ class TrialSampler:
         deterministic: bool = False,
         generator: torch.Generator | None = None,
     ) -> Rollout:
-        """Run one trial of ``episodes_per_trial`` episodes on each task (one task per environment)."""
+        """Run one trial of ``episodes_per_trial`` episodes on each task (one task per environment).
+
+        Each stage's envs advance one step per tick: the stage's results of the previous tick are
+        booked, then the policy acts for its running envs and they are sent off to step. With two
+        stages (``async``) one half's simulators step while the policy runs on the other half.
+        """
         if len(tasks) != self.n_envs:
             raise ValueError(f"need {self.n_envs} tasks, got {len(tasks)}")
         n, k, horizon = self.n_envs, self.episodes, self.family.episode_length
         steps = k * horizon
         cfg, dev = self.model.config, self.device
-        buf_windows = torch.zeros(steps, n, cfg.window, cfg.token_dim, device=dev)
-        buf_newest = torch.zeros(steps, n, dtype=torch.long, device=dev)
-        buf_actions = torch.zeros(steps, n, cfg.act_dim, device=dev)
-        buf_logp = torch.zeros(steps, n, device=dev)
-        buf_values = torch.zeros(steps, n, device=dev)
-        buf_states = torch.zeros(steps, n, cfg.rnn_hidden, device=dev) if cfg.policy == "rl2" else None
-        rewards = np.zeros((steps, n), np.float32)
-        valid = np.zeros((steps, n), bool)
-        episode_of = np.zeros((steps, n), np.int64)
-        step_of = np.zeros((steps, n), np.int64)
-        success = np.zeros((n, k), np.float32)
-        last_values = torch.zeros(n, device=dev)
-
-        self.envs.set_attr("task", list(tasks))
+        buf = _Buffers(steps, n, k, cfg, dev)
         params = np.asarray([t.params for t in tasks], np.float32) if self.oracle else None
-        obs, _ = self.envs.reset(seed=[seed * 1_000 + i for i in range(n)])
+        obs: np.ndarray | None = None
+        for stage in self.stages:
+            stage.set_tasks([tasks[i] for i in stage.members])
+            first = stage.reset([seed * 1_000 + int(i) for i in stage.members])
+            if obs is None:
+                obs = np.zeros((n, *first.shape[1:]), first.dtype)
+            obs[stage.members] = first
+        assert obs is not None
         self.pool.clear(torch.arange(n, device=dev))
 
-        episode = np.zeros(n, np.int64)
-        episode_step = np.zeros(n, np.int64)
-        active = np.ones(n, bool)
-        start = np.ones(n, bool)
-        prev_reward = np.zeros(n, np.float32)
-        idle_action = np.zeros((n, cfg.act_dim), np.float32)
-        for t in range(steps):
-            idx = np.flatnonzero(active)
-            slots = torch.from_numpy(idx).to(dev)
-            policy_obs = policy_observation(obs, params)
-            noise = None
-            if not deterministic:
-                noise = torch.randn((len(idx), cfg.act_dim), generator=generator).to(dev)
-            result, raw, executed = act(
-                self.pool,
-                slots,
-                torch.from_numpy(policy_obs[idx]).to(dev),
-                torch.from_numpy(prev_reward[idx]).to(dev),
-                torch.from_numpy(start[idx]).to(dev),
-                low=self.low,
-                high=self.high,
-                deterministic=deterministic,
-                noise=noise,
-            )
-            out = result.output
-            buf_windows[t, slots] = result.windows
-            buf_newest[t, slots] = result.newest
-            buf_actions[t, slots] = raw
-            buf_logp[t, slots] = log_prob(out, raw)
-            buf_values[t, slots] = out.value
-            if buf_states is not None and result.state is not None:
-                buf_states[t, slots] = result.state
-            valid[t, idx] = True
-            episode_of[t, idx] = episode[idx]
-            step_of[t, idx] = episode_step[idx]
+        # With the simulators in worker processes, one thread runs the policy: the cores are theirs.
+        threads = torch.get_num_threads()
+        if self.workers and dev.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            self._loop(buf, obs, params, steps, deterministic, generator)
+        finally:
+            torch.set_num_threads(threads)
+        return buf.rollout()
 
-            action = idle_action.copy()
-            action[idx] = executed.cpu().numpy()
-            obs, reward, terminated, truncated, info = self.envs.step(action)
-            rewards[t, idx] = reward[idx]
-            if self.family.has_success and "success" in info:
-                hit = np.asarray(info["success"], np.float32) * active
-                success[np.arange(n), np.minimum(episode, k - 1)] = np.maximum(
-                    success[np.arange(n), np.minimum(episode, k - 1)], hit
-                )
-            prev_reward = np.asarray(reward, np.float32)
-            episode_step += 1
-            ended = active & (np.asarray(terminated) | np.asarray(truncated))
-            episode[ended] += 1
-            finished = ended & (episode >= k)
-            if finished.any():
-                # The trial is over. A time-limit cut is not a terminal state: bootstrap from V(s_T).
-                cut = finished & ~np.asarray(terminated)
-                if cut.any():
-                    cut_idx = np.flatnonzero(cut)
-                    final_obs = policy_observation(obs, params)
-                    tail = self.pool.step(
-                        torch.from_numpy(cut_idx).to(dev),
-                        torch.from_numpy(final_obs[cut_idx]).to(dev),
-                        torch.from_numpy(prev_reward[cut_idx]).to(dev),
-                        torch.zeros(len(cut_idx), dtype=torch.bool, device=dev),
-                    )
-                    last_values[torch.from_numpy(cut_idx).to(dev)] = tail.output.value
-                active &= ~finished
-            if not active.any():
+    def _loop(
+        self,
+        buf: _Buffers,
+        obs: np.ndarray,
+        params: np.ndarray | None,
+        steps: int,
+        deterministic: bool,
+        generator: torch.Generator | None,
+    ) -> None:
+        trial = buf.trial
+        sent: list[np.ndarray | None] = [None] * len(self.stages)
+        tick = [0] * len(self.stages)
+        while True:
+            moved = False
+            for s, stage in enumerate(self.stages):
+                if sent[s] is not None:
+                    which = sent[s]
+                    sent[s] = None
+                    result = stage.recv()
+                    ids = stage.members[which]
+                    self._book(buf, trial, tick[s] - 1, ids, result, params)
+                    obs[ids] = result.next_obs
+                t = tick[s]
+                idx = stage.members[trial.active[stage.members]]
+                if t >= steps or not len(idx):
+                    continue
+                executed = self._act(buf, trial, t, idx, obs, params, deterministic, generator)
+                sent[s] = np.searchsorted(stage.members, idx)
+                stage.send(sent[s], executed)
+                tick[s] = t + 1
+                moved = True
+            if not moved:
                 break
-            # Every ended episode restarts, including those of finished trials, since the vector API
-            # refuses to step an ended episode; a finished env's further steps are idle, never stored.
-            over = np.asarray(terminated) | np.asarray(truncated)
-            if over.any():
-                obs, _ = self.envs.reset(options={"reset_mask": over})
-                episode_step[over] = 0
-            start = ended & active
 
+    def _act(
+        self,
+        buf: _Buffers,
+        trial: _TrialState,
+        t: int,
+        idx: np.ndarray,
+        obs: np.ndarray,
+        params: np.ndarray | None,
+        deterministic: bool,
+        generator: torch.Generator | None,
+    ) -> np.ndarray:
+        """The policy's step for envs ``idx`` at tick ``t``: stored, and the executed actions returned."""
+        dev = self.device
+        slots = torch.from_numpy(idx).to(dev)
+        policy_obs = policy_observation(obs[idx], None if params is None else params[idx])
+        noise = None
+        if not deterministic:
+            noise = torch.randn((len(idx), self.model.config.act_dim), generator=generator).to(dev)
+        result, raw, executed = act(
+            self.pool,
+            slots,
+            torch.from_numpy(policy_obs).to(dev),
+            torch.from_numpy(trial.prev_reward[idx]).to(dev),
+            torch.from_numpy(trial.start[idx]).to(dev),
+            low=self.low,
+            high=self.high,
+            deterministic=deterministic,
+            noise=noise,
+        )
+        out = result.output
+        buf.windows[t, slots] = result.windows
+        buf.newest[t, slots] = result.newest
+        buf.actions[t, slots] = raw
+        buf.logp[t, slots] = log_prob(out, raw)
+        buf.values[t, slots] = out.value
+        if buf.states is not None and result.state is not None:
+            buf.states[t, slots] = result.state
+        buf.valid[t, idx] = True
+        buf.episode_of[t, idx] = trial.episode[idx]
+        buf.step_of[t, idx] = trial.episode_step[idx]
+        return executed.cpu().numpy()
+
+    def _book(
+        self,
+        buf: _Buffers,
+        trial: _TrialState,
+        t: int,
+        ids: np.ndarray,
+        result: StepResult,
+        params: np.ndarray | None,
+    ) -> None:
+        """Book what envs ``ids`` observed after their step at tick ``t``."""
+        k, dev = self.episodes, self.device
+        buf.rewards[t, ids] = result.reward
+        if self.family.has_success:
+            col = np.minimum(trial.episode[ids], k - 1)
+            buf.success[ids, col] = np.maximum(buf.success[ids, col], result.success)
+        trial.prev_reward[ids] = result.reward
+        trial.episode_step[ids] += 1
+        ended = result.terminated | result.truncated
+        trial.episode[ids[ended]] += 1
+        finished = ended & (trial.episode[ids] >= k)
+        # The trial is over. A time-limit cut is not a terminal state: bootstrap from V(s_T).
+        cut = finished & ~result.terminated
+        if cut.any():
+            cut_ids = ids[cut]
+            final_obs = policy_observation(result.obs[cut], None if params is None else params[cut_ids])
+            tail = self.pool.step(
+                torch.from_numpy(cut_ids).to(dev),
+                torch.from_numpy(final_obs).to(dev),
+                torch.from_numpy(trial.prev_reward[cut_ids]).to(dev),
+                torch.zeros(len(cut_ids), dtype=torch.bool, device=dev),
+            )
+            buf.last_values[torch.from_numpy(cut_ids).to(dev)] = tail.output.value
+        trial.active[ids[finished]] = False
+        trial.episode_step[ids[ended]] = 0
+        trial.start[ids] = ended & ~finished
+
+
+class _TrialState:
+    """Where each env is in its trial."""
+
+    def __init__(self, n: int, k: int) -> None:
+        self.episode = np.zeros(n, np.int64)
+        self.episode_step = np.zeros(n, np.int64)
+        self.active = np.ones(n, bool)
+        self.start = np.ones(n, bool)
+        self.prev_reward = np.zeros(n, np.float32)
+
+
+class _Buffers:
+    """What a rollout stores per step, laid out ``[time, env]``."""
+
+    def __init__(self, steps: int, n: int, k: int, cfg: ModelConfig, dev: torch.device) -> None:
+        self.windows = torch.zeros(steps, n, cfg.window, cfg.token_dim, device=dev)
+        self.newest = torch.zeros(steps, n, dtype=torch.long, device=dev)
+        self.actions = torch.zeros(steps, n, cfg.act_dim, device=dev)
+        self.logp = torch.zeros(steps, n, device=dev)
+        self.values = torch.zeros(steps, n, device=dev)
+        self.states = torch.zeros(steps, n, cfg.rnn_hidden, device=dev) if cfg.policy == "rl2" else None
+        self.rewards = np.zeros((steps, n), np.float32)
+        self.valid = np.zeros((steps, n), bool)
+        self.episode_of = np.zeros((steps, n), np.int64)
+        self.step_of = np.zeros((steps, n), np.int64)
+        self.success = np.zeros((n, k), np.float32)
+        self.last_values = torch.zeros(n, device=dev)
+        self.dev = dev
+        self.trial = _TrialState(n, k)
+
+    def rollout(self) -> Rollout:
+        dev = self.dev
         return Rollout(
-            windows=buf_windows,
-            newest=buf_newest,
-            actions=buf_actions,
-            log_probs=buf_logp,
-            values=buf_values,
-            rewards=torch.from_numpy(rewards).to(dev),
-            valid=torch.from_numpy(valid).to(dev),
-            lengths=torch.from_numpy(valid.sum(0)).to(dev),
-            last_values=last_values,
-            episode=torch.from_numpy(episode_of).to(dev),
-            episode_step=torch.from_numpy(step_of).to(dev),
-            success=torch.from_numpy(success).to(dev),
-            states=buf_states,
+            windows=self.windows,
+            newest=self.newest,
+            actions=self.actions,
+            log_probs=self.logp,
+            values=self.values,
+            rewards=torch.from_numpy(self.rewards).to(dev),
+            valid=torch.from_numpy(self.valid).to(dev),
+            lengths=torch.from_numpy(self.valid.sum(0)).to(dev),
+            last_values=self.last_values,
+            episode=torch.from_numpy(self.episode_of).to(dev),
+            episode_step=torch.from_numpy(self.step_of).to(dev),
+            success=torch.from_numpy(self.success).to(dev),
+            states=self.states,
         )

@@ -197,6 +197,7 @@ class Trainer:
             cfg.episodes_per_trial,
             oracle=self.oracle,
             vector=cfg.vector,
+            env_workers=cfg.env_workers,
         )
         self.evaluators: dict[str, Evaluator] = {}
         if self.is_main:

@@ -1,4 +1,4 @@
-"""trmrl-eval on the bundled checkpoints; sync and async vector envs agree; Meta-World success is recorded."""
+"""trmrl-eval on the bundled checkpoints; Meta-World success is recorded."""
 
 from __future__ import annotations
 
@@ -56,21 +56,6 @@ def test_eval_refuses_bad_arguments(
         eval_main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
-
-
-def test_async_workers_give_the_same_trials_as_in_process_envs() -> None:
-    family = get_family("point-nav")
-    net = TrMRL(ModelConfig.from_preset("small", obs_dim=2, act_dim=2)).eval()
-    tasks = family.sample_tasks("test", 3, seed=1)
-    rollouts = []
-    for mode in ("sync", "async"):
-        sampler = TrialSampler(family, net, 3, 1, vector=mode)
-        try:
-            rollouts.append(sampler.run(tasks, seed=4, generator=torch.Generator().manual_seed(9)))
-        finally:
-            sampler.close()
-    torch.testing.assert_close(rollouts[0].rewards, rollouts[1].rewards)
-    torch.testing.assert_close(rollouts[0].actions, rollouts[1].actions)
 
 
 @pytest.mark.slow
