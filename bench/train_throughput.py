@@ -101,24 +101,30 @@ class SequentialSampler:
         )
 
 
-def measure(sampler: Any, family: TaskFamily, model: TrMRL, cfg: Any, updates: int) -> dict[str, float]:
-    optimizers = make_optimizers(
-        model, cfg.policy_lr, cfg.value_lr, cfg.weight_decay, optimization=cfg.optimization
-    )
-    generator = torch.Generator().manual_seed(0)
-    sample_s = update_s = 0.0
-    steps = 0
-    for u in range(updates + 1):  # the first update warms up and is not counted
-        tasks = family.sample_tasks("train", cfg.tasks_per_update, seed=u)
+class Timed:
+    """One sampler with its own model and optimisers, timed one update at a time."""
+
+    def __init__(self, sampler: Any, family: TaskFamily, model: TrMRL, cfg: Any) -> None:
+        self.sampler, self.family, self.model, self.cfg = sampler, family, model, cfg
+        self.optimizers = make_optimizers(
+            model, cfg.policy_lr, cfg.value_lr, cfg.weight_decay, optimization=cfg.optimization
+        )
+        self.generator = torch.Generator().manual_seed(0)
+        self.rounds: list[tuple[int, float, float]] = []
+        """``(steps, sample s, update s)`` of each timed update."""
+
+    def update(self, u: int) -> tuple[int, float, float]:
+        cfg = self.cfg
+        tasks = self.family.sample_tasks("train", cfg.tasks_per_update, seed=u)
         t0 = time.perf_counter()
-        model.eval()
-        rollout = sampler.run(tasks, seed=u, generator=generator)
+        self.model.eval()
+        rollout = self.sampler.run(tasks, seed=u, generator=self.generator)
         t1 = time.perf_counter()
         adv, ret = compute_gae(rollout, cfg.gamma, cfg.gae_lambda)
-        model.train()
+        self.model.train()
         ppo_update(
-            model,
-            optimizers,
+            self.model,
+            self.optimizers,
             flatten(rollout, adv, ret),
             epochs=cfg.epochs,
             minibatch_size=cfg.minibatch_size,
@@ -126,21 +132,23 @@ def measure(sampler: Any, family: TaskFamily, model: TrMRL, cfg: Any, updates: i
             vf_coef=cfg.vf_coef,
             max_grad_norm=cfg.max_grad_norm,
             normalize_advantages=cfg.normalize_advantages,
-            generator=generator,
+            generator=self.generator,
             value_kind=cfg.value_loss,
         )
-        t2 = time.perf_counter()
-        if u:
-            sample_s += t1 - t0
-            update_s += t2 - t1
-            steps += int(rollout.lengths.sum())
-    return {
-        "steps": steps,
-        "sample_s": sample_s,
-        "update_s": update_s,
-        "sample_steps_per_s": steps / sample_s,
-        "steps_per_s": steps / (sample_s + update_s),
-    }
+        return int(rollout.lengths.sum()), t1 - t0, time.perf_counter() - t1
+
+    def summary(self) -> dict[str, Any]:
+        steps = sum(r[0] for r in self.rounds)
+        sample_s = sum(r[1] for r in self.rounds)
+        update_s = sum(r[2] for r in self.rounds)
+        return {
+            "steps": steps,
+            "sample_s": sample_s,
+            "update_s": update_s,
+            "sample_steps_per_s": steps / sample_s,
+            "steps_per_s": steps / (sample_s + update_s),
+            "rounds": [list(r) for r in self.rounds],
+        }
 
 
 def main() -> None:
@@ -163,19 +171,29 @@ def main() -> None:
 
     cfg = preset_config(args.preset)
     family = get_family(cfg.family)
-    results = {}
-    for name in args.samplers:
-        torch.manual_seed(0)
-        model = TrMRL(model_config_for(cfg, family))
-        if name == "sequential":
-            sampler: Any = SequentialSampler(family, model, cfg.tasks_per_update, cfg.episodes_per_trial)
-        else:
-            sampler = TrialSampler(family, model, cfg.tasks_per_update, cfg.episodes_per_trial, vector=name)
-        try:
-            results[name] = measure(sampler, family, model, cfg, args.updates)
-        finally:
-            if name != "sequential":
-                sampler.close()
+    timed: dict[str, Timed] = {}
+    try:
+        for name in args.samplers:
+            torch.manual_seed(0)
+            model = TrMRL(model_config_for(cfg, family))
+            if name == "sequential":
+                sampler: Any = SequentialSampler(family, model, cfg.tasks_per_update, cfg.episodes_per_trial)
+            else:
+                sampler = TrialSampler(
+                    family, model, cfg.tasks_per_update, cfg.episodes_per_trial, vector=name
+                )
+            timed[name] = Timed(sampler, family, model, cfg)
+        for t in timed.values():
+            t.update(0)  # warm-up, not counted
+        # Rounds alternate the samplers, so a slow spell of a shared machine hits them all alike.
+        for u in range(1, args.updates + 1):
+            for t in timed.values():
+                t.rounds.append(t.update(u))
+    finally:
+        for t in timed.values():
+            if hasattr(t.sampler, "close"):
+                t.sampler.close()
+    results = {name: t.summary() for name, t in timed.items()}
 
     threads = torch.get_num_threads()
     print(f"trainer throughput, preset {args.preset}, {threads} torch threads, {platform.node()}")
@@ -192,6 +210,13 @@ def main() -> None:
         r["end_to_end_ratio"] = ratio
         if s:
             r["sampling_ratio"] = r["sample_steps_per_s"] / s["sample_steps_per_s"]
+            # per round: this sampler's end-to-end time against the sequential one's in the same round
+            per_round = [
+                (q[1] + q[2]) / q[0] * p[0] / (p[1] + p[2])
+                for p, q in zip(r["rounds"], s["rounds"], strict=True)
+            ]
+            r["round_ratios"] = per_round
+            r["median_round_ratio"] = float(np.median(per_round))
         print(
             f"{name:12s} {r['steps']:8d} {r['sample_s']:9.2f} {r['update_s']:9.2f} "
             f"{r['sample_steps_per_s']:12.0f} {r['steps_per_s']:16.0f} {ratio:6.2f}"
@@ -200,9 +225,14 @@ def main() -> None:
     if s and trainer:
         best = results[trainer]
         print(
-            f"the trainer's sampler ({trainer}) / sequential: end-to-end {best['end_to_end_ratio']:.2f}x, "
+            f"the trainer's sampler ({trainer}) / sequential: end-to-end {best['end_to_end_ratio']:.2f}x "
+            f"(median of rounds {best['median_round_ratio']:.2f}x), "
             f"sampling alone {best['sampling_ratio']:.2f}x"
         )
+        for name, r in results.items():
+            if name != "sequential":
+                rounds = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
+                print(f"  {name} per round: {rounds}")
         print(
             f"targets: >= 3000 end-to-end steps/s ({'met' if best['steps_per_s'] >= 3000 else 'NOT met'}), "
             f">= 5x sequential ({'met' if best['end_to_end_ratio'] >= 5 else 'NOT met'})"
