@@ -73,17 +73,18 @@ class _Envs:
 
     def step(self, which: NDArray[np.int64], actions: NDArray[np.float32]) -> StepResult:
         m = len(which)
-        obs = np.zeros((m, *self.envs[0].observation_space.shape), self.dtype)
+        shape: tuple[int, ...] = self.envs[0].observation_space.shape or ()
+        obs = np.zeros((m, *shape), self.dtype)
         reward = np.zeros(m, np.float64)
         terminated, truncated = np.zeros(m, bool), np.zeros(m, bool)
         success = np.zeros(m, np.float32)
-        for j, i in enumerate(which):
+        for j, i in enumerate(which.tolist()):
             obs[j], reward[j], terminated[j], truncated[j], info = self.envs[i].step(actions[j])
             if "success" in info:
                 success[j] = float(info["success"])
         next_obs = obs.copy()
-        for j in np.flatnonzero(terminated | truncated):
-            next_obs[j] = self.envs[which[j]].reset()[0]
+        for j in np.flatnonzero(terminated | truncated).tolist():
+            next_obs[j] = self.envs[int(which[j])].reset()[0]
         return StepResult(obs, reward, terminated, truncated, success, next_obs)
 
     def close(self) -> None:
@@ -162,7 +163,7 @@ class WorkerStage:
         self.members = members
         # fork where there is one: a worker then needs no import of the caller's main module (which
         # spawn would re-run) and inherits the family as it is; it never touches torch.
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        ctx: Any = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         parts = np.array_split(np.arange(len(members)), max(1, min(workers, len(members))))
         self._parts = [p for p in parts if len(p)]
         self._conns: list[Connection] = []

@@ -151,11 +151,11 @@ class TrialSampler:
         while True:
             moved = False
             for s, stage in enumerate(self.stages):
-                if sent[s] is not None:
-                    which = sent[s]
+                stepped = sent[s]
+                if stepped is not None:
                     sent[s] = None
                     result = stage.recv()
-                    ids = stage.members[which]
+                    ids = stage.members[stepped]
                     self._book(buf, trial, tick[s] - 1, ids, result, params)
                     obs[ids] = result.next_obs
                 t = tick[s]
@@ -163,8 +163,9 @@ class TrialSampler:
                 if t >= steps or not len(idx):
                     continue
                 executed = self._act(buf, trial, t, idx, obs, params, deterministic, generator)
-                sent[s] = np.searchsorted(stage.members, idx)
-                stage.send(sent[s], executed)
+                which = np.searchsorted(stage.members, idx)
+                stage.send(which, executed)
+                sent[s] = which
                 tick[s] = t + 1
                 moved = True
             if not moved:
