@@ -127,7 +127,7 @@ def test_without_checkpoints_the_server_says_so_and_exits_nonzero(tmp_path: Path
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRMRL_CHECKPOINTS_DIR": str(tmp_path)}
     env.pop("TRMRL_MODELS", None)
     done = subprocess.run(
-        [sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode != 0
     assert "no checkpoints to serve" in done.stderr
