@@ -168,7 +168,8 @@ class WorkerStage:
         self._parts = [p for p in parts if len(p)]
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
-        self._pending: list[NDArray[np.int64]] | None = None
+        self._waiting = False
+        """A step was sent and its replies not yet read."""
         try:
             for part in self._parts:
                 here, there = ctx.Pipe()
@@ -215,17 +216,15 @@ class WorkerStage:
 
     def send(self, which: NDArray[np.int64], actions: NDArray[np.float32]) -> None:
         _check_which(which, len(self.members))
-        pending = []
         for conn, part in zip(self._conns, self._parts, strict=True):
             mine = (which >= part[0]) & (which <= part[-1])
-            pending.append(mine)
             self._send(conn, ("step", (which[mine] - part[0], actions[mine])))
-        self._pending = pending
+        self._waiting = True
 
     def recv(self) -> StepResult:
-        if self._pending is None:
+        if not self._waiting:
             raise RuntimeError("recv() without a send()")
-        self._pending = None
+        self._waiting = False
         results: list[StepResult] = [self._reply(conn) for conn in self._conns]
         return StepResult(*(np.concatenate(field) for field in zip(*results, strict=True)))
 

@@ -145,27 +145,25 @@ class TrialSampler:
         deterministic: bool,
         generator: torch.Generator | None,
     ) -> None:
-        trial = buf.trial
         sent: list[np.ndarray | None] = [None] * len(self.stages)
+        """Each stage's envs (sampler indices) whose step is in flight."""
         tick = [0] * len(self.stages)
         while True:
             moved = False
             for s, stage in enumerate(self.stages):
-                stepped = sent[s]
-                if stepped is not None:
+                ids = sent[s]
+                if ids is not None:
                     sent[s] = None
                     result = stage.recv()
-                    ids = stage.members[stepped]
-                    self._book(buf, trial, tick[s] - 1, ids, result, params)
+                    self._book(buf, tick[s] - 1, ids, result, params)
                     obs[ids] = result.next_obs
                 t = tick[s]
-                idx = stage.members[trial.active[stage.members]]
+                idx = stage.members[buf.trial.active[stage.members]]
                 if t >= steps or not len(idx):
                     continue
-                executed = self._act(buf, trial, t, idx, obs, params, deterministic, generator)
-                which = np.searchsorted(stage.members, idx)
-                stage.send(which, executed)
-                sent[s] = which
+                executed = self._act(buf, t, idx, obs, params, deterministic, generator)
+                stage.send(np.searchsorted(stage.members, idx), executed)
+                sent[s] = idx
                 tick[s] = t + 1
                 moved = True
             if not moved:
@@ -174,7 +172,6 @@ class TrialSampler:
     def _act(
         self,
         buf: _Buffers,
-        trial: _TrialState,
         t: int,
         idx: np.ndarray,
         obs: np.ndarray,
@@ -183,7 +180,7 @@ class TrialSampler:
         generator: torch.Generator | None,
     ) -> np.ndarray:
         """The policy's step for envs ``idx`` at tick ``t``: stored, and the executed actions returned."""
-        dev = self.device
+        dev, trial = self.device, buf.trial
         slots = torch.from_numpy(idx).to(dev)
         policy_obs = policy_observation(obs[idx], None if params is None else params[idx])
         noise = None
@@ -216,14 +213,13 @@ class TrialSampler:
     def _book(
         self,
         buf: _Buffers,
-        trial: _TrialState,
         t: int,
         ids: np.ndarray,
         result: StepResult,
         params: np.ndarray | None,
     ) -> None:
         """Book what envs ``ids`` observed after their step at tick ``t``."""
-        k, dev = self.episodes, self.device
+        k, dev, trial = self.episodes, self.device, buf.trial
         buf.rewards[t, ids] = result.reward
         if self.family.has_success:
             col = np.minimum(trial.episode[ids], k - 1)

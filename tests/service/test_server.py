@@ -33,25 +33,16 @@ MODELS = ("cheetah", "cheetah-trial")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, dict[str, Path]]]:
     """The paper's MuJoCo-size network (obs 17, act 6), in both memory scopes, behind one server."""
     root = tmp_path_factory.mktemp("served")
+    mujoco = {
+        "preset": "mujoco",
+        "obs_dim": 17,
+        "act_dim": 6,
+        "family": "halfcheetah-vel",
+        "policy_out_gain": 0.1,
+    }
     paths = {
-        "cheetah": make_checkpoint(
-            root / "cheetah",
-            preset="mujoco",
-            obs_dim=17,
-            act_dim=6,
-            family="halfcheetah-vel",
-            policy_out_gain=0.1,
-        ),
-        "cheetah-trial": make_checkpoint(
-            root / "cheetah-trial",
-            preset="mujoco",
-            obs_dim=17,
-            act_dim=6,
-            family="halfcheetah-vel",
-            seed=3,
-            memory_scope="trial",
-            policy_out_gain=0.1,
-        ),
+        "cheetah": make_checkpoint(root / "cheetah", **mujoco),
+        "cheetah-trial": make_checkpoint(root / "cheetah-trial", seed=3, memory_scope="trial", **mujoco),
     }
     running = RunningServer(list(paths.values()))
     try:

@@ -89,8 +89,9 @@ def test_a_workers_failure_names_its_cause_and_the_stage_closes() -> None:
         with pytest.raises(RuntimeError, match="an env worker died"):
             step_once()
     finally:
+        procs = list(stage._procs)
         stage.close()
-    assert all(not p.is_alive() for p in stage._procs)
+    assert procs and all(not p.is_alive() for p in procs)
 
 
 def test_stage_layouts_and_refusals() -> None:
