@@ -2,7 +2,8 @@
 
 An output directory holds one run::
 
-    run.json            the TrainConfig (a different config in the same directory is refused)
+    run.json            the TrainConfig (a different config in the same directory is refused, except
+                        ``total_steps``: a run is extended, or cut short, by resuming it with another)
     metrics.jsonl       one JSON object per update and per evaluation
     tb/                 TensorBoard events
     latest/             resumable checkpoint: model + trainer_state.pt (optimizer, RNG, counters)
@@ -118,9 +119,12 @@ def check_run_directory(out: Path, cfg: TrainConfig) -> bool:
     if run_file.exists():
         saved = json.loads(run_file.read_text())
         current, defaults = cfg.to_dict(), TrainConfig().to_dict()
-        # A setting added after the run started counts as unchanged while it keeps its default.
-        if {**defaults, **saved} != current:
-            changed = sorted(k for k in current if saved.get(k, defaults[k]) != current[k])
+        # A setting added after the run started counts as unchanged while it keeps its default. The budget
+        # may change: nothing else depends on it (the learning-rate schedule counts updates), so a run
+        # resumed with a larger ``total_steps`` is the run that would have been trained with it from the start.
+        merged = {**defaults, **saved, "total_steps": current["total_steps"]}
+        if merged != current:
+            changed = sorted(k for k in current if merged.get(k, defaults[k]) != current[k])
             raise RunDirectoryError(
                 f"{out} holds another run (settings differ: {', '.join(changed) or 'unknown keys'}); "
                 "choose a new --out directory"
@@ -129,6 +133,15 @@ def check_run_directory(out: Path, cfg: TrainConfig) -> bool:
     if out.exists() and any(out.iterdir()):
         raise RunDirectoryError(f"{out} is not empty and holds no trmrl run; choose a new --out directory")
     return False
+
+
+def _record_budget(run_file: Path, total_steps: int) -> None:
+    """Keep ``run.json`` the settings the run is trained with when it is resumed with another budget."""
+    saved = json.loads(run_file.read_text())
+    if saved.get("total_steps") != total_steps:
+        tmp = run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**saved, "total_steps": total_steps}, indent=2))
+        os.replace(tmp, run_file)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -184,6 +197,8 @@ class Trainer:
         self.last_tasks: list[Task] = []
         self.last_local_steps = 0
 
+        if resume and self.is_main:
+            _record_budget(out / RUN_FILE, cfg.total_steps)
         if resume and (out / "latest").exists():
             self._load_state(out / "latest")
         elif self.is_main:

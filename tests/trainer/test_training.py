@@ -252,6 +252,29 @@ def test_a_setting_added_after_a_run_started_keeps_it_resumable(tmp_path: Path) 
         check_run_directory(out, changed)
 
 
+def test_a_finished_run_resumed_with_a_larger_budget_is_the_longer_run(tmp_path: Path) -> None:
+    def cfg(steps: int) -> Any:
+        return preset_config(
+            "small-point-nav",
+            {"total_steps": str(steps), "tasks_per_update": "8", "eval_every": "0", "eval_tasks": "2"},
+        )
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    per_update = train(cfg(1), short, progress=False).steps  # one update
+    extended = train(cfg(3 * per_update), short, progress=False)  # the same directory, a larger budget
+    assert (extended.steps, extended.updates) == (2 * per_update, 3)
+    assert json.loads((short / "run.json").read_text())["total_steps"] == 3 * per_update
+    train(cfg(3 * per_update), long, progress=False)
+    a = load_checkpoint(short / "final")
+    b = load_checkpoint(long / "final")
+    assert a.info.training["total_steps"] == b.info.training["total_steps"] == 3 * per_update
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    # Any other setting still belongs to another run.
+    with pytest.raises(RunDirectoryError, match="settings differ: seed"):
+        check_run_directory(short, dataclasses.replace(cfg(3 * per_update), seed=5))
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_oracle_task_parameters_are_normalised_only_when_asked(tmp_path: Path, normalize: bool) -> None:
     cfg = preset_config(
