@@ -114,13 +114,19 @@ def policy_kind(training: dict[str, Any]) -> str:
 def eval_main(argv: list[str] | None = None) -> int:
     """Evaluate checkpoints on one held-out task set and print a comparison table."""
     parser = argparse.ArgumentParser(
-        prog="trmrl-eval", description="Meta-test checkpoints on the same task set, deterministic actions."
+        prog="trmrl-eval",
+        description="Meta-test checkpoints on the same task set (mean actions unless --sample).",
     )
     parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT")
     parser.add_argument("--split", choices=["validation", "test", "ood"], default="test")
     parser.add_argument("--tasks", type=int, default=30, help="number of tasks (default 30)")
     parser.add_argument("--seed", type=int, default=1000, help="task-set seed (default 1000, as training)")
     parser.add_argument("--episodes", type=int, help="episodes per trial (default: as trained)")
+    parser.add_argument(
+        "--sample",
+        action="store_true",
+        help="draw actions from the policy (noise seeded by --seed) instead of taking its mean",
+    )
     parser.add_argument("--json", type=Path, help="write the full results here")
     args = parser.parse_args(argv)
     if args.tasks < 1:
@@ -150,7 +156,13 @@ def eval_main(argv: list[str] | None = None) -> int:
     for path, ckpt in zip(args.checkpoints, loaded, strict=True):
         episodes = args.episodes or int(ckpt.info.training.get("episodes_per_trial", 2))
         result = evaluate(
-            ckpt.model, family, tasks, episodes, oracle=ckpt.info.task_params_in_obs, seed=args.seed
+            ckpt.model,
+            family,
+            tasks,
+            episodes,
+            oracle=ckpt.info.task_params_in_obs,
+            seed=args.seed,
+            deterministic=not args.sample,
         )
         rows.append((path, ckpt, result))
 
@@ -159,7 +171,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     for _, ckpt, r in rows:
         groups.setdefault(policy_kind(ckpt.info.training), []).append(float(r.returns.mean()))
     means = {kind: sum(values) / len(values) for kind, values in groups.items()}
-    header = f"{family.name} {args.split}: {len(tasks)} tasks, seed {args.seed}, deterministic"
+    actions = "sampled actions" if args.sample else "deterministic"
+    header = f"{family.name} {args.split}: {len(tasks)} tasks, seed {args.seed}, {actions}"
     print(header)
     columns = ["checkpoint", "kind", "version", "return"]
     max_eps = max(r.returns.shape[1] for _, _, r in rows)
@@ -220,6 +233,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             "split": args.split,
             "tasks": args.tasks,
             "seed": args.seed,
+            "actions": "sampled" if args.sample else "deterministic",
             "groups": summary,
             "results": [
                 {

@@ -50,9 +50,11 @@ class Evaluator:
         oracle: bool = False,
         vector: str = "sync",
         seed: int = 0,
+        deterministic: bool = True,
     ) -> None:
         self.tasks = tasks
         self.seed = seed
+        self.deterministic = deterministic
         self.sampler = TrialSampler(family, model, len(tasks), episodes, oracle=oracle, vector=vector)
 
     def close(self) -> None:
@@ -62,7 +64,12 @@ class Evaluator:
         was_training = self.sampler.model.training
         self.sampler.model.eval()
         try:
-            rollout = self.sampler.run(self.tasks, seed=self.seed, deterministic=True)
+            # Sampled actions draw their noise from a generator of the task-set seed: the same
+            # evaluation gives the same figures.
+            generator = None if self.deterministic else torch.Generator().manual_seed(self.seed)
+            rollout = self.sampler.run(
+                self.tasks, seed=self.seed, deterministic=self.deterministic, generator=generator
+            )
         finally:
             self.sampler.model.train(was_training)
         k, horizon = self.sampler.episodes, self.sampler.family.episode_length
@@ -97,9 +104,13 @@ def evaluate(
     *,
     oracle: bool = False,
     seed: int = 0,
+    deterministic: bool = True,
 ) -> EvalResult:
-    """One deterministic evaluation of ``model`` on ``tasks``, ``episodes`` per trial."""
-    evaluator = Evaluator(family, model, tasks, episodes, oracle=oracle, seed=seed)
+    """One evaluation of ``model`` on ``tasks``, ``episodes`` per trial: the policy's mean actions, or
+    with ``deterministic=False`` actions drawn from it (noise seeded by ``seed``)."""
+    evaluator = Evaluator(
+        family, model, tasks, episodes, oracle=oracle, seed=seed, deterministic=deterministic
+    )
     try:
         return evaluator.run()
     finally:

@@ -121,7 +121,7 @@ def check_run_directory(out: Path, cfg: TrainConfig) -> bool:
         current, defaults = cfg.to_dict(), TrainConfig().to_dict()
         # A setting added after the run started counts as unchanged while it keeps its default. The budget
         # may change: nothing else depends on it (the learning-rate schedule counts updates), so a run
-        # resumed with a larger ``total_steps`` is the run that would have been trained with it from the start.
+        # resumed with a larger ``total_steps`` is the run trained with that budget from the start.
         merged = {**defaults, **saved, "total_steps": current["total_steps"]}
         if merged != current:
             changed = sorted(k for k in current if merged.get(k, defaults[k]) != current[k])

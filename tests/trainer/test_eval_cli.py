@@ -41,6 +41,27 @@ def test_eval_takes_the_validation_split(tmp_path: Path, capsys: pytest.CaptureF
     assert data["split"] == "validation" and data["results"][0]["labels"] == [t.label for t in tasks]
 
 
+def test_eval_samples_actions_when_asked_reproducibly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [str(CHECKPOINTS / "point-nav"), "--split", "test", "--tasks", "3", "--episodes", "1"]
+
+    def run(*extra: str) -> dict:
+        out = tmp_path / f"eval{len(list(tmp_path.iterdir()))}.json"
+        assert eval_main([*base, *extra, "--json", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    mean = run()
+    sampled, again = run("--sample"), run("--sample")
+    other_seed = run("--sample", "--seed", "1001")
+    printed = capsys.readouterr().out
+    assert "3 tasks, seed 1000, deterministic" in printed and "3 tasks, seed 1000, sampled actions" in printed
+    assert (mean["actions"], sampled["actions"]) == ("deterministic", "sampled")
+    assert sampled["results"][0]["returns"] == again["results"][0]["returns"]  # the noise is seeded
+    assert sampled["results"][0]["returns"] != mean["results"][0]["returns"]
+    assert other_seed["results"][0]["labels"] != sampled["results"][0]["labels"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
