@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ class TrainConfig:
     """Discount."""
     gae_lambda: float = 0.8
     """GAE lambda, over the whole trial."""
+    reward_scale: float = 1.0
+    """Factor on the rewards the learner credits (advantages, value targets); the network's memory still
+    reads the environment's reward, and returns are reported unscaled."""
     clip: float = 0.2
     """PPO ratio clip."""
     policy_lr: float = 3e-5
@@ -127,6 +131,8 @@ class TrainConfig:
         ]
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             problems.append("gamma must be in (0, 1] and gae_lambda in [0, 1]")
+        if not (math.isfinite(self.reward_scale) and self.reward_scale > 0):
+            problems.append(f"reward_scale must be a finite number > 0 (got {self.reward_scale})")
         if self.lr_decay_end <= self.lr_decay_start:
             problems.append("lr_decay_end must be after lr_decay_start")
         if self.window < 1:

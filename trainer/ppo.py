@@ -77,14 +77,17 @@ class UpdateStats(NamedTuple):
     """Mean gradient norm of the policy parameters before clipping (after averaging over ranks)."""
 
 
-def compute_gae(rollout: Rollout, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def compute_gae(
+    rollout: Rollout, gamma: float, lam: float, reward_scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimates and returns over each whole trial.
 
     A trial is one sequence: the episodes of a trial are concatenated (RL²), so credit flows from a
     later episode back into the exploration of an earlier one. After an env's last valid step the
     continuation value is ``rollout.last_values`` -- ``V(s_T)`` when a time limit cut the episode, 0
     when it terminated. With ``delta_t = r_t + gamma * V_{t+1} - V_t``,
-    ``A_t = delta_t + gamma * lam * A_{t+1}``, and ``A`` is zero past the end.
+    ``A_t = delta_t + gamma * lam * A_{t+1}``, and ``A`` is zero past the end. ``reward_scale``
+    multiplies ``r_t`` (the values are then estimates of scaled returns).
     """
     values, valid = rollout.values, rollout.valid
     steps = values.shape[0]
@@ -92,7 +95,7 @@ def compute_gae(rollout: Rollout, gamma: float, lam: float) -> tuple[Tensor, Ten
     is_last = time == (rollout.lengths - 1).unsqueeze(0)
     next_values = torch.cat([values[1:], torch.zeros_like(values[:1])])
     next_values = torch.where(is_last, rollout.last_values.unsqueeze(0), next_values)
-    deltas = (rollout.rewards + gamma * next_values - values) * valid
+    deltas = (rollout.rewards * reward_scale + gamma * next_values - values) * valid
     advantages = torch.zeros_like(values)
     running = torch.zeros_like(values[0])
     for t in range(steps - 1, -1, -1):

@@ -331,7 +331,7 @@ class Trainer:
         self.model.eval()
         rollout = self.sampler.run(tasks, seed=task_seed, generator=self.generator)
         t1 = time.perf_counter()
-        advantages, returns = compute_gae(rollout, cfg.gamma, cfg.gae_lambda)
+        advantages, returns = compute_gae(rollout, cfg.gamma, cfg.gae_lambda, cfg.reward_scale)
         flat = flatten(rollout, advantages, returns)
         batch = sequences(rollout, advantages, returns, cfg.bptt) if cfg.policy == "rl2" else flat
         self.model.train()

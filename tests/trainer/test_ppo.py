@@ -60,6 +60,28 @@ def test_gae_over_whole_trials_with_bootstrap_and_ragged_ends() -> None:
         assert torch.count_nonzero(adv[n:, e]) == 0  # nothing leaks past an env's trial end
 
 
+def test_reward_scale_credits_scaled_rewards() -> None:
+    gamma, lam, scale = 0.9, 0.8, 0.1
+    rewards = [[1.0, 0.5, -1.0, 2.0], [0.3, 0.1, 0.0, 0.0]]
+    values = [[0.2, 0.4, 0.1, 0.3], [1.0, -0.5, 9.0, 9.0]]
+    lengths, last = [4, 2], [0.7, 0.0]
+    adv, ret = compute_gae(_rollout(rewards, values, lengths, last), gamma, lam, reward_scale=scale)
+    for e in range(2):
+        n = lengths[e]
+        scaled = [scale * r for r in rewards[e][:n]]
+        expected = _reference_gae(scaled, values[e][:n], last[e], gamma, lam)
+        torch.testing.assert_close(adv[:n, e], torch.tensor(expected))
+        torch.testing.assert_close(ret[:n, e], torch.tensor(expected) + torch.tensor(values[e][:n]))
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_reward_scale_that_is_not_positive_is_refused(scale: float) -> None:
+    from trainer.config import TrainConfig
+
+    with pytest.raises(ValueError, match="reward_scale must be a finite number > 0"):
+        TrainConfig(reward_scale=scale)
+
+
 def test_bootstrap_value_matters_only_at_the_cut() -> None:
     a, _ = compute_gae(_rollout([[1.0, 1.0]], [[0.0, 0.0]], [2], [0.0]), 0.9, 1.0)
     b, _ = compute_gae(_rollout([[1.0, 1.0]], [[0.0, 0.0]], [2], [10.0]), 0.9, 1.0)
