@@ -328,6 +328,11 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # 500-step episodes: 20,000 steps per update; the goal is hidden, found from the shaped reward.
     "small-ml1-reach": _small("ml1-reach", total_steps=5_000_000, eval_every=10, checkpoint_every=5),
+    # Every update draws 50 of the 50 train goals, and the puck starts where another train task puts it,
+    # so the goal cannot be read off the puck (docs/results.md, ml1-reach).
+    "small-ml1-reach-decoupled": _small(
+        "ml1-reach-decoupled", tasks_per_update=50, total_steps=5_000_000, eval_every=10, checkpoint_every=5
+    ),
 }
 
 

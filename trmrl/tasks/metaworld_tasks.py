@@ -114,6 +114,35 @@ def _goals(bench: _Benchmark, split: str, indices: list[int]) -> list[tuple[floa
         return [data.goals[i] for i in indices]
 
 
+_OBJECT_GOAL_MIN_XY: Final = 0.15
+_TRAIN_OBJECTS: dict[tuple[str, str], NDArray[np.float64]] = {}
+
+
+def _train_objects(key: str, env_name: str) -> NDArray[np.float64]:
+    """``[n, 3]`` object start positions of the train tasks of ``env_name`` in benchmark ``key``."""
+    with _CACHE_LOCK:
+        cached = _TRAIN_OBJECTS.get((key, env_name))
+    if cached is not None:
+        return cached
+    bench = _benchmark(key)
+    data = bench.splits["train"]
+    sim = bench.classes[env_name]()
+    try:
+        vectors = []
+        for mw_task, name in zip(data.tasks, data.env_names, strict=True):
+            if name == env_name:
+                sim.set_task(mw_task)
+                vectors.append(np.array(sim._last_rand_vec, dtype=np.float64))
+    finally:
+        sim.close()
+    if any(v.shape != (6,) for v in vectors):
+        raise TaskFamilyError(f"{env_name}: decouple_objects needs an (object, goal) task vector of 6 values")
+    objects = np.stack([v[:3] for v in vectors])
+    with _CACHE_LOCK:
+        _TRAIN_OBJECTS[(key, env_name)] = objects
+    return objects
+
+
 def _benchmark_split(split: str) -> str:
     """Meta-World defines train and test goals only: validation tasks are train goals drawn with their
     own seed (the training distribution, as with every family)."""
@@ -126,9 +155,16 @@ class MetaWorldFamily(TaskFamily):
 
     Attributes:
         benchmark: ``"ML10"``, ``"ML45"`` or the ML1 env name (e.g. ``"reach-v3"``).
+        decouple_objects: ML1 only. On train (and validation) tasks, every reset places the object where
+            another train task of the class places it, drawn at random, the goal unchanged; test tasks are
+            the benchmark's, untouched. Each ML1 task fixes its object's start together with its goal, and
+            the object is in the observation: on 50 train tasks a policy can read the goal off the object's
+            position, which tells nothing about a held-out goal. Drawing the object independently of the
+            goal takes that shortcut away (the goal is then found from the reward only).
     """
 
     benchmark: str
+    decouple_objects: bool = False
     meta_world: ClassVar[bool] = True
 
     def _sample_tasks(self, split: str, n: int, rng: np.random.Generator) -> list[Task]:
@@ -186,6 +222,8 @@ class _MetaWorldEnv(TaskEnv):
             space.low.astype(np.float32), space.high.astype(np.float32), dtype=np.float32
         )
         self._expected_goal: tuple[float, ...] | None = None
+        self._own_rand_vec: NDArray[np.float64] | None = None
+        self._object_rng = np.random.default_rng(0)
 
     def set_task(self, task: Task) -> None:
         """Use ``task`` (of any env class of the benchmark) from the next :meth:`reset` on.
@@ -213,12 +251,30 @@ class _MetaWorldEnv(TaskEnv):
         self.env = sim
         self._sim = sim
         self._expected_goal = task.params
+        self._own_rand_vec = np.array(sim._last_rand_vec, dtype=np.float64)
+
+    def _decouple_object(self) -> None:
+        """Give the coming episode the object start of a train task drawn at random (see
+        :attr:`MetaWorldFamily.decouple_objects`), keeping this task's goal."""
+        assert self._own_rand_vec is not None
+        goal = self._own_rand_vec[3:]
+        objects = _train_objects(self.family.benchmark, self.family.resolve(self.task)[0])
+        # The classes redraw until the object is 15 cm (in x, y) from the goal; with the vector frozen
+        # a closer object would make them loop for ever.
+        allowed = objects[np.linalg.norm(objects[:, :2] - goal[:2], axis=1) >= _OBJECT_GOAL_MIN_XY]
+        if len(allowed) == 0:
+            return
+        obj = allowed[int(self._object_rng.integers(len(allowed)))]
+        self._sim._last_rand_vec = np.concatenate([obj, goal])
 
     def _reset_sim(self, seed: int | None, options: dict[str, Any] | None) -> tuple[ObsArray, dict[str, Any]]:
         # Meta-World's reset ignores its seed argument; its episodes are deterministic anyway (the goal is
         # frozen by set_task), but seeding the simulator's generator keeps gymnasium's reset contract.
         if seed is not None:
             self._sim.seed(seed)
+            self._object_rng = np.random.default_rng([seed, 0x0B7EC7])
+        if self.family.decouple_objects and _benchmark_split(self.task.split) == "train":
+            self._decouple_object()
         obs, info = self.env.reset(seed=seed, options=options)
         if self._expected_goal is not None:
             goal = self._sim._target_pos
@@ -251,7 +307,7 @@ class _MetaWorldEnv(TaskEnv):
             sim.close()
 
 
-def _family(name: str, benchmark: str, description: str) -> MetaWorldFamily:
+def _family(name: str, benchmark: str, description: str, decouple_objects: bool = False) -> MetaWorldFamily:
     return MetaWorldFamily(
         name=name,
         obs_dim=39,
@@ -264,12 +320,20 @@ def _family(name: str, benchmark: str, description: str) -> MetaWorldFamily:
         splits=("train", "validation", "test"),
         description=description,
         benchmark=benchmark,
+        decouple_objects=decouple_objects,
     )
 
 
 FAMILIES: Final[tuple[TaskFamily, ...]] = (
     _family("ml1-reach", "reach-v3", "Meta-World ML1 reach-v3: 50 train / 50 test goal positions."),
     _family("ml1-push", "push-v3", "Meta-World ML1 push-v3: 50 train / 50 test goal positions."),
+    _family(
+        "ml1-reach-decoupled",
+        "reach-v3",
+        "Meta-World ML1 reach-v3; on train goals the puck starts where another train task puts it "
+        "(test goals: the benchmark's).",
+        decouple_objects=True,
+    ),
     _family(
         "ml1-pick-place", "pick-place-v3", "Meta-World ML1 pick-place-v3: 50 train / 50 test goal positions."
     ),
