@@ -36,7 +36,12 @@ POINT_AND_LOCOMOTION = (
     "ant-goal",
 )
 LOCOMOTION = POINT_AND_LOCOMOTION[1:]
-ML1 = {"ml1-reach": "reach-v3", "ml1-push": "push-v3", "ml1-pick-place": "pick-place-v3"}
+ML1 = {
+    "ml1-reach": "reach-v3",
+    "ml1-reach-decoupled": "reach-v3",
+    "ml1-push": "push-v3",
+    "ml1-pick-place": "pick-place-v3",
+}
 METAWORLD = (*ML1, "ml10", "ml45")
 DT = 0.05  # HalfCheetah-v5 and Ant-v5: timestep 0.01 x frame_skip 5
 
@@ -528,6 +533,43 @@ def test_ml1_family(name: str) -> None:
     with pytest.raises(TaskFamilyError, match="belongs to family"):
         env.set_task(_other_family_task(name))
     env.close()
+
+
+def _puck(obs: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.round(obs[4:7], 6))
+
+
+@pytest.mark.slow
+@pytest.mark.metaworld
+def test_ml1_decoupled_draws_the_puck_of_a_train_goal_apart_from_its_goal() -> None:
+    benchmark, decoupled = get_family("ml1-reach"), get_family("ml1-reach-decoupled")
+    plain = benchmark.make_env(benchmark.sample_tasks("train", 1, seed=0)[0])
+    train_pucks = set()
+    for task in benchmark.sample_tasks("train", 50, seed=0):
+        plain.set_task(task)
+        train_pucks.add(_puck(plain.reset(seed=0)[0]))
+    task = decoupled.sample_tasks("train", 1, seed=3)[0]
+    plain.set_task(dataclasses.replace(task, family="ml1-reach"))
+    own_puck = _puck(plain.reset(seed=0)[0])
+    env = decoupled.make_env(task)
+    pucks = []
+    for k in range(10):
+        obs, _ = env.reset(seed=11 if k == 0 else None)
+        puck = _puck(obs)
+        assert puck in train_pucks  # another train task's start ...
+        assert math.dist(puck[:2], task.params[:2]) >= 0.15  # ... where the simulator accepts it
+        np.testing.assert_allclose(env.unwrapped._target_pos, task.params)  # type: ignore[attr-defined]
+        pucks.append(puck)
+    assert len(set(pucks) - {own_puck}) > 1
+    assert [_puck(env.reset(seed=11 if k == 0 else None)[0]) for k in range(10)] == pucks  # seeded
+    # Test goals are the benchmark's own, puck included.
+    for test_task in decoupled.sample_tasks("test", 3, seed=3):
+        env.set_task(test_task)
+        plain.set_task(dataclasses.replace(test_task, family="ml1-reach"))
+        for _ in range(2):
+            np.testing.assert_array_equal(env.reset(seed=5)[0], plain.reset(seed=5)[0])
+    env.close()
+    plain.close()
 
 
 @pytest.mark.slow
