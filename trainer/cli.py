@@ -7,9 +7,12 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.config import PRESETS, preset_config
+
+if TYPE_CHECKING:
+    from trmrl.tasks import TaskFamily
 
 
 def _parse_sets(items: list[str]) -> dict[str, str]:
@@ -111,6 +114,20 @@ def policy_kind(training: dict[str, Any]) -> str:
     return str(training.get("reference", "trmrl"))
 
 
+def _compatible_family(trained: TaskFamily, other: TaskFamily) -> TaskFamily:
+    """``other``, if a policy trained on ``trained`` can act in it (same spaces); else raise."""
+    from trmrl.tasks import TaskFamilyError
+
+    fields = ("obs_dim", "act_dim", "task_param_dim", "action_low", "action_high")
+    differ = [f for f in fields if getattr(trained, f) != getattr(other, f)]
+    if differ:
+        raise TaskFamilyError(
+            f"--family {other.name}: its {', '.join(differ)} differ from {trained.name}'s, "
+            "which the checkpoints were trained on"
+        )
+    return other
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     """Evaluate checkpoints on one held-out task set and print a comparison table."""
     parser = argparse.ArgumentParser(
@@ -126,6 +143,12 @@ def eval_main(argv: list[str] | None = None) -> int:
         "--sample",
         action="store_true",
         help="draw actions from the policy (noise seeded by --seed) instead of taking its mean",
+    )
+    parser.add_argument(
+        "--family",
+        help="evaluate on this task family instead of the checkpoints' own (its observations, actions and "
+        "task parameters must have the same shapes and bounds), e.g. an ml1-reach policy on "
+        "ml1-reach-decoupled",
     )
     parser.add_argument("--json", type=Path, help="write the full results here")
     args = parser.parse_args(argv)
@@ -146,8 +169,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     families = {c.info.task_family for c in loaded}
     if len(families) != 1:
         parser.error(f"checkpoints are of different task families: {', '.join(sorted(families))}")
-    family = get_family(families.pop())
     try:
+        family = get_family(families.pop())
+        if args.family is not None:
+            family = _compatible_family(family, get_family(args.family))
         tasks = family.sample_tasks(args.split, args.tasks, seed=args.seed)
     except TaskFamilyError as exc:
         parser.error(str(exc))

@@ -68,6 +68,11 @@ def test_eval_samples_actions_when_asked_reproducibly(
         (["nowhere"], "not a checkpoint directory"),
         ([str(CHECKPOINTS / "point-nav"), "--split", "dev"], "invalid choice: 'dev'"),
         ([str(CHECKPOINTS / "point-nav"), "--tasks", "0"], "--tasks must be >= 1"),
+        (
+            [str(CHECKPOINTS / "point-nav"), "--family", "halfcheetah-vel"],
+            "--family halfcheetah-vel: its obs_dim, act_dim, task_param_dim, action_low, action_high differ",
+        ),
+        ([str(CHECKPOINTS / "point-nav"), "--family", "no-such-family"], "no-such-family"),
     ],
 )
 def test_eval_refuses_bad_arguments(
@@ -77,6 +82,19 @@ def test_eval_refuses_bad_arguments(
         eval_main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_runs_a_policy_on_another_family_with_the_same_spaces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval.json"
+    argv = [str(CHECKPOINTS / "halfcheetah-vel"), "--family", "halfcheetah-dir", "--tasks", "2"]
+    assert eval_main([*argv, "--episodes", "1", "--json", str(out)]) == 0
+    assert "halfcheetah-dir test: 2 tasks, seed 1000" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    tasks = get_family("halfcheetah-dir").sample_tasks("test", 2, seed=1000)
+    assert data["family"] == "halfcheetah-dir"
+    assert data["results"][0]["labels"] == [t.label for t in tasks]
 
 
 @pytest.mark.slow
