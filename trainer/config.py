@@ -324,7 +324,7 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
     # Ant running forward or backward: the value on the shared memory as for halfcheetah-dir; 27-d
     # observation, 8 actions, episodes end early when the torso leaves the healthy height.
     "small-ant-dir": _small(
-        "ant-dir", value_input="memory", total_steps=5_000_000, eval_every=10, checkpoint_every=10
+        "ant-dir", value_input="memory", total_steps=8_000_000, eval_every=10, checkpoint_every=10
     ),
     # 500-step episodes: 20,000 steps per update; the goal is hidden, found from the shaped reward.
     "small-ml1-reach": _small("ml1-reach", total_steps=5_000_000, eval_every=10, checkpoint_every=5),
