@@ -222,7 +222,9 @@ class _MetaWorldEnv(TaskEnv):
             space.low.astype(np.float32), space.high.astype(np.float32), dtype=np.float32
         )
         self._expected_goal: tuple[float, ...] | None = None
-        self._own_rand_vec: NDArray[np.float64] | None = None
+        self._decoupled_vectors: NDArray[np.float64] | None = None
+        """``decouple_objects``: the task vectors a reset draws from (another train task's object, this
+        task's goal); None: the task's own vector."""
         self._object_rng = np.random.default_rng(0)
 
     def set_task(self, task: Task) -> None:
@@ -251,21 +253,15 @@ class _MetaWorldEnv(TaskEnv):
         self.env = sim
         self._sim = sim
         self._expected_goal = task.params
-        self._own_rand_vec = np.array(sim._last_rand_vec, dtype=np.float64)
-
-    def _decouple_object(self) -> None:
-        """Give the coming episode the object start of a train task drawn at random (see
-        :attr:`MetaWorldFamily.decouple_objects`), keeping this task's goal."""
-        assert self._own_rand_vec is not None
-        goal = self._own_rand_vec[3:]
-        objects = _train_objects(self.family.benchmark, self.family.resolve(self.task)[0])
-        # The classes redraw until the object is 15 cm (in x, y) from the goal; with the vector frozen
-        # a closer object would make them loop for ever.
-        allowed = objects[np.linalg.norm(objects[:, :2] - goal[:2], axis=1) >= _OBJECT_GOAL_MIN_XY]
-        if len(allowed) == 0:
-            return
-        obj = allowed[int(self._object_rng.integers(len(allowed)))]
-        self._sim._last_rand_vec = np.concatenate([obj, goal])
+        self._decoupled_vectors = None
+        if self.family.decouple_objects and _benchmark_split(task.split) == "train":
+            goal = np.asarray(sim._last_rand_vec, dtype=np.float64)[3:]
+            objects = _train_objects(self.family.benchmark, env_name)
+            # The classes redraw until the object is 15 cm (in x, y) from the goal; with the vector
+            # frozen a closer object would make them loop for ever.
+            allowed = objects[np.linalg.norm(objects[:, :2] - goal[:2], axis=1) >= _OBJECT_GOAL_MIN_XY]
+            if len(allowed):
+                self._decoupled_vectors = np.hstack([allowed, np.tile(goal, (len(allowed), 1))])
 
     def _reset_sim(self, seed: int | None, options: dict[str, Any] | None) -> tuple[ObsArray, dict[str, Any]]:
         # Meta-World's reset ignores its seed argument; its episodes are deterministic anyway (the goal is
@@ -273,8 +269,10 @@ class _MetaWorldEnv(TaskEnv):
         if seed is not None:
             self._sim.seed(seed)
             self._object_rng = np.random.default_rng([seed, 0x0B7EC7])
-        if self.family.decouple_objects and _benchmark_split(self.task.split) == "train":
-            self._decouple_object()
+        if self._decoupled_vectors is not None:
+            # A train task's object start drawn at random, this task's goal (``decouple_objects``).
+            vectors = self._decoupled_vectors
+            self._sim._last_rand_vec = vectors[int(self._object_rng.integers(len(vectors)))].copy()
         obs, info = self.env.reset(seed=seed, options=options)
         if self._expected_goal is not None:
             goal = self._sim._target_pos
