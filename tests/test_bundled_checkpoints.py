@@ -95,3 +95,25 @@ def test_shipped_seed_loads_and_beats_the_memoryless_reference(path: Path) -> No
         evaluate(memoryless.model, family, tasks, 2).returns.mean()
         < evaluate(ckpt.model, family, tasks, 2).returns.mean()
     )
+
+
+ARCHIVE_DIR = CHECKPOINTS / "archive"
+ARCHIVE = (
+    sorted(p for p in ARCHIVE_DIR.iterdir() if (p / CONFIG_FILE).is_file()) if ARCHIVE_DIR.is_dir() else []
+)
+"""Policies trained under an earlier preset setting, kept for the tables of docs/results.md that compare
+them (halfcheetah-vel TrMRL at exploration noise 0.5, beside the RL² seeds trained at 0.5)."""
+
+
+def test_halfcheetah_vel_seeds_at_the_earlier_exploration_noise_are_archived() -> None:
+    assert {f"halfcheetah-vel-std05-s{seed}" for seed in range(3)} <= {p.name for p in ARCHIVE}
+
+
+@pytest.mark.parametrize("path", ARCHIVE, ids=[p.name for p in ARCHIVE])
+def test_archived_policy_loads_evaluates_and_records_its_setting(path: Path) -> None:
+    ckpt = load_checkpoint(path)
+    training = ckpt.info.training
+    assert training["init_std"] == 0.5 and path.name.endswith(f"-s{training['seed']}")
+    family = get_family(ckpt.info.task_family)
+    result = evaluate(ckpt.model, family, family.sample_tasks("test", 2, seed=7), 1)
+    assert np.isfinite(result.returns).all()
