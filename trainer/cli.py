@@ -43,6 +43,12 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-held-out",
+        action="store_true",
+        help="skip the end-of-run evaluation of the held-out splits (test, ood): for a probe whose "
+        "figures may only be read on validation; trmrl-eval --split test evaluates them later",
+    )
     args = parser.parse_args(argv)
 
     if args.list_presets:
@@ -72,7 +78,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     init_distributed()
     try:
-        trainer = Trainer(cfg, args.out, progress=not args.no_progress)
+        trainer = Trainer(cfg, args.out, progress=not args.no_progress, held_out=not args.no_held_out)
     except ValueError as exc:  # RunDirectoryError included: a config or directory refused before any work
         parser.error(str(exc))
     try:

@@ -159,10 +159,13 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Owns the network, optimiser, samplers and bookkeeping of one run."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, *, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, out: Path, *, progress: bool = True, held_out: bool = True) -> None:
         self.cfg = cfg
         self.out = out
         self.progress = progress
+        self.held_out = held_out
+        """Evaluate the held-out splits (test, ood) when the run ends; a probe that must not see them
+        passes ``False`` and its ``final/`` carries validation figures only."""
         self.rank, self.world = _rank_world()
         self.is_main = self.rank == 0
         self.family = get_family(cfg.family)
@@ -409,11 +412,11 @@ class Trainer:
                     if headline > self.best_return:
                         self.best_return = headline
                         self.save("best")
-                if done and self.evaluators:
+                if done and self.evaluators and self.held_out:
                     # The held-out sets, once, after every choice has been made.
-                    held_out = self.evaluate(tuple(s for s in EVAL_SPLITS if s != SELECTION_SPLIT))
-                    self.last_eval = {**self.last_eval, **held_out}
-                    record.update(held_out)
+                    figures = self.evaluate(tuple(s for s in EVAL_SPLITS if s != SELECTION_SPLIT))
+                    self.last_eval = {**self.last_eval, **figures}
+                    record.update(figures)
                 self.log(record)
                 if self.update % cfg.checkpoint_every == 0 or done:
                     self.save("latest", resumable=True)
@@ -441,7 +444,7 @@ class Trainer:
             evaluator.close()
 
 
-def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True, held_out: bool = True) -> TrainResult:
     """Train (or resume) the run in ``out`` until ``cfg.total_steps``.
 
     Example:
@@ -449,7 +452,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> TrainR
         >>> train(preset_config("small-point-nav", {"total_steps": "6400"}), "/tmp/doc-run", progress=False)
         ...  # doctest: +SKIP
     """
-    trainer = Trainer(cfg, Path(out), progress=progress)
+    trainer = Trainer(cfg, Path(out), progress=progress, held_out=held_out)
     try:
         return trainer.train()
     finally:

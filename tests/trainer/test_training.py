@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from trainer.cli import train_main
+from trainer.cli import eval_main, train_main
 from trainer.config import PRESETS, preset_config
 from trainer.evaluate import evaluate, replay_actions
 from trainer.rollout import TrialSampler
@@ -213,6 +213,24 @@ def test_model_selection_sees_only_the_validation_split(tmp_path: Path) -> None:
     final = load_checkpoint(tmp_path / "run" / "final").info.metrics
     assert final["test/return"] == records[1]["test/return"]
     assert final["validation/return"] == records[1]["validation/return"]
+
+
+def test_a_probe_run_can_end_without_seeing_the_held_out_splits(tmp_path: Path) -> None:
+    out = tmp_path / "probe"
+    argv = ["--preset", "small-point-nav", "--out", str(out), "--no-progress", "--no-held-out"]
+    sets = {"total_steps": "6400", "eval_every": "1", "eval_tasks": "2", "tasks_per_update": "32"}
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    assert train_main(argv) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "validation/return" in records[-1]
+    assert not any(k.startswith(("test/", "ood/")) for r in records for k in r)
+    final = load_checkpoint(out / "final").info.metrics
+    assert "validation/return" in final and not any(k.startswith(("test/", "ood/")) for k in final)
+    # The held-out figures are then a separate, deliberate evaluation of final/.
+    report = tmp_path / "test.json"
+    assert eval_main([str(out / "final"), "--split", "test", "--tasks", "2", "--json", str(report)]) == 0
+    assert report.exists()
 
 
 def test_a_resumed_run_gets_back_both_optimisers_and_the_value_std(tmp_path: Path) -> None:
