@@ -39,6 +39,7 @@ LOCOMOTION = POINT_AND_LOCOMOTION[1:]
 ML1 = {
     "ml1-reach": "reach-v3",
     "ml1-reach-decoupled": "reach-v3",
+    "ml1-reach-fresh": "reach-v3",
     "ml1-push": "push-v3",
     "ml1-pick-place": "pick-place-v3",
 }
@@ -511,7 +512,8 @@ def test_ml1_family(name: str) -> None:
     assert {t.params for t in train}.isdisjoint(t.params for t in test)
     for task in (*train, *test):
         assert 0 <= task.index < 50
-        assert task.label == f"{env_name}#{task.index}"
+        fresh = getattr(family, "fresh_goals", False) and task.split == "train"  # a goal, not a task number
+        assert task.label.startswith(f"{env_name}@(") if fresh else task.label == f"{env_name}#{task.index}"
         assert len(task.params) == 3
     # Without replacement up to the 50 tasks of a split, with replacement beyond.
     assert len({t.index for t in family.sample_tasks("train", 50, seed=0)}) == 50
@@ -568,6 +570,41 @@ def test_ml1_decoupled_draws_the_puck_of_a_train_goal_apart_from_its_goal() -> N
         plain.set_task(dataclasses.replace(test_task, family="ml1-reach"))
         for _ in range(2):
             np.testing.assert_array_equal(env.reset(seed=5)[0], plain.reset(seed=5)[0])
+    env.close()
+    plain.close()
+
+
+@pytest.mark.slow
+@pytest.mark.metaworld
+def test_ml1_fresh_draws_train_and_validation_goals_from_the_goal_box() -> None:
+    benchmark, fresh = get_family("ml1-reach"), get_family("ml1-reach-fresh")
+    benchmark_goals = {t.params for t in benchmark.sample_tasks("train", 50, seed=0)}  # all 50
+    assert len(benchmark_goals) == 50
+    train = fresh.sample_tasks("train", 40, seed=3)
+    validation = fresh.sample_tasks("validation", 40, seed=3)
+    assert fresh.sample_tasks("train", 40, seed=3) == train  # seeded
+    goals = np.array([t.params for t in train + validation])
+    assert len({t.params for t in train + validation}) == 80  # every goal new ...
+    assert benchmark_goals.isdisjoint(t.params for t in train + validation)  # ... none the benchmark's
+    assert (goals >= [-0.1, 0.8, 0.05]).all() and (goals <= [0.1, 0.9, 0.3]).all()  # reach-v3's goal box
+    assert all(t.label.startswith("reach-v3@(") for t in train)
+    env = fresh.make_env(train[0])
+    for task in train[:3] + validation[:3]:
+        env.set_task(task)
+        for k in range(3):
+            obs, _ = env.reset(seed=7 if k == 0 else None)
+            np.testing.assert_allclose(env.unwrapped._target_pos, task.params)  # type: ignore[attr-defined]
+            assert math.dist(_puck(obs)[:2], task.params[:2]) >= 0.15
+    # Test goals are the benchmark's own, puck included.
+    plain = benchmark.make_env(benchmark.sample_tasks("test", 1, seed=0)[0])
+    for test_task in fresh.sample_tasks("test", 3, seed=3):
+        assert test_task.label.startswith("reach-v3#")
+        env.set_task(test_task)
+        plain.set_task(dataclasses.replace(test_task, family="ml1-reach"))
+        np.testing.assert_array_equal(env.reset(seed=5)[0], plain.reset(seed=5)[0])
+    # A fresh goal's label names no benchmark task, so it only resolves on a train-like split.
+    with pytest.raises(TaskFamilyError, match="does not match"):
+        fresh.resolve(dataclasses.replace(train[0], split="test"))
     env.close()
     plain.close()
 

@@ -143,6 +143,32 @@ def _train_objects(key: str, env_name: str) -> NDArray[np.float64]:
     return objects
 
 
+_GOAL_SPACES: dict[tuple[str, str], tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
+
+
+def _goal_space(key: str, env_name: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(low, high)`` of the goal positions ``env_name``'s own randomisation draws from."""
+    with _CACHE_LOCK:
+        cached = _GOAL_SPACES.get((key, env_name))
+    if cached is not None:
+        return cached
+    sim = _benchmark(key).classes[env_name]()
+    try:
+        space = sim._random_reset_space
+        bounds = (np.asarray(space.low, np.float64)[-3:], np.asarray(space.high, np.float64)[-3:])
+    finally:
+        sim.close()
+    with _CACHE_LOCK:
+        _GOAL_SPACES[(key, env_name)] = bounds
+    return bounds
+
+
+def _allowed_objects(objects: NDArray[np.float64], goal: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The object starts a class's reset accepts with ``goal``: the classes redraw until the object is
+    15 cm (in x, y) from the goal, so with the task vector frozen a closer object would loop for ever."""
+    return objects[np.linalg.norm(objects[:, :2] - goal[:2], axis=1) >= _OBJECT_GOAL_MIN_XY]
+
+
 def _benchmark_split(split: str) -> str:
     """Meta-World defines train and test goals only: validation tasks are train goals drawn with their
     own seed (the training distribution, as with every family)."""
@@ -161,10 +187,16 @@ class MetaWorldFamily(TaskFamily):
             the object is in the observation: on 50 train tasks a policy can read the goal off the object's
             position, which tells nothing about a held-out goal. Drawing the object independently of the
             goal takes that shortcut away (the goal is then found from the reward only).
+        fresh_goals: ML1 only, with ``decouple_objects``. Train and validation tasks are not the
+            benchmark's 50 train goals but goals drawn afresh, uniformly from the box the class itself
+            draws goals from (``validation``: with its own seed, so goals no update trained on); each
+            still names a benchmark train task for its class. Test tasks are the benchmark's, untouched.
+            Measures how much of the gap between train and test goals is the 50-goal train set.
     """
 
     benchmark: str
     decouple_objects: bool = False
+    fresh_goals: bool = False
     meta_world: ClassVar[bool] = True
 
     def _sample_tasks(self, split: str, n: int, rng: np.random.Generator) -> list[Task]:
@@ -172,8 +204,25 @@ class MetaWorldFamily(TaskFamily):
         data = bench.splits[_benchmark_split(split)]
         available = len(data.tasks)
         indices = [int(i) for i in rng.choice(available, size=n, replace=n > available)]
+        if self.fresh_goals and _benchmark_split(split) == "train":
+            return [self._fresh_task(split, i, rng) for i in indices]
         goals = _goals(bench, _benchmark_split(split), indices)
         return [Task(self.name, split, i, g, data.labels[i]) for i, g in zip(indices, goals, strict=True)]
+
+    def _fresh_task(self, split: str, index: int, rng: np.random.Generator) -> Task:
+        """A goal drawn from the class's goal box for benchmark train task ``index``'s class, redrawn
+        until some train object start lies 15 cm from it."""
+        env_name = _benchmark(self.benchmark).splits["train"].env_names[index]
+        low, high = _goal_space(self.benchmark, env_name)
+        objects = _train_objects(self.benchmark, env_name)
+        for _ in range(1000):
+            goal = rng.uniform(low, high)
+            if len(_allowed_objects(objects, goal)):
+                break
+        else:  # pragma: no cover - the boxes of the ML1 classes leave room everywhere
+            raise TaskFamilyError(f"{self.name}: no goal in {env_name}'s box is 15 cm from a train object")
+        label = f"{env_name}@({goal[0]:.3f}, {goal[1]:.3f}, {goal[2]:.3f})"
+        return Task(self.name, split, index, tuple(float(g) for g in goal), label)
 
     def resolve(self, task: Task) -> tuple[str, Any]:
         """Return the Meta-World env name and task object behind ``task``.
@@ -188,7 +237,8 @@ class MetaWorldFamily(TaskFamily):
             raise TaskFamilyError(
                 f"{self.name}: {task.split} task index {task.index} out of range (0..{len(data.tasks) - 1})"
             )
-        if task.label != data.labels[task.index]:
+        fresh = self.fresh_goals and _benchmark_split(task.split) == "train"
+        if not fresh and task.label != data.labels[task.index]:
             # Guards against tasks sampled from a differently seeded benchmark or another metaworld version.
             raise TaskFamilyError(
                 f"{self.name}: task label {task.label!r} does not match {data.labels[task.index]!r}, "
@@ -255,11 +305,11 @@ class _MetaWorldEnv(TaskEnv):
         self._expected_goal = task.params
         self._decoupled_vectors = None
         if self.family.decouple_objects and _benchmark_split(task.split) == "train":
-            goal = np.asarray(sim._last_rand_vec, dtype=np.float64)[3:]
-            objects = _train_objects(self.family.benchmark, env_name)
-            # The classes redraw until the object is 15 cm (in x, y) from the goal; with the vector
-            # frozen a closer object would make them loop for ever.
-            allowed = objects[np.linalg.norm(objects[:, :2] - goal[:2], axis=1) >= _OBJECT_GOAL_MIN_XY]
+            if self.family.fresh_goals:
+                goal = np.asarray(task.params, dtype=np.float64)
+            else:
+                goal = np.asarray(sim._last_rand_vec, dtype=np.float64)[3:]
+            allowed = _allowed_objects(_train_objects(self.family.benchmark, env_name), goal)
             if len(allowed):
                 self._decoupled_vectors = np.hstack([allowed, np.tile(goal, (len(allowed), 1))])
 
@@ -305,7 +355,9 @@ class _MetaWorldEnv(TaskEnv):
             sim.close()
 
 
-def _family(name: str, benchmark: str, description: str, decouple_objects: bool = False) -> MetaWorldFamily:
+def _family(
+    name: str, benchmark: str, description: str, decouple_objects: bool = False, fresh_goals: bool = False
+) -> MetaWorldFamily:
     return MetaWorldFamily(
         name=name,
         obs_dim=39,
@@ -319,6 +371,7 @@ def _family(name: str, benchmark: str, description: str, decouple_objects: bool 
         description=description,
         benchmark=benchmark,
         decouple_objects=decouple_objects,
+        fresh_goals=fresh_goals,
     )
 
 
@@ -331,6 +384,14 @@ FAMILIES: Final[tuple[TaskFamily, ...]] = (
         "Meta-World ML1 reach-v3; on train goals the puck starts where another train task puts it "
         "(test goals: the benchmark's).",
         decouple_objects=True,
+    ),
+    _family(
+        "ml1-reach-fresh",
+        "reach-v3",
+        "Meta-World ML1 reach-v3; train and validation goals drawn afresh from the class's goal box, the "
+        "puck from the train tasks' starts (test goals: the benchmark's).",
+        decouple_objects=True,
+        fresh_goals=True,
     ),
     _family(
         "ml1-pick-place", "pick-place-v3", "Meta-World ML1 pick-place-v3: 50 train / 50 test goal positions."
