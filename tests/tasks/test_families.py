@@ -512,7 +512,7 @@ def test_ml1_family(name: str) -> None:
     assert {t.params for t in train}.isdisjoint(t.params for t in test)
     for task in (*train, *test):
         assert 0 <= task.index < 50
-        fresh = getattr(family, "fresh_goals", False) and task.split == "train"  # a goal, not a task number
+        fresh = family.draws_fresh_goals(task.split)  # type: ignore[attr-defined]  # a goal, not a number
         assert task.label.startswith(f"{env_name}@(") if fresh else task.label == f"{env_name}#{task.index}"
         assert len(task.params) == 3
     # Without replacement up to the 50 tasks of a split, with replacement beyond.

@@ -199,12 +199,16 @@ class MetaWorldFamily(TaskFamily):
     fresh_goals: bool = False
     meta_world: ClassVar[bool] = True
 
+    def draws_fresh_goals(self, split: str) -> bool:
+        """Whether tasks of ``split`` are goals drawn afresh rather than the benchmark's (``fresh_goals``)."""
+        return self.fresh_goals and _benchmark_split(split) == "train"
+
     def _sample_tasks(self, split: str, n: int, rng: np.random.Generator) -> list[Task]:
         bench = _benchmark(self.benchmark)
         data = bench.splits[_benchmark_split(split)]
         available = len(data.tasks)
         indices = [int(i) for i in rng.choice(available, size=n, replace=n > available)]
-        if self.fresh_goals and _benchmark_split(split) == "train":
+        if self.draws_fresh_goals(split):
             return [self._fresh_task(split, i, rng) for i in indices]
         goals = _goals(bench, _benchmark_split(split), indices)
         return [Task(self.name, split, i, g, data.labels[i]) for i, g in zip(indices, goals, strict=True)]
@@ -237,8 +241,7 @@ class MetaWorldFamily(TaskFamily):
             raise TaskFamilyError(
                 f"{self.name}: {task.split} task index {task.index} out of range (0..{len(data.tasks) - 1})"
             )
-        fresh = self.fresh_goals and _benchmark_split(task.split) == "train"
-        if not fresh and task.label != data.labels[task.index]:
+        if not self.draws_fresh_goals(task.split) and task.label != data.labels[task.index]:
             # Guards against tasks sampled from a differently seeded benchmark or another metaworld version.
             raise TaskFamilyError(
                 f"{self.name}: task label {task.label!r} does not match {data.labels[task.index]!r}, "
@@ -305,7 +308,7 @@ class _MetaWorldEnv(TaskEnv):
         self._expected_goal = task.params
         self._decoupled_vectors = None
         if self.family.decouple_objects and _benchmark_split(task.split) == "train":
-            if self.family.fresh_goals:
+            if self.family.draws_fresh_goals(task.split):
                 goal = np.asarray(task.params, dtype=np.float64)
             else:
                 goal = np.asarray(sim._last_rand_vec, dtype=np.float64)[3:]
