@@ -119,3 +119,18 @@ def test_archived_policy_loads_evaluates_and_records_its_setting(path: Path) -> 
     family = get_family(ckpt.info.task_family)
     result = evaluate(ckpt.model, family, family.sample_tasks("test", 2, seed=7), 1)
     assert np.isfinite(result.returns).all()
+
+
+def test_shipped_ml1_reach_policy_reaches_held_out_goals_with_mean_actions() -> None:
+    """The Meta-World policy is trained on goals drawn afresh (``ml1-reach-fresh``) and tested on the
+    benchmark's 50 test goals, mean actions: success is ``info["success"]`` at any step of an episode."""
+    ckpt = load_checkpoint(CHECKPOINTS / "ml1-reach")
+    assert ckpt.info.task_family == "ml1-reach-fresh" and ckpt.info.training["reference"] == "trmrl"
+    metrics = json.loads((CHECKPOINTS / "ml1-reach" / CONFIG_FILE).read_text())["metrics"]
+    assert metrics["test/success"] >= 0.9
+    family = get_family("ml1-reach-fresh")
+    tasks = family.sample_tasks("test", 4, seed=11)
+    assert all(t.label.startswith("reach-v3#") for t in tasks)  # the benchmark's own test goals
+    result = evaluate(ckpt.model, family, tasks, 1)
+    assert result.success is not None
+    assert float(np.mean(result.success)) >= 0.75
