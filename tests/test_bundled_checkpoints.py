@@ -124,9 +124,9 @@ def test_archived_policy_loads_evaluates_and_records_its_setting(path: Path) -> 
 def test_shipped_ml1_reach_policy_reaches_held_out_goals_with_mean_actions() -> None:
     """The Meta-World policy is trained on goals drawn afresh (``ml1-reach-fresh``) and tested on the
     benchmark's 50 test goals, mean actions: success is ``info["success"]`` at any step of an episode."""
-    ckpt = load_checkpoint(CHECKPOINTS / "ml1-reach")
+    ckpt = load_checkpoint(CHECKPOINTS / "ml1-reach-fresh")
     assert ckpt.info.task_family == "ml1-reach-fresh" and ckpt.info.training["reference"] == "trmrl"
-    metrics = json.loads((CHECKPOINTS / "ml1-reach" / CONFIG_FILE).read_text())["metrics"]
+    metrics = json.loads((CHECKPOINTS / "ml1-reach-fresh" / CONFIG_FILE).read_text())["metrics"]
     assert metrics["test/success"] >= 0.9
     family = get_family("ml1-reach-fresh")
     tasks = family.sample_tasks("test", 4, seed=11)
