@@ -15,6 +15,7 @@ Reference = Literal["trmrl", "oracle", "memoryless"]
 Policy = Literal["trmrl", "rl2"]
 Optimization = Literal["joint", "separate"]
 ValueLoss = Literal["mse", "gaussian_nll"]
+ValueInput = Literal["memory", "observation", "memory_detached", "encoder"]
 
 MEMORYLESS_WINDOW = 1
 """A memoryless reference reads one working memory: the current observation alone."""
@@ -44,8 +45,20 @@ class TrainConfig:
     """N, working memories per window."""
     memory_scope: Literal["episode", "trial"] = "episode"
     """Clear the window at every episode start, or keep it across a trial."""
-    value_input: Literal["memory", "observation"] = "memory"
-    """Value head on the shared episodic memory or on the current augmented observation."""
+    value_input: ValueInput = "memory"
+    """What the value head reads: ``memory``, the shared episodic memory (the value's gradient trains
+    the encoder too); ``memory_detached``, the same memory without its gradient (the encoder learns from
+    the policy alone); ``encoder``, a memory of its own (a second encoder, or GRU, of the same size);
+    ``observation``, the current augmented observation alone."""
+    value_norm: Literal["none", "popart"] = "none"
+    """``popart``: value targets normalised by running statistics that the value head scales back
+    (PopArt), so the value loss and its gradient do not depend on the return's scale."""
+    block: Literal["post", "prenorm"] = "post"
+    """TrMRL's encoder layer: ``post``, the authors' post-residual layer without LayerNorm; ``prenorm``,
+    LayerNorm inside each residual branch and after the last layer. Ignored by ``rl2``."""
+    init: Literal["auto", "t-fixup", "xavier"] = "auto"
+    """TrMRL's encoder initialisation; ``auto``: T-Fixup for ``post``, Xavier for ``prenorm``. Ignored
+    by ``rl2``."""
     init_std: float = 0.5
     """Initial policy standard deviation."""
     policy_out_gain: float = 0.01
@@ -146,6 +159,11 @@ class TrainConfig:
             problems.append(f"rnn_hidden and bptt must be >= 1 (got {self.rnn_hidden}, {self.bptt})")
         if self.env_workers < 0:
             problems.append(f"env_workers must be >= 0 (got {self.env_workers})")
+        if self.block == "prenorm" and self.init == "t-fixup":
+            problems.append(
+                "block=prenorm with init=t-fixup: T-Fixup stands in for LayerNorm, which a pre-norm block "
+                "has; use init=xavier (or auto)"
+            )
         if self.reference == "memoryless" and self.window != MEMORYLESS_WINDOW:
             problems.append(f"reference=memoryless reads one working memory, but window={self.window}")
         if self.normalize_task_params and self.reference != "oracle":

@@ -189,14 +189,61 @@ def policy_loss(
     return loss, stats
 
 
-def value_loss(value: Tensor, returns: Tensor, kind: ValueLoss, value_log_std: Tensor) -> Tensor:
+def value_loss(
+    value: Tensor, returns: Tensor, kind: ValueLoss, value_log_std: Tensor, scale: Tensor | float = 1.0
+) -> Tensor:
     """The value regression: half squared error, or the Gaussian negative log-likelihood of the return
     with a learned standard deviation ``exp(value_log_std)`` (whose gradient rescales the mean's by
-    ``1 / std^2``, so a value function that is often wrong takes smaller steps)."""
+    ``1 / std^2``, so a value function that is often wrong takes smaller steps).
+
+    The error is measured in units of ``scale``: a PopArt value head's target statistics (then the
+    loss is the one on normalised targets, whatever the return's scale); 1 otherwise.
+    """
+    error = (returns - value) / scale
     if kind == "mse":
-        return 0.5 * (value - returns).pow(2).mean()
-    z = (returns - value) * torch.exp(-value_log_std)
+        return 0.5 * error.pow(2).mean()
+    z = error * torch.exp(-value_log_std)
     return (0.5 * z.pow(2) + value_log_std + 0.5 * math.log(2 * math.pi)).mean()
+
+
+class ValueTargetStats:
+    """Running first and second moments of the value targets, for a PopArt value head.
+
+    Each update's targets (all ranks' together) move the moments by an exponential average with weight
+    ``beta`` (the first update sets them); :meth:`update` then hands the new shift and scale to the
+    value head, which rescales its last layer so that no output changes. The moments live in the value
+    head's buffers (``shift``, ``scale``), so checkpoints and resumed runs carry them.
+    """
+
+    def __init__(self, beta: float = 0.1, min_scale: float = 1e-2) -> None:
+        self.beta = beta
+        self.min_scale = min_scale
+
+    def update(self, model: Network, returns: Tensor) -> None:
+        head = model.value
+        if not head.normalized:
+            return
+        moments = torch.stack([returns.sum(), returns.pow(2).sum(), torch.tensor(float(len(returns)))])
+        moments = _all_reduce_moments(moments.double().cpu())
+        count = float(moments[2])
+        if count == 0:
+            return
+        mean, square = moments[0] / count, moments[1] / count
+        old_mean = head.shift.double().cpu()
+        old_square = head.scale.double().cpu() ** 2 + old_mean**2
+        first = bool(head.scale == 1) and bool(head.shift == 0)
+        beta = 1.0 if first else self.beta
+        new_mean = (1 - beta) * old_mean + beta * mean
+        new_square = (1 - beta) * old_square + beta * square
+        scale = (new_square - new_mean**2).clamp(min=self.min_scale**2).sqrt()
+        device = head.shift.device
+        head.renormalize(new_mean.float().to(device), scale.float().to(device))
+
+
+def _all_reduce_moments(moments: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(moments)
+    return moments
 
 
 def ppo_loss(
@@ -212,7 +259,7 @@ def ppo_loss(
     out, flat = forward(model, mb)
     loss, stats = policy_loss(out, flat, clip, normalize_advantages)
     log_std = value_log_std if value_log_std is not None else torch.zeros((), device=out.value.device)
-    v_loss = value_loss(out.value, flat.returns, value_kind, log_std)
+    v_loss = value_loss(out.value, flat.returns, value_kind, log_std, model.value.scale)
     stats["value_loss"] = v_loss.detach()
     return loss + vf_coef * v_loss, stats
 
@@ -242,14 +289,6 @@ class Optimizers(NamedTuple):
             self.value.load_state_dict(state["value"])
 
 
-def encoder_parameters(model: Network) -> list[nn.Parameter]:
-    """The parameters that produce the episodic memory (TrMRL's embedding and encoder layers, RL²'s
-    GRU)."""
-    if isinstance(model, RL2):
-        return list(model.gru.parameters())
-    return [*model.embed.parameters(), *model.layers.parameters()]
-
-
 def make_optimizers(
     model: Network,
     policy_lr: float,
@@ -262,15 +301,17 @@ def make_optimizers(
     """AdamW for the policy and the value function (TrMRL uses separate learning rates).
 
     ``joint``: one AdamW, the value head (and the value's learned std) in its own parameter group.
-    ``separate``: the policy AdamW holds everything but the value head; the value AdamW holds the value
-    head and -- where the value reads the episodic memory -- the encoder as well, which is what the
-    authors' code does (its value function wraps the policy's network). Each optimiser keeps its own
+    ``separate``: the policy AdamW holds everything but the value function's own parameters (its head,
+    and its encoder with ``value_input="encoder"``); the value AdamW holds those and -- where the value
+    reads the episodic memory with its gradient (``memory``) -- the shared encoder as well, which is what
+    the authors' code does (its value function wraps the policy's network). Each optimiser keeps its own
     moments for the encoder, so each pass moves an encoder weight by about its learning rate however
     large its gradient: the value loss cannot swamp the policy's update by gradient magnitude.
     """
-    value_ids = {id(p) for p in model.value.parameters()}
+    own = model.value_parameters()
+    value_ids = {id(p) for p in own}
     policy_params = [p for p in model.parameters() if id(p) not in value_ids]
-    value_params = list(model.value.parameters()) + ([value_log_std] if value_log_std is not None else [])
+    value_params = own + ([value_log_std] if value_log_std is not None else [])
     if optimization == "joint":
         joint = torch.optim.AdamW(
             [
@@ -281,7 +322,7 @@ def make_optimizers(
         )
         return Optimizers(joint, None)
     if model.config.value_input == "memory":
-        value_params = encoder_parameters(model) + value_params
+        value_params = model.encoder_parameters() + value_params
     policy = torch.optim.AdamW(
         [{"params": policy_params, "lr": policy_lr, "base_lr": policy_lr, "role": "policy"}],
         weight_decay=weight_decay,
@@ -437,7 +478,7 @@ def ppo_update(
             value_opt.zero_grad(set_to_none=True)
             if n:
                 out, flat = forward(model, mb)
-                v_loss = value_loss(out.value, flat.returns, value_kind, log_std)
+                v_loss = value_loss(out.value, flat.returns, value_kind, log_std, model.value.scale)
                 v_loss.backward()
                 totals["value_loss"] += float(v_loss.detach()) * n
                 weights["value"] += n

@@ -266,7 +266,7 @@ class _Buffers:
         self.actions = torch.zeros(steps, n, cfg.act_dim, device=dev)
         self.logp = torch.zeros(steps, n, device=dev)
         self.values = torch.zeros(steps, n, device=dev)
-        self.states = torch.zeros(steps, n, cfg.rnn_hidden, device=dev) if cfg.policy == "rl2" else None
+        self.states = torch.zeros(steps, n, cfg.state_width, device=dev) if cfg.policy == "rl2" else None
         self.rewards = np.zeros((steps, n), np.float32)
         self.valid = np.zeros((steps, n), bool)
         self.episode_of = np.zeros((steps, n), np.int64)

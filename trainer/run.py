@@ -35,6 +35,7 @@ from trainer.config import MEMORYLESS_WINDOW, TrainConfig
 from trainer.evaluate import EvalResult, Evaluator
 from trainer.ppo import (
     RunningMeanStd,
+    ValueTargetStats,
     compute_gae,
     decayed_lr_factor,
     flatten,
@@ -45,7 +46,7 @@ from trainer.ppo import (
 from trainer.rollout import TrialSampler
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from trmrl.device import resolve_device
-from trmrl.model import ModelConfig
+from trmrl.model import Init, ModelConfig
 from trmrl.networks import build_model
 from trmrl.tasks import Task, TaskFamily, get_family
 from trmrl.tasks.trials import policy_obs_dim
@@ -85,10 +86,22 @@ def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:
         rnn_hidden=cfg.rnn_hidden,
         memory_scope=cfg.memory_scope,
         value_input=cfg.value_input,
+        value_norm=cfg.value_norm,
+        # The encoder's block and initialisation are TrMRL's; the GRU has neither.
+        block=cfg.block if cfg.policy == "trmrl" else "post",
+        init=resolved_init(cfg) if cfg.policy == "trmrl" else "t-fixup",
         init_std=cfg.init_std,
         policy_out_gain=cfg.policy_out_gain,
         include_previous=not memoryless,
     )
+
+
+def resolved_init(cfg: TrainConfig) -> Init:
+    """The encoder initialisation ``init=auto`` stands for: T-Fixup for the authors' block, Xavier for
+    a pre-norm one."""
+    if cfg.init != "auto":
+        return cfg.init
+    return "xavier" if cfg.block == "prenorm" else "t-fixup"
 
 
 def tasks_for_rank(tasks_per_update: int, rank: int, world: int) -> int:
@@ -108,6 +121,17 @@ def check_compatible(cfg: TrainConfig, family: TaskFamily, world: int) -> None:
         problems.append(
             f"eval_every={cfg.eval_every} needs a {SELECTION_SPLIT!r} split, which family {family.name!r} "
             f"lacks (splits: {', '.join(family.splits)}); set eval_every=0"
+        )
+    if (
+        cfg.policy == "trmrl"
+        and cfg.memory_scope == "episode"
+        and cfg.reference != "memoryless"
+        and cfg.window > family.episode_length
+    ):
+        problems.append(
+            f"window={cfg.window} with memory_scope=episode: the window is cleared at every episode start, "
+            f"and an episode of {family.name!r} lasts at most {family.episode_length} steps; use a window "
+            f"<= {family.episode_length} or memory_scope=trial"
         )
     if problems:
         raise ValueError("invalid training config: " + "; ".join(problems))
@@ -186,6 +210,7 @@ class Trainer:
             optimization=cfg.optimization,
             value_log_std=self.value_log_std if cfg.value_loss == "gaussian_nll" else None,
         )
+        self.value_targets = ValueTargetStats()
         # The meta-batch is shared out among the ranks; the first ranks take one more task each.
         self.local_tasks = tasks_for_rank(cfg.tasks_per_update, self.rank, self.world)
         self.stats_dim = self.family.obs_dim
@@ -337,6 +362,8 @@ class Trainer:
         advantages, returns = compute_gae(rollout, cfg.gamma, cfg.gae_lambda, cfg.reward_scale)
         flat = flatten(rollout, advantages, returns)
         batch = sequences(rollout, advantages, returns, cfg.bptt) if cfg.policy == "rl2" else flat
+        # A PopArt value head takes this update's targets into its statistics (no output changes).
+        self.value_targets.update(self.model, flat.returns)
         self.model.train()
         stats = ppo_update(
             self.model,

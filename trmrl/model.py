@@ -21,8 +21,13 @@ from torch import Tensor, nn
 from trmrl.memory import token_dim
 
 MemoryScope = Literal["episode", "trial"]
-ValueInput = Literal["memory", "observation"]
+ValueInput = Literal["memory", "observation", "memory_detached", "encoder"]
+ValueNorm = Literal["none", "popart"]
+Block = Literal["post", "prenorm"]
+Init = Literal["t-fixup", "xavier"]
 PolicyKind = Literal["trmrl", "rl2"]
+
+VALUE_INPUTS: tuple[str, ...] = ("memory", "observation", "memory_detached", "encoder")
 
 #: Encoder sizes. ``mujoco`` and ``metaworld`` are the published ones; ``small`` fits 2 CPU cores.
 ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -53,8 +58,20 @@ class ModelConfig:
     head_hidden: tuple[int, ...] = (64, 64)
     """Hidden sizes of the policy and value MLPs (tanh)."""
     value_input: ValueInput = "memory"
-    """``memory``: the value head shares the episodic memory; ``observation``: it reads the newest working
-    memory (the augmented observation) alone."""
+    """What the value head reads. ``memory``: the shared episodic memory, its gradient reaching the
+    encoder; ``memory_detached``: the shared episodic memory, the encoder learning from the policy alone;
+    ``encoder``: an episodic memory of its own (a second encoder, or GRU, of the same size);
+    ``observation``: the newest working memory (the augmented observation) alone."""
+    value_norm: ValueNorm = "none"
+    """``popart``: the value head predicts a normalised return that running statistics of the value
+    targets scale back (PopArt, van Hasselt et al. 2016), so the value loss does not depend on the
+    return's scale; ``none``: it predicts the return itself."""
+    block: Block = "post"
+    """``post``: the authors' post-residual layer without normalisation; ``prenorm``: LayerNorm before
+    attention and feed-forward inside each residual branch, and once after the last layer."""
+    init: Init = "t-fixup"
+    """Encoder initialisation: ``t-fixup`` (the authors', which makes ``post`` trainable without
+    LayerNorm) or ``xavier`` (plain Xavier-uniform, the usual choice for ``prenorm``)."""
     init_std: float = 0.5
     """Initial policy standard deviation."""
     policy_out_gain: float = 0.01
@@ -84,8 +101,20 @@ class ModelConfig:
             problems.append(f"policy=rl2 remembers in its hidden state: window must be 1 (got {self.window})")
         if self.rnn_hidden < 1:
             problems.append(f"rnn_hidden must be >= 1 (got {self.rnn_hidden})")
-        if self.value_input not in ("memory", "observation"):
-            problems.append(f"value_input must be 'memory' or 'observation' (got {self.value_input!r})")
+        if self.value_input not in VALUE_INPUTS:
+            choices = ", ".join(VALUE_INPUTS)
+            problems.append(f"value_input must be one of {choices} (got {self.value_input!r})")
+        if self.value_norm not in ("none", "popart"):
+            problems.append(f"value_norm must be 'none' or 'popart' (got {self.value_norm!r})")
+        if self.block not in ("post", "prenorm"):
+            problems.append(f"block must be 'post' or 'prenorm' (got {self.block!r})")
+        if self.init not in ("t-fixup", "xavier"):
+            problems.append(f"init must be 't-fixup' or 'xavier' (got {self.init!r})")
+        if self.block == "prenorm" and self.init == "t-fixup":
+            problems.append(
+                "block=prenorm with init=t-fixup: T-Fixup replaces LayerNorm, a pre-norm block has it; "
+                "use init=xavier"
+            )
         if not self.init_std > 0:
             problems.append(f"init_std must be > 0 (got {self.init_std})")
         if problems:
@@ -95,6 +124,12 @@ class ModelConfig:
     def token_dim(self) -> int:
         """Width of one working memory."""
         return token_dim(self.obs_dim, self.act_dim)
+
+    @property
+    def state_width(self) -> int:
+        """Width of an ``rl2`` policy's recurrent state: its GRU's hidden state, followed by the value
+        GRU's with ``value_input="encoder"``."""
+        return self.rnn_hidden * (2 if self.value_input == "encoder" else 1)
 
     @classmethod
     def from_preset(cls, preset: str, *, obs_dim: int, act_dim: int, **overrides: Any) -> ModelConfig:
@@ -176,20 +211,71 @@ class CausalSelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-residual transformer layer without normalisation: ``x + attn(x)``, then ``x + ff(x)``."""
+    """One encoder layer. ``post`` (the authors'): ``x + attn(x)``, then ``x + ff(x)``, no normalisation;
+    ``prenorm``: ``x + attn(norm1(x))``, then ``x + ff(norm2(x))``."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, block: Block = "post") -> None:
         super().__init__()
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
+        prenorm = block == "prenorm"
+        self.norm1: nn.Module = nn.LayerNorm(d_model) if prenorm else nn.Identity()
+        self.norm2: nn.Module = nn.LayerNorm(d_model) if prenorm else nn.Identity()
 
     def forward(self, x: Tensor, newest: Tensor | None = None) -> Tensor:
         if newest is None:
-            x = x + self.attn(x)
+            x = x + self.attn(self.norm1(x))
         else:
-            x = x[torch.arange(x.shape[0], device=x.device), newest] + self.attn(x, newest)
-        return x + self.linear2(F.relu(self.linear1(x)))
+            x = x[torch.arange(x.shape[0], device=x.device), newest] + self.attn(self.norm1(x), newest)
+        return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
+
+
+class Encoder(nn.Module):
+    """The bias-free embedding and the causal encoder: windows of working memories in, the episodic
+    memory (the output at each window's newest position) out. :class:`TrMRL` is one (its state-dict keys
+    stay ``embed.*`` and ``layers.*``) and holds a second one as ``value_encoder`` when
+    ``value_input="encoder"``."""
+
+    def __init__(self, config: ModelConfig, *, initialize: bool = True) -> None:
+        super().__init__()
+        c = config
+        self.embed = nn.Linear(c.token_dim, c.d_model, bias=False)
+        self.layers = nn.ModuleList(
+            EncoderLayer(c.d_model, c.n_heads, c.d_ff, c.block) for _ in range(c.n_layers)
+        )
+        self.final_norm: nn.Module = nn.LayerNorm(c.d_model) if c.block == "prenorm" else nn.Identity()
+        if initialize:
+            self.init_(c.init)
+
+    def init_(self, kind: Init) -> None:
+        """T-Fixup as the authors' implementation applies it, or plain Xavier-uniform."""
+        n_layers, d = len(self.layers), self.embed.out_features
+        scale = 0.67 * n_layers**-0.25
+        with torch.no_grad():
+            for layer in self.layers:
+                assert isinstance(layer, EncoderLayer)
+                for linear in (layer.attn.qkv, layer.attn.out_proj, layer.linear1, layer.linear2):
+                    nn.init.xavier_uniform_(linear.weight)
+                    nn.init.zeros_(linear.bias)
+                if kind == "t-fixup":
+                    layer.linear1.weight.mul_(scale)
+                    layer.linear2.weight.mul_(scale)
+                    layer.attn.out_proj.weight.mul_(scale)
+                    layer.attn.qkv.weight.mul_(scale * math.sqrt(2.0))
+            if kind == "t-fixup":
+                nn.init.normal_(self.embed.weight, mean=0.0, std=d**-0.5)
+                self.embed.weight.mul_((9 * n_layers) ** -0.25)
+            else:
+                nn.init.xavier_uniform_(self.embed.weight)
+
+    def encode(self, x: Tensor, positions: Tensor, newest: Tensor) -> Tensor:
+        """``x [B, T, token_dim]`` normalised working memories -> ``[B, d_model]`` episodic memories."""
+        h = self.embed(x) + positions[: x.shape[1]]
+        *hidden, last = self.layers
+        for layer in hidden:
+            h = layer(h)
+        return self.final_norm(last(h, newest))
 
 
 def normalize_tokens(tokens: Tensor, obs_mean: Tensor, obs_std: Tensor) -> Tensor:
@@ -212,17 +298,53 @@ def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def heads(config: ModelConfig, memory_width: int) -> tuple[nn.Sequential, nn.Parameter, nn.Sequential]:
-    """The policy mean MLP, the state-independent log-std and the value MLP over a memory of
+class ValueHead(nn.Sequential):
+    """The value MLP, scaled back by the value targets' running statistics when ``value_norm="popart"``.
+
+    Its output is always the value in the return's units; with PopArt the MLP itself predicts
+    ``(V - shift) / scale``. :meth:`renormalize` moves ``shift`` and ``scale`` to new statistics and
+    rescales the last layer so that every output stays exactly what it was ("preserving outputs
+    precisely"); the value loss divides the error by ``scale``, which makes it independent of the
+    return's scale. Without PopArt ``shift`` and ``scale`` are 0 and 1 and not part of the state dict, so
+    checkpoints written before the option existed load unchanged.
+    """
+
+    shift: Tensor
+    scale: Tensor
+
+    def __init__(self, sizes: list[int], normalized: bool) -> None:
+        super().__init__(*mlp(sizes, out_gain=1.0))
+        self.normalized = normalized
+        self.register_buffer("shift", torch.zeros(()), persistent=normalized)
+        self.register_buffer("scale", torch.ones(()), persistent=normalized)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        return out * self.scale + self.shift if self.normalized else out
+
+    @torch.no_grad()
+    def renormalize(self, shift: Tensor, scale: Tensor) -> None:
+        """Adopt new statistics, keeping every output unchanged."""
+        last = self[-1]
+        assert isinstance(last, nn.Linear)
+        old_shift, old_scale = self.shift.clone(), self.scale.clone()
+        last.weight.mul_(old_scale / scale)
+        last.bias.mul_(old_scale).add_(old_shift - shift).div_(scale)
+        self.shift.copy_(shift)
+        self.scale.copy_(scale)
+
+
+def heads(config: ModelConfig, memory_width: int) -> tuple[nn.Sequential, nn.Parameter, ValueHead]:
+    """The policy mean MLP, the state-independent log-std and the value head over a memory of
     ``memory_width`` (with ``value_input="observation"`` the value reads the newest working memory)."""
     c = config
     policy_mean = mlp([memory_width, *c.head_hidden, c.act_dim], out_gain=c.policy_out_gain)
     log_std = nn.Parameter(torch.full((c.act_dim,), math.log(c.init_std)))
-    value_in = memory_width if c.value_input == "memory" else c.token_dim
-    return policy_mean, log_std, mlp([value_in, *c.head_hidden, 1], out_gain=1.0)
+    value_in = c.token_dim if c.value_input == "observation" else memory_width
+    return policy_mean, log_std, ValueHead([value_in, *c.head_hidden, 1], c.value_norm == "popart")
 
 
-class TrMRL(nn.Module):
+class TrMRL(Encoder):
     """The TrMRL policy and value network.
 
     Example:
@@ -234,37 +356,24 @@ class TrMRL(nn.Module):
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(config, initialize=False)
         self.config = config
         c = config
         self.positions: Tensor
         self.obs_mean: Tensor
         self.obs_std: Tensor
-        self.embed = nn.Linear(c.token_dim, c.d_model, bias=False)
         self.register_buffer("positions", sinusoidal_positions(c.window, c.d_model), persistent=False)
-        self.layers = nn.ModuleList(EncoderLayer(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
         self.policy_mean, self.log_std, self.value = heads(c, c.d_model)
         # Observation normalisation lives in the network so that every path applies the same statistics.
         self.register_buffer("obs_mean", torch.zeros(c.obs_dim))
         self.register_buffer("obs_std", torch.ones(c.obs_dim))
-        self.t_fixup_init_()
+        # Initialised last, as before the value encoder existed: a seed gives the same weights as then.
+        self.init_(c.init)
+        self.value_encoder = Encoder(c) if c.value_input == "encoder" else None
 
     def t_fixup_init_(self) -> None:
         """T-Fixup initialisation as the authors' implementation applies it."""
-        n_layers, d = self.config.n_layers, self.config.d_model
-        scale = 0.67 * n_layers**-0.25
-        with torch.no_grad():
-            for layer in self.layers:
-                assert isinstance(layer, EncoderLayer)
-                for linear in (layer.attn.qkv, layer.attn.out_proj, layer.linear1, layer.linear2):
-                    nn.init.xavier_uniform_(linear.weight)
-                    nn.init.zeros_(linear.bias)
-                layer.linear1.weight.mul_(scale)
-                layer.linear2.weight.mul_(scale)
-                layer.attn.out_proj.weight.mul_(scale)
-                layer.attn.qkv.weight.mul_(scale * math.sqrt(2.0))
-            nn.init.normal_(self.embed.weight, mean=0.0, std=d**-0.5)
-            self.embed.weight.mul_((9 * n_layers) ** -0.25)
+        self.init_("t-fixup")
 
     def normalize(self, windows: Tensor) -> Tensor:
         """Apply the observation statistics to the observation part of every working memory."""
@@ -278,16 +387,26 @@ class TrMRL(nn.Module):
             newest: ``[B]`` position of each window's newest memory.
         """
         x = self.normalize(windows)
-        h = self.embed(x) + self.positions[: x.shape[1]]
-        *hidden, last = self.layers
-        for layer in hidden:
-            h = layer(h)
-        episodic = last(h, newest)
-        if self.config.value_input == "memory":
+        episodic = self.encode(x, self.positions, newest)
+        kind = self.config.value_input
+        if kind == "memory":
             value_in = episodic
+        elif kind == "memory_detached":
+            value_in = episodic.detach()
+        elif self.value_encoder is not None:
+            value_in = self.value_encoder.encode(x, self.positions, newest)
         else:
             value_in = x[torch.arange(x.shape[0], device=x.device), newest]
         return PolicyOutput(self.policy_mean(episodic), self.log_std, self.value(value_in).squeeze(-1))
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """What only the value function uses: its head and, with ``value_input="encoder"``, its encoder."""
+        extra = list(self.value_encoder.parameters()) if self.value_encoder is not None else []
+        return [*self.value.parameters(), *extra]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters that produce the shared episodic memory."""
+        return [*self.embed.parameters(), *self.layers.parameters(), *self.final_norm.parameters()]
 
 
 def log_prob(out: PolicyOutput, actions: Tensor) -> Tensor:

@@ -21,8 +21,10 @@ from trmrl.slot_pool import PoolStep, SlotStore
 class RL2(nn.Module):
     """A GRU over working memories with a Gaussian policy head and a value head.
 
-    ``value_input="memory"`` puts the value head on the hidden state, ``"observation"`` on the newest
-    working memory alone, as for TrMRL.
+    ``value_input`` as for TrMRL: ``memory`` puts the value head on the hidden state, ``memory_detached``
+    on the hidden state without its gradient, ``encoder`` on the hidden state of a second GRU of its own
+    (the recurrent state is then both GRUs' states side by side), ``observation`` on the newest working
+    memory alone.
 
     Example:
         >>> cfg = ModelConfig(obs_dim=2, act_dim=2, window=1, policy="rl2", rnn_hidden=16)
@@ -44,15 +46,10 @@ class RL2(nn.Module):
         self.policy_mean, self.log_std, self.value = heads(c, c.rnn_hidden)
         self.register_buffer("obs_mean", torch.zeros(c.obs_dim))
         self.register_buffer("obs_std", torch.ones(c.obs_dim))
-        with torch.no_grad():
-            for name, param in self.gru.named_parameters():
-                if name.startswith("weight_ih"):
-                    nn.init.xavier_uniform_(param)
-                elif name.startswith("weight_hh"):
-                    for gate in param.chunk(3, 0):  # reset, update, new: each its own orthogonal block
-                        nn.init.orthogonal_(gate)
-                else:
-                    nn.init.zeros_(param)
+        _init_gru(self.gru)
+        self.value_gru = nn.GRU(c.token_dim, c.rnn_hidden) if c.value_input == "encoder" else None
+        if self.value_gru is not None:
+            _init_gru(self.value_gru)
 
     def unroll(
         self, tokens: Tensor, hidden: Tensor, episode_starts: Tensor | None = None
@@ -61,36 +58,73 @@ class RL2(nn.Module):
 
         Args:
             tokens: ``[L, B, token_dim]`` working memories, oldest first.
-            hidden: ``[B, rnn_hidden]`` the state before the first of them (already cleared where the
+            hidden: ``[B, state_width]`` the state before the first of them (already cleared where the
                 first step starts an episode of an ``episode``-scoped policy).
             episode_starts: ``[L, B]`` bool, steps that start an episode: with ``memory_scope="episode"``
                 the state is cleared before them, as the pool does.
 
         Returns:
             The policy output of every step (``mean [L, B, act_dim]``, ``value [L, B]``) and the final
-            hidden state ``[B, rnn_hidden]``.
+            state ``[B, state_width]``.
         """
         x = normalize_tokens(tokens, self.obs_mean, self.obs_std)
-        h = hidden.unsqueeze(0).contiguous()
         resets = episode_starts if self.config.memory_scope == "episode" else None
-        if resets is None or not bool(resets[1:].any()):
-            states, last = self.gru(x, h)
+        width = self.config.rnn_hidden
+        states, last = _run(self.gru, x, hidden[:, :width], resets)
+        kind = self.config.value_input
+        if kind == "memory":
+            value_in = states
+        elif kind == "memory_detached":
+            value_in = states.detach()
+        elif self.value_gru is not None:
+            value_in, value_last = _run(self.value_gru, x, hidden[:, width:], resets)
+            last = torch.cat([last, value_last], -1)
         else:
-            # A sequence crosses an episode start: step through it, clearing the state there.
-            outputs = []
-            for t in range(x.shape[0]):
-                if t:
-                    h = torch.where(resets[t].view(1, -1, 1), torch.zeros_like(h), h)
-                out_t, h = self.gru(x[t : t + 1], h)
-                outputs.append(out_t)
-            states, last = torch.cat(outputs), h
-        value_in = states if self.config.value_input == "memory" else x
-        return PolicyOutput(self.policy_mean(states), self.log_std, self.value(value_in).squeeze(-1)), last[0]
+            value_in = x
+        return PolicyOutput(self.policy_mean(states), self.log_std, self.value(value_in).squeeze(-1)), last
 
     def step(self, tokens: Tensor, hidden: Tensor) -> tuple[PolicyOutput, Tensor]:
-        """One step for a batch: ``tokens [B, token_dim]``, ``hidden [B, rnn_hidden]``."""
+        """One step for a batch: ``tokens [B, token_dim]``, ``hidden [B, state_width]``."""
         out, last = self.unroll(tokens.unsqueeze(0), hidden)
         return PolicyOutput(out.mean[0], out.log_std, out.value[0]), last
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """What only the value function uses: its head and, with ``value_input="encoder"``, its GRU."""
+        extra = list(self.value_gru.parameters()) if self.value_gru is not None else []
+        return [*self.value.parameters(), *extra]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters that produce the shared memory (the policy's GRU)."""
+        return list(self.gru.parameters())
+
+
+def _init_gru(gru: nn.GRU) -> None:
+    with torch.no_grad():
+        for name, param in gru.named_parameters():
+            if name.startswith("weight_ih"):
+                nn.init.xavier_uniform_(param)
+            elif name.startswith("weight_hh"):
+                for gate in param.chunk(3, 0):  # reset, update, new: each its own orthogonal block
+                    nn.init.orthogonal_(gate)
+            else:
+                nn.init.zeros_(param)
+
+
+def _run(gru: nn.GRU, x: Tensor, hidden: Tensor, resets: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``gru`` over ``x [L, B, D]`` from ``hidden [B, H]``, the state cleared before the steps where
+    ``resets [L, B]`` is set (after the first: the caller clears the first); all states and the last."""
+    h = hidden.unsqueeze(0).contiguous()
+    if resets is None or not bool(resets[1:].any()):
+        states, last = gru(x, h)
+        return states, last[0]
+    # A sequence crosses an episode start: step through it, clearing the state there.
+    outputs = []
+    for t in range(x.shape[0]):
+        if t:
+            h = torch.where(resets[t].view(1, -1, 1), torch.zeros_like(h), h)
+        out_t, h = gru(x[t : t + 1], h)
+        outputs.append(out_t)
+    return torch.cat(outputs), h[0]
 
 
 class RecurrentPool(SlotStore):
@@ -113,12 +147,12 @@ class RecurrentPool(SlotStore):
 
     def __init__(self, model: RL2, capacity: int, device: torch.device | str | None = None) -> None:
         cfg = model.config
-        super().__init__(model, cfg, capacity, 1, cfg.rnn_hidden, device)
+        super().__init__(model, cfg, capacity, 1, cfg.state_width, device)
         self.model = model
 
     @property
     def hidden(self) -> Tensor:
-        """``[capacity, rnn_hidden]``: the slots' hidden states (a view of their one memory row)."""
+        """``[capacity, state_width]``: the slots' hidden states (a view of their one memory row)."""
         return self.windows[:, 0]
 
     def _advance(self, memory: Tensor, lengths: Tensor, tokens: Tensor) -> tuple[PoolStep, Tensor, Tensor]:

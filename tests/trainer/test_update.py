@@ -13,7 +13,6 @@ from trainer.config import preset_config
 from trainer.ppo import (
     Batch,
     compute_gae,
-    encoder_parameters,
     flatten,
     make_optimizers,
     policy_loss,
@@ -70,11 +69,11 @@ def _paper_dir_model(seed: int = 0) -> tuple[TrMRL, Any]:
 
 
 def _encoder(model: TrMRL) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in encoder_parameters(model)])
+    return torch.cat([p.detach().reshape(-1) for p in model.encoder_parameters()])
 
 
 def _encoder_grad(model: TrMRL, loss: torch.Tensor) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, encoder_parameters(model))
+    grads = torch.autograd.grad(loss, model.encoder_parameters())
     return torch.cat([g.reshape(-1) for g in grads])
 
 
@@ -162,7 +161,7 @@ def test_with_the_paper_settings_the_value_objective_cannot_steer_the_policys_en
 
 def test_joint_and_separate_optimisers_hold_the_parameters_they_should() -> None:
     model, _ = _paper_dir_model()
-    encoder = {id(p) for p in encoder_parameters(model)}
+    encoder = {id(p) for p in model.encoder_parameters()}
     value_head = {id(p) for p in model.value.parameters()}
     separate = make_optimizers(model, 1e-3, 1e-3, 0.01, optimization="separate")
     assert separate.value is not None
@@ -174,7 +173,7 @@ def test_joint_and_separate_optimisers_hold_the_parameters_they_should() -> None
     observation_model.config = ModelConfig.from_dict({**model.config.to_dict(), "value_input": "observation"})
     only_head = make_optimizers(observation_model, 1e-3, 1e-3, 0.01, optimization="separate")
     assert only_head.value is not None
-    assert not {id(p) for p in encoder_parameters(observation_model)} & {
+    assert not {id(p) for p in observation_model.encoder_parameters()} & {
         id(p) for g in only_head.value.param_groups for p in g["params"]
     }
     joint = make_optimizers(model, 1e-3, 1e-3, 0.0, optimization="joint")
