@@ -220,15 +220,20 @@ class EncoderLayer(nn.Module):
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         prenorm = block == "prenorm"
-        self.norm1: nn.Module = nn.LayerNorm(d_model) if prenorm else nn.Identity()
-        self.norm2: nn.Module = nn.LayerNorm(d_model) if prenorm else nn.Identity()
+        self.norm1 = nn.LayerNorm(d_model) if prenorm else None
+        self.norm2 = nn.LayerNorm(d_model) if prenorm else None
 
     def forward(self, x: Tensor, newest: Tensor | None = None) -> Tensor:
         if newest is None:
-            x = x + self.attn(self.norm1(x))
+            x = x + self.attn(_norm(self.norm1, x))
         else:
-            x = x[torch.arange(x.shape[0], device=x.device), newest] + self.attn(self.norm1(x), newest)
-        return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, newest] + self.attn(_norm(self.norm1, x), newest)
+        return x + self.linear2(F.relu(self.linear1(_norm(self.norm2, x))))
+
+
+def _norm(norm: nn.LayerNorm | None, x: Tensor) -> Tensor:
+    return x if norm is None else norm(x)
 
 
 class Encoder(nn.Module):
@@ -244,7 +249,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(c.d_model, c.n_heads, c.d_ff, c.block) for _ in range(c.n_layers)
         )
-        self.final_norm: nn.Module = nn.LayerNorm(c.d_model) if c.block == "prenorm" else nn.Identity()
+        self.final_norm = nn.LayerNorm(c.d_model) if c.block == "prenorm" else None
         if initialize:
             self.init_(c.init)
 
@@ -275,7 +280,7 @@ class Encoder(nn.Module):
         *hidden, last = self.layers
         for layer in hidden:
             h = layer(h)
-        return self.final_norm(last(h, newest))
+        return _norm(self.final_norm, last(h, newest))
 
 
 def normalize_tokens(tokens: Tensor, obs_mean: Tensor, obs_std: Tensor) -> Tensor:
@@ -406,7 +411,8 @@ class TrMRL(Encoder):
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The parameters that produce the shared episodic memory."""
-        return [*self.embed.parameters(), *self.layers.parameters(), *self.final_norm.parameters()]
+        norm = list(self.final_norm.parameters()) if self.final_norm is not None else []
+        return [*self.embed.parameters(), *self.layers.parameters(), *norm]
 
 
 def log_prob(out: PolicyOutput, actions: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ def main(out: Path, preset: str, updates: int, overrides: dict[str, str]) -> Non
             "local_steps": local_steps,
             "steps": records[-1]["steps"],
             "obs_mean": trainer.model.obs_mean.clone(),
+            "buffers": {k: v.clone() for k, v in trainer.model.state_dict().items()},
         },
         out / f"rank{rank}.pt",
     )

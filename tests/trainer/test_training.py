@@ -480,6 +480,28 @@ def test_two_rank_ddp_update_keeps_parameters_identical(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_two_rank_ddp_keeps_popart_statistics_and_a_value_encoder_identical(tmp_path: Path) -> None:
+    ranks = _torchrun(
+        tmp_path,
+        "small-point-nav",
+        2,
+        "tasks_per_update=8",
+        "epochs=2",
+        "eval_tasks=2",
+        "value_norm=popart",
+        "value_input=encoder",
+        "optimization=separate",
+    )
+    _assert_identical_and_moved(ranks)
+    # The value targets' statistics are those of both ranks' targets together: the same on each rank.
+    states = [r["buffers"] for r in ranks]
+    assert states[0].keys() == states[1].keys() and "value.scale" in states[0]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    assert float(states[0]["value.scale"]) != 1.0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("optimization", ["joint", "separate"])
 def test_ddp_with_ragged_batches_on_early_terminating_ant_dir_cannot_hang(
     tmp_path: Path, optimization: str

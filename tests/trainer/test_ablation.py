@@ -1,0 +1,55 @@
+"""The ablation's arms and its table, read from runs' metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.ablation import SCREEN_STEPS, arms, main, references
+from trainer.config import preset_config
+
+
+def test_every_arm_is_a_valid_config_and_both_learners_get_the_same_value_options() -> None:
+    by_family: dict[tuple[str, str], set[str]] = {}
+    for arm in arms():
+        preset_config(arm.preset, dict(arm.sets))  # refused here if the arm contradicted itself
+        by_family.setdefault((arm.family, arm.learner), set()).add(arm.option)
+    for family in ("halfcheetah-vel", "ant-dir"):
+        trmrl, rl2 = by_family[family, "trmrl"], by_family[family, "rl2"]
+        assert rl2 <= trmrl and {o for o in trmrl - rl2} <= {"prenorm", "window25", "window25-trial"}
+        assert {"base", "value-memory-popart", "value-detached", "value-encoder"} <= rl2
+    names = [a.name for a in arms()]
+    assert len(names) == len(set(names))
+
+
+def test_the_table_reads_validation_figures_and_the_gap_from_the_shipped_references(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    memoryless, oracle = references("halfcheetah-vel")
+    run = tmp_path / "halfcheetah-vel-trmrl-base"
+    run.mkdir()
+    span = oracle - memoryless
+    values = [memoryless + f * span for f in (0.2, 0.5, 0.9, 0.8, 1.0)]
+    timing = {"time/sample_s": 6.0, "time/update_s": 6.0}
+    lines = [
+        {"update": i, "steps": 100_000 * (i + 1), **timing, "validation/return": v} for i, v in enumerate(values)
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "table.json"
+    assert main(["table", str(tmp_path), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["gap_closed"] == pytest.approx(0.9)  # the mean of the last three: 0.9, 0.8, 1.0
+    assert row["steps_to_gap_085"] == 300_000 and row["steps"] == 500_000
+    assert row["train_seconds"] == pytest.approx(60.0)
+    assert "| halfcheetah-vel | trmrl | base | 0.50 M |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["screen_steps"] == SCREEN_STEPS
+
+
+def test_a_table_of_no_runs_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["table", str(tmp_path / "missing")])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["table", str(tmp_path)])

@@ -1,0 +1,175 @@
+"""The learner ablation: which settings, at a screening budget, chosen on the validation split only.
+
+Every arm is a preset plus ``--set`` overrides, trained with ``--no-held-out`` (a probe: test and ood are
+never evaluated), so the table below reads validation figures alone. TrMRL and RL² get the same value
+options; the encoder's block, window and memory scope are TrMRL's alone.
+
+``python -m trainer.ablation commands [--family F]`` prints the training command of every arm;
+``python -m trainer.ablation table RUNS_DIR --json FILE`` reads each run's ``metrics.jsonl`` and prints
+the table (validation return at the end of the budget, gap closed, env steps to 0.85 of the gap, wall
+time), taking the memoryless and oracle figures from ``docs/results/<family>-validation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCREEN_STEPS = 3_000_000
+"""The screening budget: where both learners' validation curves have flattened on halfcheetah-vel."""
+LAST_EVALS = 3
+"""The end-of-budget figure is the mean of this many last validation evaluations (the curves are noisy)."""
+GAP_TARGET = 0.85
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Arm:
+    family: str
+    learner: str
+    """``trmrl`` or ``rl2``."""
+    option: str
+    """Short name of what differs from the preset (``base``: nothing)."""
+    sets: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{self.learner}-{self.option}"
+
+    @property
+    def preset(self) -> str:
+        return f"small-{self.family}" + ("-rl2" if self.learner == "rl2" else "")
+
+    def command(self, runs: Path, steps: int = SCREEN_STEPS) -> str:
+        sets = " ".join(f"--set {k}={v}" for k, v in self.sets)
+        return (
+            f".venv/bin/trmrl-train --preset {self.preset} --out {shlex.quote(str(runs / self.name))} "
+            f"--total-steps {steps} --no-held-out --no-progress {sets}"
+        ).strip()
+
+
+_BASE_VALUE_INPUT = {"halfcheetah-vel": "observation", "ant-dir": "memory"}
+"""What the value reads in each family's preset (as the authors' runs do)."""
+_VALUE_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "value-observation": (("value_input", "observation"),),
+    "value-memory": (("value_input", "memory"),),
+    "value-memory-popart": (("value_input", "memory"), ("value_norm", "popart")),
+    "value-detached": (("value_input", "memory_detached"),),
+    "value-encoder": (("value_input", "encoder"),),
+}
+_ENCODER_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "prenorm": (("block", "prenorm"),),
+    "window25": (("window", "25"),),
+    "window25-trial": (("window", "25"), ("memory_scope", "trial")),
+}
+
+
+def arms() -> list[Arm]:
+    """halfcheetah-vel: every option; ant-dir: the value options and the encoder block. The value input a
+    family's preset already uses is its ``base`` arm."""
+    out: list[Arm] = []
+    for family in ("halfcheetah-vel", "ant-dir"):
+        for learner in ("trmrl", "rl2"):
+            out.append(Arm(family, learner, "base"))
+            for option, sets in _VALUE_OPTIONS.items():
+                if option == f"value-{_BASE_VALUE_INPUT[family]}":
+                    continue
+                out.append(Arm(family, learner, option, sets))
+            if learner == "trmrl":
+                for option, sets in _ENCODER_OPTIONS.items():
+                    if family == "ant-dir" and option != "prenorm":
+                        continue
+                    out.append(Arm(family, learner, option, sets))
+    return out
+
+
+def references(family: str) -> tuple[float, float]:
+    """The shipped memoryless and oracle policies' validation returns."""
+    data = json.loads((ROOT / "docs" / "results" / f"{family}-validation.json").read_text())
+    return float(data["groups"]["memoryless"]["mean"]), float(data["groups"]["oracle"]["mean"])
+
+
+def summarize(arm: Arm, run: Path) -> dict[str, Any] | None:
+    """One row of the table, or ``None`` while the run has no validation evaluation yet."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    evals = [(r["steps"], r["validation/return"]) for r in rows if "validation/return" in r]
+    if not evals:
+        return None
+    memoryless, oracle = references(arm.family)
+
+    def gap(value: float) -> float:
+        return (value - memoryless) / (oracle - memoryless)
+
+    last = [v for _, v in evals[-LAST_EVALS:]]
+    end = sum(last) / len(last)
+    reached = next((s for s, v in evals if gap(v) >= GAP_TARGET), None)
+    seconds = sum(r.get("time/sample_s", 0.0) + r.get("time/update_s", 0.0) for r in rows)
+    steps = max(r["steps"] for r in rows)
+    return {
+        "arm": arm.name,
+        "family": arm.family,
+        "learner": arm.learner,
+        "option": arm.option,
+        "sets": dict(arm.sets),
+        "steps": steps,
+        "validation_return": end,
+        "best_validation_return": max(v for _, v in evals),
+        "gap_closed": gap(end),
+        "steps_to_gap_085": reached,
+        "train_seconds": seconds,
+        "curve": evals,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| family | learner | option | env steps | validation return (last 3) | gap closed | "
+        "steps to 0.85 | train time |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        reached = f"{r['steps_to_gap_085'] / 1e6:.2f} M" if r["steps_to_gap_085"] is not None else "—"
+        lines.append(
+            f"| {r['family']} | {r['learner']} | {r['option']} | {r['steps'] / 1e6:.2f} M | "
+            f"{r['validation_return']:.1f} | {r['gap_closed']:.2f} | {reached} | "
+            f"{r['train_seconds'] / 60:.0f} min |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = sub.add_parser("commands", help="the training command of every arm")
+    commands.add_argument("--runs", type=Path, default=Path("runs/ablation"))
+    commands.add_argument("--family", choices=["halfcheetah-vel", "ant-dir"])
+    report = sub.add_parser("table", help="the table of the runs so far")
+    report.add_argument("runs", type=Path)
+    report.add_argument("--json", type=Path, help="write the rows (curves included) here")
+    args = parser.parse_args(argv)
+    chosen = [a for a in arms() if getattr(args, "family", None) in (None, a.family)]
+    if args.command == "commands":
+        for arm in chosen:
+            print(arm.command(args.runs))
+        return 0
+    if not args.runs.is_dir():
+        parser.error(f"{args.runs} is not a directory of runs")
+    rows = [row for arm in chosen if (row := summarize(arm, args.runs / arm.name)) is not None]
+    if not rows:
+        parser.error(f"no run under {args.runs} has a validation evaluation yet")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"screen_steps": SCREEN_STEPS, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
