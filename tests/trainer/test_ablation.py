@@ -34,7 +34,8 @@ def test_the_table_reads_validation_figures_and_the_gap_from_the_shipped_referen
     values = [memoryless + f * span for f in (0.2, 0.5, 0.9, 0.8, 1.0)]
     timing = {"time/sample_s": 6.0, "time/update_s": 6.0}
     lines = [
-        {"update": i, "steps": 100_000 * (i + 1), **timing, "validation/return": v} for i, v in enumerate(values)
+        {"update": i, "steps": 100_000 * (i + 1), **timing, "validation/return": v}
+        for i, v in enumerate(values)
     ]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "table.json"
