@@ -513,8 +513,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def preflight(args: argparse.Namespace) -> None:
-    """Fail fast, before any environment is built: unknown family, a family or an output that cannot
-    be rendered (``--render``), unreachable or unready service.
+    """Fail fast, before any session is opened: unknown family, a family or an output that cannot be
+    rendered (``--render``: checked on one probe environment), unreachable or unready service.
 
     Example:
         >>> preflight(parse_args(["--family", "point-nav", "--url", "http://127.0.0.1:9"]))  # doctest: +SKIP
