@@ -15,7 +15,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml clients/pyproject.toml clients/sim/pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c requirements/constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e './clients[stream]' -e ./clients/sim -e '.[dev]'
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e './clients[stream]' -e './clients/sim[render]' -e '.[dev]'
 	# openpi-client (tests of the openpi-compatible endpoint) pins numpy<2 without needing it.
 	$(PY) -m pip install --quiet --no-deps openpi-client==0.1.2
 	touch $(STAMP)

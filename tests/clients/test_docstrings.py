@@ -14,7 +14,7 @@ MODULES = [
         f"trmrl_client.{name}"
         for name in ("errors", "protocol", "retry", "http", "stream", "vector", "codec")
     ),
-    *(f"trmrl_sim.{name}" for name in ("sim", "robot_loop", "demo", "launch")),
+    *(f"trmrl_sim.{name}" for name in ("sim", "robot_loop", "demo", "launch", "render", "clips")),
 ]
 #: The classes robots and simulators program against: their public methods need examples too.
 API_CLASSES = {

@@ -15,9 +15,13 @@ against the rest (how fast the policy adapts), success for Meta-World families, 
 latency percentiles and actions per second. The task definitions come from the ``trmrl`` package
 (its torch-free ``trmrl.tasks`` module), which must be installed next to the client.
 
+With ``--render PATH`` (``.gif`` or ``.mp4``; ``pip install 'trmrl-sim[render]'``) it also renders one
+environment's episodes offscreen (:mod:`trmrl_sim.render`), the task and step drawn on every frame.
+
 Example:
     trmrl-sim --family point-nav --split test --envs 8 --episodes 2 --transport vstream \\
         --url http://127.0.0.1:8000
+    MUJOCO_GL=osmesa trmrl-sim --family halfcheetah-vel --envs 1 --episodes 1 --render cheetah.gif
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ from trmrl_client.errors import ServiceError
 from trmrl_client.http import AsyncPolicyClient
 from trmrl_client.protocol import FloatArray, ModelInfo
 from trmrl_client.vector import AsyncVectorSession
+
+from trmrl_sim.render import (
+    EpisodeRecorder,
+    RenderError,
+    check_can_render,
+    choose_gl_backend,
+    parse_size,
+    write_clip,
+)
 
 try:
     from trmrl.tasks.trials import EARLY_STEPS, TrialReturns, policy_obs_dim, trial_flow
@@ -334,11 +347,13 @@ async def run_sim(
     seed: int = 1000,
     progress: bool = True,
     timeout: float = 30.0,
+    recorder: EpisodeRecorder | None = None,
 ) -> SimResult:
     """Run ``envs`` environments of ``family_name`` through the service and measure them.
 
     Environment ``i`` gets task ``i`` of ``sample_tasks(split, envs, seed)`` and is first reset with
-    seed ``seed * 1000 + i``, as the trainer's evaluation does, so the figures are comparable.
+    seed ``seed * 1000 + i``, as the trainer's evaluation does, so the figures are comparable. A
+    ``recorder`` (:class:`trmrl_sim.render.EpisodeRecorder`) renders one of the environments as it runs.
 
     Example:
         >>> result = asyncio.run(run_sim("http://127.0.0.1:8000", "point-nav", envs=4))  # doctest: +SKIP
@@ -354,6 +369,8 @@ async def run_sim(
         raise SimError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
     if episodes < 1:
         raise SimError("--episodes must be at least 1")
+    if recorder is not None and recorder.env_index >= envs:
+        raise SimError(f"--render-env {recorder.env_index} is not one of the {envs} environments")
     if transport in ("ws", "vstream", "vbatch"):
         try:
             import trmrl_client.codec
@@ -374,7 +391,9 @@ async def run_sim(
         sessions = _Sessions(client, transport, latencies)
         await sessions.open(info.name, envs)
         try:
-            result = await _run_episodes(family, tasks, sessions, episodes, oracle, seed, progress, info)
+            result = await _run_episodes(
+                family, tasks, sessions, episodes, oracle, seed, progress, info, recorder
+            )
         finally:
             await sessions.close()
     return replace(result, transport=transport, recoveries=sessions.recoveries)
@@ -389,10 +408,16 @@ async def _run_episodes(
     seed: int,
     progress: bool,
     info: ModelInfo,
+    recorder: EpisodeRecorder | None = None,
 ) -> SimResult:
     env_list = [family.make_env(task) for task in tasks]
     try:
-        trial = trial_flow(family, env_list, tasks, episodes, oracle=oracle, seed=seed)
+        on_step = None
+        if recorder is not None:
+            recorder.title = recorder.title or info.name
+            recorder.attach(family, tasks, env_list)
+            on_step = recorder.on_step
+        trial = trial_flow(family, env_list, tasks, episodes, oracle=oracle, seed=seed, on_step=on_step)
         bar = Progress(len(tasks) * episodes * family.episode_length, info.name, progress)
         actions_taken = 0
         started = time.perf_counter()
@@ -410,6 +435,8 @@ async def _run_episodes(
         seconds = time.perf_counter() - started
         bar.close()
     finally:
+        if recorder is not None:
+            recorder.close()
         for env in env_list:
             env.close()
     return SimResult(
@@ -452,6 +479,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1000, help="task-set seed (default 1000, as training)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full results here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    render = parser.add_argument_group(
+        "rendering", "render one environment's episodes offscreen (needs trmrl-sim[render] and MUJOCO_GL)"
+    )
+    render.add_argument(
+        "--render", type=Path, metavar="PATH", help="write the rendered episodes here: a .gif or an .mp4"
+    )
+    render.add_argument(
+        "--render-env", type=int, default=0, metavar="I", help="the environment rendered (default 0)"
+    )
+    render.add_argument(
+        "--render-size", default="320x240", metavar="WxH", help="frame size in pixels (default 320x240)"
+    )
+    render.add_argument(
+        "--render-every", type=int, default=2, metavar="N", help="keep every N-th step's frame (default 2)"
+    )
     args = parser.parse_args(argv)
     if args.envs < 1:
         parser.error(f"--envs must be at least 1, got {args.envs}")
@@ -459,11 +501,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--episodes must be at least 1, got {args.episodes}")
     if args.seed < 0:
         parser.error("--seed must be >= 0")
+    if not 0 <= args.render_env < args.envs:
+        parser.error(f"--render-env must be one of the {args.envs} environments (0..{args.envs - 1})")
+    if args.render_every < 1:
+        parser.error(f"--render-every must be at least 1, got {args.render_every}")
+    try:
+        args.render_size = parse_size(args.render_size)
+    except ValueError as exc:
+        parser.error(f"--render-size: {exc}")
     return args
 
 
 def preflight(args: argparse.Namespace) -> None:
-    """Fail fast, before any environment is built: unknown family, unreachable or unready service.
+    """Fail fast, before any session is opened: unknown family, a family or an output that cannot be
+    rendered (``--render``: checked on one probe environment), unreachable or unready service.
 
     Example:
         >>> preflight(parse_args(["--family", "point-nav", "--url", "http://127.0.0.1:9"]))  # doctest: +SKIP
@@ -472,9 +523,11 @@ def preflight(args: argparse.Namespace) -> None:
     """
     tasks_module = load_tasks_module()
     try:
-        tasks_module.get_family(args.family)
+        family = tasks_module.get_family(args.family)
     except tasks_module.TaskFamilyError as exc:
         raise SimError(str(exc)) from exc
+    if getattr(args, "render", None) is not None:
+        check_render(family, args.render, args.render_size)
     try:
         response = httpx.get(f"{args.url.rstrip('/')}/readyz", timeout=5.0)
     except httpx.HTTPError as exc:
@@ -485,6 +538,22 @@ def preflight(args: argparse.Namespace) -> None:
         )
 
 
+def check_render(family: Any, path: Path, size: tuple[int, int]) -> None:
+    """Refuse ``--render`` for a family without a MuJoCo scene, an unknown format or no offscreen GL,
+    by rendering one frame, before any work starts.
+
+    Example:
+        >>> check_render(get_family("point-nav"), Path("x.gif"), (320, 240))  # doctest: +SKIP
+        Traceback (most recent call last):
+        SimError: family 'point-nav' cannot be rendered: it has no MuJoCo scene
+    """
+    choose_gl_backend()
+    try:
+        check_can_render(family, path, size)
+    except RenderError as exc:
+        raise SimError(str(exc)) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trmrl-sim``; returns the exit status (2: bad invocation, 1: refused by the service).
 
@@ -493,8 +562,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = parse_args(argv)
+    recorder: EpisodeRecorder | None = None
     try:
         preflight(args)
+        if args.render is not None:
+            recorder = EpisodeRecorder(
+                args.render_env, size=args.render_size, every=args.render_every, title=args.model or ""
+            )
         result = asyncio.run(
             run_sim(
                 args.url,
@@ -507,9 +581,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 api_key=args.api_key,
                 seed=args.seed,
                 progress=not args.no_progress,
+                recorder=recorder,
             )
         )
-    except SimError as exc:
+        if recorder is not None:
+            write_render(args.render, recorder, result)
+    except (SimError, RenderError) as exc:
         print(f"trmrl-sim: error: {exc}", file=sys.stderr)
         return 2
     except ServiceError as exc:
@@ -521,6 +598,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_json(), indent=2))
     return 0
+
+
+def write_render(path: Path, recorder: EpisodeRecorder, result: SimResult) -> None:
+    """Write the recorded frames to ``path`` and say so on stderr.
+
+    Example:
+        >>> write_render(Path("cheetah.gif"), recorder, result)  # doctest: +SKIP
+        trmrl-sim: rendered 101 frames of halfcheetah-vel on task v*=0.59 to cheetah.gif
+    """
+    write_clip(path, recorder.frames, recorder.fps)
+    print(
+        f"trmrl-sim: rendered {len(recorder.frames)} frames of {result.model} on task "
+        f"{recorder.task.label} to {path}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":
