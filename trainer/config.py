@@ -359,6 +359,10 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
     "small-ml1-reach-fresh": _small(
         "ml1-reach-fresh", tasks_per_update=50, total_steps=5_000_000, eval_every=10, checkpoint_every=5
     ),
+    # Push with goals drawn from the training distribution as for reach (the test goals the benchmark's).
+    "small-ml1-push-fresh": _small(
+        "ml1-push-fresh", tasks_per_update=50, total_steps=10_000_000, eval_every=10, checkpoint_every=5
+    ),
 }
 
 
