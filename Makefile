@@ -84,7 +84,7 @@ docker-build-gpu:  ## build the GPU images without a registry: the debootstrappe
 	docker/make-base-image.sh
 	for c in /usr/local/share/ca-certificates/*.crt; do [ ! -f "$$c" ] || cp "$$c" docker/certs/; done
 	DOCKER_BUILDKIT=0 docker build -f docker/service.Dockerfile -t trmrl/service:cuda \
-		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
+		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm --build-arg TORCH_WHEELHOUSE=docker/wheelhouse/README.md .
 	DOCKER_BUILDKIT=0 docker build -f docker/trainer.Dockerfile -t trmrl/trainer:cuda --build-arg SERVICE_IMAGE=trmrl/service:cuda .
 	docker image ls trmrl/service:cuda
 

@@ -213,7 +213,7 @@ sim() { # sim URL TRANSPORT LABEL [ARGS...]: trmrl-sim from the host venv, its s
 if [ "${SMOKE_CUDA:-1}" = 1 ]; then
     step "CUDA image: build, then serve on CPU (no --gpus)"
     timed "build $CUDA_TAG (PyPI CUDA torch)" build service-cuda -f docker/service.Dockerfile -t "$CUDA_TAG" \
-        --build-arg BASE_IMAGE="$BASE_TAG" .
+        --build-arg BASE_IMAGE="$BASE_TAG" --build-arg TORCH_WHEELHOUSE=docker/wheelhouse/README.md .
     docker run --rm --entrypoint python3 "$CUDA_TAG" -c \
         'import os, torch; assert torch.version.cuda, "not a CUDA build"; assert os.getuid() == 10001; print("cuda image: torch", torch.__version__, "CUDA", torch.version.cuda, "| device available here:", torch.cuda.is_available())'
     docker rm -f "$CUDA_CONTAINER" >/dev/null 2>&1 || true
