@@ -60,7 +60,8 @@ def act(url: str, key: str | None) -> int:
     if len(action) != act_dim or not all(math.isfinite(a) for a in action):
         print(f"act: bad action {action} (act_dim {act_dim})")
         return 1
-    print(f"act: {name} ({model.get('version', '?')}): POST /v1/act answered {act_dim} finite actions in {took_ms:.1f} ms")
+    version = model.get("version", "?")
+    print(f"act: {name} ({version}): POST /v1/act answered {act_dim} finite actions in {took_ms:.1f} ms")
     return 0
 
 
@@ -69,6 +70,10 @@ def _query(url: str, promql: str) -> list[dict[str, Any]]:
     if answer.get("status") != "success":
         raise RuntimeError(f"query {promql!r}: {answer}")
     return answer["data"]["result"]
+
+
+def _alerts(url: str) -> list[dict[str, Any]]:
+    return _http("GET", f"{url}/api/v1/alerts")["data"]["alerts"]
 
 
 def _by_instance(result: list[dict[str, Any]]) -> dict[str, float]:
@@ -91,7 +96,7 @@ def prometheus(url: str, instances: list[str], timeout: float) -> int:
             last = {k: _by_instance(_query(url, q)) for k, q in queries.items()}
             rules = _http("GET", f"{url}/api/v1/rules")["data"]["groups"]
             groups = {g["name"]: g for g in rules}
-            firing = [a for a in _http("GET", f"{url}/api/v1/alerts")["data"]["alerts"] if a["state"] == "firing"]
+            firing = [a for a in _alerts(url) if a["state"] == "firing"]
             if set(last["up"]) != want:
                 problem = f"up{{job=trmrl}} instances {sorted(last['up'])}, expected {sorted(want)}"
             elif any(v != 1 for v in last["up"].values()):
@@ -128,7 +133,7 @@ def alert(url: str, name: str, timeout: float) -> int:
     last: Any = None
     while True:
         try:
-            last = [a for a in _http("GET", f"{url}/api/v1/alerts")["data"]["alerts"] if a["labels"]["alertname"] == name]
+            last = [a for a in _alerts(url) if a["labels"]["alertname"] == name]
             if last:
                 a = last[0]
                 print(
@@ -145,7 +150,9 @@ def alert(url: str, name: str, timeout: float) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_act = sub.add_parser("act")
     p_act.add_argument("url")
