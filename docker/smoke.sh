@@ -223,7 +223,9 @@ if [ "${SMOKE_CUDA:-1}" = 1 ]; then
         { docker logs "$CUDA_CONTAINER" 2>&1 | tail -20; fail "the CUDA image did not become ready in 180 s"; }
     timed "cuda: one POST /v1/act" "$PY" docker/smoke_checks.py act "http://127.0.0.1:$CUDA_PORT" --api-key "$KEY" ||
         fail "the CUDA image did not answer /v1/act"
-    docker logs "$CUDA_CONTAINER" 2>&1 | grep -iE '"device"|on cpu|device' | head -2 || true
+    on_cpu=$(docker logs "$CUDA_CONTAINER" 2>&1 | grep -c '"message": "model .* on cpu: ' || true)
+    [ "$on_cpu" -gt 0 ] || fail "the CUDA image loaded no model on cpu"
+    echo "cuda image: $on_cpu models loaded on cpu (TRMRL_DEVICE=auto, no GPU in the container)"
     timed "cuda: docker stop" docker stop -t 60 "$CUDA_CONTAINER" >/dev/null
     docker logs "$CUDA_CONTAINER" >"$LOGS/cuda-service.log" 2>&1
     docker rm "$CUDA_CONTAINER" >/dev/null
@@ -345,10 +347,13 @@ for f in r["per_replica"]:
 PY
 
 step "scale-out: Prometheus (profile monitoring) holds every replica's series"
-# Each replica's address on the compose network, as Prometheus finds it by DNS (its `instance` label).
+# Each replica's address on the compose network, as Prometheus finds it by DNS (its `instance` label), and
+# its own trmrl_steps_total (no traffic now): Prometheus must come to hold the same value for each.
 INSTANCES=()
 for id in "${REPLICAS[@]}"; do
-    INSTANCES+=("--instance=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id"):8000")
+    p=$(docker port "$id" 8000/tcp | head -1 | sed 's/.*://')
+    ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id")
+    INSTANCES+=("--instance=$ip:8000=$(metric "http://127.0.0.1:$p" trmrl_steps_total)")
 done
 PURL="http://127.0.0.1:$PROMETHEUS_PORT"
 timed "scale: prometheus holds every replica's series" to_file "$LOGS/prometheus.txt" \

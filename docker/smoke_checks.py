@@ -4,11 +4,13 @@
     One session of the first model of ``GET /v1/models``: ``POST /v1/sessions``, one ``POST /v1/act``
     (an observation of zeros), checks the action's length and finite values, deletes the session.
 
-``prometheus URL --instance ADDR:PORT ... --timeout S``
+``prometheus URL --instance ADDR:PORT[=STEPS] ... --timeout S``
     Waits (at most S seconds) until Prometheus, queried through its HTTP API, holds every replica's series:
     ``up{job="trmrl"}`` is 1 for exactly the given instances, ``trmrl_steps_total`` summed per instance is
-    above 0 for each, ``trmrl_request_duration_seconds_count`` has series for each, and the rule groups
-    (settings and alerts) are loaded with no alert firing. Prints the query results.
+    above 0 for each (and equal to STEPS where given: the replica's own /metrics, read while no traffic
+    runs, so Prometheus must have scraped it after the last step), ``trmrl_request_duration_seconds_count``
+    has series for each, and the rule groups (settings and alerts) are loaded with no alert firing. Prints
+    the query results.
 
 ``alert URL NAME --timeout S``
     Waits until the alert NAME is pending or firing (``/api/v1/alerts``) and prints it.
@@ -81,7 +83,8 @@ def _by_instance(result: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def prometheus(url: str, instances: list[str], timeout: float) -> int:
-    want = set(instances)
+    expected_steps = {i.split("=")[0]: float(i.split("=")[1]) for i in instances if "=" in i}
+    want = {i.split("=")[0] for i in instances}
     queries = {
         "up": 'up{job="trmrl"}',
         "steps": 'sum by (instance) (trmrl_steps_total{job="trmrl"})',
@@ -103,6 +106,8 @@ def prometheus(url: str, instances: list[str], timeout: float) -> int:
                 problem = f"up{{job=trmrl}} not 1 everywhere: {last['up']}"
             elif set(last["steps"]) != want or any(v <= 0 for v in last["steps"].values()):
                 problem = f"trmrl_steps_total per instance {last['steps']}: not > 0 for each replica"
+            elif any(last["steps"][i] != n for i, n in expected_steps.items()):
+                problem = f"trmrl_steps_total per instance {last['steps']}, replicas: {expected_steps}"
             elif set(last["requests"]) != want:
                 problem = f"trmrl_request_duration_seconds_count per instance {last['requests']}"
             elif not {"trmrl-settings", "trmrl-alerts", "trmrl-recording"} <= set(groups):
