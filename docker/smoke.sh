@@ -167,7 +167,12 @@ timed "build $TRAINER_TAG" build trainer -f docker/trainer.Dockerfile -t "$TRAIN
 timed "build $ROUTER_TAG" build router -f docker/router.Dockerfile -t "$ROUTER_TAG" --build-arg BASE_IMAGE="$BASE_TAG" .
 timed "build $PROMETHEUS_TAG (promtool checks)" build prometheus -f docker/prometheus.Dockerfile -t "$PROMETHEUS_TAG" \
     --build-arg BASE_IMAGE="$BASE_TAG" .
-grep -E '^(Checking|  SUCCESS|Unit Testing)' "$LOGS/build-prometheus.log" | paste -sd ' ' | sed 's/^/prometheus image: /'
+# The build ran promtool check config/rules and the rules' unit tests; check the configuration once more.
+docker run --rm --entrypoint promtool "$PROMETHEUS_TAG" check config /etc/prometheus/prometheus.yml \
+    >"$LOGS/promtool.txt" 2>&1 || { cat "$LOGS/promtool.txt"; fail "promtool check config"; }
+echo "prometheus image: $(docker run --rm --entrypoint prometheus "$PROMETHEUS_TAG" --version 2>&1 | head -1)"
+echo "prometheus image: promtool check config: valid; $(awk '/^Checking/ {f = $2; sub(/.*\//, "", f)}
+    /SUCCESS: [0-9]+ rules found/ {printf "%s%s %d rules", sep, f, $2; sep = ", "}' "$LOGS/promtool.txt")"
 docker run --rm --entrypoint python3 "$SERVICE_TAG" -c \
     'import os, torch; assert torch.version.cuda is None, torch.version.cuda; assert os.getuid() == 10001; print("service image: torch", torch.__version__, "(CPU build), uid", os.getuid())'
 docker run --rm --entrypoint sh "$SERVICE_TAG" -c '! command -v gcc && ! command -v pip && echo "service image: no compiler, no pip"'
@@ -282,7 +287,7 @@ timed "single: compose down -v" "${COMPOSE[@]}" "${SINGLE[@]}" --profile demo --
 step "scale-out: 2 replicas behind nginx"
 export TRMRL_PUBLISH="127.0.0.1::8000" TRMRL_ROUTER_PUBLISH="127.0.0.1:$ROUTER_PORT:8080" TRMRL_REPLICAS=2
 RURL="http://127.0.0.1:$ROUTER_PORT"
-timed "scale: compose up (2 replicas + router + prometheus)" "${COMPOSE[@]}" "${SCALED[@]}" up -d --scale trmrl=2
+timed "scale: up (2 replicas + router + prometheus)" "${COMPOSE[@]}" "${SCALED[@]}" up -d --scale trmrl=2
 timed "scale: healthy" wait_healthy 180 "${SCALED[@]}"
 mapfile -t REPLICAS < <("${COMPOSE[@]}" "${SCALED[@]}" ps -q trmrl)
 [ "${#REPLICAS[@]}" = 2 ] || fail "expected 2 replicas, got ${#REPLICAS[@]}"
