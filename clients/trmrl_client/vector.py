@@ -12,8 +12,9 @@ the row's history becomes a :class:`~trmrl_client.protocol.SessionLedger`, the s
 back into the arrays. A tick that got no answer at all is remembered per row, and those rows' next
 step goes through the single-session flow that resends unanswered steps first.
 
-The drivers are :class:`VectorSession` (blocking), :class:`AsyncVectorSession` (asyncio, over HTTP
-or over the vectorised stream ``WS /v1/stream``).
+The drivers are :class:`VectorSession` (blocking) and :class:`AsyncVectorSession` (asyncio), over any
+transport (:mod:`trmrl_client.transport`): HTTP, or the vectorised stream ``WS /v1/stream`` for the
+ticks beside HTTP for the rest.
 """
 
 from __future__ import annotations

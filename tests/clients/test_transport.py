@@ -13,11 +13,13 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import trmrl_client
-from trmrl_client import ServiceError, ServiceUnavailable, Session
+from trmrl_client import PolicyClient, ServiceError, ServiceUnavailable, Session
 from trmrl_client import routes as r
+from trmrl_client.codec import packb
 from trmrl_client.protocol import Call, Reply, SessionLedger, create_flow, new_route_key
 from trmrl_client.retry import Outcome, RetryPolicy, Try
 from trmrl_client.session import AsyncSession
@@ -35,6 +37,9 @@ MODEL = {
     "window": 3,
     "memory_scope": "episode",
 }
+
+
+MSGPACK = {"content-type": "application/msgpack"}
 
 
 def _error(status: int, code: str, **detail: Any) -> Reply:
@@ -262,6 +267,30 @@ async def test_the_async_vector_session_closes_its_stream_and_deletes_over_http(
 async def _create(transport: AsyncTransport) -> SessionLedger:
     ledger: SessionLedger = await run_async(transport, create_flow({"model": "fake"}, new_route_key()))
     return ledger
+
+
+def test_the_http_transport_encodes_by_route_not_by_path() -> None:
+    seen: list[tuple[str, str, str | None]] = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, request.headers.get("content-type")))
+        if request.url.path == "/v1/sessions":
+            return httpx.Response(201, json={"session_id": "s0", "model": MODEL})
+        if request.url.path == "/v1/act":
+            return httpx.Response(200, content=packb({"action": [0.5, 0.0], "step": 0}), headers=MSGPACK)
+        return httpx.Response(204)
+
+    with PolicyClient("http://fake", encoding="msgpack", transport=httpx.MockTransport(service)) as client:
+        session = client.session()
+        assert session.act([0.0, 0.0]).tolist() == [0.5, 0.0]
+        session.close()
+        client.send(Call("POST", "/v1/act", {"session_id": "s0"}))  # no route: a plain JSON request
+    assert seen == [
+        ("POST", "/v1/sessions", "application/json"),
+        ("POST", "/v1/act", "application/msgpack"),
+        ("DELETE", "/v1/sessions/s0", None),
+        ("POST", "/v1/act", "application/json"),
+    ]
 
 
 def test_the_client_modules_import_no_cycle() -> None:
