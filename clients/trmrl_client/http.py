@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from trmrl_client import routes
-from trmrl_client.codec import jsonable
+from trmrl_client.codec import jsonable, packb, unpackb
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 from trmrl_client.protocol import (
     ROUTE_HEADER,
@@ -109,8 +109,6 @@ def _request(step: Try, encoding: Encoding) -> dict[str, Any]:
     content: bytes | None = None
     json: Any = None
     if call.body is not None and encoding == "msgpack" and call.route is not None and call.route.binary:
-        from trmrl_client.codec import packb
-
         headers.update({"Content-Type": MSGPACK, "Accept": MSGPACK})
         content = packb(call.body)
     elif call.body is not None:
@@ -137,8 +135,6 @@ def _reply(response: httpx.Response) -> Reply:
     if not response.content:
         return Reply(status, None, retry_after)
     if response.headers.get("content-type", "").startswith(MSGPACK):
-        from trmrl_client.codec import unpackb
-
         return Reply(status, unpackb(response.content), retry_after)
     try:
         return Reply(status, response.json(), retry_after)

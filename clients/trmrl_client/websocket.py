@@ -20,7 +20,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from trmrl_client import routes
-from trmrl_client.codec import jsonable
+from trmrl_client.codec import jsonable, packb, unpackb
 from trmrl_client.errors import ServiceUnavailable
 from trmrl_client.protocol import ROUTE_HEADER, Reply, status_of_error
 from trmrl_client.retry import Outcome, Try
@@ -168,15 +168,11 @@ async def _exchange(
 ) -> Any:
     """Send one frame, receive and decode the next."""
     if encoding == "msgpack":
-        from trmrl_client.codec import packb
-
         await ws.send(packb(frame))
     else:
         await ws.send(json.dumps(jsonable(frame), separators=(",", ":")))
     raw = await ws.recv()
     if isinstance(raw, bytes):
-        from trmrl_client.codec import unpackb
-
         return unpackb(raw, max_bytes=max_bytes)
     return json.loads(raw)
 
