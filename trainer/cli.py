@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -59,8 +60,7 @@ def train_main(argv: list[str] | None = None) -> int:
     prog = parser.prog
 
     if args.list_presets:
-        _list_presets()
-        return 0
+        return _printed(_list_presets)
     name = args.show_preset or args.preset
     if name is None or (args.show_preset is None and args.out is None):
         parser.error("--preset and --out are required (or --list-presets, --show-preset NAME)")
@@ -80,8 +80,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         _fail(prog, str(exc))
     if args.show_preset is not None:
-        _show_preset(name, cfg, overrides)
-        return 0
+        return _printed(lambda: _show_preset(name, cfg, overrides))
     _check_before_work(prog, cfg)
 
     from trainer.run import Trainer, init_distributed
@@ -113,18 +112,31 @@ def _check_before_work(prog: str, cfg: TrainConfig) -> None:
     """Refuse, with one line, what would otherwise fail once the run has started: a family that cannot be
     loaded or whose sampler does not return tasks, and a device this machine lacks."""
     from trmrl.device import resolve_device
-    from trmrl.tasks import TaskFamilyError, get_family
+    from trmrl.tasks import TaskFamilyError, get_family, locomotion, metaworld_tasks, point_nav
 
+    built_in = (*point_nav.FAMILIES, *locomotion.FAMILIES, *metaworld_tasks.FAMILIES)
     try:
         family = get_family(cfg.family)
-        for split in family.splits:  # every split the run may draw from: a sampler fails here, not later
-            family.sample_tasks(split, 2, seed=cfg.seed)
+        if not any(family is known for known in built_in):
+            # A user's own sampler: every split the run may draw from fails here, not in the run.
+            for split in family.splits:
+                family.sample_tasks(split, 2, seed=cfg.seed)
     except TaskFamilyError as exc:
         _fail(prog, str(exc))
     try:
         resolve_device(cfg.device)
     except RuntimeError as exc:
         _fail(prog, f"--set device={cfg.device}: {str(exc).splitlines()[0]}; use device=auto or device=cpu")
+
+
+def _printed(show: Callable[[], None]) -> int:
+    """Run ``show``; a reader that stops early (``| head``) ends it quietly."""
+    try:
+        show()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    return 0
 
 
 def _list_presets() -> None:
@@ -154,16 +166,15 @@ def _show_preset(name: str, cfg: TrainConfig, overrides: dict[str, str]) -> None
     print(f"preset {name}")
     rows = []
     for key, value in cfg.to_dict().items():
-        source = "--set" if key in overrides else "preset" if key in PRESETS[name] else "default"
+        source = "command line" if key in overrides else "preset" if key in PRESETS[name] else "default"
         rows.append([key, json.dumps(value) if isinstance(value, bool) else str(value), source])
     _print_table(["setting", "value", "from"], rows)
 
 
 def _print_table(columns: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(columns[i]), *(len(row[i]) for row in rows)) for i in range(len(columns))]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    for row in [columns, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _group_summary(values: list[float], gap_closed: Callable[[float], float | None]) -> dict[str, float]:

@@ -398,9 +398,9 @@ def preset_config(name: str, overrides: dict[str, str] | None = None) -> TrainCo
     if "vf_coef" in values and values.get("optimization") == "separate":
         # An explicit weight nothing would read: separate optimisation has no joint loss to weigh.
         raise ValueError(
-            f"vf_coef={values['vf_coef']} weighs the value loss in optimization=joint's one loss; "
-            "optimization=separate steps the value with its own AdamW (value_lr sets its step), so it "
-            "would be ignored: drop vf_coef or set optimization=joint"
+            f"vf_coef={values['vf_coef']} would be ignored under optimization=separate: vf_coef weighs the "
+            "value loss in joint's single loss, while separate steps the value with its own AdamW (value_lr "
+            "sets its step); drop vf_coef or set optimization=joint"
         )
     return TrainConfig(**values)
 

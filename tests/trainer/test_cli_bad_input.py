@@ -20,6 +20,7 @@ import trmrl.tasks.base as tasks_base
 from trainer.cli import eval_main, train_main
 from trainer.config import PRESETS, preset_config
 from trmrl.checkpoint import checkpoint_family, load_checkpoint, save_checkpoint
+from trmrl.tasks import TaskFamilyError
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "checkpoints"
@@ -114,6 +115,31 @@ def test_the_shared_helper_finds_the_recorded_module(modules: Path, tmp_path: Pa
     assert family not in tasks_base._REGISTRY
     found = checkpoint_family(load_checkpoint(tmp_path / "ckpt").info)
     assert found.name == family and found.obs_dim == 2
+
+
+def test_the_service_serves_it_without_the_family_module(modules: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    module, family = _own_family_checkpoint(modules, tmp_path / "ckpt")
+    (modules / f"{module}.py").unlink()  # the service reads no task family: the checkpoint is enough
+    sys.modules.pop(module, None)
+    with TestClient(create_app(Settings(models=[tmp_path / "ckpt"]))) as client:  # type: ignore[call-arg]
+        assert client.get("/v1/models").json()["models"][0]["task_family"] == family
+        reply = client.post("/v1/act", json={"observation": [0.1, 0.2], "episode_start": True})
+        assert reply.status_code == 200, reply.text
+
+
+def test_a_recorded_module_that_now_gives_another_family_is_refused(modules: Path, tmp_path: Path) -> None:
+    module, family = _own_family_checkpoint(modules, tmp_path / "ckpt")
+    (modules / f"{module}.py").write_text(OWN_FAMILY.format(name="renamed-nav"))
+    sys.modules.pop(module, None)
+    with pytest.raises(
+        TaskFamilyError, match=f"gives a family named 'renamed-nav', the checkpoint's is '{family}'"
+    ):
+        checkpoint_family(load_checkpoint(tmp_path / "ckpt").info)
 
 
 def test_eval_says_where_a_recorded_family_module_is_missing(
@@ -266,7 +292,11 @@ def test_show_preset_prints_every_setting_and_where_it_comes_from(capsys: pytest
     assert set(settings) == set(preset_config("paper-halfcheetah-vel").to_dict())
     assert settings["family"] == ["halfcheetah-vel-20d", "preset"]
     assert settings["optimization"] == ["separate", "preset"]
-    assert settings["seed"] == ["3", "--set"] and settings["total_steps"] == ["1000", "--set"]
+    assert settings["seed"] == ["3", "command", "line"] and settings["total_steps"] == [
+        "1000",
+        "command",
+        "line",
+    ]
     assert settings["window"] == ["5", "default"]
     assert settings["normalize_obs"] == ["false", "preset"]
 
