@@ -97,17 +97,41 @@ def _own_family_checkpoint(where: Path, out: Path) -> tuple[str, str]:
     return module, family
 
 
+def _fresh(args: list[str], modules: Path, main: str) -> subprocess.CompletedProcess[str]:
+    """``main(args)`` of ``trainer.cli`` in a fresh interpreter (no family registered but the built-in
+    ones), ``modules`` on its path as a user's PYTHONPATH."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(modules), str(ROOT)])}
+    cmd = [sys.executable, "-c", f"import sys; from trainer.cli import {main}; sys.exit({main}())", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_eval_loads_a_family_recorded_as_module_and_attribute(modules: Path, tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     _, family = _own_family_checkpoint(modules, out)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(modules), str(ROOT)])}
     # A fresh interpreter: nothing has registered the family's name, as for a user running trmrl-eval.
-    cmd = [sys.executable, "-c", "import sys; from trainer.cli import eval_main; sys.exit(eval_main())"]
-    cmd += [str(out), "--tasks", "2", "--episodes", "1", "--json", str(tmp_path / "eval.json")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    argv = [str(out), "--tasks", "2", "--episodes", "1", "--json", str(tmp_path / "eval.json")]
+    done = _fresh(argv, modules, "eval_main")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{family} test: 2 tasks, seed 1000" in done.stdout
     assert json.loads((tmp_path / "eval.json").read_text())["family"] == family
+
+
+@pytest.mark.slow
+def test_a_run_trained_with_module_and_attribute_is_evaluated(modules: Path, tmp_path: Path) -> None:
+    family = "own-nav-trained"
+    module = _module(modules, OWN_FAMILY.format(name=family))
+    settings = ["tasks_per_update=4", "eval_tasks=2", "eval_every=1", "minibatch_size=128", "epochs=1"]
+    argv = ["--preset", "small-point-nav", "--family", f"{module}:FAMILY", "--out", str(tmp_path / "run")]
+    argv += ["--total-steps", "800", "--no-progress", *(a for s in settings for a in ("--set", s))]
+    trained = _fresh(argv, modules, "train_main")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    info = load_checkpoint(tmp_path / "run" / "final").info
+    assert (info.task_family, info.family_source) == (family, f"{module}:FAMILY")
+    evaluated = _fresh(
+        [str(tmp_path / "run" / "final"), "--tasks", "2", "--episodes", "1"], modules, "eval_main"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"{family} test: 2 tasks, seed 1000" in evaluated.stdout
 
 
 def test_the_shared_helper_finds_the_recorded_module(modules: Path, tmp_path: Path) -> None:
