@@ -5,6 +5,8 @@ never evaluated), so the table below reads validation figures alone. TrMRL and R
 options; the encoder's block, window and memory scope are TrMRL's alone.
 
 ``python -m trainer.ablation commands [--family F]`` prints the training command of every arm;
+``python -m trainer.ablation run --jobs 2 [--family F]`` trains the arms not finished yet, a few at a time,
+each on one thread (every run resumes from its last checkpoint, so an interrupted ablation goes on);
 ``python -m trainer.ablation table RUNS_DIR --json FILE`` reads each run's ``metrics.jsonl`` and prints
 the table (validation return at the end of the budget, gap closed, env steps to 0.85 of the gap, wall
 time), taking the memoryless and oracle figures from ``docs/results/<family>-validation.json``.
@@ -14,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +94,30 @@ def arms() -> list[Arm]:
     return out
 
 
+def run(chosen: list[Arm], runs: Path, jobs: int) -> int:
+    """Train every arm without a ``final/`` checkpoint, ``jobs`` at a time, in the order given."""
+    pending = [a for a in chosen if not (runs / a.name / "final").exists()]
+    runs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    active: list[tuple[Arm, subprocess.Popen[bytes]]] = []
+    failed = 0
+    while pending or active:
+        while pending and len(active) < jobs:
+            arm = pending.pop(0)
+            log = (runs / f"{arm.name}.log").open("ab")
+            cmd = shlex.split(arm.command(runs))
+            cmd[0] = str(Path(sys.executable).with_name("trmrl-train"))
+            print(f"start {arm.name}", flush=True)
+            active.append((arm, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(5)
+        for arm, proc in list(active):
+            if proc.poll() is not None:
+                active.remove((arm, proc))
+                failed += proc.returncode != 0
+                print(f"done {arm.name}: exit {proc.returncode}", flush=True)
+    return 1 if failed else 0
+
+
 def references(family: str) -> tuple[float, float]:
     """The shipped memoryless and oracle policies' validation returns."""
     data = json.loads((ROOT / "docs" / "results" / f"{family}-validation.json").read_text())
@@ -151,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = sub.add_parser("commands", help="the training command of every arm")
     commands.add_argument("--runs", type=Path, default=Path("runs/ablation"))
     commands.add_argument("--family", choices=["halfcheetah-vel", "ant-dir"])
+    launch = sub.add_parser("run", help="train the arms not finished yet")
+    launch.add_argument("--runs", type=Path, default=Path("runs/ablation"))
+    launch.add_argument("--family", choices=["halfcheetah-vel", "ant-dir"])
+    launch.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    launch.add_argument("--only", nargs="+", metavar="ARM", help="these arms, in this order")
     report = sub.add_parser("table", help="the table of the runs so far")
     report.add_argument("runs", type=Path)
     report.add_argument("--json", type=Path, help="write the rows (curves included) here")
@@ -160,6 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         for arm in chosen:
             print(arm.command(args.runs))
         return 0
+    if args.command == "run":
+        if args.jobs < 1:
+            parser.error("--jobs must be >= 1")
+        if args.only:
+            known = {a.name: a for a in chosen}
+            unknown = [n for n in args.only if n not in known]
+            if unknown:
+                parser.error(f"unknown arm {unknown[0]!r}; 'commands' lists them")
+            chosen = [known[n] for n in args.only]
+        return run(chosen, args.runs, args.jobs)
     if not args.runs.is_dir():
         parser.error(f"{args.runs} is not a directory of runs")
     rows = [row for arm in chosen if (row := summarize(arm, args.runs / arm.name)) is not None]

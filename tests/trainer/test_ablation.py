@@ -54,3 +54,14 @@ def test_a_table_of_no_runs_is_a_clear_error(tmp_path: Path) -> None:
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["table", str(tmp_path)])
+
+
+def test_run_trains_only_what_is_not_finished_and_refuses_unknown_arms(tmp_path: Path) -> None:
+    (tmp_path / "halfcheetah-vel-trmrl-base" / "final").mkdir(parents=True)
+    # A finished arm is not trained again.
+    assert main(["run", "--runs", str(tmp_path), "--only", "halfcheetah-vel-trmrl-base"]) == 0
+    assert not (tmp_path / "halfcheetah-vel-trmrl-base.log").exists()
+    for bad in (["--only", "halfcheetah-vel-trmrl-nothing"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["run", "--runs", str(tmp_path), *bad])
+        assert exc.value.code == 2
