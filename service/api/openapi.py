@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from service.api.body import JSON, MSGPACK
-from service.engine import INPUT_LIMIT, Engine
+from service.core.engine import INPUT_LIMIT, Engine
 
 #: Prefixes of the routes whose replies follow ``Accept`` (``service.api.body.wants_msgpack``).
 NEGOTIATED = ("/v1/", "/act")

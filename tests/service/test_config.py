@@ -8,8 +8,8 @@ import pytest
 from service_support import make_checkpoint
 
 from service.cli import main
-from service.config import Settings
-from service.registry import ModelRegistry, model_name
+from service.config import Settings, model_name
+from service.lifecycle import load_models
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +49,7 @@ def test_without_models_every_bundled_checkpoint_is_served_sorted_by_name(tmp_pa
     (tmp_path / "notes").mkdir()  # not a checkpoint: no config.json
     s = Settings(checkpoints_dir=tmp_path)
     assert [p.name for p in s.checkpoint_paths()] == ["alpha", "zeta"]
-    registry = ModelRegistry.load(s)
+    registry = load_models(s)
     assert list(registry.engines) == ["alpha", "zeta"]
     assert registry.default == "alpha"
 
@@ -58,7 +58,7 @@ def test_no_bundled_checkpoints_means_nothing_to_serve(tmp_path: Path) -> None:
     s = Settings(checkpoints_dir=tmp_path / "missing")
     assert s.checkpoint_paths() == []
     with pytest.raises(RuntimeError, match="no checkpoints to serve"):
-        ModelRegistry.load(s)
+        load_models(s)
 
 
 def test_the_cli_names_a_missing_checkpoint(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_the_model_name_is_the_checkpoint_name(path: str, name: str) -> None:
 def test_two_checkpoints_with_one_name_are_refused(tmp_path: Path) -> None:
     paths = [make_checkpoint(tmp_path / "one" / "point-nav"), make_checkpoint(tmp_path / "two" / "point-nav")]
     with pytest.raises(ValueError, match="both named 'point-nav'"):
-        ModelRegistry.load(Settings(models=paths))
+        load_models(Settings(models=paths))
 
 
 def test_api_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-SEED_LIMIT = 1 << 63
+from service.core import records
+from service.core.records import SEED_LIMIT
+
 #: The most sessions one ``POST /v1/sessions`` creates.
 MAX_CREATE = 65_536
 LAST_SECOND = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the last instant an ISO 8601 date can show
@@ -333,6 +335,11 @@ class ModelInfo(BaseModel):
     """Share of the model's new sessions this version gets as a canary (0: none)."""
 
 
+def model_info(info: records.ModelInfo) -> ModelInfo:
+    """The body of the core's facts about a model."""
+    return ModelInfo.model_validate(info, from_attributes=True)
+
+
 class ModelList(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"models": [_MODEL_EXAMPLE]}]})
 
@@ -354,7 +361,7 @@ class CreateSessionRequest(_Request):
     """Idle time before the session expires; omitted: the service default."""
     record: bool = False
     """Record every step of the session server-side (Parquet in ``TRMRL_RECORD_DIR``)."""
-    count: Annotated[int, Field(ge=1, le=MAX_CREATE)] | None = None
+    count: Annotated[Annotated[int, Field(ge=1, le=MAX_CREATE)], BeforeValidator(_integral)] | None = None
     """Create this many sessions with these options in one call (a vectorised simulator's envs); the
     reply then lists their ids in ``session_ids``. All are created or none (429)."""
 
@@ -575,3 +582,13 @@ class ActivateResponse(BaseModel):
     migrated_sessions: int
     pause_ms: float
     """How long steps of every model were held back while the sessions moved."""
+
+
+def session_state(state: records.SessionState) -> SessionState:
+    """The body of a snapshot the core took."""
+    return SessionState.model_validate(state, from_attributes=True)
+
+
+def snapshot_of(body: SessionState) -> records.SessionState:
+    """The core's snapshot from a validated body."""
+    return records.SessionState(**body.model_dump())
