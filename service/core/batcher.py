@@ -1,17 +1,16 @@
 """The micro-batcher of one model: steps in, batches out, one forward pass per batch.
 
-1. :meth:`Batcher.submit` (a request's one step) or :meth:`Batcher.submit_rows` (a columnar tick):
-   check the step number, write the step into the open batch's preallocated numpy rows and begin it
-   in the session table. Nothing about the session changes unless all checks pass. Both return
-   where each step's action will be (:class:`Ticket`, :class:`RowTickets`).
-2. :meth:`Batcher.run` (one asyncio task): takes the oldest open batch and hands it to ``compute``
-   on a dedicated worker thread while the event loop keeps filling the next batch.
-3. the batch's outcome goes to ``commit`` (or, if the forward pass failed, its steps are rolled
-   back in the table so a retry behaves like the first try), and the batch's single future --
-   which every step in it awaits -- is resolved.
+1. :meth:`Batcher.submit` (one step) or :meth:`Batcher.submit_rows` (a columnar tick): check the step
+   number, write the step into the open batch's preallocated rows and begin it in the session table
+   (nothing changes unless all checks pass); returns where each action will be (:class:`Ticket`,
+   :class:`RowTickets`). A single step takes the one-row path; it costs less than a one-row tick.
+2. :meth:`Batcher.run` (one asyncio task) hands the oldest open batch to ``compute`` on a worker
+   thread while the event loop fills the next one; then ``commit`` counts it (or, if the forward
+   pass failed, the table rolls its steps back so a retry behaves like the first try) and the
+   batch's one future, which every step in it awaits, is resolved.
 
-A batch never holds two steps of one session: a session's second step goes to a later batch, so its
-memory advances in order. The batcher knows nothing of the model, of HTTP or of recording.
+A batch never holds two steps of one session, so a session's memory advances in order. The batcher
+knows nothing of the model, of HTTP or of recording.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import numpy as np
 
 from service.core import errors
 from service.core.errors import ServiceError
+from service.core.records import EngineLimits
 from service.core.session_table import SessionTable
 
 log = logging.getLogger("trmrl.service")
@@ -87,12 +87,8 @@ class Batch:
 
 
 class _SharedFuture(asyncio.Future[np.ndarray]):
-    """A batch's result, awaited by every request in the batch.
-
-    It cannot be cancelled: a cancelled request (a client gone away) must not cancel its neighbours'
-    result. Its task is cancelled when the batch completes instead, which costs less than an
-    ``asyncio.shield`` per request.
-    """
+    """A batch's result, awaited by every step in it. It cannot be cancelled: a client gone away must
+    not cancel its neighbours' result (this costs less than an ``asyncio.shield`` per request)."""
 
     def cancel(self, msg: object = None) -> bool:
         return False
@@ -149,21 +145,17 @@ class Batcher:
         name: str,
         table: SessionTable,
         obs_dim: int,
-        act_dim: int,
+        limits: EngineLimits,
         *,
-        max_batch: int,
-        batch_wait_s: float,
-        max_queued_steps: int,
         compute: Compute,
         commit: Commit,
     ) -> None:
         self.name = name
         self.table = table
-        self.obs_dim = obs_dim
-        self.act_dim = act_dim
-        self.max_batch = max_batch
-        self.batch_wait_s = batch_wait_s
-        self.max_queued_steps = max_queued_steps
+        self.obs_dim, self.act_dim = obs_dim, table.last_action.shape[1]
+        self.max_batch = limits.max_batch
+        self.batch_wait_s = limits.batch_wait_s
+        self.max_queued_steps = limits.max_queued_steps
         self.compute = compute
         self.commit = commit
         # One thread: forward passes of this model run one at a time and in order, and the slot pool

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,10 +25,9 @@ from service.core.batcher import Batch, Batcher
 from service.core.errors import ServiceError
 from service.core.forward import Forward
 from service.core.recording import Recorder
-from service.core.records import ModelInfo
+from service.core.records import EngineLimits, ModelInfo
 from service.core.session_table import SessionTable
 from trmrl.checkpoint import Checkpoint
-from trmrl.graphed import Precision
 from trmrl.tasks.trials import EARLY_STEPS as ADAPTATION_STEPS
 
 log = logging.getLogger("trmrl.service")
@@ -38,22 +36,6 @@ log = logging.getLogger("trmrl.service")
 def all_in_range(values: Sequence[float]) -> bool:
     """Every value within ``INPUT_LIMIT`` (NaN fails every comparison, so it fails here too)."""
     return all(-INPUT_LIMIT <= v <= INPUT_LIMIT for v in values)
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """The knobs of one engine (from :class:`service.config.Settings`)."""
-
-    max_sessions: int
-    max_batch: int
-    batch_wait_s: float
-    session_ttl_s: float
-    evict_idle_s: float
-    max_queued_steps: int = 16_384
-    precision: Precision = "fp32"
-    """Forward-pass precision (``TRMRL_DTYPE``); the slot pool and the actions stay float32."""
-    cuda_graphs: bool = True
-    """On CUDA, replay captured graphs of the batched step (``TRMRL_CUDA_GRAPHS``)."""
 
 
 class Engine:
@@ -68,14 +50,7 @@ class Engine:
         self.obs_dim = cfg.obs_dim
         self.act_dim = cfg.act_dim
         self.version = checkpoint.info.version
-        self.forward = Forward(
-            checkpoint,
-            device,
-            max_sessions=limits.max_sessions,
-            max_batch=limits.max_batch,
-            precision=limits.precision,
-            cuda_graphs=limits.cuda_graphs,
-        )
+        self.forward = Forward(checkpoint, device, limits)
         self.model = self.forward.model
         self.pool = self.forward.pool
         self.low, self.high = self.forward.low, self.forward.high
@@ -86,15 +61,7 @@ class Engine:
             evict_idle_s=limits.evict_idle_s,
         )
         self.batcher = Batcher(
-            name,
-            self.table,
-            self.obs_dim,
-            self.act_dim,
-            max_batch=limits.max_batch,
-            batch_wait_s=limits.batch_wait_s,
-            max_queued_steps=limits.max_queued_steps,
-            compute=self.forward.run,
-            commit=self._commit,
+            name, self.table, self.obs_dim, limits, compute=self.forward.run, commit=self._commit
         )
         self.submit = self.batcher.submit
         self.submit_rows = self.batcher.submit_rows

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from service.core.batcher import Batch
+from service.core.records import EngineLimits
 from trmrl.checkpoint import Checkpoint, CheckpointError
-from trmrl.graphed import BucketedStep, Precision
+from trmrl.graphed import BucketedStep
 from trmrl.model import TrMRL
 from trmrl.networks import make_pool
 from trmrl.policy import act, counter_normal
@@ -30,16 +31,8 @@ log = logging.getLogger("trmrl.service")
 class Forward:
     """A model on its device with its slot pool; :meth:`run` is one forward pass for a batch."""
 
-    def __init__(
-        self,
-        checkpoint: Checkpoint,
-        device: torch.device,
-        *,
-        max_sessions: int,
-        max_batch: int,
-        precision: Precision,
-        cuda_graphs: bool,
-    ) -> None:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, limits: EngineLimits) -> None:
+        precision, max_sessions = limits.precision, limits.max_sessions
         recurrent = not isinstance(checkpoint.model, TrMRL)
         if recurrent and precision != "fp32":
             raise CheckpointError(
@@ -60,9 +53,9 @@ class Forward:
                 self.pool,
                 self.low,
                 self.high,
-                max_batch,
+                limits.max_batch,
                 scratch_slot=max_sessions,
-                graphs=device.type == "cuda" and cuda_graphs,
+                graphs=device.type == "cuda" and limits.cuda_graphs,
                 precision=precision,
             )
 

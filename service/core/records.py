@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.core.errors import ServiceError
+from trmrl.graphed import Precision
 
 SEED_LIMIT = 1 << 63
 """Seeds are int64, below this."""
@@ -50,6 +51,22 @@ class NewSession(Protocol):
     def ttl_s(self) -> float | None: ...
     @property
     def record(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The knobs of one engine (from :class:`service.config.Settings`)."""
+
+    max_sessions: int
+    max_batch: int
+    batch_wait_s: float
+    session_ttl_s: float
+    evict_idle_s: float
+    max_queued_steps: int = 16_384
+    precision: Precision = "fp32"
+    """Forward-pass precision (``TRMRL_DTYPE``); the slot pool and the actions stay float32."""
+    cuda_graphs: bool = True
+    """On CUDA, replay captured graphs of the batched step (``TRMRL_CUDA_GRAPHS``)."""
 
 
 @dataclass(frozen=True)

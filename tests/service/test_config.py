@@ -79,6 +79,34 @@ def test_two_checkpoints_with_one_name_are_refused(tmp_path: Path) -> None:
         load_models(Settings(models=paths))
 
 
+def test_two_checkpoints_with_one_name_are_refused_in_one_line_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = make_checkpoint(tmp_path / "a" / "final"), make_checkpoint(tmp_path / "b" / "final")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(first), "--checkpoint", str(second)])
+    message = str(exit_.value.code)
+    assert message.startswith("trmrl-serve: two checkpoints are both named 'final'") and "\n" not in message
+    assert "name=path" in message and str(first) in message and str(second) in message
+    # Nothing was loaded or served, and both checkpoints are as they were.
+    assert capsys.readouterr().out == ""
+    assert (first / "config.json").is_file() and (second / "config.json").is_file()
+
+
+def test_models_are_named_at_serve_time_with_name_equals_path(tmp_path: Path) -> None:
+    first, second = make_checkpoint(tmp_path / "a" / "final"), make_checkpoint(tmp_path / "b" / "final")
+    settings = Settings(models=[Path(f"fresh={first}"), Path(f"old={second}")])
+    assert settings.named_checkpoints() == [("fresh", first), ("old", second)]
+    assert settings.checkpoint_paths() == [first, second]
+    registry = load_models(settings)
+    assert list(registry.engines) == ["fresh", "old"] and registry.default == "fresh"
+    # The environment variable takes the same form; a path with '=' in it but no name stays a path.
+    assert Settings(models=f"x={first},{second}").named_checkpoints() == [("x", first), ("final", second)]  # type: ignore[arg-type]
+    assert Settings(models=[Path("/data/run=3/final")]).named_checkpoints() == [
+        ("final", Path("/data/run=3/final"))
+    ]
+
+
 def test_api_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("k3\n\n# a comment\n  k4  \n")
