@@ -36,8 +36,8 @@ from trmrl_sim.launch import ServiceProcess
 from bench.host_overhead import measured
 from bench.serve_load import run_act, run_columnar
 from service.core import migration
-from service.core.catalogue import ModelRegistry
 from service.core.engine import Engine, EngineLimits
+from service.core.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from trmrl.model import ModelConfig, TrMRL
 

@@ -29,10 +29,10 @@ from service.api.replies import error_reply
 from service.api.routes import act, admin, health, models, sessions, streams
 from service.auth import Authenticator
 from service.config import Settings
-from service.core.catalogue import ModelRegistry
 from service.core.engine import Engine
 from service.core.errors import ServiceError
 from service.core.recording import Recorder
+from service.core.registry import ModelRegistry
 from service.core.snapshot_file import count_sessions, read_sessions, write_sessions
 from service.core.snapshots import export_all, import_all
 from service.lifecycle import (

@@ -23,9 +23,9 @@ from typing import Any
 
 from service.config import NAME, Settings, duplicate_names
 from service.core import migration
-from service.core.catalogue import ModelRegistry
 from service.core.engine import Engine, EngineLimits
 from service.core.errors import ServiceError
+from service.core.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointError, load_checkpoint
 from trmrl.device import resolve_device
 

@@ -12,8 +12,8 @@ from starlette.types import Scope
 from service.api.schemas import ErrorBody
 from service.auth import Authenticator
 from service.config import Settings
-from service.core.catalogue import ModelRegistry
 from service.core.errors import ServiceError
+from service.core.registry import ModelRegistry
 
 
 def settings_of(request: Request) -> Settings:

@@ -1,6 +1,7 @@
 """The service without HTTP: models, sessions, batching and acting, in plain classes tests drive directly.
 
-* :mod:`~service.core.catalogue` -- every loaded version of every model by name, and the sessions on them;
+* :mod:`~service.core.registry` -- the model registry: every loaded version of every model by name,
+  and the sessions on them;
 * :mod:`~service.core.acting` -- a step, a list of steps or a columnar tick, across versions;
 * :mod:`~service.core.engine` -- one loaded model: its :mod:`~service.core.forward` pass and slot pool,
   its :mod:`~service.core.session_table` and its :mod:`~service.core.batcher`;

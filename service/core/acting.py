@@ -15,10 +15,10 @@ from trmrl_client.codec import INPUT_LIMIT, within_limit
 
 from service.core import errors
 from service.core.batcher import RowTickets, Ticket
-from service.core.catalogue import ModelRegistry
 from service.core.engine import Engine
 from service.core.errors import ServiceError
 from service.core.records import ActResult, ColumnarResult, ColumnarTick, Step
+from service.core.registry import ModelRegistry
 
 
 def submit(registry: ModelRegistry, request: Step, owner: str | None = None) -> tuple[Engine, str, Ticket]:

@@ -13,9 +13,9 @@ import time
 import torch
 
 from service.core import errors
-from service.core.catalogue import ModelRegistry
 from service.core.engine import Engine
 from service.core.errors import ServiceError
+from service.core.registry import ModelRegistry
 from trmrl.memory import fit_windows
 from trmrl.slot_pool import SlotMemory
 

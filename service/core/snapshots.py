@@ -2,7 +2,7 @@
 
 * one session: :func:`snapshot` takes its portable :class:`~service.core.records.SessionState`,
   :func:`check_state` and :func:`restore` load one back; :func:`get_state` and :func:`put_state`
-  do so by id across the catalogue (``GET``/``PUT /v1/sessions/{id}/state``);
+  do so by id across the registry (``GET``/``PUT /v1/sessions/{id}/state``);
 * every session of a model, column by column: :func:`export_sessions` and :func:`import_sessions`,
   and of every model :func:`export_all` and :func:`import_all` (the state directory,
   :mod:`service.core.snapshot_file`).
@@ -22,10 +22,10 @@ import torch
 from trmrl_client.codec import INPUT_LIMIT
 
 from service.core import errors
-from service.core.catalogue import ModelRegistry
 from service.core.engine import Engine, all_in_range
 from service.core.errors import ServiceError
 from service.core.records import SessionState
+from service.core.registry import ModelRegistry
 from trmrl.slot_pool import SlotMemory
 
 log = logging.getLogger("trmrl.service")
@@ -240,7 +240,7 @@ async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
     return len(slots)
 
 
-# -- by session id, across the catalogue ------------------------------------------------------------
+# -- by session id, across the registry ------------------------------------------------------------
 async def get_state(registry: ModelRegistry, session_id: str, owner: str | None = None) -> SessionState:
     engine, slot = registry.find(session_id, owner)
     return await snapshot(engine, slot)

@@ -29,8 +29,8 @@ from service.api.errors import status_of
 from service.api.replies import error_reply
 from service.api.schemas import ActRequest, CreateSessionRequest, StreamFrame
 from service.core import acting
-from service.core.catalogue import ModelRegistry
 from service.core.errors import ServiceError
+from service.core.registry import ModelRegistry
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("trmrl.service")

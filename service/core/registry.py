@@ -1,4 +1,4 @@
-"""The model catalogue: every loaded version of every model by name, and the sessions across them.
+"""The model registry: every loaded version of every model by name, and the sessions across them.
 
 A model name is only ever a key of :attr:`ModelRegistry.engines`; it never reaches the file system.
 Acting across versions is :mod:`service.core.acting`'s, moving sessions between versions
