@@ -69,9 +69,9 @@ class EngineLimits:
     """On CUDA, replay captured graphs of the batched step (``TRMRL_CUDA_GRAPHS``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ActResult:
-    """The action for one step."""
+    """The action for one step (slots: built once per request, on the hot path)."""
 
     session_id: str
     step: int

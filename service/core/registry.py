@@ -169,20 +169,18 @@ class ModelRegistry:
         With API keys on, a session belongs to the key that created it: to any other key it does not
         exist, so its id cannot even be confirmed.
         """
-        for engine in self.all_engines():
-            slot = engine.table.find(session_id)
-            if slot is not None:
-                if engine.table.owners[slot] != owner:
-                    break
-                return engine, slot
-        raise errors.unknown_session(session_id)
+        found = self.locate(session_id)
+        if found is None or found[0].table.owners[found[1]] != owner:
+            raise errors.unknown_session(session_id)
+        return found
 
     def locate(self, session_id: str) -> tuple[Engine, int] | None:
         """The session with this id whoever owns it (for ids a caller asks to create)."""
-        for engine in self.all_engines():
-            slot = engine.table.find(session_id)
-            if slot is not None:
-                return engine, slot
+        for versions in self.versions.values():  # every step looks here: no list of engines is built
+            for engine in versions.values():
+                slot = engine.table.find(session_id)
+                if slot is not None:
+                    return engine, slot
         return None
 
     def records(self, asked: bool) -> bool:

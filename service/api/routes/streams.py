@@ -92,7 +92,13 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
     async def answer(message: Mapping[str, Any], started: int) -> dict[str, Any]:
         frame, _ = _decode_frame(message, limit)
         result = await acting.act(registry, _as_request(session_id, frame), started, owner)
-        return dict(vars(result))
+        return {
+            "session_id": result.session_id,
+            "step": result.step,
+            "action": result.action,
+            "model_version": result.model_version,
+            "server_timing_us": result.server_timing_us,
+        }
 
     await _serve_frames(websocket, STREAM_ROUTE, "stream", {"session_id": session_id}, answer)
 
