@@ -24,7 +24,7 @@ from trmrl_client.codec import CodecError, unpackb
 
 from service.api import errors
 from service.api.columnar import decode_columnar, is_columnar
-from service.api.schemas import ActBatchRequest, ActRequest
+from service.api.schemas.act import ActBatchRequest, ActRequest
 from service.core.errors import ServiceError
 from service.core.records import ColumnarTick
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from service.api.schemas import ErrorBody
+from service.api.schemas.common import ErrorBody
 from service.auth import Authenticator
 from service.config import Settings
 from service.core.errors import ServiceError

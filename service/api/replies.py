@@ -1,7 +1,8 @@
 """Serialising replies straight to bytes: JSON by pydantic's serializer, MessagePack by the shared codec.
 
 In the service a *reply* is what goes back to a client on the wire -- an HTTP response built here, or a
-stream's frame; the models of :mod:`service.api.schemas` (``ActResponse`` and the others) are its bodies.
+stream's frame; its body is a model of :mod:`service.api.schemas`, or a record of the core
+(:mod:`service.core.records`) with the same fields, serialised by the same serializer.
 """
 
 from __future__ import annotations

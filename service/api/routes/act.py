@@ -16,15 +16,15 @@ from fastapi import APIRouter, Request, Response
 from service.api.body import parse_act_batch, parse_body, wants_msgpack
 from service.api.deps import authenticate, body_doc, body_doc_one_of, error_docs, registry_of, settings_of
 from service.api.replies import columnar_reply, reply
-from service.api.schemas import (
+from service.api.schemas.act import (
     ActBatchRequest,
     ActBatchResponse,
     ActColumnarRequest,
     ActColumnarResponse,
     ActRequest,
     ActResponse,
-    ErrorBody,
 )
+from service.api.schemas.common import ErrorBody
 from service.core import acting
 from service.core.errors import ServiceError
 from service.core.records import ActResult, ColumnarTick
@@ -33,14 +33,8 @@ router = APIRouter(tags=["act"])
 
 
 def act_response(result: ActResult) -> ActResponse:
-    """The body of a step's answer (validated construction costs less than ``model_construct``)."""
-    return ActResponse(
-        session_id=result.session_id,
-        step=result.step,
-        action=result.action,
-        model_version=result.model_version,
-        server_timing_us=result.server_timing_us,
-    )
+    """The body of a step's answer (read from the record's attributes: cheaper than keywords)."""
+    return ActResponse.model_validate(result, from_attributes=True)
 
 
 @router.post(

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from service.api.body import MSGPACK_TYPES, _content_headers, parse_body, read_body, wants_msgpack
 from service.api.deps import RegistryDep, SettingsDep, body_doc, error_docs
 from service.api.replies import reply
-from service.api.schemas import ActivateRequest, ActivateResponse, LoadModelRequest, LoadModelResponse
+from service.api.schemas.models import ActivateRequest, ActivateResponse, LoadModelRequest, LoadModelResponse
 from service.core import migration
 from service.core.errors import ServiceError
 from service.lifecycle import check_name, load_engine, resolve_under, store_upload, write_manifest

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.api.deps import error_docs
 from service.api.replies import error_reply, json_reply
-from service.api.schemas import Status
+from service.api.schemas.common import Status
 from service.core.errors import ServiceError
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 

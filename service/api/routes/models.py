@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service.api.body import wants_msgpack
 from service.api.deps import RegistryDep, error_docs, get_owner
 from service.api.replies import reply
-from service.api.schemas import ModelList, model_info
+from service.api.schemas.models import ModelList, model_info
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_owner)])
 

@@ -7,14 +7,14 @@ from fastapi import APIRouter, Request, Response
 from service.api.body import parse_body, wants_msgpack
 from service.api.deps import OwnerDep, RegistryDep, SettingsDep, body_doc, error_docs
 from service.api.replies import reply
-from service.api.schemas import (
+from service.api.schemas.models import model_info
+from service.api.schemas.sessions import (
     CreateSessionRequest,
     CreateSessionResponse,
     CreateSessionsResponse,
     ResetRequest,
     SessionInfo,
     SessionState,
-    model_info,
     session_state,
     snapshot_of,
 )

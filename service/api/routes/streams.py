@@ -27,7 +27,8 @@ from service.api.columnar import columnar_body
 from service.api.deps import authenticate, registry_of
 from service.api.errors import status_of
 from service.api.replies import error_reply
-from service.api.schemas import ActRequest, CreateSessionRequest, StreamFrame
+from service.api.schemas.act import ActRequest, StreamFrame
+from service.api.schemas.sessions import CreateSessionRequest
 from service.core import acting
 from service.core.errors import ServiceError
 from service.core.registry import ModelRegistry
