@@ -4,26 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from service.api.schemas.common import Count, ErrorBody, ErrorObject, Request, SessionId
+from service.api.schemas.common import Count, ErrorBody, ErrorObject, Request, SessionId, example
 
 
 class ActRequest(Request):
     """One step of one session."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
-                    "observation": [0.12, -0.40],
-                    "reward": -0.83,
-                    "episode_start": False,
-                    "step": 7,
-                }
-            ]
-        }
+    model_config = example(
+        session_id="4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+        observation=[0.12, -0.40],
+        reward=-0.83,
+        episode_start=False,
+        step=7,
     )
 
     session_id: SessionId | None = None
@@ -45,9 +39,7 @@ class ActRequest(Request):
 class StreamFrame(Request):
     """One step on a session's stream: an act request without ``session_id`` (the stream names it)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"observation": [0.12, -0.4], "reward": -0.83, "step": 7}]}
-    )
+    model_config = example(observation=[0.12, -0.4], reward=-0.83, step=7)
 
     observation: list[float]
     reward: float = 0.0
@@ -59,18 +51,12 @@ class StreamFrame(Request):
 class ActResponse(BaseModel):
     """The action for one step."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
-                    "step": 7,
-                    "action": [0.031, -0.1],
-                    "model_version": "3fa1c09be44d",
-                    "server_timing_us": 812,
-                }
-            ]
-        }
+    model_config = example(
+        session_id="4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+        step=7,
+        action=[0.031, -0.1],
+        model_version="3fa1c09be44d",
+        server_timing_us=812,
     )
 
     session_id: str
@@ -86,25 +72,19 @@ class ActResponse(BaseModel):
 class ActBatchRequest(Request):
     """Many sessions' steps in one request (a simulator's tick)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "items": [
-                        {
-                            "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
-                            "observation": [0.12, -0.4],
-                            "step": 7,
-                        },
-                        {
-                            "session_id": "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b",
-                            "observation": [0.5, 0.1],
-                            "step": 3,
-                        },
-                    ]
-                }
-            ]
-        }
+    model_config = example(
+        items=[
+            {
+                "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+                "observation": [0.12, -0.4],
+                "step": 7,
+            },
+            {
+                "session_id": "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b",
+                "observation": [0.5, 0.1],
+                "step": 3,
+            },
+        ]
     )
 
     items: list[ActRequest]
@@ -113,29 +93,23 @@ class ActBatchRequest(Request):
 class ActBatchResponse(BaseModel):
     """One entry per request item, in order: its action or its error."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "items": [
-                        {
-                            "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
-                            "step": 7,
-                            "action": [0.031, -0.1],
-                            "model_version": "3fa1c09be44d",
-                            "server_timing_us": 640,
-                        },
-                        {
-                            "error": {
-                                "code": "unknown_session",
-                                "message": "No such session: it was deleted, expired or evicted.",
-                                "detail": {"session_id": "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b"},
-                            }
-                        },
-                    ]
+    model_config = example(
+        items=[
+            {
+                "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+                "step": 7,
+                "action": [0.031, -0.1],
+                "model_version": "3fa1c09be44d",
+                "server_timing_us": 640,
+            },
+            {
+                "error": {
+                    "code": "unknown_session",
+                    "message": "No such session: it was deleted, expired or evicted.",
+                    "detail": {"session_id": "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b"},
                 }
-            ]
-        }
+            },
+        ]
     )
 
     items: list[ActResponse | ErrorBody]
@@ -157,18 +131,12 @@ class ActColumnarRequest(Request):
     are reported in the reply's ``errors``.
     """
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "session_ids": _IDS,
-                    "observations": [[0.12, -0.4], [0.5, 0.1]],
-                    "rewards": [-0.83, -0.2],
-                    "episode_starts": [False, False],
-                    "steps": [7, 3],
-                }
-            ]
-        }
+    model_config = example(
+        session_ids=_IDS,
+        observations=[[0.12, -0.4], [0.5, 0.1]],
+        rewards=[-0.83, -0.2],
+        episode_starts=[False, False],
+        steps=[7, 3],
     )
 
     model: str | None = None
@@ -198,28 +166,22 @@ class ActColumnarResponse(BaseModel):
     """The columnar reply: ``actions[i]`` answers ``session_ids[i]``; failed rows are in ``errors``
     and their actions are NaN (MessagePack) or ``null`` (JSON)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "session_ids": _IDS,
-                    "steps": [7, 3],
-                    "actions": [[0.031, -0.1], [None, None]],
-                    "model_version": "3fa1c09be44d",
-                    "server_timing_us": 95,
-                    "errors": [
-                        {
-                            "row": 1,
-                            "error": {
-                                "code": "step_conflict",
-                                "message": "Step 3 is behind the session: the next step is 4.",
-                                "detail": {"expected_step": 4, "got_step": 3},
-                            },
-                        }
-                    ],
-                }
-            ]
-        }
+    model_config = example(
+        session_ids=_IDS,
+        steps=[7, 3],
+        actions=[[0.031, -0.1], [None, None]],
+        model_version="3fa1c09be44d",
+        server_timing_us=95,
+        errors=[
+            {
+                "row": 1,
+                "error": {
+                    "code": "step_conflict",
+                    "message": "Step 3 is behind the session: the next step is 4.",
+                    "detail": {"expected_step": 4, "got_step": 3},
+                },
+            }
+        ],
     )
 
     session_ids: list[str]

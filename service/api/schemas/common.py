@@ -31,6 +31,11 @@ Count = Annotated[Annotated[int, Field(ge=0, lt=1 << 63)], BeforeValidator(integ
 Seed = Annotated[Annotated[int, Field(ge=0, lt=SEED_LIMIT)], BeforeValidator(integral)]
 
 
+def example(**body: Any) -> ConfigDict:
+    """A model's config with one example body, shown in the API document (``examples``)."""
+    return ConfigDict(json_schema_extra={"examples": [body]})
+
+
 class Request(BaseModel):
     """A request body: strict types, no unknown fields."""
 
@@ -46,17 +51,11 @@ class ErrorObject(BaseModel):
 class ErrorBody(BaseModel):
     """Every error reply: ``{"error": {"code", "message", "detail"}}``."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "error": {
-                        "code": "step_conflict",
-                        "message": "Step 9 does not follow the session's history: the next step is 8.",
-                        "detail": {"expected_step": 8, "got_step": 9},
-                    }
-                }
-            ]
+    model_config = example(
+        error={
+            "code": "step_conflict",
+            "message": "Step 9 does not follow the session's history: the next step is 8.",
+            "detail": {"expected_step": 8, "got_step": 9},
         }
     )
 
@@ -64,6 +63,6 @@ class ErrorBody(BaseModel):
 
 
 class Status(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready"}]})
+    model_config = example(status="ready")
 
     status: str

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from service.api.schemas.common import Request
+from service.api.schemas.common import Request, example
 from service.core import records
 
 MODEL_EXAMPLE: dict[str, Any] = {
@@ -29,7 +29,7 @@ MODEL_EXAMPLE: dict[str, Any] = {
 class ModelInfo(BaseModel):
     """A loaded model."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [MODEL_EXAMPLE]})
+    model_config = example(**MODEL_EXAMPLE)
 
     name: str
     version: str
@@ -63,7 +63,7 @@ def model_info(info: records.ModelInfo) -> ModelInfo:
 
 
 class ModelList(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"models": [MODEL_EXAMPLE]}]})
+    model_config = example(models=[MODEL_EXAMPLE])
 
     models: list[ModelInfo]
 
@@ -71,9 +71,7 @@ class ModelList(BaseModel):
 class LoadModelRequest(Request):
     """A checkpoint to load as a new version of a model (admin)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"name": "halfcheetah-vel", "checkpoint": "halfcheetah-vel-v2"}]}
-    )
+    model_config = example(name="halfcheetah-vel", checkpoint="halfcheetah-vel-v2")
 
     name: Annotated[str, Field(min_length=1, max_length=64)]
     """The model's name: a new one, or one already served (the checkpoint becomes another version)."""
@@ -82,17 +80,8 @@ class LoadModelRequest(Request):
 
 
 class LoadModelResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "halfcheetah-vel",
-                    "version": "9b1d2c3e4f50",
-                    "active": False,
-                    "task_family": "halfcheetah-vel",
-                }
-            ]
-        }
+    model_config = example(
+        name="halfcheetah-vel", version="9b1d2c3e4f50", active=False, task_family="halfcheetah-vel"
     )
 
     name: str
@@ -105,9 +94,7 @@ class LoadModelResponse(BaseModel):
 class ActivateRequest(Request):
     """Which version new sessions get, and whether the live sessions move to it (admin)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"version": "9b1d2c3e4f50", "migrate_sessions": True}]}
-    )
+    model_config = example(version="9b1d2c3e4f50", migrate_sessions=True)
 
     version: Annotated[str, Field(min_length=1, max_length=64)]
     canary: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
@@ -117,19 +104,13 @@ class ActivateRequest(Request):
 
 
 class ActivateResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "halfcheetah-vel",
-                    "active_version": "9b1d2c3e4f50",
-                    "canary_version": None,
-                    "canary_share": 0.0,
-                    "migrated_sessions": 256,
-                    "pause_ms": 4.2,
-                }
-            ]
-        }
+    model_config = example(
+        name="halfcheetah-vel",
+        active_version="9b1d2c3e4f50",
+        canary_version=None,
+        canary_share=0.0,
+        migrated_sessions=256,
+        pause_ms=4.2,
     )
 
     name: str

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
-from service.api.schemas.common import LAST_SECOND, MAX_CREATE, Count, Request, Seed, SessionId, integral
+from service.api.schemas.common import (
+    LAST_SECOND,
+    MAX_CREATE,
+    Count,
+    Request,
+    Seed,
+    SessionId,
+    example,
+    integral,
+)
 from service.api.schemas.models import MODEL_EXAMPLE, ModelInfo
 from service.core import records
 
@@ -14,7 +23,7 @@ from service.core import records
 class CreateSessionRequest(Request):
     """Options of a new session; every field may be omitted."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "point-nav", "deterministic": True}]})
+    model_config = example(model="point-nav", deterministic=True)
 
     model: str | None = None
     """Model name (see ``/v1/models``); omitted: the default model."""
@@ -34,23 +43,17 @@ class CreateSessionRequest(Request):
 class SessionInfo(BaseModel):
     """A session's counters and times."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
-                    "model": "point-nav",
-                    "model_version": "3fa1c09be44d",
-                    "steps": 8,
-                    "episodes": 1,
-                    "deterministic": True,
-                    "seed": 12345,
-                    "ttl_s": 3600.0,
-                    "created_at": "2026-11-26T07:40:00.000+00:00",
-                    "last_active_at": "2026-11-26T07:40:02.512+00:00",
-                }
-            ]
-        }
+    model_config = example(
+        session_id="4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+        model="point-nav",
+        model_version="3fa1c09be44d",
+        steps=8,
+        episodes=1,
+        deterministic=True,
+        seed=12345,
+        ttl_s=3600.0,
+        created_at="2026-11-26T07:40:00.000+00:00",
+        last_active_at="2026-11-26T07:40:02.512+00:00",
     )
 
     session_id: str
@@ -70,13 +73,7 @@ class SessionInfo(BaseModel):
 
 
 class CreateSessionResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6", "model": MODEL_EXAMPLE, "ttl_s": 3600.0}
-            ]
-        }
-    )
+    model_config = example(session_id="4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6", model=MODEL_EXAMPLE, ttl_s=3600.0)
 
     session_id: str
     model: ModelInfo
@@ -86,16 +83,10 @@ class CreateSessionResponse(BaseModel):
 class CreateSessionsResponse(BaseModel):
     """The sessions created by one ``POST /v1/sessions`` with ``count``."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "session_ids": ["4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6", "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b"],
-                    "model": MODEL_EXAMPLE,
-                    "ttl_s": 3600.0,
-                }
-            ]
-        }
+    model_config = example(
+        session_ids=["4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6", "9d2e7c41aa0b4f6e8c3b1d5f7a9e0c2b"],
+        model=MODEL_EXAMPLE,
+        ttl_s=3600.0,
     )
 
     session_ids: list[str]
@@ -106,7 +97,7 @@ class CreateSessionsResponse(BaseModel):
 class ResetRequest(Request):
     """Start a new episode (the window is kept if the model's memory scope is ``trial``) or a new trial."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"scope": "trial"}]})
+    model_config = example(scope="trial")
 
     scope: Literal["episode", "trial"] = "episode"
 
@@ -119,28 +110,22 @@ class SessionState(Request):
     returns ``last_action``.
     """
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "format": "trmrl.session/1",
-                    "session_id": "4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
-                    "model": "point-nav",
-                    "model_version": "3fa1c09be44d",
-                    "window": [[0.1, -0.2, 0.0, 0.0, 0.0, 0.0], [0.3, 0.1, 0.05, -0.1, -0.8, 0.0]],
-                    "length": 2,
-                    "prev_action": [0.031, -0.1],
-                    "last_action": [0.031, -0.1],
-                    "steps": 2,
-                    "episodes": 1,
-                    "episode_start_pending": False,
-                    "deterministic": True,
-                    "seed": 12345,
-                    "ttl_s": 3600.0,
-                    "created_at": 1764144000.0,
-                }
-            ]
-        }
+    model_config = example(
+        format="trmrl.session/1",
+        session_id="4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
+        model="point-nav",
+        model_version="3fa1c09be44d",
+        window=[[0.1, -0.2, 0.0, 0.0, 0.0, 0.0], [0.3, 0.1, 0.05, -0.1, -0.8, 0.0]],
+        length=2,
+        prev_action=[0.031, -0.1],
+        last_action=[0.031, -0.1],
+        steps=2,
+        episodes=1,
+        episode_start_pending=False,
+        deterministic=True,
+        seed=12345,
+        ttl_s=3600.0,
+        created_at=1764144000.0,
     )
 
     format: Literal["trmrl.session/1"] = "trmrl.session/1"
