@@ -27,9 +27,10 @@ demo: $(STAMP)  ## the main job: serve the bundled TrMRL checkpoint and its refe
 
 test: lint typecheck pytest  ## everything CI runs: lint, type checks, all tests
 
-lint: $(STAMP)  ## ruff lint and format check
+lint: $(STAMP)  ## ruff lint and format check; import contracts (pyproject.toml [tool.importlinter])
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)  ## mypy over the packages
 	$(VENV)/bin/mypy

@@ -35,8 +35,9 @@ from trmrl_sim.launch import ServiceProcess
 
 from bench.host_overhead import measured
 from bench.serve_load import run_act, run_columnar
-from service.engine import Engine, EngineLimits
-from service.registry import ModelRegistry
+from service.core import migration
+from service.core.engine import Engine, EngineLimits
+from service.core.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from trmrl.model import ModelConfig, TrMRL
 
@@ -84,7 +85,7 @@ async def migration_pauses(paths: list[Path], sessions: int, repeats: int) -> di
     pauses = []
     for i in range(repeats * 2):
         target = engines[(i + 1) % 2]
-        moved = await registry.activate("cheetah", target.version, migrate=True)
+        moved = await migration.activate(registry, "cheetah", target.version, migrate=True)
         assert moved == sessions, moved
         pauses.append(registry.last_pause_s * 1e3)
     await registry.stop()

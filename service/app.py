@@ -20,6 +20,7 @@ from starlette.routing import Match
 from starlette.types import Message, Receive, Scope, Send
 
 import trmrl
+from service.api import errors
 from service.api.body import wants_msgpack
 from service.api.deps import BODY_SCHEMAS
 from service.api.fastpath import hot_handler, serve_hot
@@ -28,13 +29,21 @@ from service.api.replies import error_reply
 from service.api.routes import act, admin, health, models, sessions, streams
 from service.auth import Authenticator
 from service.config import Settings
-from service.engine import Engine
-from service.errors import ApiError, from_validation_errors
-from service.lifecycle import apply_activation, read_manifest, restore_versions, watch, write_manifest
+from service.core.engine import Engine
+from service.core.errors import ServiceError
+from service.core.recording import Recorder
+from service.core.registry import ModelRegistry
+from service.core.snapshot_file import count_sessions, read_sessions, write_sessions
+from service.core.snapshots import export_all, import_all
+from service.lifecycle import (
+    apply_activation,
+    load_models,
+    read_manifest,
+    restore_versions,
+    watch,
+    write_manifest,
+)
 from service.metrics import ServiceMetrics
-from service.recording import Recorder
-from service.registry import ModelRegistry
-from service.state_store import count_sessions, read_sessions, write_sessions
 
 log = logging.getLogger("trmrl.service")
 
@@ -71,7 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("no API keys configured: every client can reach every session")
     registry: ModelRegistry | None = app.state.registry
     if registry is None:
-        registry = await asyncio.to_thread(ModelRegistry.load, settings)
+        registry = await asyncio.to_thread(load_models, settings)
         app.state.registry = registry
     saved_models = await asyncio.to_thread(read_manifest, settings.state_dir)
     if saved_models is not None:
@@ -95,7 +104,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.state_dir is not None:
         saved = await asyncio.to_thread(read_sessions, settings.state_dir)
         if saved:
-            restored = await registry.import_all(saved)
+            restored = await import_all(registry, saved)
             log.info(
                 "restored %d of %d saved sessions",
                 restored,
@@ -158,7 +167,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def save_sessions(registry: ModelRegistry, directory: Path) -> None:
     """Write every session to ``directory`` (the file write runs off the event loop)."""
-    blocks = await registry.export_all()
+    blocks = await export_all(registry)
     path = await asyncio.to_thread(write_sessions, directory, blocks)
     count = count_sessions(blocks)
     log.info("wrote %d sessions", count, extra={"path": str(path), "sessions": count})
@@ -180,7 +189,7 @@ async def _snapshot_periodically(
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
+        assert isinstance(exc, ServiceError)
         return error_reply(exc, msgpack=wants_msgpack(request.scope))
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -188,18 +197,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
         # RFC 9110: a 405 names the methods the resource does support.
         headers = {"Allow": allowed_methods(request.app, request.scope)} if exc.status_code == 405 else None
-        error = ApiError(exc.status_code, code, str(exc.detail))
+        error = ServiceError(code, str(exc.detail))
         return error_reply(error, msgpack=wants_msgpack(request.scope), headers=headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_reply(from_validation_errors(list(exc.errors())), msgpack=wants_msgpack(request.scope))
+        return error_reply(
+            errors.from_validation_errors(list(exc.errors())), msgpack=wants_msgpack(request.scope)
+        )
 
     async def internal_error(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
-        return error_reply(ApiError(500, "internal_error", "The service failed on this request."))
+        return error_reply(errors.internal_error())
 
-    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(ServiceError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)

@@ -12,7 +12,7 @@ import hmac
 
 from starlette.types import Scope
 
-from service.errors import ApiError
+from service.core.errors import ServiceError
 
 _BEARER = b"bearer "
 _API_KEY = b"api-key "
@@ -23,8 +23,8 @@ def principal_of(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:24]
 
 
-def unauthorized(reason: str) -> ApiError:
-    return ApiError(401, "unauthorized", f"{reason}: send 'Authorization: Bearer <api key>'.")
+def unauthorized(reason: str) -> ServiceError:
+    return ServiceError("unauthorized", f"{reason}: send 'Authorization: Bearer <api key>'.")
 
 
 class Authenticator:
@@ -47,12 +47,12 @@ class Authenticator:
         """Let an admin key through; 404 when no admin keys are set (the routes do not exist), 403 for
         a user key, 401 otherwise."""
         if not self._admin:
-            raise ApiError(404, "not_found", "Not Found")
+            raise ServiceError("not_found", "Not Found")
         given = _bearer(scope, api_key_scheme=False)
         if _matches(given, self._admin) is not None:
             return
         if _matches(given, self._keys) is not None:
-            raise ApiError(403, "forbidden", "This route needs an admin key; an API key does not open it.")
+            raise ServiceError("forbidden", "This route needs an admin key; an API key does not open it.")
         raise unauthorized("The admin key is not valid")
 
     @property

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from service import logs
 from service.app import create_app
-from service.config import Settings
+from service.config import Settings, duplicate_names
 
 
 class DrainingServer(uvicorn.Server):
@@ -53,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         type=Path,
         default=None,
-        metavar="DIR",
-        help="checkpoint directory or archive to serve (repeatable); default: every bundled checkpoint",
+        metavar="[NAME=]DIR",
+        help="checkpoint directory or archive to serve (repeatable), as NAME=DIR to serve it under NAME "
+        "(default: the directory's name); default: every bundled checkpoint",
     )
     parser.add_argument("--host", default=None, help="interface to bind (default: TRMRL_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port to bind (default: TRMRL_PORT or 8000)")
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(p) for p in settings.checkpoint_paths() if not p.exists()]
     if missing:
         sys.exit(f"trmrl-serve: checkpoint not found: {', '.join(missing)}")
+    clash = duplicate_names(settings.named_checkpoints())
+    if clash is not None:
+        sys.exit(f"trmrl-serve: {clash}")
     # The event loop needs a core of its own: torch threads busy on every core would starve it.
     torch.set_num_threads(settings.forward_threads())
     app = create_app(settings)

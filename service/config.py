@@ -7,6 +7,7 @@ compose file, rather than JSON.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,6 +16,40 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Where the repository's bundled checkpoints live (one directory per model, named after it).
 BUNDLED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+#: A model name: what ``name=path`` gives a checkpoint, and what a request's ``model`` names.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def model_name(path: Path) -> str:
+    """A checkpoint's default model name: its directory's (or archive's) name."""
+    name = path.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def named(entry: Path) -> tuple[str, Path]:
+    """A ``--checkpoint`` / ``TRMRL_MODELS`` entry as ``(model name, path)``: ``name=path`` names the
+    model; a bare path serves it under :func:`model_name`."""
+    name, sep, rest = str(entry).partition("=")
+    if sep and rest and NAME.fullmatch(name):
+        return name, Path(rest)
+    return model_name(entry), entry
+
+
+def duplicate_names(checkpoints: list[tuple[str, Path]]) -> str | None:
+    """A one-line refusal when two checkpoints would serve under one model name, else ``None``."""
+    seen: dict[str, Path] = {}
+    for name, path in checkpoints:
+        if name in seen:
+            return (
+                f"two checkpoints are both named {name!r} ({seen[name]} and {path}); name them apart "
+                f"with name=path, e.g. --checkpoint {name}-a={seen[name]} --checkpoint {name}-b={path}"
+            )
+        seen[name] = path
+    return None
 
 
 def _split_commas(value: object) -> object:
@@ -29,7 +64,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRMRL_", extra="ignore")
 
     models: Annotated[list[Path], NoDecode] = Field(default_factory=list)
-    """Checkpoint directories or archives to serve; empty: every checkpoint under ``checkpoints_dir``."""
+    """Checkpoint directories or archives to serve, each ``name=path`` or a path (served under its
+    directory's name); empty: every checkpoint under ``checkpoints_dir``."""
     checkpoints_dir: Path = BUNDLED_CHECKPOINTS
     """Directory of bundled checkpoints (each a sub-directory with ``config.json``)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -122,11 +158,17 @@ class Settings(BaseSettings):
         """Torch intra-op threads for the forward pass: ``torch_threads``, or half the CPU cores."""
         return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
 
-    def checkpoint_paths(self) -> list[Path]:
-        """The checkpoints to load: those given, else every bundled one (sorted by name)."""
+    def named_checkpoints(self) -> list[tuple[str, Path]]:
+        """The checkpoints to load with their model names: those given (``name=path`` or a path),
+        else every bundled one (sorted by name)."""
         if self.models:
-            return list(self.models)
+            return [named(entry) for entry in self.models]
         root = self.checkpoints_dir
         if not root.is_dir():
             return []
-        return sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        found = sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        return [(model_name(path), path) for path in found]
+
+    def checkpoint_paths(self) -> list[Path]:
+        """The paths of :meth:`named_checkpoints`."""
+        return [path for _, path in self.named_checkpoints()]

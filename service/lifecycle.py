@@ -16,29 +16,68 @@ import asyncio
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service import session_state
-from service.engine import Engine
-from service.errors import ApiError
-from service.registry import ModelRegistry
+from service.config import NAME, Settings, duplicate_names
+from service.core import migration
+from service.core.engine import Engine, EngineLimits
+from service.core.errors import ServiceError
+from service.core.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointError, load_checkpoint
+from trmrl.device import resolve_device
 
 log = logging.getLogger("trmrl.service")
 
 MANIFEST = "models.json"
 UPLOADS = "models"
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def load_models(settings: Settings) -> ModelRegistry:
+    """Load, place and warm up every checkpoint the settings name (blocking)."""
+    checkpoints = settings.named_checkpoints()
+    if not checkpoints:
+        raise RuntimeError(
+            f"no checkpoints to serve: none given (--checkpoint or TRMRL_MODELS) and none bundled "
+            f"under {settings.checkpoints_dir}"
+        )
+    device = resolve_device(settings.device)
+    limits = EngineLimits(
+        max_sessions=settings.max_sessions,
+        max_batch=settings.max_batch,
+        batch_wait_s=settings.batch_wait_ms / 1000.0,
+        session_ttl_s=settings.session_ttl_s,
+        evict_idle_s=settings.evict_idle_s,
+        max_queued_steps=settings.max_queued_steps,
+        precision=settings.dtype,
+        cuda_graphs=settings.cuda_graphs,
+    )
+    clash = duplicate_names(checkpoints)
+    if clash is not None:
+        raise ValueError(clash)
+    engines = []
+    for name, path in checkpoints:
+        checkpoint = load_checkpoint(path, device)
+        engine = Engine(name, checkpoint, limits, device)
+        engine.warmup()
+        log.info(
+            "model %s (version %s, %s) on %s: %d session slots, %d bytes each",
+            engine.name,
+            engine.version,
+            checkpoint.info.task_family,
+            device,
+            settings.max_sessions,
+            engine.bytes_per_session,
+        )
+        engines.append(engine)
+    return ModelRegistry(engines, limits, device)
 
 
 def check_name(name: str) -> str:
     if not NAME.fullmatch(name):
-        raise ApiError(
-            422,
+        raise ServiceError(
             "invalid_value",
             "A model name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
             {"field": "name"},
@@ -56,16 +95,13 @@ def resolve_under(root: Path, requested: str) -> Path:
     base = os.path.realpath(root)
     target = os.path.realpath(os.path.join(base, requested))
     if os.path.commonpath([base, target]) != base or "\x00" in requested:
-        raise ApiError(
-            403,
+        raise ServiceError(
             "forbidden_path",
             "Checkpoints are loaded from the checkpoint root only.",
             {"checkpoint": requested},
         )
     if not os.path.exists(target):
-        raise ApiError(
-            404, "unknown_checkpoint", f"No checkpoint at {requested!r} under the checkpoint root."
-        )
+        raise ServiceError("unknown_checkpoint", f"No checkpoint at {requested!r} under the checkpoint root.")
     return Path(target)
 
 
@@ -75,8 +111,8 @@ def load_engine(registry: ModelRegistry, name: str, path: Path) -> Engine:
         checkpoint = load_checkpoint(path, registry.device)
         engine = Engine(name, checkpoint, registry.limits, registry.device)
     except (CheckpointError, OSError, ValueError) as exc:
-        raise ApiError(
-            422, "invalid_checkpoint", f"The checkpoint cannot be loaded: {exc}", {"model": name}
+        raise ServiceError(
+            "invalid_checkpoint", f"The checkpoint cannot be loaded: {exc}", {"model": name}
         ) from None
     engine.warmup()
     return engine
@@ -144,7 +180,7 @@ def restore_versions(registry: ModelRegistry, saved: dict[str, Any]) -> list[Eng
             continue
         try:
             engine = load_engine(registry, name, Path(path))
-        except ApiError as exc:
+        except ServiceError as exc:
             log.warning("model %s version %s not restored: %s", name, version, exc.message)
             continue
         if engine.version != version:
@@ -194,7 +230,7 @@ async def watch(
                 continue
             try:
                 engine = await asyncio.to_thread(load_engine, registry, name, path)
-            except ApiError as exc:
+            except ServiceError as exc:
                 log.info("watched checkpoint %s not loaded yet: %s", path, exc.message)
                 continue
             seen[name] = stamp
@@ -206,8 +242,8 @@ async def watch(
             await engine.start()
             if not first:
                 old = registry.engines[name]
-                migrate = session_state.compatible(old, engine)
-                moved = await registry.activate(name, engine.version, migrate=migrate)
+                migrate = migration.compatible(old, engine)
+                moved = await migration.activate(registry, name, engine.version, migrate=migrate)
                 log.info(
                     "watched model %s: version %s active (%d sessions migrated)", name, engine.version, moved
                 )

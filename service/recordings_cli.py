@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine import ADAPTATION_STEPS
+from service.core.engine import ADAPTATION_STEPS
 
 
 def load(directory: Path) -> dict[str, np.ndarray]:

@@ -1,1 +1,1 @@
-"""The HTTP layer: thin routes over :class:`service.registry.ModelRegistry`."""
+"""The HTTP layer: thin routes over :class:`service.core.registry.ModelRegistry` and the core beside it."""

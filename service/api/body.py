@@ -22,10 +22,11 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 from trmrl_client.codec import CodecError, unpackb
 
-from service import errors
-from service.api.columnar import ColumnarTick, decode_columnar, is_columnar
-from service.errors import ApiError
-from service.schemas import ActBatchRequest, ActRequest
+from service.api import errors
+from service.api.columnar import decode_columnar, is_columnar
+from service.api.schemas.act import ActBatchRequest, ActRequest
+from service.core.errors import ServiceError
+from service.core.records import ColumnarTick
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -93,7 +94,7 @@ def decode_tick(raw: bytes | str, is_msgpack: bool) -> ColumnarTick:
     """A columnar tick from a body or a stream frame (4xx for a malformed one)."""
     data = decode_msgpack(raw, arrays=True) if is_msgpack else decode_json(raw)  # type: ignore[arg-type]
     if not isinstance(data, dict):
-        raise ApiError(422, "wrong_type", "The body must be a map of fields.", {"got": type(data).__name__})
+        raise errors.not_a_map(data)
     return decode_columnar(data)
 
 
@@ -118,7 +119,7 @@ async def read_body(request: Request, declared: bytes | None, limit: int) -> byt
         try:
             size = int(declared)
         except ValueError:
-            raise ApiError(400, "bad_content_length", "The Content-Length header is not a number.") from None
+            raise ServiceError("bad_content_length", "The Content-Length header is not a number.") from None
         if size > limit:
             raise errors.body_too_large(limit)
     chunks: list[bytes] = []
@@ -148,7 +149,7 @@ async def _raw_body(request: Request, limit: int) -> tuple[bytes, bool]:
 def validate(model: type[M], data: Any) -> M:
     """Validate decoded values as ``model`` (the strict models refuse what JSON would refuse)."""
     if not isinstance(data, dict):
-        raise ApiError(422, "wrong_type", "The body must be a map of fields.", {"got": type(data).__name__})
+        raise errors.not_a_map(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -168,7 +169,7 @@ async def parse_body(request: Request, model: type[M], limit: int, *, empty_ok: 
         raise errors.from_validation(exc) from None
 
 
-async def parse_act_batch(request: Request, limit: int) -> list[ActRequest | ApiError] | ColumnarTick:
+async def parse_act_batch(request: Request, limit: int) -> list[ActRequest | ServiceError] | ColumnarTick:
     """Decode a batch: the columnar form as a :class:`ColumnarTick`, or ``{"items": [...]}``, each
     item a validated act request or its own error.
 
@@ -193,7 +194,7 @@ async def parse_act_batch(request: Request, limit: int) -> list[ActRequest | Api
         return list(ActBatchRequest.model_validate_json(raw).items)
     except ValidationError as exc:
         failure = errors.from_validation(exc)
-    except ApiError as exc:
+    except ServiceError as exc:
         failure = exc
     if failure.code == "malformed_json":
         raise failure
@@ -201,7 +202,7 @@ async def parse_act_batch(request: Request, limit: int) -> list[ActRequest | Api
         data = json.loads(raw)
     if not (isinstance(data, dict) and set(data) == {"items"} and isinstance(data["items"], list)):
         raise failure
-    out: list[ActRequest | ApiError] = []
+    out: list[ActRequest | ServiceError] = []
     for entry in data["items"]:
         try:
             out.append(ActRequest.model_validate(entry))

@@ -10,18 +10,18 @@ In MessagePack each array is a msgpack-numpy map, decoded by the shared codec wi
 it is a nested list. Either way it becomes one numpy array per column here, and is refused as a
 whole (a 4xx for the request or the frame) when the tick itself is malformed: a missing or unknown
 field, a wrong dtype or shape, columns of different lengths, a session named twice. Problems of
-single rows -- a NaN, an unknown session, a step conflict -- are the engine's and the registry's to
-report row by row; see :meth:`service.registry.ModelRegistry.act_columnar`.
+single rows -- a NaN, an unknown session, a step conflict -- are the core's to report row by row;
+see :func:`service.core.acting.act_columnar`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from service.errors import ApiError
+from service.core.errors import ServiceError
+from service.core.records import ColumnarResult, ColumnarTick
 
 #: Every field of a columnar tick; ``session_ids`` and ``observations`` are required.
 FIELDS = ("model", "session_ids", "observations", "rewards", "episode_starts", "steps", "applied_actions")
@@ -30,68 +30,31 @@ _NUMBER_KINDS = "iuf"
 MAX_STEP = 1 << 62
 
 
-@dataclass
-class ColumnarTick:
-    """A decoded, structurally valid tick (the numbers themselves are checked per row later)."""
+def columnar_body(result: ColumnarResult, *, arrays: bool) -> dict[str, Any]:
+    """The reply's fields: numpy arrays (``arrays``, for MessagePack) or nested lists (JSON).
 
-    session_ids: list[str]
-    observations: np.ndarray
-    """``[B, D]``, numeric; ``D`` is checked against the model by the registry."""
-    rewards: np.ndarray | None = None
-    """``[B]``, numeric."""
-    episode_starts: np.ndarray | None = None
-    """``[B]`` bool."""
-    steps: np.ndarray | None = None
-    """``[B]`` int64, each ``>= 0``."""
-    applied_actions: np.ndarray | None = None
-    """``[B, A]``, numeric."""
-    model: str | None = None
-
-    @property
-    def size(self) -> int:
-        return len(self.session_ids)
-
-
-@dataclass
-class ColumnarResult:
-    """The answer to a tick: one row per session, in the request's order."""
-
-    session_ids: list[str]
-    steps: np.ndarray
-    """``[B]`` int64: the step each row answers (a failed row echoes its request's step, or -1)."""
-    actions: np.ndarray
-    """``[B, act_dim]`` float32; the rows of failed steps are NaN."""
-    model_version: str
-    server_timing_us: int = 0
-    errors: list[tuple[int, ApiError]] = field(default_factory=list)
-    model_versions: list[str] | None = None
-    """Each row's version, when the tick's sessions were on more than one version of the model."""
-
-    def body(self, *, arrays: bool) -> dict[str, Any]:
-        """The reply's fields: numpy arrays (``arrays``, for MessagePack) or nested lists (JSON).
-
-        JSON has no NaN, so a failed row's actions are ``null`` there (MessagePack carries NaN).
-        """
-        errors = [{"row": row, **error.body()} for row, error in self.errors]
-        if arrays:
-            steps: Any = self.steps
-            actions: Any = self.actions
-        else:
-            steps = self.steps.tolist()
-            actions = self.actions.tolist()
-            for row, _ in self.errors:
-                actions[row] = [None] * self.actions.shape[1]
-        body = {
-            "session_ids": self.session_ids,
-            "steps": steps,
-            "actions": actions,
-            "model_version": self.model_version,
-            "server_timing_us": self.server_timing_us,
-            "errors": errors,
-        }
-        if self.model_versions is not None:
-            body["model_versions"] = self.model_versions
-        return body
+    JSON has no NaN, so a failed row's actions are ``null`` there (MessagePack carries NaN).
+    """
+    errors = [{"row": row, **error.body()} for row, error in result.errors]
+    if arrays:
+        steps: Any = result.steps
+        actions: Any = result.actions
+    else:
+        steps = result.steps.tolist()
+        actions = result.actions.tolist()
+        for row, _ in result.errors:
+            actions[row] = [None] * result.actions.shape[1]
+    body = {
+        "session_ids": result.session_ids,
+        "steps": steps,
+        "actions": actions,
+        "model_version": result.model_version,
+        "server_timing_us": result.server_timing_us,
+        "errors": errors,
+    }
+    if result.model_versions is not None:
+        body["model_versions"] = result.model_versions
+    return body
 
 
 def is_columnar(data: Any) -> bool:
@@ -101,8 +64,8 @@ def is_columnar(data: Any) -> bool:
     )
 
 
-def _refuse(code: str, message: str, **detail: Any) -> ApiError:
-    return ApiError(422, code, message, detail)
+def _refuse(code: str, message: str, **detail: Any) -> ServiceError:
+    return ServiceError(code, message, detail)
 
 
 def _column(data: dict[str, Any], name: str, rows: int, ndim: int, kinds: str) -> np.ndarray | None:
@@ -158,7 +121,7 @@ def _all_ids(ids: list[Any]) -> bool:
 
 
 def decode_columnar(data: dict[str, Any]) -> ColumnarTick:
-    """Check a decoded columnar body as a whole; raises :class:`ApiError` (422) for a malformed tick."""
+    """Check a decoded columnar body as a whole; raises :class:`ServiceError` (422) for a malformed tick."""
     unknown = [key for key in data if key not in FIELDS]
     if unknown:
         raise _refuse(

@@ -9,11 +9,11 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
+from service.api.schemas.common import ErrorBody
 from service.auth import Authenticator
 from service.config import Settings
-from service.errors import ApiError
-from service.registry import ModelRegistry
-from service.schemas import ErrorBody
+from service.core.errors import ServiceError
+from service.core.registry import ModelRegistry
 
 
 def settings_of(request: Request) -> Settings:
@@ -24,7 +24,7 @@ def settings_of(request: Request) -> Settings:
 def registry_of(request: HTTPConnection) -> ModelRegistry:
     registry: ModelRegistry | None = request.app.state.registry
     if registry is None:
-        raise ApiError(503, "not_ready", "The service is starting: models are not loaded yet.")
+        raise ServiceError("not_ready", "The service is starting: models are not loaded yet.")
     return registry
 
 

@@ -19,9 +19,10 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from service.api.body import wants_msgpack
+from service.api.errors import internal_error
 from service.api.replies import error_reply
 from service.api.routes import act as act_routes
-from service.errors import ApiError
+from service.core.errors import ServiceError
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("trmrl.service")
@@ -47,13 +48,13 @@ async def serve_hot(handler: Handler, scope: Scope, receive: Receive, send: Send
     started = time.perf_counter()
     try:
         response = await handler(Request(scope, receive))
-    except ApiError as exc:
+    except ServiceError as exc:
         response = error_reply(exc, msgpack=wants_msgpack(scope))
     except ClientDisconnect:
         return
     except Exception:
         log.exception("unhandled error on %s", scope["path"])
-        response = error_reply(ApiError(500, "internal_error", "The service failed on this request."))
+        response = error_reply(internal_error())
     await response(scope, receive, send)
     metrics: ServiceMetrics = scope["app"].state.metrics
     metrics.observe_request(scope["path"], "POST", response.status_code, time.perf_counter() - started)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from service.api.body import JSON, MSGPACK
-from service.engine import INPUT_LIMIT, Engine
+from service.core.engine import INPUT_LIMIT, Engine
 
 #: Prefixes of the routes whose replies follow ``Accept`` (``service.api.body.wants_msgpack``).
 NEGOTIATED = ("/v1/", "/act")
@@ -80,9 +80,16 @@ def finish(
             del paths[path]
     _document_msgpack(document)
     if keyed:
-        _document_auth(document)
+        _document_scheme(
+            document, "apiKey", "An API key (TRMRL_API_KEYS): `Authorization: Bearer <key>`.", admin=False
+        )
     if admin:
-        _document_admin(document)
+        _document_scheme(
+            document,
+            "adminKey",
+            "An admin key (TRMRL_ADMIN_KEYS): `Authorization: Bearer <admin key>`.",
+            admin=True,
+        )
     schemas: dict[str, Any] = document.get("components", {}).get("schemas", {})
     for name, prop in BOUNDED_FIELDS:
         for number in _numbers(_property(schemas, name, prop)):
@@ -137,30 +144,18 @@ def _columnar(schemas: dict[str, Any]) -> None:
         tick["observations"]["minItems"] = 1
 
 
-def _document_admin(document: dict[str, Any]) -> None:
+def _document_scheme(document: dict[str, Any], name: str, description: str, admin: bool) -> None:
+    """A bearer security scheme, required by the admin routes (``admin``) or by every other API route."""
     components = document.setdefault("components", {})
-    components.setdefault("securitySchemes", {})["adminKey"] = {
+    components.setdefault("securitySchemes", {})[name] = {
         "type": "http",
         "scheme": "bearer",
-        "description": "An admin key (TRMRL_ADMIN_KEYS): `Authorization: Bearer <admin key>`.",
+        "description": description,
     }
     for path, operations in document.get("paths", {}).items():
-        if path.startswith(ADMIN):
+        if path.startswith(ADMIN) if admin else (path.startswith(NEGOTIATED) and not path.startswith(ADMIN)):
             for operation in operations.values():
-                operation["security"] = [{"adminKey": []}]
-
-
-def _document_auth(document: dict[str, Any]) -> None:
-    components = document.setdefault("components", {})
-    components.setdefault("securitySchemes", {})["apiKey"] = {
-        "type": "http",
-        "scheme": "bearer",
-        "description": "An API key (TRMRL_API_KEYS): `Authorization: Bearer <key>`.",
-    }
-    for path, operations in document.get("paths", {}).items():
-        if path.startswith(NEGOTIATED) and not path.startswith(ADMIN):
-            for operation in operations.values():
-                operation["security"] = [{"apiKey": []}]
+                operation["security"] = [{name: []}]
 
 
 def _property(schemas: dict[str, Any], name: str, prop: str) -> dict[str, Any]:

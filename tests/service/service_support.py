@@ -13,7 +13,7 @@ import torch
 from fastapi import FastAPI
 from trmrl_sim.launch import ServiceProcess
 
-from service.registry import ModelRegistry
+from service.core.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointInfo, save_checkpoint
 from trmrl.model import ModelConfig
 from trmrl.networks import build_model

@@ -683,3 +683,37 @@ async def test_the_document_names_the_bearer_scheme_only_when_keys_are_required(
     assert doc["paths"]["/v1/act"]["post"]["security"] == [{"apiKey": []}]
     assert doc["paths"]["/v1/sessions/{session_id}"]["delete"]["security"] == [{"apiKey": []}]
     assert "security" not in doc["paths"]["/healthz"]["get"]
+
+
+def _sessions(client: ServiceClient) -> dict[str, int]:
+    return {name: len(engine.table) for name, engine in client.registry.engines.items()}
+
+
+async def test_a_step_naming_no_model_says_which_model_checked_it_and_how_to_choose(
+    client: ServiceClient,
+) -> None:
+    before = _sessions(client)
+    r = await client.post("/v1/act", json={"observation": [0.1, 0.2, 0.3]})
+    error = assert_error(r, 422, "wrong_observation_length")
+    message = error["message"]
+    assert "\n" not in message and "must hold 2 numbers, got 3" in message
+    assert "default model 'point-nav'" in message and "'point-nav-trial'" in message and "'model'" in message
+    assert error["detail"]["model"] == "point-nav" and error["detail"]["expected"] == 2
+    assert error["detail"]["models"] == ["point-nav", "point-nav-trial"]
+    assert _sessions(client) == before  # no session was created for the refused step
+    # A step that names its model (or its session) hears the plain message.
+    r = await client.post("/v1/act", json={"model": "point-nav", "observation": [0.1, 0.2, 0.3]})
+    assert "default" not in assert_error(r, 422, "wrong_observation_length")["message"]
+    assert _sessions(client) == before
+
+
+async def test_an_integral_float_count_is_an_integer(client: ServiceClient) -> None:
+    before = _sessions(client)
+    r = await client.post("/v1/sessions", json={"count": 3.0})
+    assert r.status_code == 201, r.text
+    assert len(r.json()["session_ids"]) == 3
+    assert _sessions(client)["point-nav"] == before["point-nav"] + 3
+    for refused in (2.5, 0.0, "3"):
+        r = await client.post("/v1/sessions", json={"count": refused})
+        assert r.status_code == 422, r.text
+    assert _sessions(client)["point-nav"] == before["point-nav"] + 3

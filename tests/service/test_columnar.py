@@ -254,3 +254,19 @@ async def test_count_creates_all_or_none(make_client: Any) -> None:
     assert_error(await client.post("/v1/sessions", json={"count": 2}), 429, "capacity_exhausted")
     assert len(client.registry.engine(None).table) == 3
     assert_error(await client.post("/v1/sessions", json={"count": 0}), 422, "invalid_value")
+
+
+@pytest.mark.parametrize("msgpack", [False, True], ids=["json", "msgpack"])
+async def test_optional_columns_sent_as_null_are_columns_not_sent(
+    client: ServiceClient, msgpack: bool
+) -> None:
+    ids = [await new_session(client) for _ in range(2)]
+    nulls = {"model": None, "rewards": None, "episode_starts": None, "steps": None, "applied_actions": None}
+    status, reply = await tick(
+        client, {"session_ids": ids, "observations": OBS[:2], **nulls}, msgpack=msgpack
+    )
+    assert status == 200 and not reply["errors"]
+    assert list(reply["steps"]) == [0, 0]
+    # Each session took exactly its one step.
+    for sid in ids:
+        assert (await client.get(f"/v1/sessions/{sid}")).json()["steps"] == 1

@@ -8,8 +8,8 @@ import pytest
 from service_support import make_checkpoint
 
 from service.cli import main
-from service.config import Settings
-from service.registry import ModelRegistry, model_name
+from service.config import Settings, model_name
+from service.lifecycle import load_models
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +49,7 @@ def test_without_models_every_bundled_checkpoint_is_served_sorted_by_name(tmp_pa
     (tmp_path / "notes").mkdir()  # not a checkpoint: no config.json
     s = Settings(checkpoints_dir=tmp_path)
     assert [p.name for p in s.checkpoint_paths()] == ["alpha", "zeta"]
-    registry = ModelRegistry.load(s)
+    registry = load_models(s)
     assert list(registry.engines) == ["alpha", "zeta"]
     assert registry.default == "alpha"
 
@@ -58,7 +58,7 @@ def test_no_bundled_checkpoints_means_nothing_to_serve(tmp_path: Path) -> None:
     s = Settings(checkpoints_dir=tmp_path / "missing")
     assert s.checkpoint_paths() == []
     with pytest.raises(RuntimeError, match="no checkpoints to serve"):
-        ModelRegistry.load(s)
+        load_models(s)
 
 
 def test_the_cli_names_a_missing_checkpoint(tmp_path: Path) -> None:
@@ -76,7 +76,35 @@ def test_the_model_name_is_the_checkpoint_name(path: str, name: str) -> None:
 def test_two_checkpoints_with_one_name_are_refused(tmp_path: Path) -> None:
     paths = [make_checkpoint(tmp_path / "one" / "point-nav"), make_checkpoint(tmp_path / "two" / "point-nav")]
     with pytest.raises(ValueError, match="both named 'point-nav'"):
-        ModelRegistry.load(Settings(models=paths))
+        load_models(Settings(models=paths))
+
+
+def test_two_checkpoints_with_one_name_are_refused_in_one_line_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = make_checkpoint(tmp_path / "a" / "final"), make_checkpoint(tmp_path / "b" / "final")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(first), "--checkpoint", str(second)])
+    message = str(exit_.value.code)
+    assert message.startswith("trmrl-serve: two checkpoints are both named 'final'") and "\n" not in message
+    assert "name=path" in message and str(first) in message and str(second) in message
+    # Nothing was loaded or served, and both checkpoints are as they were.
+    assert capsys.readouterr().out == ""
+    assert (first / "config.json").is_file() and (second / "config.json").is_file()
+
+
+def test_models_are_named_at_serve_time_with_name_equals_path(tmp_path: Path) -> None:
+    first, second = make_checkpoint(tmp_path / "a" / "final"), make_checkpoint(tmp_path / "b" / "final")
+    settings = Settings(models=[Path(f"fresh={first}"), Path(f"old={second}")])
+    assert settings.named_checkpoints() == [("fresh", first), ("old", second)]
+    assert settings.checkpoint_paths() == [first, second]
+    registry = load_models(settings)
+    assert list(registry.engines) == ["fresh", "old"] and registry.default == "fresh"
+    # The environment variable takes the same form; a path with '=' in it but no name stays a path.
+    assert Settings(models=f"x={first},{second}").named_checkpoints() == [("x", first), ("final", second)]  # type: ignore[arg-type]
+    assert Settings(models=[Path("/data/run=3/final")]).named_checkpoints() == [
+        ("final", Path("/data/run=3/final"))
+    ]
 
 
 def test_api_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:

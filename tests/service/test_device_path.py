@@ -13,7 +13,7 @@ import torch
 from service_support import ServiceClient, new_session
 
 from service.config import Settings
-from service.engine import Engine, EngineLimits
+from service.core.engine import Engine, EngineLimits
 from trmrl.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.anyio
@@ -43,7 +43,7 @@ def test_dtype_and_cuda_graphs_settings(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_cpu_float32_engine_keeps_the_trainers_path(checkpoints: dict[str, Path]) -> None:
     e = Engine("point-nav", load_checkpoint(checkpoints["point-nav"]), limits(), torch.device("cpu"))
-    assert e._fixed is None
+    assert e.forward.fixed is None
     assert e.pool.capacity == 32  # no scratch slot: nothing is padded
 
 
@@ -75,7 +75,7 @@ async def test_bf16_engine_stays_close_to_the_float32_engine(checkpoints: dict[s
         finally:
             await e.stop()
         if precision == "bf16":
-            assert e._fixed is not None and e.pool.capacity == 33  # one scratch slot
+            assert e.forward.fixed is not None and e.pool.capacity == 33  # one scratch slot
     difference = np.abs(runs["bf16"] - runs["fp32"])
     # The test model's actions lie within +-1; bf16 keeps about 3 significant digits.
     assert np.isfinite(runs["bf16"]).all()
@@ -92,7 +92,7 @@ async def test_the_api_serves_in_bf16(make_client: Any) -> None:
         assert r.status_code == 200, r.text
         assert len(r.json()["action"]) == 2
     engine = client.registry.engines["point-nav"]
-    assert engine._fixed is not None and engine._fixed.precision == "bf16"
+    assert engine.forward.fixed is not None and engine.forward.fixed.precision == "bf16"
 
 
 @cuda
@@ -107,7 +107,7 @@ async def test_cuda_engine_replays_graphs_and_matches_the_cpu_engine(
         e = Engine("point-nav", load_checkpoint(ckpt), limits(precision=chosen), torch.device(device))
         e.warmup()
         if device == "cuda":
-            assert e._fixed is not None and e._fixed.captured == (1, 2, 4, 8, 16)
+            assert e.forward.fixed is not None and e.forward.fixed.captured == (1, 2, 4, 8, 16)
         await e.start()
         try:
             runs[device] = await drive(e, 20, seed=4)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import Engine, EngineLimits
-from service.errors import ApiError
+from service.api.errors import status_of
+from service.core.engine import Engine, EngineLimits
+from service.core.errors import ServiceError
 from trmrl.checkpoint import load_checkpoint
 from trmrl.policy import act, counter_normal
 from trmrl.slot_pool import SlotPool
@@ -184,9 +185,9 @@ async def test_a_failed_forward_pass_leaves_sessions_as_they_were(
         engine.pool, "step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
     )
     ticket = engine.submit(slot, obs, 0.0, False, 0, None)
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         await ticket.action()
-    assert (err.value.status, err.value.code) == (500, "internal_error")
+    assert (status_of(err.value), err.value.code) == (500, "internal_error")
     assert engine.table.next_step[slot] == 0 and engine.table.queued[slot] == 0
     assert engine.table.pending_start[slot] and engine.table.pending_clear[slot]
     monkeypatch.setattr(engine.pool, "step", real_step)

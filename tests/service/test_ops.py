@@ -133,7 +133,7 @@ async def test_periodic_snapshots_write_the_state_dir(checkpoints: dict[str, Pat
 async def test_saved_sessions_that_no_longer_fit_are_skipped(
     checkpoints: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from service.state_store import read_sessions, write_sessions
+    from service.core.snapshot_file import read_sessions, write_sessions
 
     settings = Settings(models=list(checkpoints.values()), state_dir=tmp_path)
     app = create_app(settings)

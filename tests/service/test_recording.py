@@ -14,7 +14,7 @@ from service_support import OBS, ServiceClient, action, assert_error
 from service import recordings_cli
 from service.app import create_app
 from service.config import Settings
-from service.recording import Recorder
+from service.core.recording import Recorder
 
 pytestmark = pytest.mark.anyio
 

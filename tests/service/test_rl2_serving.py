@@ -13,7 +13,7 @@ from service_support import BOUND, ServiceClient, action, assert_error, make_che
 
 from service.app import create_app
 from service.config import Settings
-from service.engine import Engine, EngineLimits
+from service.core.engine import Engine, EngineLimits
 from trainer.evaluate import replay_actions
 from trmrl.checkpoint import CheckpointError, load_checkpoint
 

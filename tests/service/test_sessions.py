@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from service.errors import ApiError
-from service.sessions import SessionTable
+from service.api.errors import status_of
+from service.core.errors import ServiceError
+from service.core.session_table import SessionTable
 
 
 def table(capacity: int = 4, *, ttl: float = 60.0, evict_idle: float = 60.0) -> SessionTable:
@@ -38,7 +39,7 @@ def test_delete_frees_the_slot_and_forgets_the_id() -> None:
     sid, slot = t.create(deterministic=True, seed=None, ttl_s=None)
     t.delete(sid)
     assert t.find(sid) is None
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         t.delete(sid)
     assert err.value.code == "unknown_session"
     _, again = t.create(deterministic=True, seed=None, ttl_s=None)
@@ -51,7 +52,7 @@ def test_a_slot_with_queued_steps_is_reused_only_after_they_complete() -> None:
     generation, _, _ = t.begin_step(slot, 0, 0)
     t.delete(sid)
     assert t.generation[slot] == generation + 1
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         t.create(deterministic=True, seed=None, ttl_s=None)
     assert err.value.code == "capacity_exhausted"
     slots = np.array([slot])
@@ -85,7 +86,7 @@ def test_sessions_move_to_another_table_with_their_counters() -> None:
     assert old.tolist() == [slot] and len(source) == 0 and source.find(sid) is None
     assert target.find(sid) == int(new[0]) and target.owners[int(new[0])] == "k"
     assert target.seed[new[0]] == 5 and target.ttl_s[new[0]] == 9.0 and target.pending_start[new[0]]
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         table(capacity=1).take_over(target)
     assert err.value.code == "capacity_exhausted"
     assert len(target) == 2  # nothing moved
@@ -123,9 +124,9 @@ def test_step_behind_or_ahead_is_a_conflict_naming_the_expected_step(step: int) 
     t = table()
     _, slot = t.create(deterministic=True, seed=None, ttl_s=None)
     t.next_step[slot] = 3
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         t.check_step(slot, step)
-    assert (err.value.status, err.value.code) == (409, "step_conflict")
+    assert (status_of(err.value), err.value.code) == (409, "step_conflict")
     assert err.value.detail == {"expected_step": 3, "got_step": step}
 
 
@@ -172,9 +173,9 @@ def test_full_table_without_an_idle_session_refuses_with_429() -> None:
     t = table(capacity=2, evict_idle=60.0)
     t.create(deterministic=True, seed=None, ttl_s=None)
     t.create(deterministic=True, seed=None, ttl_s=None)
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         t.create(deterministic=True, seed=None, ttl_s=None)
-    assert (err.value.status, err.value.code) == (429, "capacity_exhausted")
+    assert (status_of(err.value), err.value.code) == (429, "capacity_exhausted")
     assert len(t) == 2
 
 

@@ -14,21 +14,27 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from service.api.body import parse_act_batch, parse_body, wants_msgpack
-from service.api.columnar import ColumnarTick
 from service.api.deps import authenticate, body_doc, body_doc_one_of, error_docs, registry_of, settings_of
 from service.api.replies import columnar_reply, reply
-from service.errors import ApiError
-from service.schemas import (
+from service.api.schemas.act import (
     ActBatchRequest,
     ActBatchResponse,
     ActColumnarRequest,
     ActColumnarResponse,
     ActRequest,
     ActResponse,
-    ErrorBody,
 )
+from service.api.schemas.common import ErrorBody
+from service.core import acting
+from service.core.errors import ServiceError
+from service.core.records import ActResult, ColumnarTick
 
 router = APIRouter(tags=["act"])
+
+
+def act_response(result: ActResult) -> ActResponse:
+    """The body of a step's answer (read from the record's attributes: cheaper than keywords)."""
+    return ActResponse.model_validate(result, from_attributes=True)
 
 
 @router.post(
@@ -45,7 +51,7 @@ async def act(request: Request) -> Response:
     started = time.perf_counter_ns()
     owner = authenticate(request.scope)
     body = await parse_body(request, ActRequest, settings_of(request).max_body_bytes)
-    result = await registry_of(request).act(body, started, owner)
+    result = await acting.act(registry_of(request), body, started, owner)
     return reply(result, msgpack=wants_msgpack(request.scope))
 
 
@@ -87,12 +93,16 @@ async def act_batch(request: Request) -> Response:
     owner = authenticate(request.scope)
     items = await parse_act_batch(request, settings_of(request).max_body_bytes)
     if isinstance(items, ColumnarTick):
-        result = await registry_of(request).act_columnar(items, started, owner)
+        result = await acting.act_columnar(registry_of(request), items, started, owner)
         return columnar_reply(result, msgpack=wants_msgpack(request.scope))
-    valid = [item for item in items if not isinstance(item, ApiError)]
-    results = iter(await registry_of(request).act_batch(valid, started, owner))
+    valid = [item for item in items if not isinstance(item, ServiceError)]
+    results = iter(await acting.act_batch(registry_of(request), valid, started, owner))
     answers: list[ActResponse | ErrorBody] = []
     for item in items:
-        outcome = item if isinstance(item, ApiError) else next(results)
-        answers.append(ErrorBody.model_validate(outcome.body()) if isinstance(outcome, ApiError) else outcome)
+        outcome = item if isinstance(item, ServiceError) else next(results)
+        answers.append(
+            ErrorBody.model_validate(outcome.body())
+            if isinstance(outcome, ServiceError)
+            else act_response(outcome)
+        )
     return reply(ActBatchResponse.model_construct(items=answers), msgpack=wants_msgpack(request.scope))

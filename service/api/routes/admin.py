@@ -13,9 +13,10 @@ from fastapi import APIRouter, Request, Response
 from service.api.body import MSGPACK_TYPES, _content_headers, parse_body, read_body, wants_msgpack
 from service.api.deps import RegistryDep, SettingsDep, body_doc, error_docs
 from service.api.replies import reply
-from service.errors import ApiError
+from service.api.schemas.models import ActivateRequest, ActivateResponse, LoadModelRequest, LoadModelResponse
+from service.core import migration
+from service.core.errors import ServiceError
 from service.lifecycle import check_name, load_engine, resolve_under, store_upload, write_manifest
-from service.schemas import ActivateRequest, ActivateResponse, LoadModelRequest, LoadModelResponse
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -64,8 +65,7 @@ async def load_model(request: Request, registry: RegistryDep, settings: Settings
         name = check_name(spec.name)
         path = resolve_under(settings.admin_root(), spec.checkpoint)
     else:
-        raise ApiError(
-            415,
+        raise ServiceError(
             "unsupported_media_type",
             f"Content type {kind!r} is not supported; send JSON or a checkpoint archive (application/gzip).",
             {"content_type": kind},
@@ -98,7 +98,9 @@ async def activate(name: str, request: Request, registry: RegistryDep, settings:
     steps, its memory intact. Rolling back is activating the previous version."""
     _admin(request)
     spec = await parse_body(request, ActivateRequest, settings.max_body_bytes)
-    moved = await registry.activate(name, spec.version, canary=spec.canary, migrate=spec.migrate_sessions)
+    moved = await migration.activate(
+        registry, name, spec.version, canary=spec.canary, migrate=spec.migrate_sessions
+    )
     await asyncio.to_thread(write_manifest, registry, settings.state_dir)
     canary = registry.canary.get(name)
     done = ActivateResponse(

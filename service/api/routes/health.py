@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request, Response
 
 from service.api.deps import error_docs
 from service.api.replies import error_reply, json_reply
-from service.errors import ApiError
+from service.api.schemas.common import Status
+from service.core.errors import ServiceError
 from service.metrics import CONTENT_TYPE, ServiceMetrics
-from service.schemas import Status
 
 router = APIRouter(tags=["health"])
 
@@ -31,7 +31,7 @@ async def healthz() -> Response:
 async def readyz(request: Request) -> Response:
     """Readiness: 200 once every model is loaded and warmed up, 503 while starting or draining."""
     if not request.app.state.ready:
-        return error_reply(ApiError(503, "not_ready", "The service is starting or draining."))
+        return error_reply(ServiceError("not_ready", "The service is starting or draining."))
     return json_reply(Status(status="ready"))
 
 

@@ -7,14 +7,18 @@ from fastapi import APIRouter, Request, Response
 from service.api.body import parse_body, wants_msgpack
 from service.api.deps import OwnerDep, RegistryDep, SettingsDep, body_doc, error_docs
 from service.api.replies import reply
-from service.schemas import (
+from service.api.schemas.models import model_info
+from service.api.schemas.sessions import (
     CreateSessionRequest,
     CreateSessionResponse,
     CreateSessionsResponse,
     ResetRequest,
     SessionInfo,
     SessionState,
+    session_state,
+    snapshot_of,
 )
+from service.core import snapshots
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -51,14 +55,16 @@ async def create_session(
         engine, session_ids = registry.create_sessions(body, body.count, owner)
         many = CreateSessionsResponse(
             session_ids=session_ids,
-            model=engine.info(default=engine.name == registry.default),
+            model=model_info(engine.info(default=engine.name == registry.default)),
             ttl_s=float(engine.limits.session_ttl_s if body.ttl_s is None else body.ttl_s),
         )
         return reply(many, status=201, msgpack=wants_msgpack(request.scope))
     engine, session_id = registry.create_session(body, owner)
     ttl_s = float(engine.table.ttl_s[engine.table.get(session_id)])
     created = CreateSessionResponse(
-        session_id=session_id, model=engine.info(default=engine.name == registry.default), ttl_s=ttl_s
+        session_id=session_id,
+        model=model_info(engine.info(default=engine.name == registry.default)),
+        ttl_s=ttl_s,
     )
     return reply(created, status=201, msgpack=wants_msgpack(request.scope))
 
@@ -96,7 +102,10 @@ async def get_state(session_id: str, request: Request, registry: RegistryDep, ow
 
     Steps still waiting for their forward pass are not in it: ``steps`` says which step comes next.
     """
-    return reply(await registry.get_state(session_id, owner), msgpack=wants_msgpack(request.scope))
+    return reply(
+        session_state(await snapshots.get_state(registry, session_id, owner)),
+        msgpack=wants_msgpack(request.scope),
+    )
 
 
 @router.put(
@@ -120,6 +129,6 @@ async def put_state(
     model (shapes, non-finite numbers) gets 422 and changes nothing.
     """
     body = await parse_body(request, SessionState, settings.max_body_bytes)
-    created = await registry.put_state(session_id, body, owner)
+    created = await snapshots.put_state(registry, session_id, snapshot_of(body), owner)
     info = registry.session_info(session_id, owner)
     return reply(info, status=201 if created else 200, msgpack=wants_msgpack(request.scope))

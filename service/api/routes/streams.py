@@ -1,6 +1,6 @@
 """WebSocket streams: a session's act stream, and the openpi-compatible policy endpoint.
 
-Both run each frame through :meth:`service.registry.ModelRegistry.act`, the same call the HTTP act
+Both run each frame through :func:`service.core.acting.act`, the same call the HTTP act
 route makes: same validation, same idempotent step numbers, same batching with every other session.
 A bad frame is answered with an error frame and the stream stays open; closing a stream leaves its
 session as it is, usable over HTTP. Heartbeats are WebSocket pings sent by the server
@@ -9,6 +9,7 @@ session as it is, usable over HTTP. Heartbeats are WebSocket pings sent by the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,21 +21,25 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from trmrl_client.codec import packb
 
-from service import errors
+from service.api import errors
 from service.api.body import decode_msgpack, decode_tick, validate
+from service.api.columnar import columnar_body
 from service.api.deps import authenticate, registry_of
+from service.api.errors import status_of
 from service.api.replies import error_reply
-from service.errors import ApiError
+from service.api.schemas.act import ActRequest, StreamFrame
+from service.api.schemas.sessions import CreateSessionRequest
+from service.core import acting
+from service.core.errors import ServiceError
+from service.core.registry import ModelRegistry
 from service.metrics import ServiceMetrics
-from service.registry import ModelRegistry
-from service.schemas import ActRequest, ActResponse, CreateSessionRequest, StreamFrame
 
 log = logging.getLogger("trmrl.service")
 
 router = APIRouter(tags=["streams"])
 
 
-async def refuse(websocket: WebSocket, error: ApiError) -> None:
+async def refuse(websocket: WebSocket, error: ServiceError) -> None:
     """Turn a handshake down with the HTTP error reply (401, 404, ...), or close it if that is unsupported."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(error_reply(error))
@@ -80,15 +85,21 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
         owner = authenticate(websocket.scope)
         registry = registry_of(websocket)
         registry.find(session_id, owner)
-    except ApiError as exc:
+    except ServiceError as exc:
         await refuse(websocket, exc)
         return
     limit: int = websocket.app.state.settings.max_body_bytes
 
     async def answer(message: Mapping[str, Any], started: int) -> dict[str, Any]:
         frame, _ = _decode_frame(message, limit)
-        result = await registry.act(_as_request(session_id, frame), started, owner)
-        return result.model_dump()
+        result = await acting.act(registry, _as_request(session_id, frame), started, owner)
+        return {
+            "session_id": result.session_id,
+            "step": result.step,
+            "action": result.action,
+            "model_version": result.model_version,
+            "server_timing_us": result.server_timing_us,
+        }
 
     await _serve_frames(websocket, STREAM_ROUTE, "stream", {"session_id": session_id}, answer)
 
@@ -102,7 +113,7 @@ async def _serve_frames(
 ) -> None:
     """Accept a stream and answer each frame in its own encoding until the peer goes away.
 
-    ``answer(message, started_ns)`` gives a frame's reply or raises :class:`ApiError`, which becomes
+    ``answer(message, started_ns)`` gives a frame's reply or raises :class:`ServiceError`, which becomes
     an error frame: the stream stays open.
     """
     await websocket.accept()
@@ -121,8 +132,8 @@ async def _serve_frames(
             status = 200
             try:
                 reply = await answer(message, started)
-            except ApiError as exc:
-                reply, status = exc.body(), exc.status
+            except ServiceError as exc:
+                reply, status = exc.body(), status_of(exc)
             if binary:
                 await websocket.send_bytes(packb(reply))
             else:
@@ -149,7 +160,7 @@ async def vector_stream(websocket: WebSocket, model: str | None = None) -> None:
         registry = registry_of(websocket)
         if model is not None:
             registry.engine(model)
-    except ApiError as exc:
+    except ServiceError as exc:
         await refuse(websocket, exc)
         return
     limit: int = websocket.app.state.settings.max_body_bytes
@@ -159,8 +170,8 @@ async def vector_stream(websocket: WebSocket, model: str | None = None) -> None:
         raw: bytes | str = message["bytes"] if binary else (message.get("text") or "")
         if len(raw) > limit:
             raise errors.body_too_large(limit)
-        result = await registry.act_columnar(decode_tick(raw, binary), started, owner, model)
-        return result.body(arrays=binary)
+        result = await acting.act_columnar(registry, decode_tick(raw, binary), started, owner, model)
+        return columnar_body(result, arrays=binary)
 
     await _serve_frames(websocket, VECTOR_ROUTE, "vector", {"model": model}, answer)
 
@@ -171,8 +182,7 @@ def _openpi_session(
     if session_id is not None:
         engine, _ = registry.find(session_id, owner)
         if model is not None and model != engine.name:
-            raise ApiError(
-                409,
+            raise ServiceError(
                 "model_mismatch",
                 f"Session {session_id} runs model {engine.name!r}, not {model!r}.",
                 {"session_model": engine.name, "model": model},
@@ -197,7 +207,7 @@ async def openpi(websocket: WebSocket, model: str | None = None, session_id: str
         registry = registry_of(websocket)
         sid = _openpi_session(registry, model, session_id, owner)
         engine, _ = registry.find(sid, owner)
-    except ApiError as exc:
+    except ServiceError as exc:
         await refuse(websocket, exc)
         return
     await websocket.accept()
@@ -206,7 +216,7 @@ async def openpi(websocket: WebSocket, model: str | None = None, session_id: str
     opened = metrics.streams.labels("openpi")
     opened.inc()
     log.info("openpi stream opened", extra={"session_id": sid, "model": engine.name})
-    metadata = {"session_id": sid, **engine.info(default=engine.name == registry.default).model_dump()}
+    metadata = {"session_id": sid, **dataclasses.asdict(engine.info(default=engine.name == registry.default))}
     try:
         await websocket.send_bytes(packb(metadata))
         while True:
@@ -217,11 +227,11 @@ async def openpi(websocket: WebSocket, model: str | None = None, session_id: str
             status = 200
             try:
                 if message.get("bytes") is None:
-                    raise ApiError(
-                        400, "unsupported_frame", "The openpi endpoint takes MessagePack binary frames only."
+                    raise ServiceError(
+                        "unsupported_frame", "The openpi endpoint takes MessagePack binary frames only."
                     )
                 frame, _ = _decode_frame(message, limit)
-                result: ActResponse = await registry.act(_as_request(sid, frame), started, owner)
+                result = await acting.act(registry, _as_request(sid, frame), started, owner)
                 reply = {
                     "actions": np.asarray(result.action, np.float32)[None, :],
                     "session_id": sid,
@@ -233,9 +243,9 @@ async def openpi(websocket: WebSocket, model: str | None = None, session_id: str
                     },
                 }
                 await websocket.send_bytes(packb(reply))
-            except ApiError as exc:
+            except ServiceError as exc:
                 # A text frame: the openpi client raises it as the server's error.
-                status = exc.status
+                status = status_of(exc)
                 await websocket.send_text(json.dumps(exc.body(), separators=(",", ":")))
             metrics.observe_request(OPENPI_ROUTE, "WS", status, (time.perf_counter_ns() - started) / 1e9)
     except WebSocketDisconnect:

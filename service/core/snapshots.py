@@ -1,30 +1,31 @@
-"""Session state in and out of an engine: snapshots, exports and imports, moves between versions.
+"""Snapshots: sessions' state taken out of the service and put back.
 
-* one session: :func:`snapshot` takes its portable :class:`~service.schemas.SessionState`,
-  :func:`check_state` and :func:`restore` load one back (``GET``/``PUT /v1/sessions/{id}/state``);
-* every session of a model, column by column: :func:`export_sessions` and :func:`import_sessions`
-  (the state directory, ``service.state_store``);
-* every session of one version moved to another, memory intact: :func:`move_sessions`.
+* one session: :func:`snapshot` takes its portable :class:`~service.core.records.SessionState`,
+  :func:`check_state` and :func:`restore` load one back; :func:`get_state` and :func:`put_state`
+  do so by id across the registry (``GET``/``PUT /v1/sessions/{id}/state``);
+* every session of a model, column by column: :func:`export_sessions` and :func:`import_sessions`,
+  and of every model :func:`export_all` and :func:`import_all` (the state directory,
+  :mod:`service.core.snapshot_file`).
 
 Each runs between two batches (under the engine's step lock, or with the engine drained), when the
 slot pool and the session table agree; it reads and writes them through their own methods only.
-A session's memory is raw working memories, so it means the same to any version of the model.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from trmrl_client.codec import INPUT_LIMIT
 
-from service import errors
-from service.engine import Engine, all_in_range
-from service.errors import ApiError
-from service.schemas import SessionState
-from trmrl.memory import fit_windows
+from service.core import errors
+from service.core.engine import Engine, all_in_range
+from service.core.errors import ServiceError
+from service.core.records import SessionState
+from service.core.registry import ModelRegistry
 from trmrl.slot_pool import SlotMemory
 
 log = logging.getLogger("trmrl.service")
@@ -227,7 +228,7 @@ async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
                     owner=owner if isinstance(owner, str) else None,
                     session_id=session_id,
                 )
-            except ApiError:
+            except ServiceError:
                 log.warning("model %s is full: %d saved sessions not restored", engine.name, count - i)
                 break
             slots.append(slot)
@@ -239,29 +240,72 @@ async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
     return len(slots)
 
 
-# -- moving sessions between versions -----------------------------------------------------------------
-def compatible(a: Engine, b: Engine) -> bool:
-    """Whether sessions can move between the two models: same observation and action sizes, and the
-    same kind of memory (any two TrMRL windows refit; RL² hidden states move between equal widths)."""
-    if (a.obs_dim, a.act_dim) != (b.obs_dim, b.act_dim):
-        return False
-    kind_a, kind_b = a.model.config.policy, b.model.config.policy
-    return kind_a == kind_b and (kind_a == "trmrl" or a.pool.memory_shape == b.pool.memory_shape)
+# -- by session id, across the registry ------------------------------------------------------------
+async def get_state(registry: ModelRegistry, session_id: str, owner: str | None = None) -> SessionState:
+    engine, slot = registry.find(session_id, owner)
+    return await snapshot(engine, slot)
 
 
-def move_sessions(source: Engine, target: Engine) -> int:
-    """Move every session of ``source`` to ``target`` with its memory intact; returns how many moved.
+async def put_state(
+    registry: ModelRegistry, session_id: str, state: SessionState, owner: str | None = None
+) -> bool:
+    """Restore ``state`` under ``session_id``; returns ``True`` if the session was created.
 
-    The caller holds both step locks and has drained ``source``. The window is copied as it is (a
-    shorter window keeps the newest memories). Nothing changes if they do not fit (429).
+    An existing session (of the caller) is overwritten; a missing one is created under that id,
+    which is how a client moves a session to another replica or recovers one the service lost.
+    The id is the path's: a snapshot taken from another session copies that session's memory.
+    Every check runs before anything changes.
     """
-    count = len(source.table)
-    if not count:
-        return 0
-    old, slots = target.table.take_over(source.table)
-    memory = source.pool.read(torch.from_numpy(old).to(source.device))
-    windows, lengths = fit_windows(memory.windows, memory.lengths, target.pool.memory_shape[0])
-    target.pool.write(
-        torch.from_numpy(slots).to(target.device), SlotMemory(windows, lengths, memory.prev_action)
+    await registry.steps_allowed()  # a session restored mid-migration must not stay behind
+    engine = registry.versions.get(state.model, {}).get(state.model_version) or registry.engine(state.model)
+    check_state(engine, state)
+    existing = registry.locate(session_id)
+    if existing is not None and existing[0].table.owners[existing[1]] != owner:
+        # Taken by another key: to this caller the id does not exist, nor can it be claimed.
+        raise errors.unknown_session(session_id)
+    if existing is not None and existing[0] is engine:
+        await restore(engine, existing[1], state)
+        log.info("session restored", extra={"session_id": session_id, "model": engine.name})
+        return False
+    if registry.draining:
+        raise errors.draining()
+    if existing is not None and existing[0].table.queued[existing[1]]:
+        raise errors.session_busy(session_id)
+    _, slot = engine.table.create(
+        deterministic=state.deterministic,
+        seed=state.seed,
+        ttl_s=state.ttl_s,
+        owner=owner,
+        session_id=session_id,
     )
-    return count
+    try:
+        await restore(engine, slot, state)
+    except Exception:
+        engine.table.delete(session_id)
+        raise
+    if existing is not None:
+        existing[0].table.delete(session_id)
+    log.info("session restored", extra={"session_id": session_id, "model": engine.name})
+    return True
+
+
+async def export_all(registry: ModelRegistry) -> list[dict[str, Any]]:
+    """Every live session, one block of columns per model (committed steps)."""
+    return [await export_sessions(engine) for engine in registry.all_engines()]
+
+
+async def import_all(registry: ModelRegistry, blocks: Iterable[dict[str, Any]]) -> int:
+    """Restore saved blocks of sessions; a block that no longer fits is skipped with a warning."""
+    restored = 0
+    for block in blocks:
+        name, version = block.get("model"), block.get("model_version")
+        versions = registry.versions.get(name, {}) if isinstance(name, str) else {}
+        engine = versions.get(version) if isinstance(version, str) else None
+        if engine is None:
+            log.warning("saved sessions of model %r version %r not restored: it is not loaded", name, version)
+            continue
+        try:
+            restored += await import_sessions(engine, block)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("saved sessions of model %s not restored: %s", name, exc)
+    return restored

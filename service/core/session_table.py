@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from service import errors
-from service.errors import ApiError
+from service.core import errors
+from service.core.errors import ServiceError
 
 #: Per-slot columns a session takes along when it moves to another version of its model.
 _MOVED = (
@@ -85,7 +85,7 @@ class SessionTable:
         self.episode_step = np.zeros(capacity, np.int64)
         """Committed steps of the current episode (0 before its first)."""
         self.record = np.zeros(capacity, bool)
-        """The session's steps are recorded (``service.recording``)."""
+        """The session's steps are recorded (``service.core.recording``)."""
         self.evictions = 0
         self.expirations = 0
         self.owned = 0
@@ -142,7 +142,7 @@ class SessionTable:
         """The id of the session in ``slot`` (a 500 if the slot was released under a caller)."""
         session_id = self.slot_ids[slot]
         if session_id is None:
-            raise ApiError(500, "internal_error", "A session's slot was released while in use.")
+            raise ServiceError("internal_error", "A session's slot was released while in use.")
         return session_id
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ class SessionTable:
         """Validate a client's step number; ``True`` if it is a retry of the newest step.
 
         Raises:
-            ApiError: 409 ``step_conflict`` for a step behind the newest or ahead of the next.
+            ServiceError: 409 ``step_conflict`` for a step behind the newest or ahead of the next.
         """
         expected = self.expected_step(slot)
         if step is None or step == expected:

@@ -2,7 +2,7 @@
 
 One file, ``sessions.msgpack``, holds every session, one block per model, column by column: ids, the
 owner tag of each session's API key (a digest, never the key) and the arrays of
-:func:`service.session_state.export_sessions` as msgpack-numpy maps -- the same facts as the portable
+:func:`service.core.snapshots.export_sessions` as msgpack-numpy maps -- the same facts as the portable
 snapshot of ``GET /v1/sessions/{id}/state``, but cheap to gather and to encode for a million
 sessions. It is written atomically (a temporary file, flushed to disk, renamed over the old one), so
 a crash mid-write leaves the previous file intact. Session ids never become file names.

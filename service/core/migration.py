@@ -1,0 +1,116 @@
+"""Moving sessions between versions of a model: activation, canaries, and migration with memory intact.
+
+A migration holds new steps back (``ModelRegistry.steps_open``) for the few milliseconds it takes to
+drain the old versions and copy their sessions' rows and memories across, so no step is taken on
+the way. A session's memory is raw working memories, so it means the same to any version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from service.core import errors
+from service.core.engine import Engine
+from service.core.errors import ServiceError
+from service.core.registry import ModelRegistry
+from trmrl.memory import fit_windows
+from trmrl.slot_pool import SlotMemory
+
+log = logging.getLogger("trmrl.service")
+
+
+def compatible(a: Engine, b: Engine) -> bool:
+    """Whether sessions can move between the two models: same observation and action sizes, and the
+    same kind of memory (any two TrMRL windows refit; RL² hidden states move between equal widths)."""
+    if (a.obs_dim, a.act_dim) != (b.obs_dim, b.act_dim):
+        return False
+    kind_a, kind_b = a.model.config.policy, b.model.config.policy
+    return kind_a == kind_b and (kind_a == "trmrl" or a.pool.memory_shape == b.pool.memory_shape)
+
+
+def move_sessions(source: Engine, target: Engine) -> int:
+    """Move every session of ``source`` to ``target`` with its memory intact; returns how many moved.
+
+    The caller holds both step locks and has drained ``source``. The window is copied as it is (a
+    shorter window keeps the newest memories). Nothing changes if they do not fit (429).
+    """
+    count = len(source.table)
+    if not count:
+        return 0
+    old, slots = target.table.take_over(source.table)
+    memory = source.pool.read(torch.from_numpy(old).to(source.device))
+    windows, lengths = fit_windows(memory.windows, memory.lengths, target.pool.memory_shape[0])
+    target.pool.write(
+        torch.from_numpy(slots).to(target.device), SlotMemory(windows, lengths, memory.prev_action)
+    )
+    return count
+
+
+async def activate(
+    registry: ModelRegistry, name: str, version: str, *, canary: float | None = None, migrate: bool = False
+) -> int:
+    """Make ``version`` the one new sessions of ``name`` get (or, with ``canary`` < 1, that share
+    of them); with ``migrate``, move every live session of the other versions to it, memory
+    intact, between two steps. Returns how many sessions moved.
+
+    Every check runs first: nothing changes when one fails.
+    """
+    target = registry.version(name, version)
+    if canary is not None and canary < 1.0 and migrate:
+        raise ServiceError(
+            "invalid_value",
+            "'migrate_sessions' moves every session: it needs a full activation, not a canary.",
+            {"field": "migrate_sessions"},
+        )
+    others = [e for e in registry.versions[name].values() if e is not target]
+    if migrate:
+        for other in others:
+            if len(other.table) and not compatible(target, other):
+                raise ServiceError(
+                    "incompatible_model",
+                    f"Version {version} of {name!r} ({target.model.config.policy}, memory "
+                    f"{target.pool.memory_shape}) takes {target.obs_dim} observations and gives "
+                    f"{target.act_dim} actions; version {other.version} ({other.model.config.policy}, "
+                    f"memory {other.pool.memory_shape}) has {other.obs_dim} and {other.act_dim}: "
+                    "its sessions cannot move.",
+                    {"model": name, "version": version, "from_version": other.version},
+                )
+        moving = sum(len(other.table) for other in others)
+        free = target.limits.max_sessions - len(target.table)
+        if moving > free:
+            raise errors.capacity_exhausted(target.limits.max_sessions)
+    async with registry.lifecycle_lock:
+        if canary is not None and canary < 1.0:
+            registry.canary[name] = (version, canary)
+            log.info(
+                "model %s: version %s is a canary for %.0f%% of new sessions", name, version, 100 * canary
+            )
+            return 0
+        registry.engines[name] = target
+        registry.canary.pop(name, None)
+        moved = 0
+        if migrate and any(len(other.table) for other in others):
+            moved = await _migrate(registry, others, target)
+        log.info("model %s: version %s active, %d sessions migrated", name, version, moved)
+        return moved
+
+
+async def _migrate(registry: ModelRegistry, sources: list[Engine], target: Engine) -> int:
+    """Move every session of ``sources`` to ``target`` while no step is taken (a short pause)."""
+    registry.steps_open.clear()
+    started = time.perf_counter()
+    moved = 0
+    try:
+        for source in sources:
+            if not len(source.table):
+                continue
+            await source.drain()
+            async with source.step_lock, target.step_lock:
+                moved += move_sessions(source, target)
+    finally:
+        registry.steps_open.set()
+        registry.last_pause_s = time.perf_counter() - started
+    return moved
