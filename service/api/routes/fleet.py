@@ -1,0 +1,244 @@
+"""The fleet page: ``GET /ui`` (a static page shipped in the package) and its feed, ``GET /v1/fleet``.
+
+The page is static HTML, CSS and JavaScript (``service/ui/static``; no CDN, no fonts, no build step):
+it holds no data and is served to anyone. It polls the feed, which needs an admin or viewer key when
+any key is configured (``Authenticator.check_viewer``); the page asks for one and keeps it in the
+tab's ``sessionStorage``. The feed is computed by :class:`service.fleet.Fleet`.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
+
+from service.api.deps import RegistryDep, error_docs
+from service.fleet import MAX_SESSIONS_LISTED, Fleet, parse_query
+
+router = APIRouter(tags=["fleet"])
+
+FLEET_PATH = "/v1/fleet"
+
+#: The page's files and their content types (nothing else under /ui is served).
+ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "fleet.css": "text/css; charset=utf-8",
+    "fleet.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+#: The page may load only its own files and call only its own origin.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class ServiceFacts(BaseModel):
+    uptime_s: float
+    window_s: float = Field(description="Seconds the current figures (rates, percentiles, errors) span.")
+    sample_interval_s: float = Field(description="Seconds between two readings of the counters.")
+    draining: bool
+
+
+class Totals(BaseModel):
+    sessions: int
+    actions_per_s: float
+    requests_per_s: float
+    errors_per_s: float
+    device_bytes: int = Field(description="Weights and slot pools of every loaded version.")
+
+
+class ModelRow(BaseModel):
+    model: str
+    version: str
+    task_family: str
+    active: bool = Field(description="The version new sessions of the model get.")
+    canary_share: float = Field(description="Share of new sessions this version gets as a canary.")
+    sessions: int
+    queued_steps: int
+    actions_per_s: float
+    forward_passes_per_s: float
+    batch_mean: float | None
+    batch_p50: float | None
+    batch_p99: float | None
+    queue_wait_mean_ms: float | None
+    queue_wait_p50_ms: float | None
+    queue_wait_p99_ms: float | None
+    device_bytes: int
+    steps_total: int
+    reward_first20: float | None = Field(description="Mean reward for an episode's first 20 actions.")
+    reward_after20: float | None = Field(description="Mean reward for later actions.")
+
+
+class RouteRow(BaseModel):
+    route: str
+    method: str
+    count: int
+    requests_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: int
+
+
+class ErrorRow(BaseModel):
+    status: int = Field(description="The HTTP status of the replies.")
+    route: str
+    method: str
+    count: int = Field(description="Replies in the window.")
+    per_s: float
+    total: int = Field(description="Replies since the service started.")
+
+
+class DeviceRow(BaseModel):
+    device: str
+    allocated_bytes: int
+
+
+class Series(BaseModel):
+    seconds_ago: list[float] = Field(description="One point per reading interval, oldest first.")
+    actions_per_s: dict[str, list[float | None]] = Field(description="Per 'model@version'.")
+    requests_per_s: list[float]
+    errors_per_s: list[float]
+    latency_p50_ms: list[float | None]
+    latency_p99_ms: list[float | None]
+
+
+class AdaptationCurve(BaseModel):
+    model: str
+    version: str
+    first_episode: list[float | None] = Field(
+        description="Mean reward for the action at step 1, 2, ... of a session's first episode."
+    )
+    later_episodes: list[float | None] = Field(description="The same over the session's later episodes.")
+    first_rewards: int
+    later_rewards: int
+
+
+class SessionRow(BaseModel):
+    id_prefix: str = Field(description="The session id's first 8 characters.")
+    model: str
+    version: str
+    steps: int
+    episodes: int
+    last_return: float | None = Field(description="Return of the last finished episode.")
+    episode_return: float | None = Field(description="Rewards so far in the current episode.")
+    idle_s: float
+
+
+class SessionFilter(BaseModel):
+    model: str | None
+    version: str | None
+
+
+class RecentSessions(BaseModel):
+    matching: int = Field(description="Sessions the filter matches (all resident ones without a filter).")
+    limit: int
+    filter: SessionFilter
+    rows: list[SessionRow] = Field(description="The most recently active matching sessions, newest first.")
+
+
+class FleetFeed(BaseModel):
+    """What the fleet page shows: every loaded version, the traffic over the window, adaptation curves
+    and the recent sessions."""
+
+    service: ServiceFacts
+    totals: Totals
+    models: list[ModelRow]
+    routes: list[RouteRow]
+    errors: list[ErrorRow]
+    devices: list[DeviceRow]
+    series: Series
+    adaptation: list[AdaptationCurve]
+    sessions: RecentSessions
+
+
+_QUERY_DOC = [
+    {
+        "name": "model",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+        "description": "List only sessions of this loaded model (404 `unknown_model` otherwise).",
+    },
+    {
+        "name": "version",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{4,64}$"},
+        "description": "List only sessions of this loaded version, or of the one version it is a prefix "
+        "of (404 `unknown_version` otherwise).",
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SESSIONS_LISTED, "default": 25},
+        "description": "Most sessions listed.",
+    },
+]
+
+
+@router.get(
+    FLEET_PATH,
+    response_model=FleetFeed,
+    responses=error_docs(401, 403, 404, 422, 503),
+    openapi_extra={"parameters": _QUERY_DOC},
+)
+async def fleet_feed(request: Request, registry: RegistryDep) -> Response:
+    """The fleet page's feed: models and versions (active, canary share, sessions), actions/s, latency
+    per route, batch sizes, queue wait, device memory and errors over the last seconds; adaptation curves
+    per version; the most recently active sessions (filtered by ``model``, ``version``, ``limit``).
+
+    With keys configured it needs an admin or viewer key; an API key gets 403 ``viewer_key_required``.
+    A malformed filter gets 422 ``invalid_filter``.
+    """
+    request.app.state.auth.check_viewer(request.scope)
+    query = parse_query(request.query_params.multi_items(), registry)
+    fleet: Fleet = request.app.state.fleet
+    body = json.dumps(fleet.feed(query), separators=(",", ":"), allow_nan=False).encode()
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+@cache
+def _asset(name: str) -> bytes:
+    return resources.files("service.ui").joinpath("static", name).read_bytes()
+
+
+@router.get("/ui", include_in_schema=False)
+async def page() -> Response:
+    """The fleet page (no data in it: it reads ``/v1/fleet``)."""
+    return Response(_asset("index.html"), media_type=ASSETS["index.html"], headers=PAGE_HEADERS)
+
+
+@router.get("/ui/{name}", include_in_schema=False)
+async def asset(name: str) -> Response:
+    if name not in ASSETS:
+        return Response(b"Not Found", status_code=404, media_type="text/plain")
+    return Response(_asset(name), media_type=ASSETS[name], headers=PAGE_HEADERS)
+
+
+def document(schema: dict[str, Any], *, keyed: bool) -> None:
+    """The feed's security in the OpenAPI document: an admin or viewer key, when any key is set."""
+    operation = schema.get("paths", {}).get(FLEET_PATH, {}).get("get")
+    if operation is None:
+        return
+    operation["responses"]["200"].get("content", {}).pop("application/msgpack", None)  # JSON only
+    if not keyed:
+        operation.pop("security", None)
+        return
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["fleetKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An admin key (TRMRL_ADMIN_KEYS) or a viewer key (TRMRL_VIEWER_KEYS).",
+    }
+    operation["security"] = [{"fleetKey": []}]

@@ -1,0 +1,597 @@
+"""The fleet feed: what ``GET /v1/fleet`` returns and the ``/ui`` page draws, without HTTP.
+
+Everything here is read from counters the service keeps anyway; nothing is added per request:
+
+* :class:`Fleet` reads, once a second (:meth:`Fleet.run`), the engines' step and forward-pass
+  counters, the batch-size and queue-wait histograms and the request-latency histograms
+  (:class:`service.metrics.ServiceMetrics`), and keeps a short ring of those readings and a five-minute
+  ring of what happened between two of them. Rates, percentiles and error counts are differences of
+  those counters, so a reading costs the same whatever the traffic.
+* :class:`AdaptationCurves` is each engine's adaptation signal in full: the reward received for the
+  action at each step of an episode, summed and counted separately for a session's first episode and
+  its later ones (the engine's ``reward_sums`` are the same rewards in two bins, steps 1-20 and after),
+  plus each session's running and last episode return (columns of the session table). It is counted
+  once per forward pass, with the batch's rewards, beside ``reward_sums``.
+* :meth:`Fleet.feed` builds the feed as plain dictionaries (the API layer documents its shape): the
+  recent sessions are the ``limit`` most recently active ones, found with array operations over the
+  session tables (``argpartition`` of their last-active times), so 10,000 sessions cost well under a
+  millisecond of the event loop.
+
+:func:`parse_query` validates the feed's filter; bad input raises :class:`~service.errors.ApiError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from service import errors
+from service.errors import ApiError
+from service.metrics import _BATCH_BUCKETS, _LATENCY_BUCKETS, _WAIT_BUCKETS
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
+    from service.engine import Engine
+    from service.metrics import ServiceMetrics
+    from service.registry import ModelRegistry
+    from service.sessions import SessionTable
+
+#: Steps of an episode the adaptation curves cover (rewards of later steps are left out of them).
+CURVE_STEPS = 200
+#: Seconds between two readings of the counters.
+SAMPLE_INTERVAL_S = 1.0
+#: Readings kept for the charts: five minutes at one a second.
+HISTORY = 300
+#: The span the feed's current figures (rates, percentiles, errors) are computed over.
+WINDOW_S = 10.0
+#: Most sessions the feed lists; the default.
+MAX_SESSIONS_LISTED = 500
+DEFAULT_SESSIONS_LISTED = 25
+#: Characters of a session id the feed shows (an id is a capability when keys are off).
+ID_PREFIX = 8
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSION = re.compile(r"[0-9a-f]{4,64}")
+_QUERY_KEYS = ("model", "version", "limit")
+
+
+class AdaptationCurves:
+    """Rewards by step in episode (1..``steps``), a session's first episode apart from its later ones.
+
+    ``sums`` and ``counts`` are flat: index ``step`` for the first episode, ``steps + 1 + step`` for
+    later ones (index 0 of each half stays empty: an episode's first row carries no reward).
+    """
+
+    __slots__ = ("counts", "steps", "sums")
+
+    def __init__(self, steps: int = CURVE_STEPS) -> None:
+        self.steps = steps
+        self.sums = np.zeros(2 * (steps + 1))
+        self.counts = np.zeros(2 * (steps + 1), np.int64)
+
+    def count(
+        self, table: SessionTable, slots: np.ndarray, start: np.ndarray, live: np.ndarray, rewards: np.ndarray
+    ) -> None:
+        """Count a computed batch, before the table commits it (its episode counters are the ones the
+        rows' rewards belong to). The slots of a batch are distinct.
+
+        A row's reward is for the session's previous action; an episode's first row has none, and it
+        closes the previous episode: its return becomes the session's last return.
+        """
+        width = self.steps + 1
+        episode_step, episodes = table.episode_step, table.episodes
+        running, last = table.episode_return, table.last_return
+        if len(slots) < 32:
+            # A few rows (one robot's step): plain Python costs a fraction of the array operations.
+            sums, counts, top = self.sums, self.counts, self.steps
+            rows = zip(start.tolist(), live.tolist(), slots.tolist(), rewards.tolist(), strict=True)
+            for first, alive, slot, reward in rows:
+                if not alive:
+                    continue
+                if first:
+                    if episodes[slot]:
+                        last[slot] = running[slot]
+                    running[slot] = 0.0
+                    continue
+                running[slot] += reward
+                step = int(episode_step[slot])
+                if step <= top:
+                    at = step + width if episodes[slot] > 1 else step
+                    sums[at] += reward
+                    counts[at] += 1
+            return
+        began = slots[start & live]
+        if len(began):
+            ended = began[episodes[began] > 0]
+            last[ended] = running[ended]
+            running[began] = 0.0
+        rewarded = live & ~start
+        at_slots = slots[rewarded]
+        values = rewards[rewarded].astype(np.float64)
+        running[at_slots] += values
+        steps = episode_step[at_slots]
+        kept = steps <= self.steps
+        index = steps[kept] + np.where(episodes[at_slots[kept]] > 1, width, 0)
+        self.sums += np.bincount(index, weights=values[kept], minlength=2 * width)
+        self.counts += np.bincount(index, minlength=2 * width)
+
+    def curves(self) -> tuple[list[float | None], list[float | None], int, int]:
+        """Mean reward at steps 1.. for the first episode and the later ones (``None``: no reward
+        counted at that step), up to the last step with any; and the rewards counted in each."""
+        width = self.steps + 1
+        counts = self.counts.reshape(2, width)[:, 1:]
+        sums = self.sums.reshape(2, width)[:, 1:]
+        seen = np.flatnonzero(counts.sum(0))
+        top = int(seen[-1]) + 1 if len(seen) else 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.round(sums[:, :top] / counts[:, :top], 5)
+        first, later = (
+            [None if n == 0 else float(v) for v, n in zip(means[k].tolist(), counts[k, :top].tolist(), strict=True)]
+            for k in (0, 1)
+        )
+        return first, later, int(counts[0].sum()), int(counts[1].sum())
+
+
+# -- readings -------------------------------------------------------------------------------------------
+@dataclass
+class _Histogram:
+    """Bucket counts (not cumulative; the last is +Inf), their sum and total."""
+
+    counts: list[float]
+    total: float
+
+    @property
+    def n(self) -> float:
+        return sum(self.counts)
+
+
+@dataclass
+class _Reading:
+    """The counters at one moment."""
+
+    at: float
+    steps: dict[tuple[str, str], tuple[int, int]]
+    """Per (model, version): steps and forward passes."""
+    batch: dict[tuple[str, str], _Histogram]
+    wait: dict[tuple[str, str], _Histogram]
+    requests: dict[tuple[str, str, int], tuple[list[int], float]]
+
+
+@dataclass
+class _Point:
+    """What happened between two readings (a point of the charts)."""
+
+    at: float
+    actions: dict[str, float]
+    """Actions/s per ``model@version``."""
+    requests: float
+    errors: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+def _histograms(metric: Histogram, bounds: int) -> dict[tuple[str, str], _Histogram]:
+    """A labelled prometheus-client histogram's buckets per (model, version), made non-cumulative."""
+    out: dict[tuple[str, str], _Histogram] = {}
+    for family in metric.collect():
+        cumulative: dict[tuple[str, str], list[float]] = {}
+        sums: dict[tuple[str, str], float] = {}
+        for sample in family.samples:
+            key = (sample.labels.get("model", ""), sample.labels.get("version", ""))
+            if sample.name.endswith("_bucket"):
+                cumulative.setdefault(key, []).append(sample.value)
+            elif sample.name.endswith("_sum"):
+                sums[key] = sample.value
+        for key, running in cumulative.items():
+            if len(running) != bounds + 1:
+                continue
+            counts = [running[0]] + [b - a for a, b in zip(running, running[1:], strict=False)]
+            out[key] = _Histogram(counts, sums.get(key, 0.0))
+    return out
+
+
+def quantile(q: float, bounds: tuple[float, ...], counts: list[float]) -> float | None:
+    """The ``q`` quantile of bucketed observations (``counts[i]`` in ``(bounds[i-1], bounds[i]]``, the
+    last beyond every bound), interpolated within its bucket as Prometheus' ``histogram_quantile``.
+
+    >>> quantile(0.5, (1.0, 2.0), [0, 4, 0])
+    1.5
+    >>> quantile(0.99, (1.0, 2.0), [1, 0, 5])  # beyond the last bound: that bound
+    2.0
+    """
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    running = 0.0
+    for i, count in enumerate(counts):
+        if count > 0 and running + count >= rank:
+            if i >= len(bounds):
+                return bounds[-1]
+            low = bounds[i - 1] if i > 0 else 0.0
+            return low + (bounds[i] - low) * (rank - running) / count
+        running += count
+    return bounds[-1]
+
+
+def _delta(now: list[Any], then: list[Any] | None) -> list[Any]:
+    return list(now) if then is None else [a - b for a, b in zip(now, then, strict=True)]
+
+
+def _finite(value: float | None, digits: int = 4) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, digits)
+
+
+def _label(name: str, version: str) -> str:
+    return f"{name}@{version}"
+
+
+@dataclass(frozen=True)
+class FleetQuery:
+    """The feed's filter of its session list (validated by :func:`parse_query`)."""
+
+    model: str | None = None
+    version: str | None = None
+    """A full version, resolved from a unique prefix."""
+    limit: int = DEFAULT_SESSIONS_LISTED
+
+
+def invalid_filter(field_name: str, reason: str, value: str | None = None) -> ApiError:
+    detail: dict[str, Any] = {"field": field_name}
+    if value is not None:
+        detail["value"] = value[:200]
+    return ApiError(422, "invalid_filter", f"The fleet filter is not valid: {reason}.", detail)
+
+
+def parse_query(items: Iterable[tuple[str, str]], registry: ModelRegistry) -> FleetQuery:
+    """Validate the feed's query parameters: ``model`` (a loaded model's name), ``version`` (a loaded
+    version, or a unique prefix of at least 4 hex digits), ``limit`` (1..500).
+
+    A malformed or repeated parameter, or one the feed does not take: 422 ``invalid_filter``; a model
+    or version that is not loaded: 404 ``unknown_model`` / ``unknown_version``.
+    """
+    given: dict[str, str] = {}
+    for key, value in items:
+        if key not in _QUERY_KEYS:
+            raise invalid_filter(key, f"the feed takes no parameter {key[:40]!r} (it takes {', '.join(_QUERY_KEYS)})")
+        if key in given:
+            raise invalid_filter(key, f"{key!r} is given more than once")
+        given[key] = value
+    model = given.get("model")
+    if model is not None:
+        if not _MODEL_NAME.fullmatch(model):
+            raise invalid_filter("model", "a model name is 1-128 letters, digits, '.', '_' or '-'", model)
+        if model not in registry.versions:
+            raise errors.unknown_model(model, list(registry.versions))
+    version = given.get("version")
+    if version is not None:
+        if not _VERSION.fullmatch(version):
+            raise invalid_filter("version", "a version is 4 to 64 lowercase hex digits (or a prefix of one)", version)
+        names = [model] if model is not None else list(registry.versions)
+        found = sorted(
+            {v for name in names for v in registry.versions.get(name, {}) if v.startswith(version)}
+        )
+        if not found:
+            loaded = sorted({v for name in names for v in registry.versions.get(name, {})})
+            raise ApiError(
+                404,
+                "unknown_version",
+                f"No loaded version{' of ' + repr(model) if model else ''} starts with {version!r}.",
+                {"model": model, "version": version, "loaded": loaded},
+            )
+        if len(found) > 1:
+            raise invalid_filter("version", f"{version!r} is the prefix of {len(found)} versions", version)
+        version = found[0]
+    limit = DEFAULT_SESSIONS_LISTED
+    if "limit" in given:
+        raw = given["limit"]
+        if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_SESSIONS_LISTED:
+            raise invalid_filter("limit", f"'limit' is a whole number from 1 to {MAX_SESSIONS_LISTED}", raw)
+        limit = int(raw)
+    return FleetQuery(model=model, version=version, limit=limit)
+
+
+@dataclass
+class Fleet:
+    """Periodic readings of the service's counters and the feed computed from them.
+
+    :meth:`attach` the registry, then run :meth:`run` as a task (:meth:`start`/:meth:`stop`).
+    """
+
+    metrics: ServiceMetrics
+    interval_s: float = SAMPLE_INTERVAL_S
+    history: int = HISTORY
+    window_s: float = WINDOW_S
+    registry: ModelRegistry | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    _readings: deque[_Reading] = field(init=False)
+    _points: deque[_Point] = field(init=False)
+    _task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self._readings = deque(maxlen=max(2, math.ceil(self.window_s / self.interval_s) + 1))
+        self._points = deque(maxlen=self.history)
+
+    # -- readings ---------------------------------------------------------------------------------------
+    def attach(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self._readings.clear()
+        self._points.clear()
+        self._readings.append(self.read())
+
+    def start(self, registry: ModelRegistry) -> None:
+        """Attach ``registry`` and take a reading every ``interval_s`` from now on."""
+        self.attach(registry)
+        self._task = asyncio.create_task(self.run(), name="fleet-readings")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.tick()
+
+    def engines(self) -> list[Engine]:
+        return [] if self.registry is None else self.registry.all_engines()
+
+    def read(self) -> _Reading:
+        """The counters now (tens of microseconds: a few dictionaries of small lists)."""
+        return _Reading(
+            at=time.monotonic(),
+            steps={(e.name, e.version): (e.stepped, e.ticks) for e in self.engines()},
+            batch=_histograms(self.metrics.batch_size, len(_BATCH_BUCKETS)),
+            wait=_histograms(self.metrics.queue_wait, len(_WAIT_BUCKETS)),
+            requests=self.metrics.request_counts(),
+        )
+
+    def tick(self) -> None:
+        """Take a reading and keep what happened since the previous one."""
+        now = self.read()
+        if self._readings:
+            self._points.append(self._between(self._readings[-1], now))
+        self._readings.append(now)
+
+    def _between(self, then: _Reading, now: _Reading) -> _Point:
+        span = max(now.at - then.at, 1e-9)
+        actions = {}
+        for key, (steps, _) in now.steps.items():
+            before = then.steps.get(key, (0, 0))[0]
+            actions[_label(*key)] = round((steps - before) / span, 2)
+        merged = [0] * (len(_LATENCY_BUCKETS) + 1)
+        requests = errors_seen = 0
+        for key, (counts, _) in now.requests.items():
+            old = then.requests.get(key)
+            delta = _delta(counts, None if old is None else old[0])
+            n = sum(delta)
+            requests += n
+            if key[2] >= 400:
+                errors_seen += n
+            merged = [a + b for a, b in zip(merged, delta, strict=True)]
+        p50, p99 = quantile(0.5, _LATENCY_BUCKETS, merged), quantile(0.99, _LATENCY_BUCKETS, merged)
+        return _Point(
+            at=now.at,
+            actions=actions,
+            requests=round(requests / span, 2),
+            errors=round(errors_seen / span, 2),
+            p50_ms=None if p50 is None else round(p50 * 1e3, 3),
+            p99_ms=None if p99 is None else round(p99 * 1e3, 3),
+        )
+
+    # -- the feed ---------------------------------------------------------------------------------------
+    def feed(self, query: FleetQuery | None = None) -> dict[str, Any]:
+        """The whole feed (see ``service.api.routes.fleet.FleetFeed`` for its documented shape)."""
+        query = query or FleetQuery()
+        registry = self.registry
+        now = self.read()
+        base = self._readings[0] if self._readings else now
+        span = now.at - base.at
+        rate = 1.0 / span if span > 0 else 0.0
+        engines = self.engines()
+        models = [self._model_row(e, registry, now, base, rate) for e in engines]
+        routes, errors_rows, requests_total, errors_total = self._routes(now, base, rate)
+        devices = []
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for index in range(torch.cuda.device_count()):
+                devices.append({"device": f"cuda:{index}", "allocated_bytes": torch.cuda.memory_allocated(index)})
+        return {
+            "service": {
+                "uptime_s": round(now.at - self.started_at, 1),
+                "window_s": round(span, 3),
+                "sample_interval_s": self.interval_s,
+                "draining": bool(registry is not None and registry.draining),
+            },
+            "totals": {
+                "sessions": sum(m["sessions"] for m in models),
+                "actions_per_s": round(sum(m["actions_per_s"] for m in models), 2),
+                "requests_per_s": round(requests_total * rate, 2),
+                "errors_per_s": round(errors_total * rate, 3),
+                "device_bytes": sum(m["device_bytes"] for m in models),
+            },
+            "models": models,
+            "routes": routes,
+            "errors": errors_rows,
+            "devices": devices,
+            "series": self._series(now.at),
+            "adaptation": [self._curve(e) for e in engines],
+            "sessions": self._sessions(engines, query, now.at),
+        }
+
+    def _model_row(
+        self, engine: Engine, registry: ModelRegistry | None, now: _Reading, base: _Reading, rate: float
+    ) -> dict[str, Any]:
+        key = (engine.name, engine.version)
+        steps, passes = now.steps.get(key, (0, 0))
+        steps_then, passes_then = base.steps.get(key, (0, 0))
+        stepped, forwards = steps - steps_then, passes - passes_then
+        batch_now, batch_then = now.batch.get(key), base.batch.get(key)
+        wait_now, wait_then = now.wait.get(key), base.wait.get(key)
+        batch_counts = _delta(batch_now.counts, batch_then and batch_then.counts) if batch_now else []
+        wait_counts = _delta(wait_now.counts, wait_then and wait_then.counts) if wait_now else []
+        wait_sum = (wait_now.total - (wait_then.total if wait_then else 0.0)) if wait_now else 0.0
+        waits = sum(wait_counts)
+        active = registry is not None and registry.engines.get(engine.name) is engine
+        canary = registry.canary.get(engine.name) if registry is not None else None
+        canary_share = canary[1] if canary is not None and canary[0] == engine.version else 0.0
+        sums, counts = engine.reward_sums, engine.reward_counts
+        p50_wait = quantile(0.5, _WAIT_BUCKETS, wait_counts) if waits else None
+        p99_wait = quantile(0.99, _WAIT_BUCKETS, wait_counts) if waits else None
+        return {
+            "model": engine.name,
+            "version": engine.version,
+            "task_family": engine.checkpoint.info.task_family,
+            "active": active,
+            "canary_share": canary_share,
+            "sessions": len(engine.table),
+            "queued_steps": engine.queued_steps,
+            "actions_per_s": round(stepped * rate, 2),
+            "forward_passes_per_s": round(forwards * rate, 2),
+            "batch_mean": _finite(stepped / forwards if forwards else None, 2),
+            "batch_p50": _finite(quantile(0.5, _BATCH_BUCKETS, batch_counts) if forwards else None, 2),
+            "batch_p99": _finite(quantile(0.99, _BATCH_BUCKETS, batch_counts) if forwards else None, 2),
+            "queue_wait_mean_ms": _finite(wait_sum / waits * 1e3 if waits else None, 3),
+            "queue_wait_p50_ms": _finite(None if p50_wait is None else p50_wait * 1e3, 3),
+            "queue_wait_p99_ms": _finite(None if p99_wait is None else p99_wait * 1e3, 3),
+            "device_bytes": engine.device_bytes,
+            "steps_total": engine.stepped,
+            "reward_first20": _finite(float(sums[0]) / int(counts[0]) if counts[0] else None),
+            "reward_after20": _finite(float(sums[1]) / int(counts[1]) if counts[1] else None),
+        }
+
+    def _routes(
+        self, now: _Reading, base: _Reading, rate: float
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, int]:
+        by_route: dict[tuple[str, str], list[int]] = {}
+        failed: dict[tuple[str, str], int] = {}
+        error_rows = []
+        requests_total = errors_total = 0
+        for (route, method, status), (counts, _) in now.requests.items():
+            old = base.requests.get((route, method, status))
+            delta = _delta(counts, None if old is None else old[0])
+            n = sum(delta)
+            requests_total += n
+            merged = by_route.setdefault((route, method), [0] * len(counts))
+            for i, c in enumerate(delta):
+                merged[i] += c
+            if status >= 400:
+                errors_total += n
+                failed[(route, method)] = failed.get((route, method), 0) + n
+                error_rows.append(
+                    {
+                        "status": status,
+                        "route": route,
+                        "method": method,
+                        "count": n,
+                        "per_s": round(n * rate, 3),
+                        "total": sum(counts),
+                    }
+                )
+        routes = []
+        for (route, method), counts in by_route.items():
+            n = sum(counts)
+            if not n:
+                continue
+            p50, p99 = quantile(0.5, _LATENCY_BUCKETS, counts), quantile(0.99, _LATENCY_BUCKETS, counts)
+            routes.append(
+                {
+                    "route": route,
+                    "method": method,
+                    "count": n,
+                    "requests_per_s": round(n * rate, 2),
+                    "p50_ms": None if p50 is None else round(p50 * 1e3, 3),
+                    "p99_ms": None if p99 is None else round(p99 * 1e3, 3),
+                    "errors": failed.get((route, method), 0),
+                }
+            )
+        routes.sort(key=lambda r: (-r["count"], r["route"], r["method"]))
+        error_rows.sort(key=lambda r: (-r["count"], -r["total"], r["status"], r["route"]))
+        return routes, error_rows, requests_total, errors_total
+
+    def _series(self, at: float) -> dict[str, Any]:
+        points = list(self._points)
+        labels = sorted({label for p in points for label in p.actions})
+        return {
+            "seconds_ago": [round(at - p.at, 1) for p in points],
+            "actions_per_s": {label: [p.actions.get(label) for p in points] for label in labels},
+            "requests_per_s": [p.requests for p in points],
+            "errors_per_s": [p.errors for p in points],
+            "latency_p50_ms": [p.p50_ms for p in points],
+            "latency_p99_ms": [p.p99_ms for p in points],
+        }
+
+    @staticmethod
+    def _curve(engine: Engine) -> dict[str, Any]:
+        first, later, first_n, later_n = engine.curves.curves()
+        return {
+            "model": engine.name,
+            "version": engine.version,
+            "first_episode": first,
+            "later_episodes": later,
+            "first_rewards": first_n,
+            "later_rewards": later_n,
+        }
+
+    @staticmethod
+    def _sessions(engines: list[Engine], query: FleetQuery, at: float) -> dict[str, Any]:
+        """The ``limit`` most recently active sessions matching the filter: per engine, its live slots'
+        last-active times and an ``argpartition``; then a merge of at most ``limit`` per engine."""
+        limit = query.limit
+        chosen = [
+            e
+            for e in engines
+            if (query.model is None or e.name == query.model)
+            and (query.version is None or e.version == query.version)
+        ]
+        candidates: list[tuple[float, Engine, int]] = []
+        matching = 0
+        for engine in chosen:
+            table = engine.table
+            live = np.flatnonzero(table.in_use)
+            matching += len(table)
+            if len(live) > limit:
+                top = np.argpartition(table.last_active[live], len(live) - limit)[len(live) - limit :]
+                live = live[top]
+            candidates += zip(table.last_active[live].tolist(), [engine] * len(live), live.tolist(), strict=True)
+        candidates.sort(key=lambda c: -c[0])
+        rows = []
+        for last_active, engine, slot in candidates[:limit]:
+            table = engine.table
+            session_id = table.slot_ids[slot]
+            if session_id is None:
+                continue
+            rows.append(
+                {
+                    "id_prefix": session_id[:ID_PREFIX],
+                    "model": engine.name,
+                    "version": engine.version,
+                    "steps": int(table.next_step[slot]),
+                    "episodes": int(table.episodes[slot]),
+                    "last_return": _finite(float(table.last_return[slot])),
+                    "episode_return": _finite(float(table.episode_return[slot])),
+                    "idle_s": round(max(0.0, at - last_active), 1),
+                }
+            )
+        return {
+            "matching": matching,
+            "limit": limit,
+            "filter": {"model": query.model, "version": query.version},
+            "rows": rows,
+        }
+
