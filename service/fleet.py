@@ -201,9 +201,12 @@ def _histograms(metric: Histogram, bounds: int) -> dict[tuple[str, str], _Histog
     return out
 
 
-def quantile(q: float, bounds: tuple[float, ...], counts: list[float]) -> float | None:
+def quantile(
+    q: float, bounds: tuple[float, ...], counts: list[float], *, interpolate: bool = True
+) -> float | None:
     """The ``q`` quantile of bucketed observations (``counts[i]`` in ``(bounds[i-1], bounds[i]]``, the
-    last beyond every bound), interpolated within its bucket as Prometheus' ``histogram_quantile``.
+    last beyond every bound), interpolated within its bucket as Prometheus' ``histogram_quantile``
+    (or, without ``interpolate``, its bucket's upper bound: for whole numbers such as batch sizes).
 
     >>> quantile(0.5, (1.0, 2.0), [0, 4, 0])
     1.5
@@ -219,6 +222,8 @@ def quantile(q: float, bounds: tuple[float, ...], counts: list[float]) -> float 
         if count > 0 and running + count >= rank:
             if i >= len(bounds):
                 return bounds[-1]
+            if not interpolate:
+                return bounds[i]
             low = bounds[i - 1] if i > 0 else 0.0
             return low + (bounds[i] - low) * (rank - running) / count
         running += count
@@ -464,8 +469,8 @@ class Fleet:
             "actions_per_s": round(stepped * rate, 2),
             "forward_passes_per_s": round(forwards * rate, 2),
             "batch_mean": _finite(stepped / forwards if forwards else None, 2),
-            "batch_p50": _finite(quantile(0.5, _BATCH_BUCKETS, batch_counts) if forwards else None, 2),
-            "batch_p99": _finite(quantile(0.99, _BATCH_BUCKETS, batch_counts) if forwards else None, 2),
+            "batch_p50": _finite(quantile(0.5, _BATCH_BUCKETS, batch_counts, interpolate=False) if forwards else None, 2),
+            "batch_p99": _finite(quantile(0.99, _BATCH_BUCKETS, batch_counts, interpolate=False) if forwards else None, 2),
             "queue_wait_mean_ms": _finite(wait_sum / waits * 1e3 if waits else None, 3),
             "queue_wait_p50_ms": _finite(None if p50_wait is None else p50_wait * 1e3, 3),
             "queue_wait_p99_ms": _finite(None if p99_wait is None else p99_wait * 1e3, 3),

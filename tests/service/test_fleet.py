@@ -296,3 +296,4 @@ def test_quantile_interpolates_within_buckets() -> None:
     assert quantile(0.5, (1.0, 2.0, 4.0), [0, 0, 10, 0]) == 3.0
     assert quantile(0.99, (1.0, 2.0), [0, 0, 0]) is None
     assert quantile(0.5, (1.0, 2.0), [2, 0, 0]) == 0.5
+    assert quantile(0.99, (1.0, 2.0, 4.0), [0, 0, 3, 0], interpolate=False) == 4.0

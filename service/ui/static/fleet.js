@@ -84,7 +84,7 @@
   function niceMax(v) {
     if (!(v > 0)) return 1;
     const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
+    for (const m of [1, 2, 4, 6, 8, 10]) if (v <= m * p) return m * p;
     return 10 * p;
   }
   // series: [{label, values: [number|null], color, dashed}]; xs: the x of each value.
@@ -118,13 +118,14 @@
       t.textContent = opts.yFormat ? opts.yFormat(v) : fmtNum(v);
       svg.appendChild(t);
     }
-    const ticks = opts.xTicks || 5;
-    for (let i = 0; i <= ticks; i++) {
-      const x = x0 + ((x1 - x0) * i) / ticks;
-      const t = svgEl("text", { x: sx(x), y: h - 8, "text-anchor": i === 0 ? "start" : i === ticks ? "end" : "middle" });
+    const ticks = xTicks(x0, x1, opts.xSteps || [1, 2, 5, 10, 20, 25, 50, 100, 200]);
+    ticks.forEach((x, i) => {
+      const anchor = sx(x) < pad.l + 12 ? "start" : sx(x) > w - pad.r - 12 ? "end" : "middle";
+      const t = svgEl("text", { x: sx(x), y: h - 8, "text-anchor": anchor });
       t.textContent = opts.xFormat ? opts.xFormat(x) : fmtNum(x, 0);
       svg.appendChild(t);
-    }
+      if (i) svg.appendChild(svgEl("line", { x1: sx(x), x2: sx(x), y1: h - pad.b, y2: h - pad.b + 4, class: "axis" }));
+    });
     for (const s of series) {
       let d = "";
       let pen = false;
@@ -138,6 +139,15 @@
       path.setAttribute("data-label", s.label);
       svg.appendChild(path);
     }
+  }
+  // Round tick positions between x0 and x1: multiples of the first step giving at most six ticks.
+  function xTicks(x0, x1, steps) {
+    const span = x1 - x0;
+    if (span <= 0) return [x0];
+    const step = steps.find((s) => span / s <= 6) || steps[steps.length - 1];
+    const out = [];
+    for (let x = Math.ceil(x0 / step) * step; x <= x1 + 1e-9; x += step) out.push(x);
+    return out;
   }
   function legend(id, series) {
     const box = $(id);
@@ -190,7 +200,10 @@
       cell(tr, short(m.version), "mono").title = m.version;
       const serving = cell(tr, "");
       let badge;
-      if (m.active) badge = el("span", "badge active", m.canary_share > 0 ? "active" : "active");
+      const canaryShare = feed.models
+        .filter((o) => o.model === m.model && o.version !== m.version)
+        .reduce((a, o) => a + o.canary_share, 0);
+      if (m.active) badge = el("span", "badge active", canaryShare > 0 ? `active ${Math.round((1 - canaryShare) * 100)}%` : "active");
       else if (m.canary_share > 0) badge = el("span", "badge canary", `canary ${Math.round(m.canary_share * 100)}%`);
       else badge = el("span", "badge loaded", "loaded");
       badge.classList.add("serving");
@@ -209,14 +222,15 @@
     const actionSeries = labels.map((label) => ({
       label: label.replace(/@(.{8}).*/, " @ $1"), values: feed.series.actions_per_s[label], color: colorFor(label),
     }));
-    const ago = (x) => (x === 0 ? "now" : `${Math.round(-x / 60 * 10) / 10} min`);
-    lineChart($("chart-actions"), xs, actionSeries, { xFormat: ago, empty: "Collecting…" });
+    const ago = (x) => (Math.abs(x) < 0.5 ? "now" : -x < 120 ? `−${Math.round(-x)} s` : `−${Math.round(-x / 60)} min`);
+    const timeSteps = [5, 10, 15, 30, 60, 120];
+    lineChart($("chart-actions"), xs, actionSeries, { xFormat: ago, xSteps: timeSteps, empty: "Collecting…" });
     legend("legend-actions", actionSeries);
     const latency = [
       { label: "p50", values: feed.series.latency_p50_ms, color: "#0891b2" },
       { label: "p99", values: feed.series.latency_p99_ms, color: "#7c3aed", dashed: true },
     ];
-    lineChart($("chart-latency"), xs, latency, { xFormat: ago, yFormat: (v) => fmtMs(v), empty: "Collecting…" });
+    lineChart($("chart-latency"), xs, latency, { xFormat: ago, xSteps: timeSteps, yFormat: (v) => fmtMs(v), empty: "Collecting…" });
     legend("legend-latency", latency);
 
     renderCurves(feed.adaptation);
@@ -294,7 +308,7 @@
         { label: "first episode", values: smooth(c.first_episode, k), color: "#d97706", cls: "curve-first" },
         { label: "later episodes", values: smooth(c.later_episodes, k), color: "#2563eb", cls: "curve-later" },
       ];
-      lineChart(fig.querySelector("svg"), xs, series, { xTicks: Math.min(5, Math.max(1, n - 1)), empty: "No rewards yet" });
+      lineChart(fig.querySelector("svg"), xs, series, { empty: "No rewards yet" });
       legend(fig.querySelector(".legend").id, series);
       fig.querySelector("p.fine").textContent =
         `x: step in episode · ${fmtInt(c.first_rewards)} rewards in first episodes, ${fmtInt(c.later_rewards)} in later ones` +
