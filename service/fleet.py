@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import math
 import re
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +139,10 @@ class AdaptationCurves:
         with np.errstate(invalid="ignore", divide="ignore"):
             means = np.round(sums[:, :top] / counts[:, :top], 5)
         first, later = (
-            [None if n == 0 else float(v) for v, n in zip(means[k].tolist(), counts[k, :top].tolist(), strict=True)]
+            [
+                None if n == 0 else float(v)
+                for v, n in zip(means[k].tolist(), counts[k, :top].tolist(), strict=True)
+            ]
             for k in (0, 1)
         )
         return first, later, int(counts[0].sum()), int(counts[1].sum())
@@ -196,13 +201,13 @@ def _histograms(metric: Histogram, bounds: int) -> dict[tuple[str, str], _Histog
         for key, running in cumulative.items():
             if len(running) != bounds + 1:
                 continue
-            counts = [running[0]] + [b - a for a, b in zip(running, running[1:], strict=False)]
+            counts = [running[0]] + [b - a for a, b in itertools.pairwise(running)]
             out[key] = _Histogram(counts, sums.get(key, 0.0))
     return out
 
 
 def quantile(
-    q: float, bounds: tuple[float, ...], counts: list[float], *, interpolate: bool = True
+    q: float, bounds: tuple[float, ...], counts: Sequence[float], *, interpolate: bool = True
 ) -> float | None:
     """The ``q`` quantile of bucketed observations (``counts[i]`` in ``(bounds[i-1], bounds[i]]``, the
     last beyond every bound), interpolated within its bucket as Prometheus' ``histogram_quantile``
@@ -240,6 +245,14 @@ def _finite(value: float | None, digits: int = 4) -> float | None:
     return round(value, digits)
 
 
+def _encode_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _encode(value: Any) -> bytes:
+    return _encode_text(value).encode()
+
+
 def _label(name: str, version: str) -> str:
     return f"{name}@{version}"
 
@@ -271,7 +284,9 @@ def parse_query(items: Iterable[tuple[str, str]], registry: ModelRegistry) -> Fl
     given: dict[str, str] = {}
     for key, value in items:
         if key not in _QUERY_KEYS:
-            raise invalid_filter(key, f"the feed takes no parameter {key[:40]!r} (it takes {', '.join(_QUERY_KEYS)})")
+            raise invalid_filter(
+                key, f"the feed takes no parameter {key[:40]!r} (it takes {', '.join(_QUERY_KEYS)})"
+            )
         if key in given:
             raise invalid_filter(key, f"{key!r} is given more than once")
         given[key] = value
@@ -284,7 +299,9 @@ def parse_query(items: Iterable[tuple[str, str]], registry: ModelRegistry) -> Fl
     version = given.get("version")
     if version is not None:
         if not _VERSION.fullmatch(version):
-            raise invalid_filter("version", "a version is 4 to 64 lowercase hex digits (or a prefix of one)", version)
+            raise invalid_filter(
+                "version", "a version is 4 to 64 lowercase hex digits (or a prefix of one)", version
+            )
         names = [model] if model is not None else list(registry.versions)
         found = sorted(
             {v for name in names for v in registry.versions.get(name, {}) if v.startswith(version)}
@@ -323,18 +340,30 @@ class Fleet:
     registry: ModelRegistry | None = None
     started_at: float = field(default_factory=time.monotonic)
     _readings: deque[_Reading] = field(init=False)
-    _points: deque[_Point] = field(init=False)
+    _times: deque[float] = field(init=False)
+    _columns: dict[str, deque[float | None]] = field(init=False)
+    _actions: dict[str, deque[float | None]] = field(init=False)
+    _device_bytes: dict[tuple[str, str], int] = field(init=False, default_factory=dict)
+    _series_json: tuple[float, str] | None = field(init=False, default=None)
     _task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self._readings = deque(maxlen=max(2, math.ceil(self.window_s / self.interval_s) + 1))
-        self._points = deque(maxlen=self.history)
+        self._clear_series()
+
+    def _clear_series(self) -> None:
+        """The charts' columns: one value per reading interval, appended by :meth:`tick` (so a feed
+        only copies them)."""
+        self._times = deque(maxlen=self.history)
+        names = ("requests_per_s", "errors_per_s", "latency_p50_ms", "latency_p99_ms")
+        self._columns = {name: deque(maxlen=self.history) for name in names}
+        self._actions = {}
 
     # -- readings ---------------------------------------------------------------------------------------
     def attach(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self._readings.clear()
-        self._points.clear()
+        self._clear_series()
         self._readings.append(self.read())
 
     def start(self, registry: ModelRegistry) -> None:
@@ -371,8 +400,21 @@ class Fleet:
         """Take a reading and keep what happened since the previous one."""
         now = self.read()
         if self._readings:
-            self._points.append(self._between(self._readings[-1], now))
+            self._append(self._between(self._readings[-1], now))
         self._readings.append(now)
+
+    def _append(self, point: _Point) -> None:
+        self._times.append(point.at)
+        values = (point.requests, point.errors, point.p50_ms, point.p99_ms)
+        for column, value in zip(self._columns.values(), values, strict=True):
+            column.append(value)
+        for label in point.actions:
+            if label not in self._actions:  # a version loaded since: nothing before it
+                self._actions[label] = deque([None] * (len(self._times) - 1), maxlen=self.history)
+        for label, column in list(self._actions.items()):
+            column.append(point.actions.get(label))
+            if label not in point.actions and not any(v is not None for v in column):
+                del self._actions[label]  # retired, and out of the charts' span
 
     def _between(self, then: _Reading, now: _Reading) -> _Point:
         span = max(now.at - then.at, 1e-9)
@@ -382,12 +424,12 @@ class Fleet:
             actions[_label(*key)] = round((steps - before) / span, 2)
         merged = [0] * (len(_LATENCY_BUCKETS) + 1)
         requests = errors_seen = 0
-        for key, (counts, _) in now.requests.items():
-            old = then.requests.get(key)
+        for request, (counts, _) in now.requests.items():
+            old = then.requests.get(request)
             delta = _delta(counts, None if old is None else old[0])
             n = sum(delta)
             requests += n
-            if key[2] >= 400:
+            if request[2] >= 400:
                 errors_seen += n
             merged = [a + b for a, b in zip(merged, delta, strict=True)]
         p50, p99 = quantile(0.5, _LATENCY_BUCKETS, merged), quantile(0.99, _LATENCY_BUCKETS, merged)
@@ -401,11 +443,14 @@ class Fleet:
         )
 
     # -- the feed ---------------------------------------------------------------------------------------
-    def feed(self, query: FleetQuery | None = None) -> dict[str, Any]:
-        """The whole feed (see ``service.api.routes.fleet.FleetFeed`` for its documented shape)."""
+    def feed(self, query: FleetQuery | None = None, *, series: bool = True) -> dict[str, Any]:
+        """The whole feed (see ``service.api.routes.fleet.FleetFeed`` for its documented shape); without
+        ``series``, all but the charts' series."""
         query = query or FleetQuery()
         registry = self.registry
-        now = self.read()
+        # The newest reading (at most ``interval_s`` old): a feed reads no counter itself. Before the
+        # first reading after the start, a fresh one.
+        now = self._readings[-1] if len(self._readings) > 1 else self.read()
         base = self._readings[0] if self._readings else now
         span = now.at - base.at
         rate = 1.0 / span if span > 0 else 0.0
@@ -415,10 +460,12 @@ class Fleet:
         devices = []
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             for index in range(torch.cuda.device_count()):
-                devices.append({"device": f"cuda:{index}", "allocated_bytes": torch.cuda.memory_allocated(index)})
+                devices.append(
+                    {"device": f"cuda:{index}", "allocated_bytes": torch.cuda.memory_allocated(index)}
+                )
         return {
             "service": {
-                "uptime_s": round(now.at - self.started_at, 1),
+                "uptime_s": round(time.monotonic() - self.started_at, 1),
                 "window_s": round(span, 3),
                 "sample_interval_s": self.interval_s,
                 "draining": bool(registry is not None and registry.draining),
@@ -434,7 +481,7 @@ class Fleet:
             "routes": routes,
             "errors": errors_rows,
             "devices": devices,
-            "series": self._series(now.at),
+            **({"series": self._series(now.at)} if series else {}),
             "adaptation": [self._curve(e) for e in engines],
             "sessions": self._sessions(engines, query, now.at),
         }
@@ -448,8 +495,10 @@ class Fleet:
         stepped, forwards = steps - steps_then, passes - passes_then
         batch_now, batch_then = now.batch.get(key), base.batch.get(key)
         wait_now, wait_then = now.wait.get(key), base.wait.get(key)
-        batch_counts = _delta(batch_now.counts, batch_then and batch_then.counts) if batch_now else []
-        wait_counts = _delta(wait_now.counts, wait_then and wait_then.counts) if wait_now else []
+        batch_counts = (
+            _delta(batch_now.counts, batch_then.counts if batch_then else None) if batch_now else []
+        )
+        wait_counts = _delta(wait_now.counts, wait_then.counts if wait_then else None) if wait_now else []
         wait_sum = (wait_now.total - (wait_then.total if wait_then else 0.0)) if wait_now else 0.0
         waits = sum(wait_counts)
         active = registry is not None and registry.engines.get(engine.name) is engine
@@ -469,16 +518,28 @@ class Fleet:
             "actions_per_s": round(stepped * rate, 2),
             "forward_passes_per_s": round(forwards * rate, 2),
             "batch_mean": _finite(stepped / forwards if forwards else None, 2),
-            "batch_p50": _finite(quantile(0.5, _BATCH_BUCKETS, batch_counts, interpolate=False) if forwards else None, 2),
-            "batch_p99": _finite(quantile(0.99, _BATCH_BUCKETS, batch_counts, interpolate=False) if forwards else None, 2),
+            "batch_p50": _finite(
+                quantile(0.5, _BATCH_BUCKETS, batch_counts, interpolate=False) if forwards else None, 2
+            ),
+            "batch_p99": _finite(
+                quantile(0.99, _BATCH_BUCKETS, batch_counts, interpolate=False) if forwards else None, 2
+            ),
             "queue_wait_mean_ms": _finite(wait_sum / waits * 1e3 if waits else None, 3),
             "queue_wait_p50_ms": _finite(None if p50_wait is None else p50_wait * 1e3, 3),
             "queue_wait_p99_ms": _finite(None if p99_wait is None else p99_wait * 1e3, 3),
-            "device_bytes": engine.device_bytes,
+            "device_bytes": self._held(engine),
             "steps_total": engine.stepped,
             "reward_first20": _finite(float(sums[0]) / int(counts[0]) if counts[0] else None),
             "reward_after20": _finite(float(sums[1]) / int(counts[1]) if counts[1] else None),
         }
+
+    def _held(self, engine: Engine) -> int:
+        """An engine's device memory (weights and slot pool: fixed once loaded, so counted once)."""
+        key = (engine.name, engine.version)
+        held = self._device_bytes.get(key)
+        if held is None:
+            held = self._device_bytes[key] = engine.device_bytes
+        return held
 
     def _routes(
         self, now: _Reading, base: _Reading, rate: float
@@ -529,16 +590,25 @@ class Fleet:
         error_rows.sort(key=lambda r: (-r["count"], -r["total"], r["status"], r["route"]))
         return routes, error_rows, requests_total, errors_total
 
+    def feed_json(self, query: FleetQuery | None = None) -> bytes:
+        """:meth:`feed` encoded as JSON. The charts' series (most of the feed's numbers) change only
+        at a reading: they are encoded once per reading, and the rest of the feed around them."""
+        feed = self.feed(query, series=False)
+        at = self._times[-1] if self._times else None
+        if at is None or self._series_json is None or self._series_json[0] != at:
+            encoded = json.dumps(self._series(self._readings[-1].at), separators=(",", ":"), allow_nan=False)
+            if at is None:
+                return _encode({**feed, "series": json.loads(encoded)})
+            self._series_json = (at, encoded)
+        text = _encode_text(feed)
+        return f'{text[:-1]},"series":{self._series_json[1]}}}'.encode()
+
     def _series(self, at: float) -> dict[str, Any]:
-        points = list(self._points)
-        labels = sorted({label for p in points for label in p.actions})
+        columns = self._columns
         return {
-            "seconds_ago": [round(at - p.at, 1) for p in points],
-            "actions_per_s": {label: [p.actions.get(label) for p in points] for label in labels},
-            "requests_per_s": [p.requests for p in points],
-            "errors_per_s": [p.errors for p in points],
-            "latency_p50_ms": [p.p50_ms for p in points],
-            "latency_p99_ms": [p.p99_ms for p in points],
+            "seconds_ago": np.round(at - np.fromiter(self._times, float, len(self._times)), 1).tolist(),
+            "actions_per_s": {label: list(self._actions[label]) for label in sorted(self._actions)},
+            **{name: list(column) for name, column in columns.items()},
         }
 
     @staticmethod
@@ -573,7 +643,9 @@ class Fleet:
             if len(live) > limit:
                 top = np.argpartition(table.last_active[live], len(live) - limit)[len(live) - limit :]
                 live = live[top]
-            candidates += zip(table.last_active[live].tolist(), [engine] * len(live), live.tolist(), strict=True)
+            candidates += zip(
+                table.last_active[live].tolist(), [engine] * len(live), live.tolist(), strict=True
+            )
         candidates.sort(key=lambda c: -c[0])
         rows = []
         for last_active, engine, slot in candidates[:limit]:
@@ -599,4 +671,3 @@ class Fleet:
             "filter": {"model": query.model, "version": query.version},
             "rows": rows,
         }
-

@@ -77,6 +77,7 @@ async def test_feed_shows_models_traffic_curves_and_sessions(serve: Serve) -> No
         await run_episodes(client, sid, [[1.0, 2.0, 3.0], [4.0, 6.0]])
         # The next episode's start closes the second one.
         await action(client, sid, OBS[0], episode_start=True, step=7)
+        client.app.state.fleet.tick()  # the feed's rates come from the newest reading
         body = await feed(client)
         rows = {m["model"]: m for m in body["models"]}
         assert set(rows) == {"point-nav", "other"}
@@ -204,7 +205,9 @@ async def test_keys_admin_and_viewer_open_the_feed_an_api_key_does_not(serve: Se
         r = await client.post("/v1/sessions", json={}, headers=USER)
         sid = r.json()["session_id"]
         assert_error(await client.get("/v1/fleet"), 401, "unauthorized")
-        assert_error(await client.get("/v1/fleet", headers={"Authorization": "Bearer nope"}), 401, "unauthorized")
+        assert_error(
+            await client.get("/v1/fleet", headers={"Authorization": "Bearer nope"}), 401, "unauthorized"
+        )
         assert_error(await client.get("/v1/fleet", headers=USER), 403, "viewer_key_required")
         for key in (ADMIN, VIEWER):
             r = await client.get("/v1/fleet", headers=key)
@@ -281,7 +284,9 @@ def test_curves_count_the_same_in_python_and_with_arrays() -> None:
         start = rng.random(48) < 0.15 if tick else np.ones(48, bool)
         live = rng.random(48) < 0.95
         rewards = rng.normal(size=48).astype(np.float32)
-        for table, curve, chunks in zip(tables, curves, ([slice(0, 16), slice(16, 32), slice(32, 48)], [slice(0, 48)]), strict=True):
+        for table, curve, chunks in zip(
+            tables, curves, ([slice(0, 16), slice(16, 32), slice(32, 48)], [slice(0, 48)]), strict=True
+        ):
             for part in chunks:
                 curve.count(table, slots[part], start[part], live[part], rewards[part])
             table.commit(slots, live, start, np.zeros((48, 2), np.float32))

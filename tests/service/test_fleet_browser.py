@@ -188,7 +188,9 @@ def test_the_fleet_page_in_a_browser(server: RunningServer, tmp_path: Path) -> N
             return float(text.rstrip("k")) * scale if re.fullmatch(r"[\d.]+k?", text) else 0.0
 
         wait_for(driver, "a non-zero actions/s", lambda d: actions(d) > 0)
-        wait_for(driver, "the actions tile", lambda d: d.find_element(By.ID, "t-actions").text not in {"–", "0.00"})
+        wait_for(
+            driver, "the actions tile", lambda d: d.find_element(By.ID, "t-actions").text not in {"–", "0.00"}
+        )
 
         # Adaptation curves: a drawn path of many points for each episode kind, per version.
         def curve(d: Any, kind: str) -> int:
@@ -213,7 +215,11 @@ def test_the_fleet_page_in_a_browser(server: RunningServer, tmp_path: Path) -> N
         )
         # Updated in place: the page counts its renders without reloading.
         marker = driver.execute_script("window.__sameDocument = true; return document.body.dataset.renders")
-        wait_for(driver, "a later update", lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-renders") != marker)
+        wait_for(
+            driver,
+            "a later update",
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-renders") != marker,
+        )
         assert driver.execute_script("return window.__sameDocument === true")
 
         box = driver.find_element(By.ID, "filter")
@@ -222,23 +228,29 @@ def test_the_fleet_page_in_a_browser(server: RunningServer, tmp_path: Path) -> N
         wait_for(
             driver,
             "the filtered sessions",
-            lambda d: "@ " + v2[:8] in d.find_element(By.ID, "sessions-hint").text
-            and {c.text for c in d.find_elements(By.CSS_SELECTOR, "#sessions tbody tr td:nth-child(3)")}
-            == {v2[:8]},
+            lambda d: (
+                "@ " + v2[:8] in d.find_element(By.ID, "sessions-hint").text
+                and {c.text for c in d.find_elements(By.CSS_SELECTOR, "#sessions tbody tr td:nth-child(3)")}
+                == {v2[:8]}
+            ),
         )
         box.clear()
         box.send_keys("no-such-model")
         box.submit()
         wait_for(
-            driver, "the filter refused", lambda d: "unknown_model" in d.find_element(By.ID, "filter-error").text
+            driver,
+            "the filter refused",
+            lambda d: "unknown_model" in d.find_element(By.ID, "filter-error").text,
         )
         box.clear()
         box.submit()
         wait_for(
             driver,
             "every session again",
-            lambda d: "most recently active" in d.find_element(By.ID, "sessions-hint").text
-            and "@" not in d.find_element(By.ID, "sessions-hint").text,
+            lambda d: (
+                "most recently active" in d.find_element(By.ID, "sessions-hint").text
+                and "@" not in d.find_element(By.ID, "sessions-hint").text
+            ),
         )
         driver.execute_script("window.scrollTo(0, 0)")
         wait_for(driver, "a fresh render", lambda d: d.find_element(By.ID, "t-errors").text != "–")

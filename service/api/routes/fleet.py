@@ -8,7 +8,6 @@ tab's ``sessionStorage``. The feed is computed by :class:`service.fleet.Fleet`.
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -204,8 +203,9 @@ async def fleet_feed(request: Request, registry: RegistryDep) -> Response:
     request.app.state.auth.check_viewer(request.scope)
     query = parse_query(request.query_params.multi_items(), registry)
     fleet: Fleet = request.app.state.fleet
-    body = json.dumps(fleet.feed(query), separators=(",", ":"), allow_nan=False).encode()
-    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+    return Response(
+        fleet.feed_json(query), media_type="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 @cache
