@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from service_support import OBS, ServiceClient, action, assert_error, make_checkpoint, new_session
 
-from service.api.routes.fleet import ASSETS, FleetFeed
+from bench import browser
+from service.api.routes.fleet import ASSETS, EXAMPLE, FleetFeed
 from service.app import create_app
 from service.config import Settings
 from service.fleet import AdaptationCurves, quantile
@@ -302,3 +303,13 @@ def test_quantile_interpolates_within_buckets() -> None:
     assert quantile(0.99, (1.0, 2.0), [0, 0, 0]) is None
     assert quantile(0.5, (1.0, 2.0), [2, 0, 0]) == 0.5
     assert quantile(0.99, (1.0, 2.0, 4.0), [0, 0, 3, 0], interpolate=False) == 4.0
+
+
+def test_the_documented_example_is_a_feed() -> None:
+    FleetFeed.model_validate(EXAMPLE)
+
+
+def test_the_browser_test_says_why_it_skips(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    reason = browser.missing()
+    assert reason is not None and "apt-get install -y chromium chromium-driver" in reason

@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import RegistryDep, error_docs
 from service.fleet import MAX_SESSIONS_LISTED, Fleet, parse_query
@@ -145,9 +145,110 @@ class RecentSessions(BaseModel):
     rows: list[SessionRow] = Field(description="The most recently active matching sessions, newest first.")
 
 
+_V1, _V2 = "9b1d4e7a" + "0" * 56, "3fa1c2d9" + "0" * 56
+_ROW = {
+    "task_family": "halfcheetah-vel",
+    "queued_steps": 0,
+    "forward_passes_per_s": 310.0,
+    "batch_mean": 3.9,
+    "batch_p50": 4.0,
+    "batch_p99": 8.0,
+    "queue_wait_mean_ms": 0.21,
+    "queue_wait_p50_ms": 0.15,
+    "queue_wait_p99_ms": 1.9,
+    "device_bytes": 39_124_992,
+}
+EXAMPLE: dict[str, Any] = {
+    "service": {"uptime_s": 5120.4, "window_s": 10.0, "sample_interval_s": 1.0, "draining": False},
+    "totals": {
+        "sessions": 256,
+        "actions_per_s": 1340.5,
+        "requests_per_s": 1342.1,
+        "errors_per_s": 0.1,
+        "device_bytes": 78_249_984,
+    },
+    "models": [
+        {
+            **_ROW,
+            "model": "halfcheetah-vel",
+            "version": _V1,
+            "active": True,
+            "canary_share": 0.0,
+            "sessions": 230,
+            "actions_per_s": 1206.0,
+            "steps_total": 4_120_311,
+            "reward_first20": -0.41,
+            "reward_after20": 0.93,
+        },
+        {
+            **_ROW,
+            "model": "halfcheetah-vel",
+            "version": _V2,
+            "active": False,
+            "canary_share": 0.1,
+            "sessions": 26,
+            "actions_per_s": 134.5,
+            "steps_total": 80_412,
+            "reward_first20": -0.22,
+            "reward_after20": 0.95,
+        },
+    ],
+    "routes": [
+        {
+            "route": "/v1/act",
+            "method": "POST",
+            "count": 13405,
+            "requests_per_s": 1340.5,
+            "p50_ms": 1.4,
+            "p99_ms": 7.9,
+            "errors": 1,
+        }
+    ],
+    "errors": [{"status": 409, "route": "/v1/act", "method": "POST", "count": 1, "per_s": 0.1, "total": 12}],
+    "devices": [],
+    "series": {
+        "seconds_ago": [2.0, 1.0, 0.0],
+        "actions_per_s": {f"halfcheetah-vel@{_V1}": [1190.0, 1212.0, 1206.0]},
+        "requests_per_s": [1191.0, 1213.0, 1207.0],
+        "errors_per_s": [0.0, 0.0, 1.0],
+        "latency_p50_ms": [1.4, 1.3, 1.4],
+        "latency_p99_ms": [7.1, 8.2, 7.9],
+    },
+    "adaptation": [
+        {
+            "model": "halfcheetah-vel",
+            "version": _V1,
+            "first_episode": [-1.2, -0.8, -0.5, None],
+            "later_episodes": [-0.3, 0.4, 0.8, 0.9],
+            "first_rewards": 690,
+            "later_rewards": 4_020_000,
+        }
+    ],
+    "sessions": {
+        "matching": 256,
+        "limit": 25,
+        "filter": {"model": None, "version": None},
+        "rows": [
+            {
+                "id_prefix": "5f0c2a91",
+                "model": "halfcheetah-vel",
+                "version": _V1,
+                "steps": 612,
+                "episodes": 4,
+                "last_return": 183.2,
+                "episode_return": 20.5,
+                "idle_s": 0.1,
+            }
+        ],
+    },
+}
+
+
 class FleetFeed(BaseModel):
     """What the fleet page shows: every loaded version, the traffic over the window, adaptation curves
     and the recent sessions."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE]})
 
     service: ServiceFacts
     totals: Totals
