@@ -249,8 +249,9 @@ def _encode_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-def _encode(value: Any) -> bytes:
-    return _encode_text(value).encode()
+def _number(value: float | None) -> str:
+    """A number as JSON (``null`` for none, or for NaN and infinities, which JSON lacks)."""
+    return "null" if value is None or not math.isfinite(value) else repr(float(value))
 
 
 def _label(name: str, version: str) -> str:
@@ -340,11 +341,10 @@ class Fleet:
     registry: ModelRegistry | None = None
     started_at: float = field(default_factory=time.monotonic)
     _readings: deque[_Reading] = field(init=False)
-    _times: deque[float] = field(init=False)
-    _columns: dict[str, deque[float | None]] = field(init=False)
-    _actions: dict[str, deque[float | None]] = field(init=False)
+    _times: deque[str] = field(init=False)
+    _columns: dict[str, deque[str]] = field(init=False)
+    _actions: dict[str, deque[str]] = field(init=False)
     _device_bytes: dict[tuple[str, str], int] = field(init=False, default_factory=dict)
-    _series_json: tuple[float, str] | None = field(init=False, default=None)
     _task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -352,8 +352,8 @@ class Fleet:
         self._clear_series()
 
     def _clear_series(self) -> None:
-        """The charts' columns: one value per reading interval, appended by :meth:`tick` (so a feed
-        only copies them)."""
+        """The charts' columns: one value per reading interval, appended by :meth:`tick` already
+        encoded as JSON (a point never changes once read), so a feed only joins them."""
         self._times = deque(maxlen=self.history)
         names = ("requests_per_s", "errors_per_s", "latency_p50_ms", "latency_p99_ms")
         self._columns = {name: deque(maxlen=self.history) for name in names}
@@ -404,16 +404,17 @@ class Fleet:
         self._readings.append(now)
 
     def _append(self, point: _Point) -> None:
-        self._times.append(point.at)
+        self._times.append(_number(round(point.at - self.started_at, 1)))
         values = (point.requests, point.errors, point.p50_ms, point.p99_ms)
         for column, value in zip(self._columns.values(), values, strict=True):
-            column.append(value)
+            column.append(_number(value))
         for label in point.actions:
             if label not in self._actions:  # a version loaded since: nothing before it
-                self._actions[label] = deque([None] * (len(self._times) - 1), maxlen=self.history)
+                self._actions[label] = deque(["null"] * (len(self._times) - 1), maxlen=self.history)
         for label, column in list(self._actions.items()):
-            column.append(point.actions.get(label))
-            if label not in point.actions and not any(v is not None for v in column):
+            value = point.actions.get(label)
+            column.append(_number(value))
+            if value is None and all(v == "null" for v in column):
                 del self._actions[label]  # retired, and out of the charts' span
 
     def _between(self, then: _Reading, now: _Reading) -> _Point:
@@ -481,7 +482,7 @@ class Fleet:
             "routes": routes,
             "errors": errors_rows,
             "devices": devices,
-            **({"series": self._series(now.at)} if series else {}),
+            **({"series": self._series()} if series else {}),
             "adaptation": [self._curve(e) for e in engines],
             "sessions": self._sessions(engines, query, now.at),
         }
@@ -591,25 +592,25 @@ class Fleet:
         return routes, error_rows, requests_total, errors_total
 
     def feed_json(self, query: FleetQuery | None = None) -> bytes:
-        """:meth:`feed` encoded as JSON. The charts' series (most of the feed's numbers) change only
-        at a reading: they are encoded once per reading, and the rest of the feed around them."""
-        feed = self.feed(query, series=False)
-        at = self._times[-1] if self._times else None
-        if at is None or self._series_json is None or self._series_json[0] != at:
-            encoded = json.dumps(self._series(self._readings[-1].at), separators=(",", ":"), allow_nan=False)
-            if at is None:
-                return _encode({**feed, "series": json.loads(encoded)})
-            self._series_json = (at, encoded)
-        text = _encode_text(feed)
-        return f'{text[:-1]},"series":{self._series_json[1]}}}'.encode()
+        """:meth:`feed` encoded as JSON; the charts' series (most of its numbers) are joined from the
+        points' encodings, kept since their readings."""
+        text = _encode_text(self.feed(query, series=False))
+        return f'{text[:-1]},"series":{self._series_text()}}}'.encode()
 
-    def _series(self, at: float) -> dict[str, Any]:
-        columns = self._columns
-        return {
-            "seconds_ago": np.round(at - np.fromiter(self._times, float, len(self._times)), 1).tolist(),
-            "actions_per_s": {label: list(self._actions[label]) for label in sorted(self._actions)},
-            **{name: list(column) for name, column in columns.items()},
-        }
+    def _series_text(self) -> str:
+        def array(column: Iterable[str]) -> str:
+            return f"[{','.join(column)}]"
+
+        actions = ",".join(
+            f"{json.dumps(label)}:{array(self._actions[label])}" for label in sorted(self._actions)
+        )
+        parts = [f'"at_s":{array(self._times)}', f'"actions_per_s":{{{actions}}}']
+        parts += [f'"{name}":{array(column)}' for name, column in self._columns.items()]
+        return "{" + ",".join(parts) + "}"
+
+    def _series(self) -> dict[str, Any]:
+        series: dict[str, Any] = json.loads(self._series_text())
+        return series
 
     @staticmethod
     def _curve(engine: Engine) -> dict[str, Any]:

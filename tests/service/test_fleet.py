@@ -113,7 +113,7 @@ async def test_errors_by_status_and_series(serve: Serve) -> None:
         assert (error["status"], error["method"], error["count"], error["total"]) == (404, "POST", 1, 1)
         assert body["totals"]["errors_per_s"] > 0
         series = body["series"]
-        assert len(series["seconds_ago"]) == len(series["requests_per_s"]) == 1
+        assert len(series["at_s"]) == len(series["requests_per_s"]) == 1
         assert set(series["actions_per_s"]) == {
             f"{e.name}@{e.version}" for e in client.registry.all_engines()
         }

@@ -103,7 +103,10 @@ class DeviceRow(BaseModel):
 
 
 class Series(BaseModel):
-    seconds_ago: list[float] = Field(description="One point per reading interval, oldest first.")
+    at_s: list[float] = Field(
+        description="One point per reading interval, oldest first: when it ended, in seconds since the "
+        "service started (the last is the newest reading)."
+    )
     actions_per_s: dict[str, list[float | None]] = Field(description="Per 'model@version'.")
     requests_per_s: list[float]
     errors_per_s: list[float]
@@ -207,7 +210,7 @@ EXAMPLE: dict[str, Any] = {
     "errors": [{"status": 409, "route": "/v1/act", "method": "POST", "count": 1, "per_s": 0.1, "total": 12}],
     "devices": [],
     "series": {
-        "seconds_ago": [2.0, 1.0, 0.0],
+        "at_s": [5118.4, 5119.4, 5120.4],
         "actions_per_s": {f"halfcheetah-vel@{_V1}": [1190.0, 1212.0, 1206.0]},
         "requests_per_s": [1191.0, 1213.0, 1207.0],
         "errors_per_s": [0.0, 0.0, 1.0],

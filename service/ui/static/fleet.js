@@ -216,7 +216,8 @@
       return tr;
     });
 
-    const xs = feed.series.seconds_ago.map((s) => -s);
+    const at = feed.series.at_s;
+    const xs = at.map((t) => t - at[at.length - 1]);
     const labels = Object.keys(feed.series.actions_per_s);
     const actionSeries = labels.map((label) => ({
       label: label.replace(/@(.{8}).*/, " @ $1"), values: feed.series.actions_per_s[label], color: colorFor(label),
