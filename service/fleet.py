@@ -71,16 +71,22 @@ _QUERY_KEYS = ("model", "version", "limit")
 class AdaptationCurves:
     """Rewards by step in episode (1..``steps``), a session's first episode apart from its later ones.
 
-    ``sums`` and ``counts`` are flat: index ``step`` for the first episode, ``steps + 1 + step`` for
-    later ones (index 0 of each half stays empty: an episode's first row carries no reward).
+    Sums and counts are flat, ``width = steps + 2`` bins per half: index ``step`` for the first
+    episode, ``width + step`` for later ones; bin 0 stays empty (an episode's first row carries no
+    reward) and bin ``steps + 1`` takes the steps beyond the curve, left out of it. Large batches are
+    counted into numpy arrays (:attr:`sums`, :attr:`counts`), a few rows into Python lists (cheaper
+    per row); :meth:`curves` adds them.
     """
 
-    __slots__ = ("counts", "steps", "sums")
+    __slots__ = ("_few_counts", "_few_sums", "counts", "steps", "sums", "width")
 
     def __init__(self, steps: int = CURVE_STEPS) -> None:
         self.steps = steps
-        self.sums = np.zeros(2 * (steps + 1))
-        self.counts = np.zeros(2 * (steps + 1), np.int64)
+        self.width = steps + 2
+        self.sums = np.zeros(2 * self.width)
+        self.counts = np.zeros(2 * self.width, np.int64)
+        self._few_sums = [0.0] * (2 * self.width)
+        self._few_counts = [0] * (2 * self.width)
 
     def count(
         self, table: SessionTable, slots: np.ndarray, start: np.ndarray, live: np.ndarray, rewards: np.ndarray
@@ -91,12 +97,12 @@ class AdaptationCurves:
         A row's reward is for the session's previous action; an episode's first row has none, and it
         closes the previous episode: its return becomes the session's last return.
         """
-        width = self.steps + 1
+        width, beyond = self.width, self.steps + 1
         episode_step, episodes = table.episode_step, table.episodes
         running, last = table.episode_return, table.last_return
         if len(slots) < 32:
             # A few rows (one robot's step): plain Python costs a fraction of the array operations.
-            sums, counts, top = self.sums, self.counts, self.steps
+            sums, counts = self._few_sums, self._few_counts
             rows = zip(start.tolist(), live.tolist(), slots.tolist(), rewards.tolist(), strict=True)
             for first, alive, slot, reward in rows:
                 if not alive:
@@ -108,32 +114,33 @@ class AdaptationCurves:
                     continue
                 running[slot] += reward
                 step = int(episode_step[slot])
-                if step <= top:
-                    at = step + width if episodes[slot] > 1 else step
-                    sums[at] += reward
-                    counts[at] += 1
+                at = (step if step < beyond else beyond) + (width if episodes[slot] > 1 else 0)
+                sums[at] += reward
+                counts[at] += 1
             return
-        began = slots[start & live]
-        if len(began):
-            ended = began[episodes[began] > 0]
-            last[ended] = running[ended]
-            running[began] = 0.0
-        rewarded = live & ~start
-        at_slots = slots[rewarded]
-        values = rewards[rewarded].astype(np.float64)
+        if live.all() and not start.any():  # the steady state: every row rewarded
+            at_slots, values = slots, rewards
+        else:
+            began = slots[start & live]
+            if len(began):
+                ended = began[episodes[began] > 0]
+                last[ended] = running[ended]
+                running[began] = 0.0
+            rewarded = live & ~start
+            at_slots, values = slots[rewarded], rewards[rewarded]
         running[at_slots] += values
-        steps = episode_step[at_slots]
-        kept = steps <= self.steps
-        index = steps[kept] + np.where(episodes[at_slots[kept]] > 1, width, 0)
-        self.sums += np.bincount(index, weights=values[kept], minlength=2 * width)
+        index = np.minimum(episode_step[at_slots], beyond)
+        index += (episodes[at_slots] > 1) * width
+        self.sums += np.bincount(index, weights=values, minlength=2 * width)
         self.counts += np.bincount(index, minlength=2 * width)
 
     def curves(self) -> tuple[list[float | None], list[float | None], int, int]:
         """Mean reward at steps 1.. for the first episode and the later ones (``None``: no reward
         counted at that step), up to the last step with any; and the rewards counted in each."""
-        width = self.steps + 1
-        counts = self.counts.reshape(2, width)[:, 1:]
-        sums = self.sums.reshape(2, width)[:, 1:]
+        width = self.width
+        both = (self.counts + np.asarray(self._few_counts)).reshape(2, width)
+        counts = both[:, 1 : self.steps + 1]
+        sums = (self.sums + np.asarray(self._few_sums)).reshape(2, width)[:, 1 : self.steps + 1]
         seen = np.flatnonzero(counts.sum(0))
         top = int(seen[-1]) + 1 if len(seen) else 0
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -648,21 +655,42 @@ class Fleet:
                 table.last_active[live].tolist(), [engine] * len(live), live.tolist(), strict=True
             )
         candidates.sort(key=lambda c: -c[0])
+        picked: dict[int, list[int]] = {}
+        for _, engine, slot in candidates[:limit]:
+            picked.setdefault(id(engine), []).append(slot)
+        # Each engine's chosen rows in one gather per column, not one numpy scalar per cell.
+        columns: dict[tuple[int, int], tuple[Any, ...]] = {}
+        for engine in chosen:
+            slots = picked.get(id(engine))
+            if not slots:
+                continue
+            table = engine.table
+            at_slots = np.asarray(slots)
+            gathered = zip(
+                slots,
+                table.next_step[at_slots].tolist(),
+                table.episodes[at_slots].tolist(),
+                np.round(table.last_return[at_slots], 4).tolist(),
+                np.round(table.episode_return[at_slots], 4).tolist(),
+                strict=True,
+            )
+            for slot, *values in gathered:
+                columns[(id(engine), slot)] = tuple(values)
         rows = []
         for last_active, engine, slot in candidates[:limit]:
-            table = engine.table
-            session_id = table.slot_ids[slot]
+            session_id = engine.table.slot_ids[slot]
             if session_id is None:
                 continue
+            steps, episodes, last_return, episode_return = columns[(id(engine), slot)]
             rows.append(
                 {
                     "id_prefix": session_id[:ID_PREFIX],
                     "model": engine.name,
                     "version": engine.version,
-                    "steps": int(table.next_step[slot]),
-                    "episodes": int(table.episodes[slot]),
-                    "last_return": _finite(float(table.last_return[slot])),
-                    "episode_return": _finite(float(table.episode_return[slot])),
+                    "steps": steps,
+                    "episodes": episodes,
+                    "last_return": last_return if math.isfinite(last_return) else None,
+                    "episode_return": episode_return if math.isfinite(episode_return) else None,
                     "idle_s": round(max(0.0, at - last_active), 1),
                 }
             )

@@ -291,11 +291,14 @@ def test_curves_count_the_same_in_python_and_with_arrays() -> None:
             for part in chunks:
                 curve.count(table, slots[part], start[part], live[part], rewards[part])
             table.commit(slots, live, start, np.zeros((48, 2), np.float32))
-    np.testing.assert_allclose(curves[0].sums, curves[1].sums, rtol=1e-12)
-    np.testing.assert_array_equal(curves[0].counts, curves[1].counts)
+    (first, later, n_first, n_later), again = curves[0].curves(), curves[1].curves()
+    np.testing.assert_allclose(np.array(first, float), np.array(again[0], float), rtol=1e-9)
+    np.testing.assert_allclose(np.array(later, float), np.array(again[1], float), rtol=1e-9)
+    assert (n_first, n_later) == again[2:] and n_first > 0 and n_later > 0
+    assert len(first) == len(later) == 8  # rewards beyond step 8 are left out of the curves
     for name in ("episode_return", "last_return"):
-        np.testing.assert_allclose(getattr(tables[0], name), getattr(tables[1], name), rtol=1e-12)
-    assert curves[0].counts.sum() > 0 and np.isfinite(tables[0].last_return[:48]).any()
+        np.testing.assert_allclose(getattr(tables[0], name), getattr(tables[1], name), rtol=1e-6)
+    assert np.isfinite(tables[0].last_return[:48]).any()
 
 
 def test_quantile_interpolates_within_buckets() -> None:
