@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -40,7 +41,7 @@ import uvloop
 from trmrl_sim.launch import ServiceProcess
 
 from bench import browser
-from bench.host_overhead import OBS_DIM, PATHS, make_checkpoint, measured, server_env
+from bench.host_overhead import OBS_DIM, PATHS, cpu_seconds, make_checkpoint, measured, server_env
 
 REPO = Path(__file__).resolve().parents[1]
 SESSIONS = 10_000
@@ -208,6 +209,41 @@ class Poller:
         self.thread.join()
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of a process and all its descendants (the browser's processes, under chromedriver)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError, IndexError, ValueError):  # a process gone meanwhile
+            total += cpu_seconds(pid)
+        todo += children.get(pid, [])
+    return total
+
+
+def page_cpu(driver: Any, server: ServiceProcess, seconds: float) -> dict[str, Any]:
+    """The CPU the open page costs, with no load: the browser's processes and the server, page open
+    against ``about:blank``, in percent of one core."""
+    out: dict[str, Any] = {}
+    root = driver.service.process.pid
+    for label, url in (("blank", "about:blank"), ("open", f"{server.url}/ui")) * 2:
+        driver.get(url)
+        time.sleep(3)
+        browser0, server0, t0 = tree_cpu_seconds(root), cpu_seconds(server.pid), time.perf_counter()
+        time.sleep(seconds)
+        span = time.perf_counter() - t0
+        row = out.setdefault(label, {"browser_pct": [], "server_pct": []})
+        row["browser_pct"].append(round(100 * (tree_cpu_seconds(root) - browser0) / span, 2))
+        row["server_pct"].append(round(100 * (cpu_seconds(server.pid) - server0) / span, 2))
+    return out
+
+
 async def overhead_part(
     checkpoint: Path,
     paths: list[tuple[str, int]],
@@ -221,6 +257,9 @@ async def overhead_part(
     rows: dict[str, Any] = {"page": "headless chromium" if driver is not None else f"feed poller ({reason})"}
     try:
         with ServiceProcess([checkpoint], env=server_env(1), cwd=REPO) as server:
+            if driver is not None:
+                httpx.post(f"{server.url}/v1/sessions", json={"count": 4096}, timeout=60)
+                rows["page_cpu"] = page_cpu(driver, server, 6.0 if duration_s < 2 else 15.0)
             for path, sessions in paths:
                 runs: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
                 for i in range(2 * rounds + 1):
@@ -308,8 +347,15 @@ def table(results: dict[str, Any]) -> str:
     over = results.get("overhead")
     if over:
         lines += ["", f"Serving with the page open ({over['page']}), medians of alternate rounds:"]
+        cpu = over.get("page_cpu")
+        if cpu:
+            lines.append(
+                "  page's own CPU, no load (% of one core): browser "
+                f"{cpu['blank']['browser_pct']} -> {cpu['open']['browser_pct']}, server "
+                f"{cpu['blank']['server_pct']} -> {cpu['open']['server_pct']} (about:blank -> /ui)"
+            )
         for key, row in over.items():
-            if key == "page":
+            if key in ("page", "page_cpu"):
                 continue
             lines.append(
                 f"  {key:24s} {row['actions_per_s_without']:10.0f} -> "
