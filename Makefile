@@ -67,7 +67,7 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-docker-build:  ## build the CPU images (base by debootstrap, torch from docker/wheelhouse); see docs/deploy.md
+docker-build:  ## build the CPU images (base by debootstrap, torch from docker/wheelhouse) and Prometheus; see docs/deploy.md
 	docker/make-base-image.sh
 	ls docker/wheelhouse/torch-*+cpu-*.whl >/dev/null 2>&1 || cp /opt/wheels/torch-2.13.0+cpu-cp311-*.whl docker/wheelhouse/
 	for c in /usr/local/share/ca-certificates/*.crt; do [ ! -f "$$c" ] || cp "$$c" docker/certs/; done
@@ -77,14 +77,16 @@ docker-build:  ## build the CPU images (base by debootstrap, torch from docker/w
 	DOCKER_BUILDKIT=0 docker build -f docker/trainer.Dockerfile -t trmrl/trainer:cpu --build-arg SERVICE_IMAGE=trmrl/service:cpu .
 	DOCKER_BUILDKIT=0 docker build -f docker/router.Dockerfile -t trmrl/router:local \
 		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
+	DOCKER_BUILDKIT=0 docker build -f docker/prometheus.Dockerfile -t trmrl/prometheus:local \
+		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
 
 docker-build-gpu:  ## build the GPU images without a registry: the debootstrapped Debian base, PyPI's CUDA torch (several GB)
 	docker/make-base-image.sh
 	for c in /usr/local/share/ca-certificates/*.crt; do [ ! -f "$$c" ] || cp "$$c" docker/certs/; done
 	DOCKER_BUILDKIT=0 docker build -f docker/service.Dockerfile -t trmrl/service:cuda \
-		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
+		--build-arg BASE_IMAGE=trmrl/debian-python:bookworm --build-arg TORCH_WHEELHOUSE=docker/wheelhouse/README.md .
 	DOCKER_BUILDKIT=0 docker build -f docker/trainer.Dockerfile -t trmrl/trainer:cuda --build-arg SERVICE_IMAGE=trmrl/service:cuda .
 	docker image ls trmrl/service:cuda
 
-docker-smoke: $(STAMP)  ## build the CPU images and run the deployment for real: compose, restart, 2 replicas, a killed one
+docker-smoke: $(STAMP)  ## build the images and run the deployment for real: the CUDA image on CPU, compose, restart, 2 replicas, Prometheus, a killed one
 	docker/smoke.sh

@@ -5,7 +5,10 @@
 # GPU without any image registry (`make docker-build-gpu`): the same PyPI torch, which carries its own CUDA
 # libraries, on the debootstrapped Debian base; only the driver comes from the host (Container Toolkit):
 #   docker build -f docker/service.Dockerfile -t trmrl/service:cuda \
-#     --build-arg BASE_IMAGE=trmrl/debian-python:bookworm .
+#     --build-arg BASE_IMAGE=trmrl/debian-python:bookworm \
+#     --build-arg TORCH_WHEELHOUSE=docker/wheelhouse/README.md .
+# (TORCH_WHEELHOUSE=docker/wheelhouse/README.md: no local wheel enters the build, so its cache does not
+# depend on whether a CPU wheel sits in docker/wheelhouse/.)
 # CPU, without any image registry (the base made by docker/make-base-image.sh, torch from the local
 # wheelhouse docker/wheelhouse/, so no CUDA wheel is ever downloaded):
 #   docker build -f docker/service.Dockerfile -t trmrl/service:cpu \
@@ -35,6 +38,9 @@ FROM python-base AS build
 # download); its small dependencies then come from PyPI with the others, torch itself being satisfied.
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_PIP_ARGS=
+# What of docker/wheelhouse/ the build takes: all of it (the default), or only its README for a build that
+# takes torch from PyPI (then a CPU wheel in the directory neither enters the build nor changes its cache).
+ARG TORCH_WHEELHOUSE=docker/wheelhouse/
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=120 \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 # Extra CA certificates for a TLS-intercepting proxy between the build and PyPI (docker/certs/*.crt;
@@ -43,7 +49,7 @@ COPY docker/certs/ /tmp/certs/
 RUN for c in /tmp/certs/*.crt; do [ -f "$c" ] && cat "$c" >> /etc/ssl/certs/ca-certificates.crt; done; \
     python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY docker/wheelhouse/ /wheelhouse/
+COPY ${TORCH_WHEELHOUSE} /wheelhouse/
 RUN pip install ${TORCH_PIP_ARGS} "${TORCH_SPEC}"
 # Dependencies first (a layer that only changes with pyproject/constraints), then the code itself.
 COPY pyproject.toml README.md /src/

@@ -3,7 +3,9 @@
 #
 # Starts a Docker engine if none answers (installing Debian's docker.io when dockerd is missing), makes the
 # base image with debootstrap (cached), builds the CPU images (torch from docker/wheelhouse/, never a CUDA
-# wheel), then:
+# wheel) and the Prometheus image (its build checks the configuration and unit-tests the alerting rules), then:
+#   0. the CUDA service image (`make docker-build-gpu`'s, PyPI's CUDA torch; cached after the first build):
+#      runs it without `--gpus` and checks it serves on CPU (/readyz, one POST /v1/act), then stops it;
 #   1. one service (docker-compose.cpu.yml): waits healthy, drives sessions with trmrl-sim (from the host's
 #      venv, against the mapped port, with an API key), checks 401 without it, scrapes /metrics, restarts
 #      the container and checks the sessions continue (same ids, same memory, no recovery), runs the
@@ -14,18 +16,24 @@
 #      sessions step through the router (the router refuses an admin call: 421 admin_on_replica; a new
 #      version of point-nav loaded, activated with migrate_sessions, rolled back and retired on every
 #      replica through its own port; no failed step, no step conflict, the versions switch between two
-#      steps, memories and step counters carry on; a user key gets 403 on the admin routes); kills one
-#      replica and checks the clients recover;
+#      steps, memories and step counters carry on; a user key gets 403 on the admin routes); with the
+#      `monitoring` profile, checks that Prometheus holds every replica's series (up, trmrl_steps_total per
+#      instance) and its rules are loaded; kills one replica and checks the clients recover and Prometheus
+#      raises TrmrlReplicasMissing;
 # and tears everything down, also on failure. Prints timings and image sizes.
 #
-# Settings (environment): SMOKE_PORT (18000), SMOKE_ROUTER_PORT (18080), SMOKE_VENV (.venv: the host venv
-# with trmrl-sim), SMOKE_TORCH_WHEEL (/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl),
-# SMOKE_KEEP_IMAGES (1: images stay, they are the build cache), SMOKE_ENVS (8).
+# Settings (environment): SMOKE_PORT (18000), SMOKE_ROUTER_PORT (18080), SMOKE_CUDA_PORT (18001),
+# SMOKE_PROMETHEUS_PORT (19090), SMOKE_VENV (.venv: the host venv with trmrl-sim), SMOKE_TORCH_WHEEL
+# (/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl), SMOKE_KEEP_IMAGES (1: images stay,
+# they are the build cache), SMOKE_ENVS (8), SMOKE_CUDA (1; 0 skips the CUDA image: its first build
+# downloads several GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT="${SMOKE_PORT:-18000}"
 ROUTER_PORT="${SMOKE_ROUTER_PORT:-18080}"
+CUDA_PORT="${SMOKE_CUDA_PORT:-18001}"
+PROMETHEUS_PORT="${SMOKE_PROMETHEUS_PORT:-19090}"
 VENV="${SMOKE_VENV:-.venv}"
 ENVS="${SMOKE_ENVS:-8}"
 TORCH_WHEEL="${SMOKE_TORCH_WHEEL:-/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl}"
@@ -35,6 +43,9 @@ BASE_TAG=trmrl/debian-python:bookworm
 SERVICE_TAG=trmrl/service:cpu
 TRAINER_TAG=trmrl/trainer:cpu
 ROUTER_TAG=trmrl/router:local
+PROMETHEUS_TAG=trmrl/prometheus:local
+CUDA_TAG=trmrl/service:cuda
+CUDA_CONTAINER="$PROJECT-cuda"
 mkdir -p "$LOGS"
 
 T_START=$(date +%s)
@@ -86,7 +97,7 @@ SIM="$VENV/bin/trmrl-sim"
 PY="$VENV/bin/python"
 
 SINGLE=(-p "$PROJECT" -f docker-compose.cpu.yml)
-SCALED=(-p "$PROJECT" -f docker-compose.cpu.yml -f docker-compose.scale.yml)
+SCALED=(-p "$PROJECT" -f docker-compose.cpu.yml -f docker-compose.scale.yml --profile monitoring)
 KEY="smoke-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 ADMIN_KEY="smoke-admin-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 ENV_FILE="$LOGS/smoke.env"
@@ -99,14 +110,21 @@ cleanup() {
         "${COMPOSE[@]}" "${files[@]}" --profile demo --profile train logs --no-color >"$LOGS/compose-$cfg.log" 2>&1
         "${COMPOSE[@]}" "${files[@]}" --profile demo --profile train down -v --remove-orphans >/dev/null 2>&1
     done
+    if docker container inspect "$CUDA_CONTAINER" >/dev/null 2>&1; then
+        docker logs "$CUDA_CONTAINER" >"$LOGS/cuda-service.log" 2>&1
+        docker rm -f "$CUDA_CONTAINER" >/dev/null 2>&1
+    fi
     rm -f "$ENV_FILE"
-    [ "${SMOKE_KEEP_IMAGES:-1}" = 1 ] || docker image rm "$ROUTER_TAG" "$TRAINER_TAG" "$SERVICE_TAG" >/dev/null 2>&1
+    [ "${SMOKE_KEEP_IMAGES:-1}" = 1 ] ||
+        docker image rm "$PROMETHEUS_TAG" "$ROUTER_TAG" "$TRAINER_TAG" "$SERVICE_TAG" "$CUDA_TAG" >/dev/null 2>&1
     if [ "$rc" = 0 ]; then echo "SMOKE PASSED in $(($(date +%s) - T_START)) s"; else echo "SMOKE FAILED (exit $rc); logs in $LOGS/"; fi
 }
 trap cleanup EXIT
 
 export TRMRL_ENV_FILE="$ENV_FILE" TRMRL_IMAGE="$SERVICE_TAG" TRMRL_TRAINER_IMAGE="$TRAINER_TAG" \
-    TRMRL_ROUTER_IMAGE="$ROUTER_TAG" TRMRL_ROUTER_BASE_IMAGE="$BASE_TAG"
+    TRMRL_ROUTER_IMAGE="$ROUTER_TAG" TRMRL_ROUTER_BASE_IMAGE="$BASE_TAG" \
+    TRMRL_PROMETHEUS_IMAGE="$PROMETHEUS_TAG" TRMRL_PROMETHEUS_BASE_IMAGE="$BASE_TAG" \
+    TRMRL_PROMETHEUS_PUBLISH="127.0.0.1:$PROMETHEUS_PORT:9090"
 cat >"$ENV_FILE" <<EOF
 TRMRL_API_KEYS=$KEY
 TRMRL_ADMIN_KEYS=$ADMIN_KEY
@@ -122,7 +140,7 @@ for files in "docker-compose.yml" "docker-compose.cpu.yml" "docker-compose.yml d
     "docker-compose.cpu.yml docker-compose.scale.yml"; do
     args=()
     for f in $files; do args+=(-f "$f"); done
-    "${COMPOSE[@]}" "${args[@]}" --profile train --profile demo config -q || fail "compose config: $files"
+    "${COMPOSE[@]}" "${args[@]}" --profile train --profile demo --profile monitoring config -q || fail "compose config: $files"
     echo "ok: $files"
 done
 
@@ -147,10 +165,26 @@ timed "build $SERVICE_TAG" build service -f docker/service.Dockerfile -t "$SERVI
 timed "build $TRAINER_TAG" build trainer -f docker/trainer.Dockerfile -t "$TRAINER_TAG" \
     --build-arg SERVICE_IMAGE="$SERVICE_TAG" .
 timed "build $ROUTER_TAG" build router -f docker/router.Dockerfile -t "$ROUTER_TAG" --build-arg BASE_IMAGE="$BASE_TAG" .
+timed "build $PROMETHEUS_TAG (promtool checks)" build prometheus -f docker/prometheus.Dockerfile -t "$PROMETHEUS_TAG" \
+    --build-arg BASE_IMAGE="$BASE_TAG" .
+# The build ran promtool check config/rules and the rules' unit tests; check the configuration once more.
+docker run --rm --entrypoint promtool "$PROMETHEUS_TAG" check config /etc/prometheus/prometheus.yml \
+    >"$LOGS/promtool.txt" 2>&1 || { cat "$LOGS/promtool.txt"; fail "promtool check config"; }
+echo "prometheus image: $(docker run --rm --entrypoint prometheus "$PROMETHEUS_TAG" --version 2>&1 | head -1)"
+echo "prometheus image: promtool check config: valid; $(awk '/^Checking/ {f = $2; sub(/.*\//, "", f)}
+    /SUCCESS: [0-9]+ rules found/ {printf "%s%s %d rules", sep, f, $2; sep = ", "}' "$LOGS/promtool.txt")"
 docker run --rm --entrypoint python3 "$SERVICE_TAG" -c \
     'import os, torch; assert torch.version.cuda is None, torch.version.cuda; assert os.getuid() == 10001; print("service image: torch", torch.__version__, "(CPU build), uid", os.getuid())'
 docker run --rm --entrypoint sh "$SERVICE_TAG" -c '! command -v gcc && ! command -v pip && echo "service image: no compiler, no pip"'
 
+wait_url() { # wait_url SECONDS URL: until URL answers 2xx
+    local limit="$1" url="$2" t0
+    t0=$(date +%s)
+    until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
+        [ $(($(date +%s) - t0)) -lt "$limit" ] || return 1
+        sleep 0.5
+    done
+}
 wait_healthy() { # wait_healthy SECONDS COMPOSE_ARGS...: every container of the project running and healthy
     local limit="$1"
     shift
@@ -177,6 +211,30 @@ sim() { # sim URL TRANSPORT LABEL [ARGS...]: trmrl-sim from the host venv, its s
     "$SIM" --url "$url" --api-key "$KEY" --family point-nav --envs "$ENVS" --episodes 2 --transport "$transport" \
         --no-progress --json "$LOGS/sim-$label.json" "$@" | tee "$LOGS/sim-$label.txt" | tail -4
 }
+
+# -- 0. the CUDA image serves on CPU -------------------------------------------------------------------
+# The image a GPU host runs (make docker-build-gpu: PyPI's CUDA torch on the Debian base), started here
+# without --gpus: the CUDA build of torch finds no device and the service (TRMRL_DEVICE=auto) runs on CPU.
+if [ "${SMOKE_CUDA:-1}" = 1 ]; then
+    step "CUDA image: build, then serve on CPU (no --gpus)"
+    timed "build $CUDA_TAG (PyPI CUDA torch)" build service-cuda -f docker/service.Dockerfile -t "$CUDA_TAG" \
+        --build-arg BASE_IMAGE="$BASE_TAG" --build-arg TORCH_WHEELHOUSE=docker/wheelhouse/README.md .
+    docker run --rm --entrypoint python3 "$CUDA_TAG" -c \
+        'import os, torch; assert torch.version.cuda, "not a CUDA build"; assert os.getuid() == 10001; print("cuda image: torch", torch.__version__, "CUDA", torch.version.cuda, "| device available here:", torch.cuda.is_available())'
+    docker rm -f "$CUDA_CONTAINER" >/dev/null 2>&1 || true
+    timed "cuda: docker run (no --gpus)" docker run -d --name "$CUDA_CONTAINER" -p "127.0.0.1:$CUDA_PORT:8000" \
+        -e TRMRL_API_KEYS="$KEY" -e TRMRL_LOG_FORMAT=json -e TRMRL_TORCH_THREADS=1 "$CUDA_TAG" >/dev/null
+    timed "cuda: ready (/readyz)" wait_url 180 "http://127.0.0.1:$CUDA_PORT/readyz" ||
+        { docker logs "$CUDA_CONTAINER" 2>&1 | tail -20; fail "the CUDA image did not become ready in 180 s"; }
+    timed "cuda: one POST /v1/act" "$PY" docker/smoke_checks.py act "http://127.0.0.1:$CUDA_PORT" --api-key "$KEY" ||
+        fail "the CUDA image did not answer /v1/act"
+    on_cpu=$(docker logs "$CUDA_CONTAINER" 2>&1 | grep -c '"message": "model .* on cpu: ' || true)
+    [ "$on_cpu" -gt 0 ] || fail "the CUDA image loaded no model on cpu"
+    echo "cuda image: $on_cpu models loaded on cpu (TRMRL_DEVICE=auto, no GPU in the container)"
+    timed "cuda: docker stop" docker stop -t 60 "$CUDA_CONTAINER" >/dev/null
+    docker logs "$CUDA_CONTAINER" >"$LOGS/cuda-service.log" 2>&1
+    docker rm "$CUDA_CONTAINER" >/dev/null
+fi
 
 # -- 1. one service --------------------------------------------------------------------------------------
 step "single service: up"
@@ -229,7 +287,7 @@ timed "single: compose down -v" "${COMPOSE[@]}" "${SINGLE[@]}" --profile demo --
 step "scale-out: 2 replicas behind nginx"
 export TRMRL_PUBLISH="127.0.0.1::8000" TRMRL_ROUTER_PUBLISH="127.0.0.1:$ROUTER_PORT:8080" TRMRL_REPLICAS=2
 RURL="http://127.0.0.1:$ROUTER_PORT"
-timed "scale: compose up (2 replicas + router)" "${COMPOSE[@]}" "${SCALED[@]}" up -d --scale trmrl=2
+timed "scale: up (2 replicas + router + prometheus)" "${COMPOSE[@]}" "${SCALED[@]}" up -d --scale trmrl=2
 timed "scale: healthy" wait_healthy 180 "${SCALED[@]}"
 mapfile -t REPLICAS < <("${COMPOSE[@]}" "${SCALED[@]}" ps -q trmrl)
 [ "${#REPLICAS[@]}" = 2 ] || fail "expected 2 replicas, got ${#REPLICAS[@]}"
@@ -293,11 +351,28 @@ for f in r["per_replica"]:
           f"pause {f['upgrade_pause_ms']} ms; rollback {f['rollback_migrated']} migrated, pause {f['rollback_pause_ms']} ms")
 PY
 
+step "scale-out: Prometheus (profile monitoring) holds every replica's series"
+# Each replica's address on the compose network, as Prometheus finds it by DNS (its `instance` label), and
+# its own trmrl_steps_total (no traffic now): Prometheus must come to hold the same value for each.
+INSTANCES=()
+for id in "${REPLICAS[@]}"; do
+    p=$(docker port "$id" 8000/tcp | head -1 | sed 's/.*://')
+    ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id")
+    INSTANCES+=("--instance=$ip:8000=$(metric "http://127.0.0.1:$p" trmrl_steps_total)")
+done
+PURL="http://127.0.0.1:$PROMETHEUS_PORT"
+timed "scale: prometheus holds every replica's series" to_file "$LOGS/prometheus.txt" \
+    "$PY" docker/smoke_checks.py prometheus "$PURL" "${INSTANCES[@]}" --timeout 120 ||
+    fail "Prometheus does not hold every replica's series"
+
 step "scale-out: kill one replica, the clients recover"
 timed "scale: sessions across a killed replica" to_file "$LOGS/kill.json" "$PY" docker/smoke_driver.py --url "$RURL" --api-key "$KEY" \
     --sessions 12 --steps 10 --snapshot-half --min-upstreams 2 --expect recover --ready-url "$RURL/readyz" \
     --disrupt "docker kill ${REPLICAS[0]} >/dev/null"
 timed "scale: trmrl-sim with one replica left (http)" sim "$RURL" http scale-after-kill
+# The killed replica leaves the service's DNS records: fewer targets than TRMRL_REPLICAS=2.
+timed "scale: prometheus alert for the killed replica" "$PY" docker/smoke_checks.py alert "$PURL" TrmrlReplicasMissing \
+    --timeout 90 || fail "Prometheus raised no TrmrlReplicasMissing after a replica was killed"
 timed "scale: compose down -v" "${COMPOSE[@]}" "${SCALED[@]}" down -v --remove-orphans
 
 step "summary"

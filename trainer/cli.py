@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from trainer.config import PRESETS, preset_config
+from trainer.config import PRESETS, TrainConfig, preset_config
 
 if TYPE_CHECKING:
     from trmrl.tasks import TaskFamily
@@ -41,7 +43,12 @@ def train_main(argv: list[str] | None = None) -> int:
         "trmrl.task_families entry-point group) or module:attribute",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    parser.add_argument("--list-presets", action="store_true", help="print the presets as a table and exit")
+    parser.add_argument(
+        "--show-preset",
+        metavar="NAME",
+        help="print every setting of preset NAME (with --set, --family, ... applied) and exit",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--no-held-out",
@@ -50,15 +57,17 @@ def train_main(argv: list[str] | None = None) -> int:
         "figures may only be read on validation; trmrl-eval --split test evaluates them later",
     )
     args = parser.parse_args(argv)
+    prog = parser.prog
 
     if args.list_presets:
-        for name in sorted(PRESETS):
-            p = PRESETS[name]
-            arch, kind = p.get("architecture", "small"), policy_kind(p)
-            print(f"{name:36s} {p['family']:16s} {arch:10s} {kind}")
-        return 0
-    if not args.preset or not args.out:
-        parser.error("--preset and --out are required (or --list-presets)")
+        return _printed(_list_presets)
+    name = args.show_preset or args.preset
+    if name is None or (args.show_preset is None and args.out is None):
+        parser.error("--preset and --out are required (or --list-presets, --show-preset NAME)")
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        _fail(prog, f"unknown preset {name!r}; {hint}trmrl-train --list-presets shows the known ones")
     try:
         overrides = _parse_sets(args.set)
         if args.total_steps is not None:
@@ -67,12 +76,12 @@ def train_main(argv: list[str] | None = None) -> int:
             overrides["seed"] = str(args.seed)
         if args.family is not None:
             overrides["family"] = args.family
-        cfg = preset_config(args.preset, overrides)
-        from trmrl.tasks import get_family
-
-        get_family(cfg.family)
+        cfg = preset_config(name, overrides)
     except ValueError as exc:
-        parser.error(str(exc))
+        _fail(prog, str(exc))
+    if args.show_preset is not None:
+        return _printed(lambda: _show_preset(name, cfg, overrides))
+    _check_before_work(prog, cfg)
 
     from trainer.run import Trainer, init_distributed
 
@@ -80,7 +89,7 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, args.out, progress=not args.no_progress, held_out=not args.no_held_out)
     except ValueError as exc:  # RunDirectoryError included: a config or directory refused before any work
-        parser.error(str(exc))
+        _fail(prog, str(exc))
     try:
         result = trainer.train()
     finally:
@@ -93,11 +102,79 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _fail(prog: str, message: str) -> NoReturn:
+    """Refuse with one line on stderr, ``PROG: error: MESSAGE``, and exit status 2 (as argparse does)."""
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_before_work(prog: str, cfg: TrainConfig) -> None:
+    """Refuse, with one line, what would otherwise fail once the run has started: a family that cannot be
+    loaded or whose sampler does not return tasks, and a device this machine lacks."""
+    from trmrl.device import resolve_device
+    from trmrl.tasks import TaskFamilyError, get_family, locomotion, metaworld_tasks, point_nav
+
+    built_in = (*point_nav.FAMILIES, *locomotion.FAMILIES, *metaworld_tasks.FAMILIES)
+    try:
+        family = get_family(cfg.family)
+        if not any(family is known for known in built_in):
+            # A user's own sampler: every split the run may draw from fails here, not in the run.
+            for split in family.splits:
+                family.sample_tasks(split, 2, seed=cfg.seed)
+    except TaskFamilyError as exc:
+        _fail(prog, str(exc))
+    try:
+        resolve_device(cfg.device)
+    except RuntimeError as exc:
+        _fail(prog, f"--set device={cfg.device}: {str(exc).splitlines()[0]}; use device=auto or device=cpu")
+
+
+def _printed(show: Callable[[], None]) -> int:
+    """Run ``show``; a reader that stops early (``| head``) ends it quietly."""
+    try:
+        show()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    return 0
+
+
+def _list_presets() -> None:
+    """The presets as a table: what each trains, on what, for how long."""
+    columns = ["preset", "family", "policy", "reference", "architecture", "optimization", "total steps"]
+    rows = []
+    for name in sorted(PRESETS):
+        cfg = preset_config(name)
+        rows.append(
+            [
+                name,
+                cfg.family,
+                cfg.policy,
+                cfg.reference,
+                cfg.architecture,
+                cfg.optimization,
+                f"{cfg.total_steps:,}",
+            ]
+        )
+    _print_table(columns, rows)
+    print("\ntrmrl-train --show-preset NAME prints every setting of one preset.")
+
+
+def _show_preset(name: str, cfg: TrainConfig, overrides: dict[str, str]) -> None:
+    """Every setting of ``cfg`` and where its value comes from: the preset, the command line or the
+    default."""
+    print(f"preset {name}")
+    rows = []
+    for key, value in cfg.to_dict().items():
+        source = "command line" if key in overrides else "preset" if key in PRESETS[name] else "default"
+        rows.append([key, json.dumps(value) if isinstance(value, bool) else str(value), source])
+    _print_table(["setting", "value", "from"], rows)
+
+
 def _print_table(columns: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(columns[i]), *(len(row[i]) for row in rows)) for i in range(len(columns))]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    for row in [columns, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _group_summary(values: list[float], gap_closed: Callable[[float], float | None]) -> dict[str, float]:
@@ -164,24 +241,26 @@ def eval_main(argv: list[str] | None = None) -> int:
         parser.error("--episodes must be >= 1")
 
     from trainer.evaluate import evaluate
-    from trmrl.checkpoint import CheckpointError, load_checkpoint
+    from trmrl.checkpoint import CheckpointError, checkpoint_family, load_checkpoint
     from trmrl.tasks import TaskFamilyError, get_family
     from trmrl.tasks.trials import EARLY_STEPS
 
     try:
         loaded = [load_checkpoint(path) for path in args.checkpoints]
     except CheckpointError as exc:
-        parser.error(str(exc))
+        _fail(parser.prog, str(exc))
     families = {c.info.task_family for c in loaded}
     if len(families) != 1:
-        parser.error(f"checkpoints are of different task families: {', '.join(sorted(families))}")
+        _fail(parser.prog, f"checkpoints are of different task families: {', '.join(sorted(families))}")
     try:
-        family = get_family(families.pop())
-        if args.family is not None:
-            family = _compatible_family(family, get_family(args.family))
+        # --family first: a module:attribute it names registers its family, which the checkpoints may name.
+        other = get_family(args.family) if args.family is not None else None
+        family = checkpoint_family(loaded[0].info)
+        if other is not None:
+            family = _compatible_family(family, other)
         tasks = family.sample_tasks(args.split, args.tasks, seed=args.seed)
     except TaskFamilyError as exc:
-        parser.error(str(exc))
+        _fail(parser.prog, str(exc))
 
     rows = []
     for path, ckpt in zip(args.checkpoints, loaded, strict=True):

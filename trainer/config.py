@@ -99,7 +99,7 @@ class TrainConfig:
     epochs: int = 10
     """Passes over the rollout per update."""
     vf_coef: float = 0.5
-    """Weight of the value loss in the ``joint`` loss."""
+    """Weight of the value loss in the ``joint`` loss (``separate`` has none: setting both is refused)."""
     max_grad_norm: float = 1.0
     """Gradient norm clip (0 disables)."""
     normalize_advantages: bool = False
@@ -359,6 +359,10 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
     "small-ml1-reach-fresh": _small(
         "ml1-reach-fresh", tasks_per_update=50, total_steps=5_000_000, eval_every=10, checkpoint_every=5
     ),
+    # Push with goals drawn from the training distribution as for reach (the test goals the benchmark's).
+    "small-ml1-push-fresh": _small(
+        "ml1-push-fresh", tasks_per_update=50, total_steps=10_000_000, eval_every=10, checkpoint_every=5
+    ),
 }
 
 
@@ -391,6 +395,13 @@ def preset_config(name: str, overrides: dict[str, str] | None = None) -> TrainCo
     values = dict(PRESETS[name])
     for key, raw in (overrides or {}).items():
         values[key] = parse_field(key, raw)
+    if "vf_coef" in values and values.get("optimization") == "separate":
+        # An explicit weight nothing would read: separate optimisation has no joint loss to weigh.
+        raise ValueError(
+            f"vf_coef={values['vf_coef']} would be ignored under optimization=separate: vf_coef weighs the "
+            "value loss in joint's single loss, while separate steps the value with its own AdamW (value_lr "
+            "sets its step); drop vf_coef or set optimization=joint"
+        )
     return TrainConfig(**values)
 
 

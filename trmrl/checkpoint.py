@@ -21,7 +21,7 @@ import tarfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +30,9 @@ from safetensors.torch import save as save_safetensors
 
 from trmrl.model import ModelConfig
 from trmrl.networks import Network, build_model
+
+if TYPE_CHECKING:
+    from trmrl.tasks import TaskFamily
 
 SCHEMA_VERSION = 1
 FORMAT = "trmrl-checkpoint"
@@ -64,6 +67,13 @@ class CheckpointInfo:
         """Short content hash, the model version the service reports."""
         return self.content_hash.removeprefix("sha256:")[:12]
 
+    @property
+    def family_source(self) -> str:
+        """Where the training run found its task family: the ``module:attribute`` it was given (a user's
+        own family, not installed), else the family's name."""
+        given = self.training.get("family")
+        return given if isinstance(given, str) and ":" in given else self.task_family
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -76,6 +86,33 @@ class Checkpoint:
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+
+def checkpoint_family(info: CheckpointInfo) -> TaskFamily:
+    """The task family a checkpoint was trained on: by its recorded name (built in, registered or
+    installed), else -- a family the training run loaded as ``module:attribute`` -- from that module.
+
+    Raises:
+        TaskFamilyError: the family cannot be found or loaded, or its module now gives another family;
+            the message is one line and says which.
+    """
+    from trmrl.tasks import TaskFamilyError, family_names, get_family
+
+    name, source = info.task_family, info.family_source
+    if source == name or name in family_names():
+        return get_family(name)
+    try:
+        family = get_family(source)
+    except TaskFamilyError as exc:
+        raise TaskFamilyError(
+            f"task family {name!r} was trained from {source!r}, which does not load here ({exc}); "
+            "put its module on PYTHONPATH or install it"
+        ) from exc
+    if family.name != name:
+        raise TaskFamilyError(
+            f"{source!r} now gives a family named {family.name!r}, the checkpoint's is {name!r}"
+        )
+    return family
 
 
 def content_hash(weights: bytes, config: dict[str, Any]) -> str:

@@ -12,8 +12,9 @@ Example:
 """
 
 from trmrl_client.errors import ServiceError, ServiceUnavailable
-from trmrl_client.http import AsyncPolicyClient, AsyncSession, PolicyClient, Session
+from trmrl_client.http import AsyncPolicyClient, PolicyClient
 from trmrl_client.protocol import ModelInfo
+from trmrl_client.session import AsyncSession, Session
 from trmrl_client.vector import AsyncVectorSession, VectorSession
 
 __version__ = "0.1.0"

@@ -97,6 +97,18 @@ def within_limit(values: Any) -> np.ndarray:
     return np.asarray(ok.all(axis=-1) if ok.ndim > 1 else ok)
 
 
+def jsonable(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with its numpy arrays (a columnar tick's) as nested lists, for JSON.
+
+    Example:
+        >>> jsonable({"steps": np.arange(2), "model": "m"})
+        {'steps': [0, 1], 'model': 'm'}
+    """
+    if not any(isinstance(v, np.ndarray) for v in body.values()):
+        return body
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in body.items()}
+
+
 def packb(obj: Any) -> bytes:
     """Encode ``obj`` (dicts, lists, numbers, strings, numpy arrays) as MessagePack.
 

@@ -1,23 +1,26 @@
 """HTTP clients of the policy service: :class:`PolicyClient` (blocking) and :class:`AsyncPolicyClient`.
 
-Both speak the v1 API with httpx and take and return numpy arrays. They are thin drivers: a client
-makes one try of a request at a time (:meth:`PolicyClient.attempt`); what to send, what to retry (a
-timeout, a dropped connection, a ``429``/``503``: safe, since every act carries the session's step
-number and the service answers a re-sent step with the same action) and how to recover a session the
-service lost is decided once, without I/O, in :mod:`trmrl_client.retry` and :mod:`trmrl_client.protocol`.
+Both speak the v1 API with httpx and take and return numpy arrays. Underneath each is an HTTP
+transport (:class:`HttpTransport`, :class:`AsyncHttpTransport`) that makes one try of a request at a
+time; what to send, what to retry (a timeout, a dropped connection, a ``429``/``503``: safe, since
+every act carries the session's step number and the service answers a re-sent step with the same
+action) and how to recover a session the service lost is decided once, without I/O, in
+:mod:`trmrl_client.retry` and :mod:`trmrl_client.protocol`. A client is itself a transport (its
+sessions run over it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import httpx
 import numpy as np
 from numpy.typing import ArrayLike
 
+from trmrl_client import routes
+from trmrl_client.codec import jsonable, packb, unpackb
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 from trmrl_client.protocol import (
     ROUTE_HEADER,
@@ -26,8 +29,6 @@ from trmrl_client.protocol import (
     Flow,
     ModelInfo,
     Reply,
-    Scope,
-    SessionLedger,
     Transition,
     batch_flow,
     create_body,
@@ -35,131 +36,123 @@ from trmrl_client.protocol import (
     models_flow,
     new_route_key,
 )
-from trmrl_client.retry import MAX_BACKOFF_S, RetryPolicy, Try, drive, drive_async, tries, with_retries
-
-if TYPE_CHECKING:
-    from trmrl_client.vector import AsyncVectorSession, VectorSession
+from trmrl_client.retry import MAX_BACKOFF_S, Outcome, RetryPolicy, Try, drive, drive_async, tries
+from trmrl_client.session import AsyncSession, Session
+from trmrl_client.transport import run as run_flow
+from trmrl_client.transport import run_async as run_flow_async
+from trmrl_client.vector import AsyncVectorSession, VectorLedger, VectorSession, create_sessions_flow
 
 Encoding = Literal["json", "msgpack"]
 MSGPACK = "application/msgpack"
 
 
-class _Http:
-    """What both clients share: base URL, headers, encoding and retry policy; one request's bytes."""
+class HttpTransport:
+    """One try of a call as one HTTP request over an ``httpx.Client`` (a
+    :class:`~trmrl_client.transport.Transport`).
 
-    def __init__(
-        self, url: str, api_key: str | None, timeout: float, retries: int, encoding: Encoding
-    ) -> None:
-        if encoding not in ("json", "msgpack"):
-            raise ValueError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
-        if encoding == "msgpack":
-            from trmrl_client import codec  # noqa: F401 -- fail now if the stream extra is missing
+    Act routes' bodies travel as MessagePack with ``encoding="msgpack"``, every other body as JSON.
 
-        self.url = url.rstrip("/")
-        self.policy = RetryPolicy(timeout, retries)
+    Example:
+        >>> transport = HttpTransport(httpx.Client(base_url=url), RetryPolicy(10.0, 3))  # doctest: +SKIP
+        >>> transport.attempt(Try(Call.to(routes.MODELS), 10.0)).status  # doctest: +SKIP
+        200
+    """
+
+    def __init__(self, http: httpx.Client, policy: RetryPolicy, encoding: Encoding = "json") -> None:
+        self.http = http
+        self.policy = policy
         self.encoding = encoding
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    def request(self, step: Try) -> dict[str, Any]:
-        """The keyword arguments of ``httpx`` for one try of a call."""
-        call = step.call
-        headers = {ROUTE_HEADER: call.route_key} if call.route_key else {}
-        content: bytes | None = None
-        json: Any = None
-        if call.body is not None and self.encoding == "msgpack" and "/act" in call.path:
-            from trmrl_client.codec import packb
-
-            headers.update({"Content-Type": MSGPACK, "Accept": MSGPACK})
-            content = packb(call.body)
-        elif call.body is not None:
-            json = _jsonable(call.body)
-        return {
-            "method": call.method,
-            "url": call.path,
-            "headers": headers,
-            "content": content,
-            "json": json,
-            "timeout": step.timeout,
-        }
-
-    @staticmethod
-    def reply(response: httpx.Response) -> Reply:
-        """The decoded reply, with the wait a transient refusal (capacity, starting, draining) asks for."""
-        status = response.status_code
-        retry_after = None
-        if status in (429, 503):
-            try:
-                retry_after = min(float(response.headers.get("retry-after", "0.1")), MAX_BACKOFF_S)
-            except ValueError:
-                retry_after = 0.1
-        if not response.content:
-            return Reply(status, None, retry_after)
-        if response.headers.get("content-type", "").startswith(MSGPACK):
-            from trmrl_client.codec import unpackb
-
-            return Reply(status, unpackb(response.content), retry_after)
+    def attempt(self, step: Try) -> Outcome:
+        """One try of a call, no retry: its reply, or why there was none."""
         try:
-            return Reply(status, response.json(), retry_after)
+            return _reply(self.http.request(**_request(step, self.encoding)))
+        except httpx.TransportError as exc:
+            return _unavailable(step.call, exc)
+
+
+class AsyncHttpTransport:
+    """One try of a call as one HTTP request over an ``httpx.AsyncClient`` (see :class:`HttpTransport`).
+
+    Example:
+        >>> reply = await AsyncHttpTransport(http, policy).attempt(step)  # doctest: +SKIP
+    """
+
+    def __init__(self, http: httpx.AsyncClient, policy: RetryPolicy, encoding: Encoding = "json") -> None:
+        self.http = http
+        self.policy = policy
+        self.encoding = encoding
+
+    async def attempt(self, step: Try) -> Outcome:
+        """One try of a call, no retry: its reply, or why there was none."""
+        try:
+            return _reply(await self.http.request(**_request(step, self.encoding)))
+        except httpx.TransportError as exc:
+            return _unavailable(step.call, exc)
+
+
+def _check_encoding(encoding: str) -> None:
+    if encoding not in ("json", "msgpack"):
+        raise ValueError(f"encoding must be 'json' or 'msgpack', got {encoding!r}")
+    if encoding == "msgpack":
+        import msgpack  # noqa: F401 -- fail now if the stream extra is missing
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _request(step: Try, encoding: Encoding) -> dict[str, Any]:
+    """The keyword arguments of ``httpx`` for one try of a call."""
+    call = step.call
+    headers = {ROUTE_HEADER: call.route_key} if call.route_key else {}
+    content: bytes | None = None
+    json: Any = None
+    if call.body is not None and encoding == "msgpack" and call.route is not None and call.route.binary:
+        headers.update({"Content-Type": MSGPACK, "Accept": MSGPACK})
+        content = packb(call.body)
+    elif call.body is not None:
+        json = jsonable(call.body)
+    return {
+        "method": call.method,
+        "url": call.path,
+        "headers": headers,
+        "content": content,
+        "json": json,
+        "timeout": step.timeout,
+    }
+
+
+def _reply(response: httpx.Response) -> Reply:
+    """The decoded reply, with the wait a transient refusal (capacity, starting, draining) asks for."""
+    status = response.status_code
+    retry_after = None
+    if status in (429, 503):
+        try:
+            retry_after = min(float(response.headers.get("retry-after", "0.1")), MAX_BACKOFF_S)
         except ValueError:
-            body = {"error": {"code": "bad_reply", "message": response.text[:200]}}
-            return Reply(status, body, retry_after)
+            retry_after = 0.1
+    if not response.content:
+        return Reply(status, None, retry_after)
+    if response.headers.get("content-type", "").startswith(MSGPACK):
+        return Reply(status, unpackb(response.content), retry_after)
+    try:
+        return Reply(status, response.json(), retry_after)
+    except ValueError:
+        body = {"error": {"code": "bad_reply", "message": response.text[:200]}}
+        return Reply(status, body, retry_after)
 
-    @staticmethod
-    def unavailable(call: Call, exc: httpx.TransportError) -> ServiceUnavailable:
-        """The outcome of a try that got no reply."""
-        if isinstance(exc, httpx.TimeoutException):
-            return ServiceUnavailable("timeout", f"{call.method} {call.path}: no reply in time ({exc})")
-        return ServiceUnavailable("unreachable", f"{call.method} {call.path}: {exc}")
 
-
-def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
-    """A body with its numpy arrays (a columnar tick's) as nested lists, for JSON."""
-    if not any(isinstance(v, np.ndarray) for v in body.values()):
-        return body
-    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in body.items()}
+def _unavailable(call: Call, exc: httpx.TransportError) -> ServiceUnavailable:
+    """The outcome of a try that got no reply."""
+    if isinstance(exc, httpx.TimeoutException):
+        return ServiceUnavailable("timeout", f"{call.method} {call.path}: no reply in time ({exc})")
+    return ServiceUnavailable("unreachable", f"{call.method} {call.path}: {exc}")
 
 
 def _recreate_body(body: dict[str, Any], model: str) -> dict[str, Any]:
     """How one env of a vector is recreated after the service lost it (its own seed is not kept)."""
     return {**{k: v for k, v in body.items() if k != "seed"}, "model": model}
-
-
-class _SessionFacts:
-    """What every session driver tells about its session (from its :class:`SessionLedger`)."""
-
-    ledger: SessionLedger
-
-    @property
-    def session_id(self) -> str:
-        """The service's id of the session (changes when the client recovers a lost session)."""
-        return self.ledger.session_id
-
-    @property
-    def model(self) -> ModelInfo:
-        return self.ledger.model
-
-    @property
-    def step(self) -> int:
-        """The number the next step is sent as."""
-        return self.ledger.next_step
-
-    @property
-    def recoveries(self) -> int:
-        """How many times the session was recreated after the service lost it."""
-        return self.ledger.recoveries
-
-    def _prepare(
-        self,
-        observation: ArrayLike,
-        reward: float,
-        episode_start: bool,
-        applied_action: ArrayLike | None,
-        timeout: float | None,
-    ) -> Flow:
-        """The act flow of one step (validated now), with its deadline."""
-        tr = self.ledger.prepare(observation, reward, episode_start, applied_action)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return self.ledger.act_flow(tr, deadline)
 
 
 class PolicyClient:
@@ -188,14 +181,21 @@ class PolicyClient:
         encoding: Encoding = "json",
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._h = _Http(url, api_key, timeout, retries, encoding)
+        _check_encoding(encoding)
+        self._url = url.rstrip("/")
         self._http = httpx.Client(
-            base_url=self._h.url, headers=self._h.headers, timeout=timeout, transport=transport
+            base_url=self._url, headers=_auth_headers(api_key), timeout=timeout, transport=transport
         )
+        self._transport = HttpTransport(self._http, RetryPolicy(timeout, retries), encoding)
 
     @property
     def url(self) -> str:
-        return self._h.url
+        return self._url
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The timeout of one try and the number of retries, for every call of this client."""
+        return self._transport.policy
 
     def close(self) -> None:
         """Close the connection pool (sessions on the service stay until deleted or expired)."""
@@ -208,21 +208,18 @@ class PolicyClient:
         self.close()
 
     # -- plumbing ------------------------------------------------------------------------------------
-    def attempt(self, step: Try) -> Reply | ServiceUnavailable:
+    def attempt(self, step: Try) -> Outcome:
         """One try of a call, no retry: its reply, or why there was none."""
-        try:
-            return self._h.reply(self._http.request(**self._h.request(step)))
-        except httpx.TransportError as exc:
-            return self._h.unavailable(step.call, exc)
+        return self._transport.attempt(step)
 
     def send(self, call: Call) -> Reply:
         """Send one call, retrying transport failures and transient refusals; raise when out of tries."""
-        reply: Reply = drive(tries(call, self._h.policy), self.attempt)
+        reply: Reply = drive(tries(call, self.policy), self.attempt)
         return reply
 
     def run(self, flow: Flow) -> Any:
         """Drive a protocol flow to its end over this client."""
-        return drive(with_retries(flow, self._h.policy), self.attempt)
+        return run_flow(self._transport, flow)
 
     # -- API -----------------------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -233,9 +230,10 @@ class PolicyClient:
             False
         """
         try:
-            return self._http.get("/readyz", timeout=min(self._h.policy.timeout, 5.0)).status_code == 200
+            response = self._http.get(routes.READY.path(), timeout=min(self.policy.timeout, 5.0))
         except httpx.TransportError:
             return False
+        return response.status_code == 200
 
     def models(self) -> list[ModelInfo]:
         """The loaded models (``GET /v1/models``).
@@ -306,90 +304,10 @@ class PolicyClient:
             >>> envs.act(np.zeros((8, 2)), episode_starts=np.ones(8, bool)).shape  # doctest: +SKIP
             (8, 2)
         """
-        from trmrl_client.vector import VectorLedger, VectorSession, create_sessions_flow
-
         body = create_body(model, deterministic, seed, ttl_s)
         key = new_route_key()
         ids, info = self.run(create_sessions_flow(num_envs, body, key))
         return VectorSession(self, VectorLedger(info, ids, _recreate_body(body, info.name), key))
-
-
-class Session(_SessionFacts):
-    """One session of a :class:`PolicyClient`: a robot's or environment's memory on the service.
-
-    Example:
-        >>> session = client.session("point-nav")  # doctest: +SKIP
-        >>> a0 = session.act([0.0, 0.0], episode_start=True)  # doctest: +SKIP
-        >>> a1 = session.act([0.01, 0.02], reward=-0.9)  # doctest: +SKIP
-    """
-
-    def __init__(self, client: PolicyClient, ledger: SessionLedger) -> None:
-        self.client = client
-        self.ledger = ledger
-
-    def act(
-        self,
-        observation: ArrayLike,
-        reward: float = 0.0,
-        episode_start: bool = False,
-        applied_action: ArrayLike | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> FloatArray:
-        """The action for ``observation``; ``reward`` is the reward for the previous action.
-
-        Args:
-            observation: ``obs_dim`` numbers.
-            reward: Reward received for the previous action (ignored at an episode start).
-            episode_start: ``observation`` is the first of an episode.
-            applied_action: What the robot executed for the previous step, if not the action returned.
-            timeout: Seconds this call may take in all (retries included); ``None``: the client's policy.
-
-        Raises:
-            ServiceUnavailable: No reply in time; the step is kept and sorted out by the next call.
-            ServiceError: The service refused the step (bad input, unknown model...).
-
-        Example:
-            >>> session.act(np.array([0.1, 0.2]), reward=-0.8).shape  # doctest: +SKIP
-            (2,)
-        """
-        flow = self._prepare(observation, reward, episode_start, applied_action, timeout)
-        return np.asarray(self.client.run(flow), np.float32)
-
-    def reset(self, scope: Scope = "episode") -> None:
-        """Start a new episode (memory kept for ``trial``-scope models) or a new trial (memory cleared).
-
-        Example:
-            >>> session.reset("trial")  # doctest: +SKIP
-        """
-        self.client.run(self.ledger.reset_flow(scope))
-
-    def snapshot(self) -> Any:
-        """Fetch the session's portable snapshot; the client keeps it for recovery.
-
-        Example:
-            >>> snapshot = session.snapshot()  # doctest: +SKIP
-        """
-        return self.client.run(self.ledger.snapshot_flow())
-
-    def info(self) -> dict[str, Any]:
-        """The service's view of the session (steps, episodes, times, model version).
-
-        Example:
-            >>> session.info()["steps"]  # doctest: +SKIP
-            2
-        """
-        info: dict[str, Any] = self.client.run(self.ledger.info_flow())
-        return info
-
-    def close(self) -> None:
-        """Delete the session on the service (a session already gone is fine).
-
-        Example:
-            >>> session.close()  # doctest: +SKIP
-        """
-        with contextlib.suppress(ServiceUnavailable):
-            self.client.run(self.ledger.close_flow())
 
 
 class AsyncPolicyClient:
@@ -413,28 +331,31 @@ class AsyncPolicyClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 100,
     ) -> None:
-        self._h = _Http(url, api_key, timeout, retries, encoding)
+        _check_encoding(encoding)
+        self._url = url.rstrip("/")
+        self._headers = _auth_headers(api_key)
         self._http = httpx.AsyncClient(
-            base_url=self._h.url,
-            headers=self._h.headers,
+            base_url=self._url,
+            headers=self._headers,
             timeout=timeout,
             transport=transport,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        self._transport = AsyncHttpTransport(self._http, RetryPolicy(timeout, retries), encoding)
 
     @property
     def url(self) -> str:
-        return self._h.url
+        return self._url
 
     @property
     def api_key_headers(self) -> dict[str, str]:
         """The authorization header (empty without an API key)."""
-        return dict(self._h.headers)
+        return dict(self._headers)
 
     @property
     def policy(self) -> RetryPolicy:
         """The timeout of one try and the number of retries, for every transport of this client."""
-        return self._h.policy
+        return self._transport.policy
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -447,21 +368,18 @@ class AsyncPolicyClient:
         await self.aclose()
 
     # -- plumbing ------------------------------------------------------------------------------------
-    async def attempt(self, step: Try) -> Reply | ServiceUnavailable:
+    async def attempt(self, step: Try) -> Outcome:
         """One try of a call, no retry (see :meth:`PolicyClient.attempt`)."""
-        try:
-            return self._h.reply(await self._http.request(**self._h.request(step)))
-        except httpx.TransportError as exc:
-            return self._h.unavailable(step.call, exc)
+        return await self._transport.attempt(step)
 
     async def send(self, call: Call) -> Reply:
         """Send one call with retries (see :meth:`PolicyClient.send`)."""
-        reply: Reply = await drive_async(tries(call, self._h.policy), self.attempt)
+        reply: Reply = await drive_async(tries(call, self.policy), self.attempt)
         return reply
 
     async def run(self, flow: Flow) -> Any:
         """Drive a protocol flow to its end over this client."""
-        return await drive_async(with_retries(flow, self._h.policy), self.attempt)
+        return await run_flow_async(self._transport, flow)
 
     # -- API -----------------------------------------------------------------------------------------
     async def ready(self) -> bool:
@@ -472,7 +390,7 @@ class AsyncPolicyClient:
             True
         """
         try:
-            response = await self._http.get("/readyz", timeout=min(self._h.policy.timeout, 5.0))
+            response = await self._http.get(routes.READY.path(), timeout=min(self.policy.timeout, 5.0))
         except httpx.TransportError:
             return False
         return response.status_code == 200
@@ -533,8 +451,6 @@ class AsyncPolicyClient:
         Example:
             >>> envs = await client.vector(1024, transport="stream")  # doctest: +SKIP
         """
-        from trmrl_client.vector import AsyncVectorSession, VectorLedger, create_sessions_flow
-
         if transport not in ("batch", "stream"):
             raise ValueError(f"transport must be 'batch' or 'stream', got {transport!r}")
         body = create_body(model, deterministic, seed, ttl_s)
@@ -542,79 +458,14 @@ class AsyncPolicyClient:
         ids, info = await self.run(create_sessions_flow(num_envs, body, key))
         ledger = VectorLedger(info, ids, _recreate_body(body, info.name), key)
         if transport == "batch":
-            return AsyncVectorSession(self, ledger, self.attempt)
-        from trmrl_client.stream import VectorLink
+            return AsyncVectorSession(self, ledger)
+        from trmrl_client.websocket import VectorStream
 
-        link = VectorLink(self, info.name, key)
-        return AsyncVectorSession(self, ledger, link.attempt, link)
-
-
-class _AsyncSessionDriver(_SessionFacts):
-    """The steps of a session under asyncio, whatever carries them (:meth:`_run`)."""
-
-    async def _run(self, flow: Flow) -> Any:
-        raise NotImplementedError
-
-    async def act(
-        self,
-        observation: ArrayLike,
-        reward: float = 0.0,
-        episode_start: bool = False,
-        applied_action: ArrayLike | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> FloatArray:
-        """The action for ``observation`` (see :meth:`Session.act`).
-
-        Example:
-            >>> await session.act([0.1, 0.2], reward=-0.8)  # doctest: +SKIP
-        """
-        flow = self._prepare(observation, reward, episode_start, applied_action, timeout)
-        return np.asarray(await self._run(flow), np.float32)
-
-    async def reset(self, scope: Scope = "episode") -> None:
-        """Start a new episode or trial.
-
-        Example:
-            >>> await session.reset()  # doctest: +SKIP
-        """
-        await self._run(self.ledger.reset_flow(scope))
-
-    async def snapshot(self) -> Any:
-        """Fetch and keep the session's snapshot.
-
-        Example:
-            >>> await session.snapshot()  # doctest: +SKIP
-        """
-        return await self._run(self.ledger.snapshot_flow())
-
-
-class AsyncSession(_AsyncSessionDriver):
-    """One session of an :class:`AsyncPolicyClient` (methods as :class:`Session`, awaitable).
-
-    Example:
-        >>> action = await session.act([0.0, 0.0], episode_start=True)  # doctest: +SKIP
-    """
-
-    def __init__(self, client: AsyncPolicyClient, ledger: SessionLedger) -> None:
-        self.client = client
-        self.ledger = ledger
-
-    async def _run(self, flow: Flow) -> Any:
-        return await self.client.run(flow)
-
-    async def close(self) -> None:
-        """Delete the session on the service.
-
-        Example:
-            >>> await session.close()  # doctest: +SKIP
-        """
-        with contextlib.suppress(ServiceUnavailable):
-            await self.client.run(self.ledger.close_flow())
+        return AsyncVectorSession(self, ledger, VectorStream(self.url, self.api_key_headers, info.name))
 
 
 def _batch(
-    sessions: Sequence[_SessionFacts],
+    sessions: Sequence[Session] | Sequence[AsyncSession],
     observations: ArrayLike,
     rewards: ArrayLike | None,
     episode_starts: ArrayLike | None,

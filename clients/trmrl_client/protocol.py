@@ -27,8 +27,10 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from trmrl_client import routes
 from trmrl_client.codec import INPUT_LIMIT, within_limit
 from trmrl_client.errors import ServiceError, ServiceUnavailable
+from trmrl_client.routes import Route
 
 FloatArray = NDArray[np.float32]
 Scope = Literal["episode", "trial"]
@@ -112,9 +114,15 @@ def new_route_key() -> str:
 class Call:
     """One request a flow wants sent: method, path, JSON-able body, and an optional deadline.
 
+    Flows build calls from their :class:`~trmrl_client.routes.Route` (:meth:`to`), and transports
+    choose by ``route``; a call built by hand from a method and a path has no route and travels as a
+    plain JSON request.
+
     Example:
         >>> Call("GET", "/v1/models").method
         'GET'
+        >>> Call.to(routes.SESSION_INFO, session_id="abc").path
+        '/v1/sessions/abc'
     """
 
     method: str
@@ -125,6 +133,20 @@ class Call:
     route_key: str | None = None
     """Sent as the :data:`ROUTE_HEADER` header: one key per session, so a router sends every request
     of the session, creation and recoveries included, to the same replica."""
+    route: Route | None = None
+    """The route the call is for (``None``: a call built by hand, sent as a plain request)."""
+
+    @classmethod
+    def to(
+        cls,
+        route: Route,
+        body: dict[str, Any] | None = None,
+        deadline: float | None = None,
+        route_key: str | None = None,
+        **params: str,
+    ) -> Call:
+        """A call of ``route``, its path filled in with ``params``."""
+        return cls(route.method, route.path(**params), body, deadline, route_key, route)
 
 
 @dataclass(frozen=True)
@@ -313,11 +335,9 @@ class SessionLedger:
             self.history.clear()
             self.snapshot = None
 
-    def call(
-        self, method: str, path: str, body: dict[str, Any] | None = None, deadline: float | None = None
-    ) -> Call:
-        """A request of this session, carrying its routing key."""
-        return Call(method, path, body, deadline, self.route_key)
+    def call(self, route: Route, body: dict[str, Any] | None = None, deadline: float | None = None) -> Call:
+        """A request of this session on ``route`` (its id filled in), carrying its routing key."""
+        return Call.to(route, body, deadline, self.route_key, session_id=self.session_id)
 
     # -- flows ---------------------------------------------------------------------------------------
     def act_flow(self, tr: Transition, deadline: float | None = None) -> Flow:
@@ -331,13 +351,13 @@ class SessionLedger:
         try:
             if unconfirmed:
                 items = [self.body(t, with_previous=True) for t in unconfirmed] + [self.body(tr)]
-                batch = yield self.call("POST", "/v1/act/batch", {"items": items}, deadline)
+                batch = yield self.call(routes.ACT_ITEMS, {"items": items}, deadline)
                 if not batch.ok:
                     raise batch.error()
                 item = batch.body["items"][-1]
                 reply = Reply(200 if "error" not in item else status_of_error(item), item)
             else:
-                reply = yield self.call("POST", "/v1/act", self.body(tr), deadline)
+                reply = yield self.call(routes.ACT, self.body(tr), deadline)
         except ServiceUnavailable:
             self.record_unanswered(tr)
             raise
@@ -357,7 +377,7 @@ class SessionLedger:
                 raise error
             tr = replace(tr, step=self.next_step)
             try:
-                reply = yield self.call("POST", "/v1/act", self.body(tr, with_previous=True), deadline)
+                reply = yield self.call(routes.ACT, self.body(tr, with_previous=True), deadline)
             except ServiceUnavailable:
                 self.record_unanswered(tr)
                 raise
@@ -380,13 +400,13 @@ class SessionLedger:
         first = self.history[0].index if self.history else self.transitions
         if self.snapshot is not None and self.snapshot[1] >= first:
             snapshot, covered = self.snapshot
-            put = yield self.call("PUT", f"/v1/sessions/{self.session_id}/state", snapshot)
+            put = yield self.call(routes.RESTORE_STATE, snapshot)
             if put.ok and isinstance(put.body, dict) and "steps" in put.body:
                 base, first = int(put.body["steps"]), covered
             # A refused snapshot (no such route on this service, another model version) is no loss:
             # the replay alone rebuilds the memory.
         if base is None:
-            reply = yield self.call("POST", "/v1/sessions", self.create_body)
+            reply = yield self.call(routes.CREATE_SESSIONS, self.create_body)
             if reply.status != 201:
                 raise reply.error()
             self.session_id = str(reply.body["session_id"])
@@ -406,7 +426,7 @@ class SessionLedger:
     def _send_history(self, transitions: Sequence[Transition]) -> Flow:
         """Send recorded transitions in order, in one batch request (the service steps them in order)."""
         items = [self.body(tr, with_previous=True) for tr in transitions]
-        reply = yield self.call("POST", "/v1/act/batch", {"items": items})
+        reply = yield self.call(routes.ACT_ITEMS, {"items": items})
         if not reply.ok:
             raise reply.error()
         for item in reply.body["items"]:
@@ -419,20 +439,20 @@ class SessionLedger:
 
     def info_flow(self) -> Flow:
         """The service's view of the session (``GET /v1/sessions/{id}``)."""
-        reply = yield self.call("GET", f"/v1/sessions/{self.session_id}")
+        reply = yield self.call(routes.SESSION_INFO)
         if not reply.ok:
             raise reply.error()
         return reply.body
 
     def close_flow(self) -> Flow:
         """Delete the session on the service (a session already gone is fine)."""
-        reply = yield self.call("DELETE", f"/v1/sessions/{self.session_id}")
+        reply = yield self.call(routes.DELETE_SESSION)
         if not reply.ok and reply.status != 404:
             raise reply.error()
 
     def snapshot_flow(self) -> Flow:
         """Fetch and keep the session's snapshot (``GET /v1/sessions/{id}/state``)."""
-        reply = yield self.call("GET", f"/v1/sessions/{self.session_id}/state")
+        reply = yield self.call(routes.SESSION_STATE)
         if not reply.ok:
             raise reply.error()
         self.snapshot = (reply.body, self.transitions)
@@ -441,7 +461,7 @@ class SessionLedger:
     def reset_flow(self, scope: Scope) -> Flow:
         """Start a new episode or trial (``POST /v1/sessions/{id}/reset``), recovering a lost session."""
         for _ in range(2):
-            reply = yield self.call("POST", f"/v1/sessions/{self.session_id}/reset", {"scope": scope})
+            reply = yield self.call(routes.RESET, {"scope": scope})
             if reply.ok:
                 self.mark_reset(scope)
                 return None
@@ -477,7 +497,7 @@ def create_flow(body: dict[str, Any], route_key: str, deadline: float | None = N
     Example:
         >>> ledger = client.run(create_flow({"model": "point-nav"}, new_route_key()))  # doctest: +SKIP
     """
-    reply = yield Call("POST", "/v1/sessions", body, deadline, route_key)
+    reply = yield Call.to(routes.CREATE_SESSIONS, body, deadline, route_key)
     if reply.status != 201:
         raise reply.error()
     info = ModelInfo.from_json(reply.body["model"])
@@ -490,7 +510,7 @@ def models_flow() -> Flow:
     Example:
         >>> models = client.run(models_flow())  # doctest: +SKIP
     """
-    reply = yield Call("GET", "/v1/models")
+    reply = yield Call.to(routes.MODELS)
     if not reply.ok:
         raise reply.error()
     return [ModelInfo.from_json(m) for m in reply.body["models"]]
@@ -504,7 +524,7 @@ def batch_flow(ledgers: Sequence[SessionLedger], transitions: Sequence[Transitio
     """
     items = [ledger.body(tr) for ledger, tr in zip(ledgers, transitions, strict=True)]
     try:
-        reply = yield Call("POST", "/v1/act/batch", {"items": items})
+        reply = yield Call.to(routes.ACT_ITEMS, {"items": items})
     except ServiceUnavailable:
         for ledger, tr in zip(ledgers, transitions, strict=True):
             ledger.record_unanswered(tr)

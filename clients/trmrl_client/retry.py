@@ -80,8 +80,9 @@ def tries(call: Call, policy: RetryPolicy) -> Io:
 
     Example:
         >>> io = tries(Call("GET", "/v1/models"), RetryPolicy(timeout=1.0, retries=0))
-        >>> next(io)
-        Try(call=Call(method='GET', path='/v1/models', body=None, deadline=None, route_key=None), timeout=1.0)
+        >>> step = next(io)
+        >>> (step.call.path, step.timeout)
+        ('/v1/models', 1.0)
     """
     last: ServiceUnavailable | None = None
     for attempt in range(policy.retries + 1):

@@ -12,20 +12,22 @@ the row's history becomes a :class:`~trmrl_client.protocol.SessionLedger`, the s
 back into the arrays. A tick that got no answer at all is remembered per row, and those rows' next
 step goes through the single-session flow that resends unanswered steps first.
 
-The drivers are :class:`VectorSession` (blocking), :class:`AsyncVectorSession` (asyncio, over HTTP
-or over the vectorised stream ``WS /v1/stream``).
+The drivers are :class:`VectorSession` (blocking) and :class:`AsyncVectorSession` (asyncio), over any
+transport (:mod:`trmrl_client.transport`): HTTP, or the vectorised stream ``WS /v1/stream`` for the
+ticks beside HTTP for the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from trmrl_client import routes
 from trmrl_client.codec import INPUT_LIMIT, within_limit
 from trmrl_client.errors import ServiceError, ServiceUnavailable
 from trmrl_client.protocol import (
@@ -38,13 +40,7 @@ from trmrl_client.protocol import (
     Transition,
     status_of_error,
 )
-from trmrl_client.retry import Outcome, Try, drive_async, with_retries
-
-if TYPE_CHECKING:
-    from trmrl_client.http import AsyncPolicyClient, PolicyClient
-
-
-BATCH_PATH = "/v1/act/batch"
+from trmrl_client.transport import AsyncTransport, Routed, Stream, Transport, run, run_async
 
 
 def _rows_of(
@@ -265,7 +261,7 @@ class VectorLedger:
                     for k, v in body.items()
                 }
             try:
-                reply = yield Call("POST", BATCH_PATH, body, route_key=self.route_key)
+                reply = yield Call.to(routes.ACT_COLUMNAR, body, route_key=self.route_key)
             except ServiceUnavailable:
                 # The robots lived through this tick: it joins the histories, to be resent.
                 self.record(rows, columns)
@@ -316,7 +312,7 @@ def create_sessions_flow(num_envs: int, body: dict[str, Any], route_key: str) ->
     Example:
         >>> ids, info = client.run(create_sessions_flow(8, {"model": "point-nav"}, "key"))  # doctest: +SKIP
     """
-    reply = yield Call("POST", "/v1/sessions", {**body, "count": num_envs}, route_key=route_key)
+    reply = yield Call.to(routes.CREATE_SESSIONS, {**body, "count": num_envs}, route_key=route_key)
     if reply.status != 201:
         raise reply.error()
     return list(reply.body["session_ids"]), ModelInfo.from_json(reply.body["model"])
@@ -329,7 +325,7 @@ def delete_flow(ledger: VectorLedger) -> Flow:
         >>> client.run(delete_flow(envs.ledger))  # doctest: +SKIP
     """
     for session_id in ledger.session_ids:
-        reply = yield Call("DELETE", f"/v1/sessions/{session_id}", route_key=ledger.route_key)
+        reply = yield Call.to(routes.DELETE_SESSION, route_key=ledger.route_key, session_id=session_id)
         if not reply.ok and reply.status != 404:
             raise reply.error()
     return None
@@ -368,7 +364,7 @@ class VectorSession(_VectorFacts):
         >>> actions = envs.act(obs, rewards, episode_starts)  # doctest: +SKIP
     """
 
-    def __init__(self, client: PolicyClient, ledger: VectorLedger) -> None:
+    def __init__(self, client: Transport, ledger: VectorLedger) -> None:
         self.client = client
         self.ledger = ledger
 
@@ -392,12 +388,12 @@ class VectorSession(_VectorFacts):
             (16, 2)
         """
         flow = self.ledger.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
-        return np.asarray(self.client.run(flow), np.float32)
+        return np.asarray(run(self.client, flow), np.float32)
 
     def close(self) -> None:
         """Delete the sessions on the service."""
         with contextlib.suppress(ServiceUnavailable):
-            self.client.run(delete_flow(self.ledger))
+            run(self.client, delete_flow(self.ledger))
 
 
 class AsyncVectorSession(_VectorFacts):
@@ -411,17 +407,12 @@ class AsyncVectorSession(_VectorFacts):
         >>> actions = await envs.act(obs, rewards, episode_starts)  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        client: AsyncPolicyClient,
-        ledger: VectorLedger,
-        attempt: Callable[[Try], Awaitable[Outcome]],
-        link: Any = None,
-    ) -> None:
+    def __init__(self, client: AsyncTransport, ledger: VectorLedger, stream: Stream | None = None) -> None:
         self.client = client
         self.ledger = ledger
-        self._attempt = attempt
-        self._link = link
+        self.stream = stream
+        """Carries the columnar ticks when given (every other call goes over ``client``)."""
+        self.transport: AsyncTransport = client if stream is None else Routed(stream, client)
 
     async def act(
         self,
@@ -438,16 +429,14 @@ class AsyncVectorSession(_VectorFacts):
             >>> actions = await envs.act(obs, rewards, starts, rows=running)  # doctest: +SKIP
         """
         flow = self.ledger.tick_flow(observations, rewards, episode_starts, applied_actions, rows)
-        return np.asarray(
-            await drive_async(with_retries(flow, self.client.policy), self._attempt), np.float32
-        )
+        return np.asarray(await run_async(self.transport, flow), np.float32)
 
     async def close(self) -> None:
         """Close the stream (if any) and delete the sessions on the service."""
-        if self._link is not None:
-            await self._link.close()
+        if self.stream is not None:
+            await self.stream.aclose()
         with contextlib.suppress(ServiceUnavailable):
-            await self.client.run(delete_flow(self.ledger))
+            await run_async(self.client, delete_flow(self.ledger))
 
 
 __all__ = ["AsyncVectorSession", "VectorLedger", "VectorSession", "create_sessions_flow", "delete_flow"]

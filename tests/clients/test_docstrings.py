@@ -12,13 +12,26 @@ import pytest
 MODULES = [
     *(
         f"trmrl_client.{name}"
-        for name in ("errors", "protocol", "retry", "http", "stream", "vector", "codec")
+        for name in (
+            "errors",
+            "routes",
+            "protocol",
+            "retry",
+            "transport",
+            "session",
+            "http",
+            "websocket",
+            "stream",
+            "vector",
+            "codec",
+        )
     ),
     *(f"trmrl_sim.{name}" for name in ("sim", "robot_loop", "demo", "launch", "render", "clips")),
 ]
 #: The classes robots and simulators program against: their public methods need examples too.
 API_CLASSES = {
-    "http": ["PolicyClient", "Session", "AsyncPolicyClient", "AsyncSession"],
+    "http": ["PolicyClient", "AsyncPolicyClient"],
+    "session": ["Session", "AsyncSession"],
     "stream": ["StreamingSession"],
     "vector": ["VectorSession", "AsyncVectorSession"],
     "robot_loop": ["RobotLoop"],

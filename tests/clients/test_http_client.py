@@ -14,7 +14,7 @@ from trmrl_client.protocol import ROUTE_HEADER, Call
 
 
 def test_importing_every_client_module_loads_no_torch() -> None:
-    modules = "trmrl_client, trmrl_client.http, trmrl_client.stream, trmrl_sim.sim"
+    modules = "trmrl_client, trmrl_client.http, trmrl_client.stream, trmrl_client.websocket, trmrl_sim.sim"
     modules += ", trmrl_sim.robot_loop, trmrl_sim.demo, trmrl_sim.launch"
     code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -41,6 +41,7 @@ ML1 = {
     "ml1-reach-decoupled": "reach-v3",
     "ml1-reach-fresh": "reach-v3",
     "ml1-push": "push-v3",
+    "ml1-push-fresh": "push-v3",
     "ml1-pick-place": "pick-place-v3",
 }
 METAWORLD = (*ML1, "ml10", "ml45")
@@ -576,8 +577,17 @@ def test_ml1_decoupled_draws_the_puck_of_a_train_goal_apart_from_its_goal() -> N
 
 @pytest.mark.slow
 @pytest.mark.metaworld
-def test_ml1_fresh_draws_train_and_validation_goals_from_the_goal_box() -> None:
-    benchmark, fresh = get_family("ml1-reach"), get_family("ml1-reach-fresh")
+@pytest.mark.parametrize(
+    ("name", "env_name", "low", "high"),
+    [
+        ("reach", "reach-v3", [-0.1, 0.8, 0.05], [0.1, 0.9, 0.3]),
+        ("push", "push-v3", [-0.1, 0.8, 0.019], [0.1, 0.9, 0.02]),  # at the puck's height
+    ],
+)
+def test_ml1_fresh_draws_train_and_validation_goals_from_the_goal_box(
+    name: str, env_name: str, low: list[float], high: list[float]
+) -> None:
+    benchmark, fresh = get_family(f"ml1-{name}"), get_family(f"ml1-{name}-fresh")
     benchmark_goals = {t.params for t in benchmark.sample_tasks("train", 50, seed=0)}  # all 50
     assert len(benchmark_goals) == 50
     train = fresh.sample_tasks("train", 40, seed=3)
@@ -586,8 +596,8 @@ def test_ml1_fresh_draws_train_and_validation_goals_from_the_goal_box() -> None:
     goals = np.array([t.params for t in train + validation])
     assert len({t.params for t in train + validation}) == 80  # every goal new ...
     assert benchmark_goals.isdisjoint(t.params for t in train + validation)  # ... none the benchmark's
-    assert (goals >= [-0.1, 0.8, 0.05]).all() and (goals <= [0.1, 0.9, 0.3]).all()  # reach-v3's goal box
-    assert all(t.label.startswith("reach-v3@(") for t in train)
+    assert (goals >= low).all() and (goals <= high).all()  # the class's goal box
+    assert all(t.label.startswith(f"{env_name}@(") for t in train)
     env = fresh.make_env(train[0])
     for task in train[:3] + validation[:3]:
         env.set_task(task)
@@ -598,9 +608,9 @@ def test_ml1_fresh_draws_train_and_validation_goals_from_the_goal_box() -> None:
     # Test goals are the benchmark's own, puck included.
     plain = benchmark.make_env(benchmark.sample_tasks("test", 1, seed=0)[0])
     for test_task in fresh.sample_tasks("test", 3, seed=3):
-        assert test_task.label.startswith("reach-v3#")
+        assert test_task.label.startswith(f"{env_name}#")
         env.set_task(test_task)
-        plain.set_task(dataclasses.replace(test_task, family="ml1-reach"))
+        plain.set_task(dataclasses.replace(test_task, family=f"ml1-{name}"))
         np.testing.assert_array_equal(env.reset(seed=5)[0], plain.reset(seed=5)[0])
     # A fresh goal's label names no benchmark task, so it only resolves on a train-like split.
     with pytest.raises(TaskFamilyError, match="does not match"):

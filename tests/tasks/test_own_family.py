@@ -136,5 +136,6 @@ def test_the_adapter_refuses_what_it_cannot_train() -> None:
     wrong = gym_task_family(
         "pendulum-wrong", "Pendulum-v1", lambda r, s, n: np.zeros((n, 2)), lambda e, p: None, task_param_dim=1
     )
-    with pytest.raises(ValueError, match="draw\\(\\) gave 2 parameters per task, expected 1"):
+    shapes = r"shape \(n, task_param_dim\) = \(2, 1\); it returned a numpy array of shape \(2, 2\)"
+    with pytest.raises(TaskFamilyError, match=shapes):
         wrong.sample_tasks("train", 2, seed=0)

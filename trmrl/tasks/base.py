@@ -142,7 +142,22 @@ class TaskFamily(ABC):
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise TaskFamilyError(f"{self.name}: seed must be a non-negative int, got {seed!r}")
         rng = np.random.default_rng([_SPLIT_STREAM[split], operator.index(seed)])
-        return self._sample_tasks(split, int(n), rng)
+        tasks = self._sample_tasks(split, int(n), rng)
+        if (
+            not isinstance(tasks, list)
+            or len(tasks) != n
+            or not all(isinstance(t, Task) and t.family == self.name and t.split == split for t in tasks)
+        ):
+            got = f"a {type(tasks).__name__}"
+            if isinstance(tasks, list | tuple):
+                got += f" of {len(tasks)} " + ", ".join(
+                    sorted({type(t).__name__ for t in tasks}) or ["items"]
+                )
+            raise TaskFamilyError(
+                f"{self.name}: _sample_tasks({split!r}, {n}) must return a list of {n} Task objects of "
+                f"family {self.name!r} and split {split!r}; it returned {got}"
+            )
+        return tasks
 
     def make_env(self, task: Task | None = None) -> TaskEnv:
         """Create an environment of this family set to ``task``.
@@ -298,20 +313,40 @@ ENTRY_POINT_GROUP: Final = "trmrl.task_families"
 attribute a :class:`TaskFamily` (or a function of no arguments returning one) named ``name``."""
 
 
+def _one_line(exc: BaseException, *, typed: bool = False) -> str:
+    """``exc`` as one line of text (its first line), with its type in front when ``typed``."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if not typed:
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _load_attribute(spec: str) -> TaskFamily:
     """The family at ``module:attribute`` (a family, or a zero-argument function returning one)."""
     module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise TaskFamilyError(f"cannot load task family {spec!r}: expected module:attribute")
     try:
         target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TaskFamilyError(f"cannot load task family {spec!r}: {_one_line(exc)}") from exc
+    except Exception as exc:  # a user's module: whatever its import raises, name the module and the error
+        raise TaskFamilyError(
+            f"cannot load task family {spec!r}: importing {module_name} raised {_one_line(exc, typed=True)}"
+        ) from exc
+    try:
         for part in attribute.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise TaskFamilyError(f"cannot load task family {spec!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise TaskFamilyError(f"cannot load task family {spec!r}: {_one_line(exc)}") from exc
     if callable(target) and not isinstance(target, TaskFamily):
         try:
             target = target()
         except Exception as exc:  # a user's factory: whatever it raises, say which one failed
-            raise TaskFamilyError(f"cannot build task family from {spec!r}: {exc}") from exc
+            raise TaskFamilyError(
+                f"cannot build task family from {spec!r}: {_one_line(exc, typed=True)}"
+            ) from exc
     family = target
     if not isinstance(family, TaskFamily):
         raise TaskFamilyError(f"{spec!r} is a {type(family).__name__}, not a TaskFamily")

@@ -32,7 +32,7 @@ import numpy as np
 from gymnasium.spaces import Box
 from numpy.typing import ArrayLike, NDArray
 
-from trmrl.tasks.base import ObsArray, Task, TaskEnv, TaskFamily
+from trmrl.tasks.base import ObsArray, Task, TaskEnv, TaskFamily, TaskFamilyError
 
 __all__ = ["GymTaskFamily", "ParamApplier", "ParamSampler", "gym_task_family"]
 
@@ -52,12 +52,7 @@ class GymTaskFamily(TaskFamily):
     env_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def _sample_tasks(self, split: str, n: int, rng: np.random.Generator) -> list[Task]:
-        rows = np.asarray(self.draw(rng, split, n), dtype=np.float64).reshape(n, -1)
-        if rows.shape[1] != self.task_param_dim:
-            raise ValueError(
-                f"{self.name}: draw() gave {rows.shape[1]} parameters per task, "
-                f"expected {self.task_param_dim}"
-            )
+        rows = _task_rows(self.name, self.draw(rng, split, n), n, self.task_param_dim)
         return [
             Task(self.name, split, i, tuple(row), "(" + ", ".join(f"{p:.3g}" for p in row) + ")")
             for i, row in enumerate(rows)
@@ -65,6 +60,31 @@ class GymTaskFamily(TaskFamily):
 
     def _make_env(self, task: Task) -> TaskEnv:
         return _GymTaskEnv(_make(self.env_id, dict(self.env_kwargs)), self, task)
+
+
+def _task_rows(name: str, drawn: object, n: int, dim: int) -> NDArray[np.float64]:
+    """``draw()``'s answer as ``n`` rows of ``dim`` numbers, or a :class:`TaskFamilyError` saying what it
+    gave and what it must give (one column of ``n`` numbers is taken for ``dim`` 1)."""
+    must = f"draw(rng, split, n) must return an array of numbers of shape (n, task_param_dim) = ({n}, {dim})"
+    try:
+        rows = np.asarray(drawn, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TaskFamilyError(f"{name}: {must}; it returned {_describe(drawn)}") from None
+    if rows.shape == (n,) and dim == 1:
+        rows = rows.reshape(n, 1)
+    if rows.shape != (n, dim):
+        raise TaskFamilyError(f"{name}: {must}; it returned {_describe(drawn)} of shape {rows.shape}")
+    return rows
+
+
+def _describe(value: object) -> str:
+    """What a sampler returned, for a message: ``a list of dict``, ``a numpy array``."""
+    if isinstance(value, np.ndarray):
+        return "a numpy array"
+    kind = type(value).__name__
+    if isinstance(value, list | tuple) and value:
+        return f"a {kind} of {type(value[0]).__name__}"
+    return f"a {kind}"
 
 
 def _make(env_id: str, kwargs: dict[str, Any]) -> gymnasium.Env[Any, Any]:

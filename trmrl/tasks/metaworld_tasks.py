@@ -147,7 +147,11 @@ _GOAL_SPACES: dict[tuple[str, str], tuple[NDArray[np.float64], NDArray[np.float6
 
 
 def _goal_space(key: str, env_name: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """``(low, high)`` of the goal positions ``env_name``'s own randomisation draws from."""
+    """``(low, high)`` of the goal positions ``env_name``'s own randomisation draws from.
+
+    Some classes (push) put the goal at the object's height whatever height was drawn: for those the
+    box is flat at that height, so that a goal drawn from it is the goal the class will use.
+    """
     with _CACHE_LOCK:
         cached = _GOAL_SPACES.get((key, env_name))
     if cached is not None:
@@ -155,7 +159,19 @@ def _goal_space(key: str, env_name: str) -> tuple[NDArray[np.float64], NDArray[n
     sim = _benchmark(key).classes[env_name]()
     try:
         space = sim._random_reset_space
-        bounds = (np.asarray(space.low, np.float64)[-3:], np.asarray(space.high, np.float64)[-3:])
+        low, high = np.asarray(space.low, np.float64)[-3:], np.asarray(space.high, np.float64)[-3:]
+        heights = []
+        if len(space.low) == 6:
+            goal = (low + high) / 2
+            objects = _allowed_objects(_train_objects(key, env_name), goal)
+            sim._freeze_rand_vec = True
+            for z in (low[2], high[2]):
+                sim._last_rand_vec = np.concatenate([objects[0], goal[:2], [z]])
+                sim.reset()
+                heights.append(float(sim._target_pos[2]))
+        if len(heights) == 2 and high[2] > low[2] and math.isclose(heights[0], heights[1], abs_tol=1e-9):
+            low[2] = high[2] = heights[0]
+        bounds = (low, high)
     finally:
         sim.close()
     with _CACHE_LOCK:
@@ -392,6 +408,14 @@ FAMILIES: Final[tuple[TaskFamily, ...]] = (
         "ml1-reach-fresh",
         "reach-v3",
         "Meta-World ML1 reach-v3; train and validation goals drawn afresh from the class's goal box, the "
+        "puck from the train tasks' starts (test goals: the benchmark's).",
+        decouple_objects=True,
+        fresh_goals=True,
+    ),
+    _family(
+        "ml1-push-fresh",
+        "push-v3",
+        "Meta-World ML1 push-v3; train and validation goals drawn afresh from the class's goal box, the "
         "puck from the train tasks' starts (test goals: the benchmark's).",
         decouple_objects=True,
         fresh_goals=True,

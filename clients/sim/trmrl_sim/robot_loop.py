@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from trmrl_client import PolicyClient, Session
 from trmrl_client.errors import ServiceError
-from trmrl_client.http import PolicyClient, Session
 
 from trmrl.tasks.trials import policy_observation
 from trmrl_sim.sim import SimError, check_model, load_tasks_module
