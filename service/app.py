@@ -303,7 +303,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 admin=app.state.auth.admin_enabled,
                 recording=settings.record_dir is not None,
             )
-            fleet.document(schema, keyed=app.state.auth.viewer_guarded)
+            fleet.document(schema, keyed=app.state.auth.viewer_guarded, viewers=app.state.auth.viewer_enabled)
             if registry is None:
                 return schema  # the models' dimensions come once they are loaded: not cached before
             app.openapi_schema = schema

@@ -79,6 +79,10 @@ class Authenticator:
         return self._principals[match]
 
     @property
+    def viewer_enabled(self) -> bool:
+        return bool(self._viewer)
+
+    @property
     def viewer_guarded(self) -> bool:
         """Whether the fleet page's feed needs a key: any key of any kind is configured."""
         return bool(self._keys or self._admin or self._viewer)

@@ -267,6 +267,9 @@ async def test_openapi_documents_the_feed(serve: Serve) -> None:
         assert {p["name"] for p in operation["parameters"]} == {"model", "version", "limit"}
         assert {"401", "403", "404", "422"} <= set(operation["responses"])
         assert "/ui" not in document["paths"]
+        # With viewer keys, every other keyed route may refuse one.
+        refused = document["paths"]["/v1/models"]["get"]["responses"]["403"]
+        assert "viewer_key_read_only" in refused["description"] and "application/json" in refused["content"]
     async with serve() as client:
         operation = (await client.get("/openapi.json")).json()["paths"]["/v1/fleet"]["get"]
         assert "security" not in operation

@@ -8,6 +8,7 @@ tab's ``sessionStorage``. The feed is computed by :class:`service.fleet.Fleet`.
 
 from __future__ import annotations
 
+import copy
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -330,12 +331,27 @@ async def asset(name: str) -> Response:
     return Response(_asset(name), media_type=ASSETS[name], headers=PAGE_HEADERS)
 
 
-def document(schema: dict[str, Any], *, keyed: bool) -> None:
-    """The feed's security in the OpenAPI document: an admin or viewer key, when any key is set."""
-    operation = schema.get("paths", {}).get(FLEET_PATH, {}).get("get")
+def document(schema: dict[str, Any], *, keyed: bool, viewers: bool = False) -> None:
+    """The feed's security in the OpenAPI document: an admin or viewer key, when any key is set. With
+    viewer keys configured, every other keyed route may answer 403 ``viewer_key_read_only``."""
+    paths = schema.get("paths", {})
+    operation = paths.get(FLEET_PATH, {}).get("get")
     if operation is None:
         return
     operation["responses"]["200"].get("content", {}).pop("application/msgpack", None)  # JSON only
+    if viewers:
+        for path, item in paths.items():
+            if path == FLEET_PATH or not path.startswith(("/v1/", "/act")):
+                continue
+            for other in item.values():
+                responses = other.get("responses", {})
+                refusal = responses.get("401") or responses.get("404")
+                if "403" not in responses and refusal is not None:
+                    responses["403"] = {
+                        **copy.deepcopy(refusal),
+                        "description": "Forbidden: a viewer key opens the fleet feed only "
+                        "(`viewer_key_read_only`).",
+                    }
     if not keyed:
         operation.pop("security", None)
         return
