@@ -26,7 +26,7 @@ from service.api.deps import BODY_SCHEMAS
 from service.api.fastpath import hot_handler, serve_hot
 from service.api.openapi import finish as finish_document
 from service.api.replies import error_reply
-from service.api.routes import act, admin, health, models, sessions, streams
+from service.api.routes import act, admin, fleet, health, models, sessions, streams
 from service.auth import Authenticator
 from service.config import Settings
 from service.core.engine import Engine
@@ -35,6 +35,7 @@ from service.core.recording import Recorder
 from service.core.registry import ModelRegistry
 from service.core.snapshot_file import count_sessions, read_sessions, write_sessions
 from service.core.snapshots import export_all, import_all
+from service.fleet import Fleet
 from service.lifecycle import (
     apply_activation,
     load_models,
@@ -99,6 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for engine in registry.all_engines():
         engine.recorder = recorder
     app.state.metrics.attach(registry)
+    app.state.fleet.start(registry)
     registry.draining = False  # a registry reused by a second lifespan comes back from a drain
     await registry.start()
     if settings.state_dir is not None:
@@ -143,6 +145,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.ready = False
         registry.draining = True
+        await app.state.fleet.stop()
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -283,10 +286,13 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.state.settings = settings
     app.state.registry = registry
     app.state.ready = False
-    app.state.auth = Authenticator(settings.load_api_keys(), settings.load_admin_keys())
+    app.state.auth = Authenticator(
+        settings.load_api_keys(), settings.load_admin_keys(), settings.load_viewer_keys()
+    )
     app.state.metrics = ServiceMetrics()
+    app.state.fleet = Fleet(app.state.metrics)
     _install_error_handlers(app)
-    for module in (health, models, sessions, act, streams, admin):
+    for module in (health, models, sessions, act, streams, admin, fleet):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:
@@ -308,6 +314,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 admin=app.state.auth.admin_enabled,
                 recording=settings.record_dir is not None,
             )
+            fleet.document(schema, keyed=app.state.auth.viewer_guarded, viewers=app.state.auth.viewer_enabled)
             if registry is None:
                 return schema  # the models' dimensions come once they are loaded: not cached before
             app.openapi_schema = schema

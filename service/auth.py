@@ -31,13 +31,17 @@ class Authenticator:
     """The configured keys; :meth:`check` maps a request's headers to its principal or raises 401.
 
     Admin keys (:meth:`check_admin`) are a separate set: they open the admin routes only, and a user
-    key there gets 403.
+    key there gets 403. Viewer keys open the fleet page and its feed (:meth:`check_viewer`, which admin
+    keys pass too) and nothing else: anywhere else a viewer key gets 403 ``viewer_key_read_only``.
     """
 
-    def __init__(self, keys: list[str], admin_keys: list[str] | None = None) -> None:
+    def __init__(
+        self, keys: list[str], admin_keys: list[str] | None = None, viewer_keys: list[str] | None = None
+    ) -> None:
         self._keys = [key.encode() for key in dict.fromkeys(keys)]
         self._principals = {key: principal_of(key) for key in self._keys}
         self._admin = [key.encode() for key in dict.fromkeys(admin_keys or [])]
+        self._viewer = [key.encode() for key in dict.fromkeys(viewer_keys or [])]
 
     @property
     def admin_enabled(self) -> bool:
@@ -51,6 +55,7 @@ class Authenticator:
         given = _bearer(scope, api_key_scheme=False)
         if _matches(given, self._admin) is not None:
             return
+        self._refuse_viewer(given)
         if _matches(given, self._keys) is not None:
             raise ServiceError("forbidden", "This route needs an admin key; an API key does not open it.")
         raise unauthorized("The admin key is not valid")
@@ -66,10 +71,47 @@ class Authenticator:
         """
         if not self._keys:
             return None
-        match = _matches(_bearer(scope, api_key_scheme=api_key_scheme), self._keys)
+        given = _bearer(scope, api_key_scheme=api_key_scheme)
+        match = _matches(given, self._keys)
         if match is None:
+            self._refuse_viewer(given)
             raise unauthorized("The API key is not valid")
         return self._principals[match]
+
+    @property
+    def viewer_enabled(self) -> bool:
+        return bool(self._viewer)
+
+    @property
+    def viewer_guarded(self) -> bool:
+        """Whether the fleet page's feed needs a key: any key of any kind is configured."""
+        return bool(self._keys or self._admin or self._viewer)
+
+    def check_viewer(self, scope: Scope) -> None:
+        """Let an admin or viewer key through (anyone, when no keys of any kind are configured); 403
+        ``viewer_key_required`` for an API key, 401 otherwise."""
+        if not self.viewer_guarded:
+            return
+        given = _bearer(scope, api_key_scheme=False)
+        # Both sets compared in full, whichever matches: the time taken says nothing about which.
+        admin, viewer = _matches(given, self._admin), _matches(given, self._viewer)
+        if admin is not None or viewer is not None:
+            return
+        if _matches(given, self._keys) is not None:
+            raise ServiceError(
+                "viewer_key_required",
+                "The fleet feed shows every key's sessions: it needs an admin or viewer key "
+                "(TRMRL_ADMIN_KEYS, TRMRL_VIEWER_KEYS), not an API key.",
+            )
+        raise unauthorized("The admin or viewer key is not valid")
+
+    def _refuse_viewer(self, given: bytes) -> None:
+        """403 ``viewer_key_read_only`` for a viewer key: it reads the fleet page and nothing else."""
+        if self._viewer and _matches(given, self._viewer) is not None:
+            raise ServiceError(
+                "viewer_key_read_only",
+                "A viewer key opens the fleet page (/ui) and its feed (/v1/fleet) only.",
+            )
 
 
 def _bearer(scope: Scope, *, api_key_scheme: bool) -> bytes:

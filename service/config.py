@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Keys of the admin routes (``/v1/admin/...``: load, activate, retire model versions); none: those
     routes answer 404 and do nothing."""
+    viewer_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Keys that open the fleet page (``/ui``) and its feed (``/v1/fleet``) and nothing else; admin keys
+    open them too."""
     checkpoint_root: Path | None = None
     """The only directory the admin routes load checkpoints from (default: ``checkpoints_dir``)."""
     max_upload_bytes: int = Field(default=256 << 20, ge=1024)
@@ -134,7 +137,7 @@ class Settings(BaseSettings):
     record_rotate_s: float = Field(default=300.0, gt=0)
     """...or after this many seconds."""
 
-    @field_validator("models", "api_keys", "admin_keys", mode="before")
+    @field_validator("models", "api_keys", "admin_keys", "viewer_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
@@ -149,6 +152,9 @@ class Settings(BaseSettings):
 
     def load_admin_keys(self) -> list[str]:
         return list(self.admin_keys)
+
+    def load_viewer_keys(self) -> list[str]:
+        return list(self.viewer_keys)
 
     def admin_root(self) -> Path:
         """The directory admin-loaded checkpoints must lie under."""

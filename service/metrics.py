@@ -207,5 +207,10 @@ class ServiceMetrics:
             histogram = self._requests[key] = _LoopHistogram()
         histogram.observe(seconds)
 
+    def request_counts(self) -> dict[tuple[str, str, int], tuple[list[int], float]]:
+        """Each request histogram's bucket counts (a copy; buckets of ``_LATENCY_BUCKETS``, then +Inf)
+        and total seconds, by (route, method, status): what ``service.fleet`` reads."""
+        return {key: (h.counts.copy(), h.total) for key, h in list(self._requests.items())}
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,6 +26,8 @@ STATUS: dict[str, int] = {
     "unauthorized": 401,
     "forbidden": 403,
     "forbidden_path": 403,
+    "viewer_key_required": 403,
+    "viewer_key_read_only": 403,
     # What it names does not exist.
     "not_found": 404,
     "unknown_model": 404,
@@ -58,6 +60,7 @@ STATUS: dict[str, int] = {
     "invalid_snapshot": 422,
     "invalid_checkpoint": 422,
     "recording_disabled": 422,
+    "invalid_filter": 422,
     # The service cannot take it now.
     "capacity_exhausted": 429,
     "internal_error": 500,

@@ -21,6 +21,7 @@ import torch
 from trmrl_client.codec import INPUT_LIMIT
 
 from service.core import errors
+from service.core.adaptation import AdaptationCurves
 from service.core.batcher import Batch, Batcher
 from service.core.errors import ServiceError
 from service.core.forward import Forward
@@ -72,6 +73,8 @@ class Engine:
         self.reward_sums = np.zeros(2)
         """Rewards received for an episode's first ``ADAPTATION_STEPS`` actions, and for later ones."""
         self.reward_counts = np.zeros(2, np.int64)
+        self.curves = AdaptationCurves()
+        """Mean reward by step in episode, first episode and later ones, and each session's returns."""
         self.recorder: Recorder | None = None
         """Where the steps of recorded sessions go (``TRMRL_RECORD_DIR``); ``None``: nowhere."""
 
@@ -205,6 +208,7 @@ class Engine:
         live = table.alive(slots, batch.generation[:n])
         start = batch.start[:n]
         self._count_rewards(slots, start, live, batch.reward[:n])
+        self.curves.count(table, slots, start, live, batch.reward[:n])
         if self.recorder is not None:
             recorded = table.record[slots] & live
             if recorded.any():

@@ -41,6 +41,8 @@ _MOVED = (
     "pending_clear",
     "last_action",
     "record",
+    "episode_return",
+    "last_return",
 )
 
 
@@ -86,6 +88,10 @@ class SessionTable:
         """Committed steps of the current episode (0 before its first)."""
         self.record = np.zeros(capacity, bool)
         """The session's steps are recorded (``service.core.recording``)."""
+        self.episode_return = np.zeros(capacity, np.float64)
+        """Rewards received so far in the current episode (``service.core.adaptation`` counts them)."""
+        self.last_return = np.full(capacity, np.nan)
+        """The return of the session's last finished episode; NaN before one has finished."""
         self.evictions = 0
         self.expirations = 0
         self.owned = 0
@@ -188,6 +194,8 @@ class SessionTable:
         self.last_action[slot] = 0.0
         self.episode_step[slot] = 0
         self.record[slot] = record
+        self.episode_return[slot] = 0.0
+        self.last_return[slot] = np.nan
         return session_id, slot
 
     def take_over(self, source: SessionTable) -> tuple[np.ndarray, np.ndarray]:
