@@ -81,7 +81,8 @@ async def _populate_in_process(
 async def event_loop_part(checkpoints: list[Path], rounds: int, ticks: int) -> dict[str, Any]:
     from service.app import create_app
     from service.config import Settings
-    from service.fleet import Fleet, parse_query
+    from service.fleet import Fleet
+    from service.fleet_query import parse_query
 
     settings = Settings(models=checkpoints, max_sessions=SESSIONS, max_batch=4096, torch_threads=1)
     app = create_app(settings)

@@ -14,33 +14,40 @@ Everything here is read from counters the service keeps anyway; nothing is added
   session tables (``argpartition`` of their last-active times), so 10,000 sessions cost well under a
   millisecond of the event loop.
 
-:func:`parse_query` validates the feed's filter; bad input raises :class:`~service.core.errors.ServiceError`.
+:func:`~service.fleet_query.parse_query` validates the feed's filter; :mod:`service.fleet_readings`
+reads the histograms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import math
-import re
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from service.core import errors
-from service.core.errors import ServiceError
+from service.fleet_query import ID_PREFIX, FleetQuery
+from service.fleet_readings import (
+    Point,
+    Reading,
+    bucket_counts,
+    counts_since,
+    encode_text,
+    finite,
+    json_number,
+    quantile,
+    version_label,
+)
 from service.metrics import _BATCH_BUCKETS, _LATENCY_BUCKETS, _WAIT_BUCKETS
 
 if TYPE_CHECKING:
-    from prometheus_client import Histogram
-
     from service.core.engine import Engine
     from service.core.registry import ModelRegistry
     from service.metrics import ServiceMetrics
@@ -51,193 +58,6 @@ SAMPLE_INTERVAL_S = 1.0
 HISTORY = 300
 #: The span the feed's current figures (rates, percentiles, errors) are computed over.
 WINDOW_S = 10.0
-#: Most sessions the feed lists; the default.
-MAX_SESSIONS_LISTED = 500
-DEFAULT_SESSIONS_LISTED = 25
-#: Characters of a session id the feed shows (an id is a capability when keys are off).
-ID_PREFIX = 8
-
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_VERSION = re.compile(r"[0-9a-f]{4,64}")
-_QUERY_KEYS = ("model", "version", "limit")
-
-
-# -- readings -------------------------------------------------------------------------------------------
-@dataclass
-class _Histogram:
-    """Bucket counts (not cumulative; the last is +Inf), their sum and total."""
-
-    counts: list[float]
-    total: float
-
-    @property
-    def n(self) -> float:
-        return sum(self.counts)
-
-
-@dataclass
-class _Reading:
-    """The counters at one moment."""
-
-    at: float
-    steps: dict[tuple[str, str], tuple[int, int]]
-    """Per (model, version): steps and forward passes."""
-    batch: dict[tuple[str, str], _Histogram]
-    wait: dict[tuple[str, str], _Histogram]
-    requests: dict[tuple[str, str, int], tuple[list[int], float]]
-
-
-@dataclass
-class _Point:
-    """What happened between two readings (a point of the charts)."""
-
-    at: float
-    actions: dict[str, float]
-    """Actions/s per ``model@version``."""
-    requests: float
-    errors: float
-    p50_ms: float | None
-    p99_ms: float | None
-
-
-def _histograms(metric: Histogram, bounds: int) -> dict[tuple[str, str], _Histogram]:
-    """A labelled prometheus-client histogram's buckets per (model, version), made non-cumulative."""
-    out: dict[tuple[str, str], _Histogram] = {}
-    for family in metric.collect():
-        cumulative: dict[tuple[str, str], list[float]] = {}
-        sums: dict[tuple[str, str], float] = {}
-        for sample in family.samples:
-            key = (sample.labels.get("model", ""), sample.labels.get("version", ""))
-            if sample.name.endswith("_bucket"):
-                cumulative.setdefault(key, []).append(sample.value)
-            elif sample.name.endswith("_sum"):
-                sums[key] = sample.value
-        for key, running in cumulative.items():
-            if len(running) != bounds + 1:
-                continue
-            counts = [running[0]] + [b - a for a, b in itertools.pairwise(running)]
-            out[key] = _Histogram(counts, sums.get(key, 0.0))
-    return out
-
-
-def quantile(
-    q: float, bounds: tuple[float, ...], counts: Sequence[float], *, interpolate: bool = True
-) -> float | None:
-    """The ``q`` quantile of bucketed observations (``counts[i]`` in ``(bounds[i-1], bounds[i]]``, the
-    last beyond every bound), interpolated within its bucket as Prometheus' ``histogram_quantile``
-    (or, without ``interpolate``, its bucket's upper bound: for whole numbers such as batch sizes).
-
-    >>> quantile(0.5, (1.0, 2.0), [0, 4, 0])
-    1.5
-    >>> quantile(0.99, (1.0, 2.0), [1, 0, 5])  # beyond the last bound: that bound
-    2.0
-    """
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank = q * total
-    running = 0.0
-    for i, count in enumerate(counts):
-        if count > 0 and running + count >= rank:
-            if i >= len(bounds):
-                return bounds[-1]
-            if not interpolate:
-                return bounds[i]
-            low = bounds[i - 1] if i > 0 else 0.0
-            return low + (bounds[i] - low) * (rank - running) / count
-        running += count
-    return bounds[-1]
-
-
-def _delta(now: list[Any], then: list[Any] | None) -> list[Any]:
-    return list(now) if then is None else [a - b for a, b in zip(now, then, strict=True)]
-
-
-def _finite(value: float | None, digits: int = 4) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return round(value, digits)
-
-
-def _encode_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
-def _number(value: float | None) -> str:
-    """A number as JSON (``null`` for none, or for NaN and infinities, which JSON lacks)."""
-    return "null" if value is None or not math.isfinite(value) else repr(float(value))
-
-
-def _label(name: str, version: str) -> str:
-    return f"{name}@{version}"
-
-
-@dataclass(frozen=True)
-class FleetQuery:
-    """The feed's filter of its session list (validated by :func:`parse_query`)."""
-
-    model: str | None = None
-    version: str | None = None
-    """A full version, resolved from a unique prefix."""
-    limit: int = DEFAULT_SESSIONS_LISTED
-
-
-def invalid_filter(field_name: str, reason: str, value: str | None = None) -> ServiceError:
-    detail: dict[str, Any] = {"field": field_name}
-    if value is not None:
-        detail["value"] = value[:200]
-    return ServiceError("invalid_filter", f"The fleet filter is not valid: {reason}.", detail)
-
-
-def parse_query(items: Iterable[tuple[str, str]], registry: ModelRegistry) -> FleetQuery:
-    """Validate the feed's query parameters: ``model`` (a loaded model's name), ``version`` (a loaded
-    version, or a unique prefix of at least 4 hex digits), ``limit`` (1..500).
-
-    A malformed or repeated parameter, or one the feed does not take: 422 ``invalid_filter``; a model
-    or version that is not loaded: 404 ``unknown_model`` / ``unknown_version``.
-    """
-    given: dict[str, str] = {}
-    for key, value in items:
-        if key not in _QUERY_KEYS:
-            raise invalid_filter(
-                key, f"the feed takes no parameter {key[:40]!r} (it takes {', '.join(_QUERY_KEYS)})"
-            )
-        if key in given:
-            raise invalid_filter(key, f"{key!r} is given more than once")
-        given[key] = value
-    model = given.get("model")
-    if model is not None:
-        if not _MODEL_NAME.fullmatch(model):
-            raise invalid_filter("model", "a model name is 1-128 letters, digits, '.', '_' or '-'", model)
-        if model not in registry.versions:
-            raise errors.unknown_model(model, list(registry.versions))
-    version = given.get("version")
-    if version is not None:
-        if not _VERSION.fullmatch(version):
-            raise invalid_filter(
-                "version", "a version is 4 to 64 lowercase hex digits (or a prefix of one)", version
-            )
-        names = [model] if model is not None else list(registry.versions)
-        found = sorted(
-            {v for name in names for v in registry.versions.get(name, {}) if v.startswith(version)}
-        )
-        if not found:
-            loaded = sorted({v for name in names for v in registry.versions.get(name, {})})
-            raise ServiceError(
-                "unknown_version",
-                f"No loaded version{' of ' + repr(model) if model else ''} starts with {version!r}.",
-                {"model": model, "version": version, "loaded": loaded},
-            )
-        if len(found) > 1:
-            raise invalid_filter("version", f"{version!r} is the prefix of {len(found)} versions", version)
-        version = found[0]
-    limit = DEFAULT_SESSIONS_LISTED
-    if "limit" in given:
-        raw = given["limit"]
-        if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_SESSIONS_LISTED:
-            raise invalid_filter("limit", f"'limit' is a whole number from 1 to {MAX_SESSIONS_LISTED}", raw)
-        limit = int(raw)
-    return FleetQuery(model=model, version=version, limit=limit)
 
 
 @dataclass
@@ -253,7 +73,7 @@ class Fleet:
     window_s: float = WINDOW_S
     registry: ModelRegistry | None = None
     started_at: float = field(default_factory=time.monotonic)
-    _readings: deque[_Reading] = field(init=False)
+    _readings: deque[Reading] = field(init=False)
     _times: deque[str] = field(init=False)
     _columns: dict[str, deque[str]] = field(init=False)
     _actions: dict[str, deque[str]] = field(init=False)
@@ -299,13 +119,13 @@ class Fleet:
     def engines(self) -> list[Engine]:
         return [] if self.registry is None else self.registry.all_engines()
 
-    def read(self) -> _Reading:
+    def read(self) -> Reading:
         """The counters now (tens of microseconds: a few dictionaries of small lists)."""
-        return _Reading(
+        return Reading(
             at=time.monotonic(),
             steps={(e.name, e.version): (e.stepped, e.ticks) for e in self.engines()},
-            batch=_histograms(self.metrics.batch_size, len(_BATCH_BUCKETS)),
-            wait=_histograms(self.metrics.queue_wait, len(_WAIT_BUCKETS)),
+            batch=bucket_counts(self.metrics.batch_size, len(_BATCH_BUCKETS)),
+            wait=bucket_counts(self.metrics.queue_wait, len(_WAIT_BUCKETS)),
             requests=self.metrics.request_counts(),
         )
 
@@ -316,38 +136,38 @@ class Fleet:
             self._append(self._between(self._readings[-1], now))
         self._readings.append(now)
 
-    def _append(self, point: _Point) -> None:
-        self._times.append(_number(round(point.at - self.started_at, 1)))
+    def _append(self, point: Point) -> None:
+        self._times.append(json_number(round(point.at - self.started_at, 1)))
         values = (point.requests, point.errors, point.p50_ms, point.p99_ms)
         for column, value in zip(self._columns.values(), values, strict=True):
-            column.append(_number(value))
+            column.append(json_number(value))
         for label in point.actions:
             if label not in self._actions:  # a version loaded since: nothing before it
                 self._actions[label] = deque(["null"] * (len(self._times) - 1), maxlen=self.history)
         for label, column in list(self._actions.items()):
             value = point.actions.get(label)
-            column.append(_number(value))
+            column.append(json_number(value))
             if value is None and all(v == "null" for v in column):
                 del self._actions[label]  # retired, and out of the charts' span
 
-    def _between(self, then: _Reading, now: _Reading) -> _Point:
+    def _between(self, then: Reading, now: Reading) -> Point:
         span = max(now.at - then.at, 1e-9)
         actions = {}
         for key, (steps, _) in now.steps.items():
             before = then.steps.get(key, (0, 0))[0]
-            actions[_label(*key)] = round((steps - before) / span, 2)
+            actions[version_label(*key)] = round((steps - before) / span, 2)
         merged = [0] * (len(_LATENCY_BUCKETS) + 1)
         requests = errors_seen = 0
         for request, (counts, _) in now.requests.items():
             old = then.requests.get(request)
-            delta = _delta(counts, None if old is None else old[0])
+            delta = counts_since(counts, None if old is None else old[0])
             n = sum(delta)
             requests += n
             if request[2] >= 400:
                 errors_seen += n
             merged = [a + b for a, b in zip(merged, delta, strict=True)]
         p50, p99 = quantile(0.5, _LATENCY_BUCKETS, merged), quantile(0.99, _LATENCY_BUCKETS, merged)
-        return _Point(
+        return Point(
             at=now.at,
             actions=actions,
             requests=round(requests / span, 2),
@@ -401,7 +221,7 @@ class Fleet:
         }
 
     def _model_row(
-        self, engine: Engine, registry: ModelRegistry | None, now: _Reading, base: _Reading, rate: float
+        self, engine: Engine, registry: ModelRegistry | None, now: Reading, base: Reading, rate: float
     ) -> dict[str, Any]:
         key = (engine.name, engine.version)
         steps, passes = now.steps.get(key, (0, 0))
@@ -410,9 +230,11 @@ class Fleet:
         batch_now, batch_then = now.batch.get(key), base.batch.get(key)
         wait_now, wait_then = now.wait.get(key), base.wait.get(key)
         batch_counts = (
-            _delta(batch_now.counts, batch_then.counts if batch_then else None) if batch_now else []
+            counts_since(batch_now.counts, batch_then.counts if batch_then else None) if batch_now else []
         )
-        wait_counts = _delta(wait_now.counts, wait_then.counts if wait_then else None) if wait_now else []
+        wait_counts = (
+            counts_since(wait_now.counts, wait_then.counts if wait_then else None) if wait_now else []
+        )
         wait_sum = (wait_now.total - (wait_then.total if wait_then else 0.0)) if wait_now else 0.0
         waits = sum(wait_counts)
         active = registry is not None and registry.engines.get(engine.name) is engine
@@ -431,20 +253,20 @@ class Fleet:
             "queued_steps": engine.queued_steps,
             "actions_per_s": round(stepped * rate, 2),
             "forward_passes_per_s": round(forwards * rate, 2),
-            "batch_mean": _finite(stepped / forwards if forwards else None, 2),
-            "batch_p50": _finite(
+            "batch_mean": finite(stepped / forwards if forwards else None, 2),
+            "batch_p50": finite(
                 quantile(0.5, _BATCH_BUCKETS, batch_counts, interpolate=False) if forwards else None, 2
             ),
-            "batch_p99": _finite(
+            "batch_p99": finite(
                 quantile(0.99, _BATCH_BUCKETS, batch_counts, interpolate=False) if forwards else None, 2
             ),
-            "queue_wait_mean_ms": _finite(wait_sum / waits * 1e3 if waits else None, 3),
-            "queue_wait_p50_ms": _finite(None if p50_wait is None else p50_wait * 1e3, 3),
-            "queue_wait_p99_ms": _finite(None if p99_wait is None else p99_wait * 1e3, 3),
+            "queue_wait_mean_ms": finite(wait_sum / waits * 1e3 if waits else None, 3),
+            "queue_wait_p50_ms": finite(None if p50_wait is None else p50_wait * 1e3, 3),
+            "queue_wait_p99_ms": finite(None if p99_wait is None else p99_wait * 1e3, 3),
             "device_bytes": self._held(engine),
             "steps_total": engine.stepped,
-            "reward_first20": _finite(float(sums[0]) / int(counts[0]) if counts[0] else None),
-            "reward_after20": _finite(float(sums[1]) / int(counts[1]) if counts[1] else None),
+            "reward_first20": finite(float(sums[0]) / int(counts[0]) if counts[0] else None),
+            "reward_after20": finite(float(sums[1]) / int(counts[1]) if counts[1] else None),
         }
 
     def _held(self, engine: Engine) -> int:
@@ -456,7 +278,7 @@ class Fleet:
         return held
 
     def _routes(
-        self, now: _Reading, base: _Reading, rate: float
+        self, now: Reading, base: Reading, rate: float
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, int]:
         by_route: dict[tuple[str, str], list[int]] = {}
         failed: dict[tuple[str, str], int] = {}
@@ -464,7 +286,7 @@ class Fleet:
         requests_total = errors_total = 0
         for (route, method, status), (counts, _) in now.requests.items():
             old = base.requests.get((route, method, status))
-            delta = _delta(counts, None if old is None else old[0])
+            delta = counts_since(counts, None if old is None else old[0])
             n = sum(delta)
             requests_total += n
             merged = by_route.setdefault((route, method), [0] * len(counts))
@@ -507,7 +329,7 @@ class Fleet:
     def feed_json(self, query: FleetQuery | None = None) -> bytes:
         """:meth:`feed` encoded as JSON; the charts' series (most of its numbers) are joined from the
         points' encodings, kept since their readings."""
-        text = _encode_text(self.feed(query, series=False))
+        text = encode_text(self.feed(query, series=False))
         return f'{text[:-1]},"series":{self._series_text()}}}'.encode()
 
     def _series_text(self) -> str:

@@ -20,7 +20,7 @@ from service.app import create_app
 from service.config import Settings
 from service.core.adaptation import AdaptationCurves
 from service.core.session_table import SessionTable
-from service.fleet import quantile
+from service.fleet_readings import quantile
 
 pytestmark = pytest.mark.anyio
 

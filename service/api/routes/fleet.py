@@ -17,7 +17,8 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import RegistryDep, error_docs
-from service.fleet import MAX_SESSIONS_LISTED, Fleet, parse_query
+from service.fleet import Fleet
+from service.fleet_query import MAX_SESSIONS_LISTED, parse_query
 
 router = APIRouter(tags=["fleet"])
 
