@@ -179,6 +179,7 @@ def forward(model: Network, mb: AnyBatch) -> tuple[PolicyOutput, Batch]:
             mb.returns[mask],
         )
         return PolicyOutput(out.mean[mask], out.log_std, out.value[mask]), flat
+    assert isinstance(model, RL2)
     out, _ = model.unroll(mb.tokens.transpose(0, 1), mb.hidden, mb.episode_starts.transpose(0, 1))
     mask = mb.mask.transpose(0, 1)
     flat = Batch(

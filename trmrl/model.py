@@ -120,8 +120,8 @@ class ModelConfig:
             )
         if self.context == "trial" and self.window != 1:
             problems.append(
-                f"context=trial attends over up to max_context={self.max_context} memories, a step hands back "
-                f"its newest one: window must be 1 (got {self.window})"
+                f"context=trial attends over up to max_context={self.max_context} memories and a step "
+                f"hands back its newest one: window must be 1 (got {self.window})"
             )
         if self.rnn_hidden < 1:
             problems.append(f"rnn_hidden must be >= 1 (got {self.rnn_hidden})")
