@@ -17,16 +17,19 @@ gives exactly the cache a step-by-step run under those weights would have built.
 
 Past ``max_context`` nothing slides: a step that would add a working memory to a full context raises
 :class:`ContextFull` naming the slots, and the pool is unchanged (a new trial -- ``clear`` -- starts the
-context again). Keys and values are written only after the forward pass succeeds, as in every pool.
+context again). A step writes each new key and value in place during its forward pass, at the
+position past everything the slot's context keeps (at 0 for a context the step restarts); the working
+memories and counters are written only after the pass succeeds, as in every pool. A failed step thus
+leaves every slot's working memories and length unchanged (a restarted slot may have lost its first
+cached key: :meth:`TrialPool.rebuild` restores it from the working memories).
 
 The allocation is fixed: every slot owns ``max_context`` positions whatever its trial's length.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from trmrl.memory import begin_step
@@ -49,9 +52,10 @@ class ContextFull(ValueError):
 class _Rows:
     """The cache of some slots, seen by one encoder during one step (:class:`~trmrl.model.KeyValueCache`).
 
-    Attention runs over the slots' cached keys and values (positions ``< lengths``) and the new token's
-    own, merged in one softmax; the new keys and values are kept aside and written by the pool after
-    the whole forward pass has succeeded.
+    The new memory's key and value go to position ``lengths`` of each slot's rows -- past everything
+    the context keeps, or at 0 for a context this step restarts -- and attention runs over positions
+    ``0..lengths`` in one fused kernel (``scaled_dot_product_attention``): one read of the cached keys
+    and values, no copy of them when the slots are consecutive.
     """
 
     def __init__(
@@ -59,10 +63,9 @@ class _Rows:
     ) -> None:
         self.keys, self.values = keys, values
         self.slots, self.start, self.lengths = slots, start, lengths
-        self.span = int(lengths.max()) if len(lengths) else 0
-        visible = torch.arange(self.span, device=lengths.device) < lengths.unsqueeze(1)
-        self.hidden = (~visible).view(len(lengths), 1, 1, self.span)
-        self.new: list[tuple[Tensor, Tensor]] = []
+        self.span = int(lengths.max()) + 1 if len(lengths) else 0
+        visible = torch.arange(self.span, device=lengths.device) <= lengths.unsqueeze(1)
+        self.visible = visible.view(len(lengths), 1, 1, self.span)
 
     def _cached(self, tensor: Tensor) -> Tensor:
         if self.start is not None:  # consecutive slots: a view, no copy
@@ -70,17 +73,14 @@ class _Rows:
         return tensor[self.slots, :, : self.span]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.new.append((k, v))
-        cached_k, cached_v = self._cached(self.keys[layer]), self._cached(self.values[layer])
-        dtype = cached_k.dtype
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        query = q.unsqueeze(2)  # [B, H, 1, dh]
-        old = torch.matmul(query.to(dtype), cached_k.transpose(-1, -2)).to(q.dtype) * scale  # [B, H, 1, T]
-        old = old.masked_fill(self.hidden, -math.inf)
-        own = (q * k).sum(-1, keepdim=True).unsqueeze(-1) * scale  # [B, H, 1, 1]
-        weights = torch.softmax(torch.cat([old, own], -1), -1)
-        y = torch.matmul(weights[..., :-1].to(dtype), cached_v).to(q.dtype).squeeze(2)
-        return y + weights[..., -1:].squeeze(2) * v
+        keys, values = self.keys[layer], self.values[layer]
+        keys[self.slots, :, self.lengths] = k.to(keys.dtype)
+        values[self.slots, :, self.lengths] = v.to(values.dtype)
+        query = q.unsqueeze(2).to(keys.dtype)  # [B, H, 1, dh]
+        y = F.scaled_dot_product_attention(
+            query, self._cached(keys), self._cached(values), attn_mask=self.visible
+        )
+        return y.squeeze(2).to(q.dtype)
 
 
 class TrialPool(SlotStore):
@@ -160,9 +160,7 @@ class TrialPool(SlotStore):
         full = lengths >= cfg.max_context
         if bool(full.any()):
             raise ContextFull(slots[full].tolist(), cfg.max_context)
-        caches = self._rows(slots, lengths)
-        output = self.model.forward_step(tokens, lengths, *caches)
-        self._store(slots, lengths, caches)
+        output = self.model.forward_step(tokens, lengths, *self._rows(slots, lengths))
         self.windows[slots, lengths] = tokens
         self.lengths[slots] = lengths + 1
         self.prev_action[slots] = prev_action
@@ -180,12 +178,6 @@ class TrialPool(SlotStore):
         policy = _Rows(self.keys[:n], self.values[:n], slots, first, lengths)
         value = _Rows(self.keys[n:], self.values[n:], slots, first, lengths) if len(self.keys) > n else None
         return policy, value
-
-    def _store(self, slots: Tensor, lengths: Tensor, caches: tuple[_Rows, _Rows | None]) -> None:
-        new = [kv for rows in caches if rows is not None for kv in rows.new]
-        for (k, v), keys, values in zip(new, self.keys, self.values, strict=True):
-            keys[slots, :, lengths] = k.to(keys.dtype)
-            values[slots, :, lengths] = v.to(values.dtype)
 
     @property
     def bytes_per_slot(self) -> int:
