@@ -333,3 +333,17 @@ def test_a_trial_context_run_trains_and_resumes(tmp_path: Path) -> None:
             resumed.close()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_evaluation_refuses_more_episodes_than_the_context_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.cli import eval_main
+
+    cfg = ModelConfig.from_preset("small", obs_dim=2, act_dim=2, context="trial", window=1, max_context=201)
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "memory_scope": "trial"})
+    info = CheckpointInfo(task_family="point-nav", action_low=(-1.0, -1.0), action_high=(1.0, 1.0))
+    save_checkpoint(tmp_path / "ckpt", TrMRL(cfg), info)
+    with pytest.raises(SystemExit):
+        eval_main([str(tmp_path / "ckpt"), "--episodes", "3", "--tasks", "1"])
+    assert "max_context=201 cannot hold 3 episode(s) of 100 steps" in capsys.readouterr().err
