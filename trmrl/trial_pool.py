@@ -59,13 +59,20 @@ class _Rows:
     """
 
     def __init__(
-        self, keys: list[Tensor], values: list[Tensor], slots: Tensor, start: int | None, lengths: Tensor
+        self,
+        keys: list[Tensor],
+        values: list[Tensor],
+        slots: Tensor,
+        start: int | None,
+        lengths: Tensor,
+        span: int,
+        bias: Tensor,
     ) -> None:
         self.keys, self.values = keys, values
         self.slots, self.start, self.lengths = slots, start, lengths
-        self.span = int(lengths.max()) + 1 if len(lengths) else 0
-        visible = torch.arange(self.span, device=lengths.device) <= lengths.unsqueeze(1)
-        self.visible = visible.view(len(lengths), 1, 1, self.span)
+        self.span = span
+        self.bias = bias
+        """``[B, 1, 1, span]``: 0 on positions ``0..lengths``, ``-inf`` after (one per step, all layers)."""
 
     def _cached(self, tensor: Tensor) -> Tensor:
         if self.start is not None:  # consecutive slots: a view, no copy
@@ -77,9 +84,8 @@ class _Rows:
         keys[self.slots, :, self.lengths] = k.to(keys.dtype)
         values[self.slots, :, self.lengths] = v.to(values.dtype)
         query = q.unsqueeze(2).to(keys.dtype)  # [B, H, 1, dh]
-        y = F.scaled_dot_product_attention(
-            query, self._cached(keys), self._cached(values), attn_mask=self.visible
-        )
+        bias = self.bias if self.bias.dtype == keys.dtype else self.bias.to(keys.dtype)
+        y = F.scaled_dot_product_attention(query, self._cached(keys), self._cached(values), attn_mask=bias)
         return y.squeeze(2).to(q.dtype)
 
 
@@ -175,8 +181,15 @@ class TrialPool(SlotStore):
         )
         n = self.config.n_layers
         first = None if not consecutive else start
-        policy = _Rows(self.keys[:n], self.values[:n], slots, first, lengths)
-        value = _Rows(self.keys[n:], self.values[n:], slots, first, lengths) if len(self.keys) > n else None
+        span = int(lengths.max()) + 1 if count else 0
+        hidden = torch.arange(span, device=lengths.device) > lengths.unsqueeze(1)
+        bias = torch.zeros(count, 1, 1, span, device=lengths.device).masked_fill_(
+            hidden.view(count, 1, 1, span), -torch.inf
+        )
+        policy = _Rows(self.keys[:n], self.values[:n], slots, first, lengths, span, bias)
+        value = None
+        if len(self.keys) > n:
+            value = _Rows(self.keys[n:], self.values[n:], slots, first, lengths, span, bias)
         return policy, value
 
     @property
