@@ -101,7 +101,7 @@ def window_step(net: TrMRL, batch: int) -> Callable[[], None]:
 
 def measure(
     methods: dict[str, Callable[[], None]], rounds: int, calls: int, reference: str
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Per method: the median over alternated rounds of the fastest of ``calls`` calls, and the median
     per-round ratio to ``reference``."""
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -117,13 +117,15 @@ def measure(
                     samples.append(time.perf_counter() - t0)
                 times[name].append(min(samples))
     ref = times[reference]
-    return {
-        name: {
+    out: dict[str, dict[str, Any]] = {}
+    for name, values in times.items():
+        ratios = [v / r for v, r in zip(values, ref, strict=True)]
+        out[name] = {
             "ms": 1e3 * statistics.median(values),
-            "ratio_to_" + reference: statistics.median(v / r for v, r in zip(values, ref, strict=True)),
+            "ratio_to_" + reference: statistics.median(ratios),
+            "rounds_ms": [round(1e3 * v, 3) for v in values],
         }
-        for name, values in times.items()
-    }
+    return out
 
 
 def memory_table(lengths: list[int]) -> dict[str, Any]:
@@ -168,13 +170,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer lengths and rounds (a smoke run)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "trial_context.json")
+    parser.add_argument("--rounds", type=int, help="alternated rounds (default 5; --quick 2)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="trial lengths (default 1 50 100 200 400)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 1024], help="batch sizes")
     args = parser.parse_args()
-    lengths = [50, 400] if args.quick else [1, 50, 100, 200, 400]
-    rounds = 2 if args.quick else 5
+    lengths = args.lengths or ([50, 400] if args.quick else [1, 50, 100, 200, 400])
+    rounds = args.rounds or (2 if args.quick else 5)
     net = trial_model()
     windows = {5: window_model(5), 50: window_model(50)}
     rows = []
-    for batch in (1, 1024):
+    for batch in args.batches:
         calls = 20 if batch == 1 else 3
         for t in lengths:
             methods: dict[str, Callable[[], None]] = {
@@ -199,7 +204,7 @@ def main() -> None:
             )
             print(f"batch {batch:5d}  t {t:4d}  {line}", flush=True)
     memory = memory_table(lengths)
-    target = next(r for r in rows if r["batch"] == 1024 and r["length"] == max(lengths))
+    target = next(r for r in rows if r["batch"] == max(args.batches) and r["length"] == max(lengths))
     ratios = {
         "cached_over_window5_at_400_batch1024": target["cached"]["ratio_to_window-5"],
         "cached_bf16_over_window5_at_400_batch1024": target["cached-bf16"]["ratio_to_window-5"],
@@ -239,7 +244,7 @@ def main() -> None:
         "allocation, which holds it all (allocation 1.00 of fixed; the <= 0.6 target needs paging)"
     )
     print(
-        f"target: cached step at t={target['length']}, batch 1024 = "
+        f"target: cached step at t={target['length']}, batch {target['batch']} = "
         f"{ratios['cached_over_window5_at_400_batch1024']:.2f}x window-5 (fp32), "
         f"{ratios['cached_bf16_over_window5_at_400_batch1024']:.2f}x (bf16); target <= {TARGET_RATIO}x"
     )
