@@ -262,6 +262,16 @@ def eval_main(argv: list[str] | None = None) -> int:
     except TaskFamilyError as exc:
         _fail(parser.prog, str(exc))
 
+    for path, ckpt in zip(args.checkpoints, loaded, strict=True):
+        episodes = args.episodes or int(ckpt.info.training.get("episodes_per_trial", 2))
+        cfg = ckpt.config
+        held = (episodes if cfg.memory_scope == "trial" else 1) * family.episode_length + 1
+        if cfg.context == "trial" and held > cfg.max_context:
+            parser.error(
+                f"{path}: a context=trial policy with max_context={cfg.max_context} cannot hold "
+                f"{episodes} episode(s) of {family.episode_length} steps (memory_scope={cfg.memory_scope})"
+            )
+
     rows = []
     for path, ckpt in zip(args.checkpoints, loaded, strict=True):
         episodes = args.episodes or int(ckpt.info.training.get("episodes_per_trial", 2))

@@ -42,7 +42,15 @@ class TrainConfig:
     """Steps per stored sequence that ``rl2``'s update backpropagates through (the hidden state at each
     sequence's start is the one recorded during the rollout)."""
     window: int = 5
-    """N, working memories per window."""
+    """N, working memories per window (``context=window``)."""
+    context: Literal["window", "trial"] = "window"
+    """TrMRL's context: ``window``, the ``window`` most recent working memories (the paper's); ``trial``,
+    every working memory since the memory was last cleared (the trial's start, or the episode's with
+    ``memory_scope=episode``), sampled with a per-env key/value cache and trained a whole stored trial
+    at a time in one causal forward (``window`` is then unused)."""
+    max_context: int = 0
+    """``context=trial``: the most working memories a context may hold; 0 (auto) sizes it to the
+    context plus one -- the value after a trial's last step reads one more working memory."""
     memory_scope: Literal["episode", "trial"] = "episode"
     """Clear the window at every episode start, or keep it across a trial."""
     value_input: ValueInput = "memory"
@@ -95,7 +103,8 @@ class TrainConfig:
     """``mse``: half squared error; ``gaussian_nll``: negative log-likelihood of the return under a
     Gaussian with a learned standard deviation (the authors' value function)."""
     minibatch_size: int = 256
-    """Stored windows per minibatch."""
+    """Stored steps per minibatch (``rl2`` and ``context=trial`` take ``minibatch_size // L`` stored
+    sequences of L steps, at least one)."""
     epochs: int = 10
     """Passes over the rollout per update."""
     vf_coef: float = 0.5
@@ -155,6 +164,14 @@ class TrainConfig:
                 "policy=rl2 is a baseline meta-learner; its references are TrMRL's "
                 f"(got reference={self.reference})"
             )
+        if self.context == "trial" and self.policy == "rl2":
+            problems.append("context=trial is TrMRL's; policy=rl2 remembers in its hidden state")
+        if self.context == "trial" and self.reference == "memoryless":
+            problems.append(
+                "context=trial remembers the trial; reference=memoryless reads one working memory"
+            )
+        if self.max_context < 0:
+            problems.append(f"max_context must be >= 0 (0: auto) (got {self.max_context})")
         if self.rnn_hidden < 1 or self.bptt < 1:
             problems.append(f"rnn_hidden and bptt must be >= 1 (got {self.rnn_hidden}, {self.bptt})")
         if self.env_workers < 0:

@@ -4,6 +4,8 @@ TrMRL needs no backpropagation through time: every stored step carries the windo
 minibatch is just a set of windows re-evaluated independently. The RL² baseline's memory is a hidden
 state, so its minibatches are stored sequences (:class:`SequenceBatch`) unrolled from the hidden state
 recorded at their start: truncated backpropagation through time, with the same losses and optimisers.
+A ``context="trial"`` TrMRL reads the same :class:`SequenceBatch`, one whole trial per sequence, in one
+causal forward (:meth:`~trmrl.model.TrMRL.forward_sequence`).
 """
 
 from __future__ import annotations
@@ -119,9 +121,10 @@ def flatten(rollout: Rollout, advantages: Tensor, returns: Tensor) -> Batch:
 
 def sequences(rollout: Rollout, advantages: Tensor, returns: Tensor, length: int) -> SequenceBatch:
     """Cut each environment's trial into sequences of ``length`` steps (the last one padded), keeping
-    those with at least one valid step; each starts from the hidden state the rollout recorded there."""
-    if rollout.states is None:
-        raise ValueError("the rollout holds no hidden states: it was not sampled by a recurrent policy")
+    those with at least one valid step; each starts from the hidden state the rollout recorded there.
+
+    A ``context="trial"`` TrMRL records no state: its sequences are whole trials (``length`` the
+    rollout's steps), each read in one causal forward, and ``hidden`` is empty (``[C, 0]``)."""
     steps, envs = rollout.valid.shape
     chunks = -(-steps // length)
     pad = chunks * length - steps
@@ -134,7 +137,15 @@ def sequences(rollout: Rollout, advantages: Tensor, returns: Tensor, length: int
 
     mask = cut(rollout.valid)
     keep = mask.any(1)
-    hidden = rollout.states[::length].reshape(chunks * envs, -1)
+    if rollout.states is not None:
+        hidden = rollout.states[::length].reshape(chunks * envs, -1)
+    elif chunks == 1:
+        hidden = rollout.actions.new_zeros(envs, 0)
+    else:
+        raise ValueError(
+            f"the rollout holds no hidden states (not sampled by a recurrent policy): its {steps}-step "
+            f"trials are read whole, not in sequences of {length}"
+        )
     return SequenceBatch(
         cut(rollout.windows[:, :, 0])[keep],
         hidden[keep],
@@ -156,6 +167,18 @@ def forward(model: Network, mb: AnyBatch) -> tuple[PolicyOutput, Batch]:
     if isinstance(mb, Batch):
         assert isinstance(model, TrMRL)
         return model(mb.windows, mb.newest), mb
+    if isinstance(model, TrMRL):  # context="trial": each stored trial in one causal forward
+        out = model.forward_sequence(mb.tokens, mb.episode_starts, mb.mask)
+        mask = mb.mask
+        flat = Batch(
+            mb.tokens[mask].unsqueeze(1),
+            torch.zeros(int(mask.sum()), dtype=torch.long, device=mask.device),
+            mb.actions[mask],
+            mb.old_log_probs[mask],
+            mb.advantages[mask],
+            mb.returns[mask],
+        )
+        return PolicyOutput(out.mean[mask], out.log_std, out.value[mask]), flat
     assert isinstance(model, RL2)
     out, _ = model.unroll(mb.tokens.transpose(0, 1), mb.hidden, mb.episode_starts.transpose(0, 1))
     mask = mb.mask.transpose(0, 1)

@@ -34,7 +34,9 @@ from torch import nn
 from trainer.config import MEMORYLESS_WINDOW, TrainConfig
 from trainer.evaluate import EvalResult, Evaluator
 from trainer.ppo import (
+    Batch,
     RunningMeanStd,
+    SequenceBatch,
     ValueTargetStats,
     compute_gae,
     decayed_lr_factor,
@@ -81,8 +83,13 @@ def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:
         obs_dim=policy_obs_dim(family, oracle),
         act_dim=family.act_dim,
         # RL² remembers in its hidden state: its window holds the newest working memory alone.
-        window=MEMORYLESS_WINDOW if memoryless or cfg.policy == "rl2" else cfg.window,
+        # A trial-context TrMRL hands back its newest working memory alone: the context is in its cache.
+        window=MEMORYLESS_WINDOW
+        if memoryless or cfg.policy == "rl2" or cfg.context == "trial"
+        else cfg.window,
         policy=cfg.policy,
+        context=cfg.context,
+        max_context=resolved_max_context(cfg, family),
         rnn_hidden=cfg.rnn_hidden,
         memory_scope=cfg.memory_scope,
         value_input=cfg.value_input,
@@ -94,6 +101,18 @@ def model_config_for(cfg: TrainConfig, family: TaskFamily) -> ModelConfig:
         policy_out_gain=cfg.policy_out_gain,
         include_previous=not memoryless,
     )
+
+
+def context_steps(cfg: TrainConfig, family: TaskFamily) -> int:
+    """The most working memories one context of a run holds: a trial's steps (an episode's with
+    ``memory_scope=episode``) plus the one the value after the last step reads."""
+    episodes = cfg.episodes_per_trial if cfg.memory_scope == "trial" else 1
+    return episodes * family.episode_length + 1
+
+
+def resolved_max_context(cfg: TrainConfig, family: TaskFamily) -> int:
+    """``max_context``, with 0 (auto) standing for :func:`context_steps`."""
+    return cfg.max_context or context_steps(cfg, family)
 
 
 def resolved_init(cfg: TrainConfig) -> Init:
@@ -132,6 +151,13 @@ def check_compatible(cfg: TrainConfig, family: TaskFamily, world: int) -> None:
             f"window={cfg.window} with memory_scope=episode: the window is cleared at every episode start, "
             f"and an episode of {family.name!r} lasts at most {family.episode_length} steps; use a window "
             f"<= {family.episode_length} or memory_scope=trial"
+        )
+    if cfg.context == "trial" and 0 < cfg.max_context < context_steps(cfg, family):
+        problems.append(
+            f"max_context={cfg.max_context} with context=trial: a context of {family.name!r} holds up to "
+            f"{context_steps(cfg, family)} working memories (memory_scope={cfg.memory_scope}, "
+            f"episodes_per_trial={cfg.episodes_per_trial}, the value after the last step included); "
+            "use max_context=0 (auto) or more"
         )
     if problems:
         raise ValueError("invalid training config: " + "; ".join(problems))
@@ -361,7 +387,11 @@ class Trainer:
         t1 = time.perf_counter()
         advantages, returns = compute_gae(rollout, cfg.gamma, cfg.gae_lambda, cfg.reward_scale)
         flat = flatten(rollout, advantages, returns)
-        batch = sequences(rollout, advantages, returns, cfg.bptt) if cfg.policy == "rl2" else flat
+        batch: Batch | SequenceBatch = flat
+        if cfg.policy == "rl2":
+            batch = sequences(rollout, advantages, returns, cfg.bptt)
+        elif cfg.context == "trial":  # each stored trial whole, in one causal forward
+            batch = sequences(rollout, advantages, returns, int(rollout.valid.shape[0]))
         # A PopArt value head takes this update's targets into its statistics (no output changes).
         self.value_targets.update(self.model, flat.returns)
         self.model.train()

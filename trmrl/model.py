@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ ValueNorm = Literal["none", "popart"]
 Block = Literal["post", "prenorm"]
 Init = Literal["t-fixup", "xavier"]
 PolicyKind = Literal["trmrl", "rl2"]
+Context = Literal["window", "trial"]
 
 VALUE_INPUTS: tuple[str, ...] = ("memory", "observation", "memory_detached", "encoder")
 
@@ -85,6 +86,16 @@ class ModelConfig:
     over the same working memories whose hidden state is the whole memory (``window`` is then 1)."""
     rnn_hidden: int = 128
     """Hidden width of the ``rl2`` GRU (unused by ``trmrl``)."""
+    context: Context = "window"
+    """What a ``trmrl`` policy attends over. ``window``: the ``window`` most recent working memories (the
+    paper's); ``trial``: every working memory since its memory was last cleared -- the trial's start, or
+    the episode's with ``memory_scope="episode"`` -- up to ``max_context``, with sinusoidal positions
+    counted from that start. A pool keeps each slot's keys and values (:class:`~trmrl.trial_pool.
+    TrialPool`) and the trainer evaluates whole stored trials in one causal forward. ``window`` is then
+    1: a step hands back its newest working memory alone."""
+    max_context: int = 400
+    """``context="trial"``: the most working memories one context holds (positions ``0..max_context-1``).
+    A step that would add one more is refused (:class:`~trmrl.trial_pool.ContextFull`), nothing slides."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +110,19 @@ class ModelConfig:
             problems.append(f"policy must be 'trmrl' or 'rl2' (got {self.policy!r})")
         if self.policy == "rl2" and self.window != 1:
             problems.append(f"policy=rl2 remembers in its hidden state: window must be 1 (got {self.window})")
+        if self.context not in ("window", "trial"):
+            problems.append(f"context must be 'window' or 'trial' (got {self.context!r})")
+        if self.max_context < 1:
+            problems.append(f"max_context must be >= 1 (got {self.max_context})")
+        if self.context == "trial" and self.policy == "rl2":
+            problems.append(
+                "context=trial is a transformer's context; policy=rl2 remembers in its hidden state"
+            )
+        if self.context == "trial" and self.window != 1:
+            problems.append(
+                f"context=trial attends over up to max_context={self.max_context} memories and a step "
+                f"hands back its newest one: window must be 1 (got {self.window})"
+            )
         if self.rnn_hidden < 1:
             problems.append(f"rnn_hidden must be >= 1 (got {self.rnn_hidden})")
         if self.value_input not in VALUE_INPUTS:
@@ -209,6 +233,27 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q_new, k, v, attn_mask=visible[:, None, None, :])
         return self.out_proj(y.reshape(b, d))
 
+    def sequence(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Every position's output over ``x [B, L, d]`` -- causal, or as ``mask [B, L, L]`` (query, key)
+        allows -- and the keys and values ``[B, H, L, dh]`` a cache keeps."""
+        b, t, d = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d)), k, v
+
+
+class KeyValueCache(Protocol):
+    """Where a cached step keeps the keys and values of earlier working memories (one context per row)."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store ``k`` and ``v`` ``[B, H, dh]`` (the newest memory's, at layer ``layer``) in each row's
+        context and return ``q``'s attention ``[B, H, dh]`` over that context, the newest included."""
+        ...
+
 
 class EncoderLayer(nn.Module):
     """One encoder layer. ``post`` (the authors'): ``x + attn(x)``, then ``x + ff(x)``, no normalisation;
@@ -281,6 +326,45 @@ class Encoder(nn.Module):
         for layer in hidden:
             h = layer(h)
         return _norm(self.final_norm, last(h, newest))
+
+    def encode_sequence(
+        self, x: Tensor, position_embeddings: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Every position's episodic memory over ``x [B, L, token_dim]`` (normalised) in one causal pass.
+
+        Args:
+            x: the working memories.
+            position_embeddings: ``[B, L, d_model]`` or ``[L, d_model]``, added to the embedded tokens.
+            mask: ``[B, L, L]`` bool, which keys each query may read (``None``: causal).
+
+        Returns:
+            ``[B, L, d_model]`` and each layer's keys and values ``[B, H, L, dh]``.
+        """
+        h = self.embed(x) + position_embeddings
+        kv = []
+        for layer in self.layers:
+            assert isinstance(layer, EncoderLayer)
+            y, k, v = layer.attn.sequence(_norm(layer.norm1, h), mask)
+            kv.append((k, v))
+            h = h + y
+            h = h + layer.linear2(F.relu(layer.linear1(_norm(layer.norm2, h))))
+        return _norm(self.final_norm, h), kv
+
+    def encode_step(self, x: Tensor, position_embeddings: Tensor, cache: KeyValueCache) -> Tensor:
+        """One new working memory per context: ``x [B, token_dim]`` (normalised) at the positions whose
+        embeddings are ``[B, d_model]``, attending over ``cache`` (which keeps its keys and values) ->
+        ``[B, d_model]`` episodic memories. Layer by layer the same arithmetic as :meth:`encode_sequence`
+        at the newest position."""
+        b, d = x.shape[0], self.embed.out_features
+        h = self.embed(x) + position_embeddings
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, EncoderLayer)
+            attn = layer.attn
+            heads = attn.n_heads
+            q, k, v = attn.qkv(_norm(layer.norm1, h)).view(b, 3, heads, d // heads).unbind(1)
+            h = h + attn.out_proj(cache.attend(i, q, k, v).reshape(b, d))
+            h = h + layer.linear2(F.relu(layer.linear1(_norm(layer.norm2, h))))
+        return _norm(self.final_norm, h)
 
 
 def normalize_tokens(tokens: Tensor, obs_mean: Tensor, obs_std: Tensor) -> Tensor:
@@ -367,7 +451,8 @@ class TrMRL(Encoder):
         self.positions: Tensor
         self.obs_mean: Tensor
         self.obs_std: Tensor
-        self.register_buffer("positions", sinusoidal_positions(c.window, c.d_model), persistent=False)
+        length = c.max_context if c.context == "trial" else c.window
+        self.register_buffer("positions", sinusoidal_positions(length, c.d_model), persistent=False)
         self.policy_mean, self.log_std, self.value = heads(c, c.d_model)
         # Observation normalisation lives in the network so that every path applies the same statistics.
         self.register_buffer("obs_mean", torch.zeros(c.obs_dim))
@@ -403,6 +488,80 @@ class TrMRL(Encoder):
         else:
             value_in = x[torch.arange(x.shape[0], device=x.device), newest]
         return PolicyOutput(self.policy_mean(episodic), self.log_std, self.value(value_in).squeeze(-1))
+
+    def _heads(self, x: Tensor, episodic: Tensor, value_memory: Tensor | None) -> PolicyOutput:
+        kind = self.config.value_input
+        if kind == "memory":
+            value_in = episodic
+        elif kind == "memory_detached":
+            value_in = episodic.detach()
+        elif value_memory is not None:
+            value_in = value_memory
+        else:
+            value_in = x
+        return PolicyOutput(self.policy_mean(episodic), self.log_std, self.value(value_in).squeeze(-1))
+
+    def context_positions(self, starts: Tensor | None, length: int) -> tuple[Tensor, Tensor | None]:
+        """Positions ``[B, L]`` (or ``[L]``) and the attention mask ``[B, L, L]`` (or ``None``: causal) of
+        stored sequences that begin where their context does: with ``memory_scope="episode"`` each
+        episode start (``starts [B, L]``) begins a new context -- positions count from it and no query
+        reads an earlier episode."""
+        if self.config.memory_scope == "trial" or starts is None:
+            return torch.arange(length, device=self.positions.device), None
+        index = torch.arange(length, device=starts.device).expand_as(starts)
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
+        same = first.unsqueeze(2) == first.unsqueeze(1)  # [B, query, key] in the same context
+        causal = torch.ones(length, length, dtype=torch.bool, device=starts.device).tril()
+        return index - first, same & causal
+
+    def forward_step(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KeyValueCache,
+        value_cache: KeyValueCache | None = None,
+    ) -> PolicyOutput:
+        """A ``context="trial"`` policy's step: one new working memory per context (``tokens
+        [B, token_dim]`` at ``positions [B]``) over the keys and values ``cache`` keeps (``value_cache``:
+        the value encoder's, with ``value_input="encoder"``)."""
+        x = self.normalize(tokens)
+        embeddings = self.positions[positions]
+        episodic = self.encode_step(x, embeddings, cache)
+        value_memory = None
+        if self.value_encoder is not None:
+            if value_cache is None:
+                raise ValueError("value_input=encoder needs the value encoder's cache")
+            value_memory = self.value_encoder.encode_step(x, embeddings, value_cache)
+        return self._heads(x, episodic, value_memory)
+
+    def forward_sequence(
+        self, tokens: Tensor, starts: Tensor | None = None, valid: Tensor | None = None
+    ) -> PolicyOutput:
+        """A ``context="trial"`` policy over whole stored sequences in one causal forward.
+
+        Args:
+            tokens: ``[B, L, token_dim]`` working memories, each sequence beginning a context (a trial).
+            starts: ``[B, L]`` bool, steps that start an episode (with ``memory_scope="episode"`` they
+                begin a new context).
+            valid: ``[B, L]`` bool, the steps that hold working memories (all if omitted); steps after a
+                sequence's end may hold anything: no valid step reads them.
+
+        Returns:
+            ``mean [B, L, act_dim]`` and ``value [B, L]`` of every step, what a step of the cached pool
+            returns there.
+        """
+        length, limit = tokens.shape[1], self.config.max_context
+        x = self.normalize(tokens)
+        positions, mask = self.context_positions(starts, length)
+        held = positions if valid is None else positions.expand_as(valid)[valid]
+        if held.numel() and int(held.max()) >= limit:
+            raise ValueError(f"a context of {int(held.max()) + 1} steps exceeds max_context={limit}")
+        embeddings = self.positions[positions.clamp(max=limit - 1)]
+        episodic, _ = self.encode_sequence(x, embeddings, mask)
+        value_memory = None
+        if self.value_encoder is not None:
+            value_memory, _ = self.value_encoder.encode_sequence(x, embeddings, mask)
+        return self._heads(x, episodic, value_memory)
 
     def value_parameters(self) -> list[nn.Parameter]:
         """What only the value function uses: its head and, with ``value_input="encoder"``, its encoder."""

@@ -12,6 +12,7 @@ import torch
 from trmrl.model import ModelConfig, TrMRL
 from trmrl.recurrent import RL2, RecurrentPool
 from trmrl.slot_pool import SlotPool, SlotStore
+from trmrl.trial_pool import TrialPool
 
 Network = TrMRL | RL2
 
@@ -27,7 +28,10 @@ def build_model(config: ModelConfig) -> Network:
 
 
 def make_pool(model: Network, capacity: int, device: torch.device | str | None = None) -> SlotStore:
-    """A pool of ``capacity`` memories for ``model``: windows for TrMRL, hidden states for RL²."""
+    """A pool of ``capacity`` memories for ``model``: windows for TrMRL, each trial's working memories
+    with their keys and values for a ``context="trial"`` TrMRL, hidden states for RL²."""
     if isinstance(model, RL2):
         return RecurrentPool(model, capacity, device)
+    if model.config.context == "trial":
+        return TrialPool(model, capacity, device)
     return SlotPool(model, capacity, device)

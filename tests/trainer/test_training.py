@@ -502,6 +502,24 @@ def test_two_rank_ddp_keeps_popart_statistics_and_a_value_encoder_identical(tmp_
 
 
 @pytest.mark.slow
+def test_two_rank_ddp_trains_a_trial_context_policy_a_whole_trial_at_a_time(tmp_path: Path) -> None:
+    ranks = _torchrun(
+        tmp_path,
+        "small-point-nav",
+        1,
+        "tasks_per_update=4",
+        "epochs=2",
+        "minibatch_size=400",
+        "eval_tasks=2",
+        "context=trial",
+        "memory_scope=trial",
+        "optimization=separate",
+    )
+    _assert_identical_and_moved(ranks)
+    assert ranks[0]["steps"] == 4 * 2 * 100
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("optimization", ["joint", "separate"])
 def test_ddp_with_ragged_batches_on_early_terminating_ant_dir_cannot_hang(
     tmp_path: Path, optimization: str
