@@ -2,7 +2,8 @@
 
 Every arm is a preset plus ``--set`` overrides, trained with ``--no-held-out`` (a probe: test and ood are
 never evaluated), so the table below reads validation figures alone. TrMRL and RL² get the same value
-options; the encoder's block, window and memory scope are TrMRL's alone.
+options. Each learner also gets the same number of arms on its own memory: TrMRL's block, window, memory
+scope and trial-long context, RL²'s GRU width, backpropagation length and memory scope.
 
 ``python -m trainer.ablation commands [--family F]`` prints the training command of every arm;
 ``python -m trainer.ablation run --jobs 2 [--family F]`` trains the arms not finished yet, a few at a time,
@@ -68,16 +69,27 @@ _VALUE_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "value-detached": (("value_input", "memory_detached"),),
     "value-encoder": (("value_input", "encoder"),),
 }
-_ENCODER_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
-    "prenorm": (("block", "prenorm"),),
-    "window25": (("window", "25"),),
-    "window25-trial": (("window", "25"), ("memory_scope", "trial")),
+_MEMORY_OPTIONS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "trmrl": {
+        "prenorm": (("block", "prenorm"),),
+        "window25": (("window", "25"),),
+        "window25-trial": (("window", "25"), ("memory_scope", "trial")),
+        "context-trial": (("context", "trial"), ("memory_scope", "trial")),
+    },
+    "rl2": {
+        "rnn256": (("rnn_hidden", "256"),),
+        "bptt200": (("bptt", "200"),),
+        "episode-scope": (("memory_scope", "episode"),),
+        "bptt400": (("bptt", "400"),),
+    },
 }
+"""Each learner's own memory options, as many for one as for the other. The first of each list is its
+architecture option (the only one screened on ant-dir); the last reads the whole trial at once."""
 
 
 def arms() -> list[Arm]:
-    """halfcheetah-vel: every option; ant-dir: the value options and the encoder block. The value input a
-    family's preset already uses is its ``base`` arm."""
+    """halfcheetah-vel: every option; ant-dir: the value options and each learner's architecture option.
+    The value input a family's preset already uses is its ``base`` arm."""
     out: list[Arm] = []
     for family in ("halfcheetah-vel", "ant-dir"):
         for learner in ("trmrl", "rl2"):
@@ -86,11 +98,9 @@ def arms() -> list[Arm]:
                 if option == f"value-{_BASE_VALUE_INPUT[family]}":
                     continue
                 out.append(Arm(family, learner, option, sets))
-            if learner == "trmrl":
-                for option, sets in _ENCODER_OPTIONS.items():
-                    if family == "ant-dir" and option != "prenorm":
-                        continue
-                    out.append(Arm(family, learner, option, sets))
+            memory = list(_MEMORY_OPTIONS[learner].items())
+            for option, sets in memory if family == "halfcheetah-vel" else memory[:1]:
+                out.append(Arm(family, learner, option, sets))
     return out
 
 
