@@ -23,11 +23,9 @@ and of the per-round ratios granian / uvicorn, writes JSON (default ``bench/resu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import statistics
 import tempfile
@@ -40,6 +38,7 @@ import httpx
 import uvloop
 from trmrl_sim.launch import ServiceProcess
 
+from bench import common
 from bench.host_overhead import OBS_DIM, PATHS, make_checkpoint, measured, server_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,9 +201,7 @@ def table(summary: dict[str, Any], drains: dict[str, list[dict[str, Any]]]) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="short windows (a smoke run)")
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/asgi_servers.json")
@@ -214,14 +211,10 @@ def main() -> None:
     import uvicorn
 
     results: dict[str, Any] = {
-        "machine": {
-            "summary": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}",
-            "load_average_at_start": os.getloadavg(),
-        },
+        "machine": common.machine(),
         "versions": {"granian": granian.__version__, "uvicorn": uvicorn.__version__},
         "settings": {"duration_s": duration, "warmup_s": warmup, "rounds": args.rounds, "cases": CASES},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": common.stamp(),
     }
     rounds: list[dict[str, Any]] = []
     drains: dict[str, list[dict[str, Any]]] = {server: [] for server in SERVERS}

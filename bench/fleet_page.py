@@ -22,12 +22,9 @@ Run: ``python -m bench.fleet_page [--quick] [--json PATH]``; prints a table, wri
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -40,7 +37,7 @@ import numpy as np
 import uvloop
 from trmrl_sim.launch import ServiceProcess
 
-from bench import browser
+from bench import browser, common
 from bench.host_overhead import OBS_DIM, PATHS, cpu_seconds, make_checkpoint, measured, server_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -370,22 +367,16 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter windows (a smoke run)")
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/fleet_page.json")
     parser.add_argument("--no-overhead", action="store_true", help="skip part 3")
     args = parser.parse_args()
     quick = args.quick
     results: dict[str, Any] = {
-        "machine": {
-            "summary": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}",
-            "cpus": os.cpu_count(),
-        },
+        "machine": common.machine(),
         "targets": TARGETS,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": common.stamp(),
     }
     ticks = 8 if quick else 60
     with tempfile.TemporaryDirectory() as tmp:

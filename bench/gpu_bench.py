@@ -42,6 +42,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bench import common
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -595,9 +597,7 @@ def judge(results: dict[str, Any]) -> dict[str, tuple[float, str, bool]]:
 
 # -- entry point ---------------------------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--cpu-smoke", action="store_true", help="tiny sizes on the CPU: a check of the script"
     )

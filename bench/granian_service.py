@@ -14,18 +14,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 
-import torch
 import uvloop
 from granian.constants import Interfaces
 from granian.log import LogLevels
 from granian.server.common import HTTP1Settings, HTTPModes
 from granian.server.embed import Server
 
-from service import logs
 from service.app import create_app
-from service.cli import parse_args
+from service.cli import parse_args, settings_from
 from service.config import Settings
 
 
@@ -66,19 +63,7 @@ async def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    overrides: dict[str, object] = {}
-    if args.checkpoint:
-        overrides["models"] = args.checkpoint
-    if args.host is not None:
-        overrides["host"] = args.host
-    if args.port is not None:
-        overrides["port"] = args.port
-    settings = Settings(**overrides)  # type: ignore[arg-type]
-    logs.configure(settings.log_level, settings.log_format)
-    if not settings.checkpoint_paths():
-        sys.exit("granian_service: no checkpoints to serve (pass --checkpoint DIR)")
-    torch.set_num_threads(settings.forward_threads())
+    settings = settings_from(parse_args(argv), "granian_service")
     sig = uvloop.run(serve(settings))
     if sig:
         # Exit as uvicorn does after a signal: with the signal's status.

@@ -26,11 +26,9 @@ Run: ``python -m bench.host_overhead [--quick] [--json PATH]``; prints a table, 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -43,6 +41,7 @@ import torch
 import uvloop
 from trmrl_sim.launch import ServiceProcess
 
+from bench import common
 from bench.serve_bench import bare_step_rate
 from bench.serve_load import LoadResult, run_act, run_batch, run_columnar, run_stream
 from trmrl.checkpoint import CheckpointInfo, save_checkpoint
@@ -165,9 +164,7 @@ def table(results: dict[str, Any], loads: list[int]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="short windows (a smoke run)")
     parser.add_argument("--loads", default="1,256,4096", help="session counts (default 1,256,4096)")
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/host_overhead.json")
@@ -176,14 +173,9 @@ def main() -> None:
     loads = [int(x) for x in args.loads.split(",")]
     duration, warmup = (1.0, 0.5) if args.quick else (4.0, 1.0)
     results: dict[str, Any] = {
-        "machine": {
-            "summary": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}",
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": common.machine(torch=torch.__version__),
         "settings": {"duration_s": duration, "warmup_s": warmup, "loads": loads},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": common.stamp(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_checkpoint(Path(tmp) / "tiny", "tiny")

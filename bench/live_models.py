@@ -16,14 +16,10 @@ Run: ``python -m bench.live_models [--quick] [--json PATH]``; prints a table, wr
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +29,7 @@ import torch
 import uvloop
 from trmrl_sim.launch import ServiceProcess
 
+from bench import common
 from bench.host_overhead import measured
 from bench.serve_load import run_act, run_columnar
 from service.core import migration
@@ -143,21 +140,15 @@ def recording_overhead(path: Path, duration_s: float, rounds: int) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer sessions and shorter windows")
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/live_models.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sessions, repeats, duration, rounds = (2000, 2, 1.0, 1) if args.quick else (10_000, 5, 3.0, 3)
     results: dict[str, Any] = {
-        "machine": {
-            "summary": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}",
-            "torch": torch.__version__,
-        },
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": common.machine(torch=torch.__version__),
+        "date": common.stamp(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         paths = [make_checkpoint(Path(tmp) / f"cheetah-{i}", seed=i) for i in range(2)]

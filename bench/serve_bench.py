@@ -21,7 +21,6 @@ Run: ``python -m bench.serve_bench [--quick] [--json PATH]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ import torch
 import uvloop
 from trmrl_sim.launch import ServiceProcess
 
+from bench import common
 from bench.serve_load import LoadResult, run_act, run_batch, run_sequential, run_stream
 from service.config import Settings
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
@@ -215,9 +215,7 @@ def judge(results: dict[str, Any]) -> dict[str, tuple[float, str, bool]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark)")
     parser.add_argument("--loads", default="1,16,256,1024", help="concurrent session counts")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "serve_bench.json")

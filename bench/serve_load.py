@@ -14,6 +14,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -144,6 +145,54 @@ async def create_sessions(host: str, port: int, count: int, model: str | None = 
     return ids
 
 
+async def _closed_loop(
+    clients: int,
+    tick: Callable[[int, int], Awaitable[tuple[int, int]]],
+    *,
+    sessions: int,
+    endpoint: str,
+    duration_s: float,
+    warmup_s: float,
+) -> LoadResult:
+    """``clients`` closed loops, each awaiting ``tick(client, step)`` -- its actions answered and failed
+    -- again as soon as it returns; the ticks begun ``warmup_s`` after the start, for ``duration_s``,
+    are measured."""
+    latencies: list[float] = []
+    counts = {"requests": 0, "actions": 0, "errors": 0}
+    measure_from = time.perf_counter() + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def loop(k: int) -> None:
+        step = 0
+        perf = time.perf_counter
+        while (t0 := perf()) < stop_at:
+            answered, failed = await tick(k, step)
+            step += 1
+            if t0 >= measure_from:
+                latencies.append(perf() - t0)
+                counts["requests"] += 1
+                counts["actions"] += answered
+                counts["errors"] += failed
+
+    await asyncio.gather(*(loop(k) for k in range(clients)))
+    return LoadResult(
+        sessions,
+        endpoint,
+        counts["requests"],
+        counts["actions"],
+        counts["errors"],
+        duration_s,
+        np.asarray(latencies) * 1e3,
+        measure_from,
+    )
+
+
+def _close(conns: list[_Connection]) -> None:
+    for conn in conns:
+        assert conn.transport is not None
+        conn.transport.close()
+
+
 async def run_act(
     host: str, port: int, sessions: int, obs_dim: int, *, duration_s: float, warmup_s: float, seed: int = 0
 ) -> LoadResult:
@@ -153,39 +202,17 @@ async def run_act(
     observations = [_observation(rng, obs_dim) for _ in range(sessions)]
     head = _head("/v1/act", host)
     conns = [await connect(host, port) for _ in range(sessions)]
-    latencies: list[float] = []
-    counts = {"requests": 0, "errors": 0}
-    loop_start = time.perf_counter()
-    measure_from = loop_start + warmup_s
-    stop_at = measure_from + duration_s
 
-    async def client(i: int) -> None:
-        conn, sid, obs = conns[i], ids[i], observations[i]
-        step = 0
-        perf = time.perf_counter
-        while (t0 := perf()) < stop_at:
-            body = f'{{"session_id":"{sid}","observation":{obs},"reward":0.5,"step":{step}}}'.encode()
-            status, _ = await conn.request(head, body)
-            step += 1
-            if t0 >= measure_from:
-                latencies.append(perf() - t0)
-                counts["requests"] += 1
-                counts["errors"] += status != 200
+    async def tick(i: int, step: int) -> tuple[int, int]:
+        body = f'{{"session_id":"{ids[i]}","observation":{observations[i]},"reward":0.5,"step":{step}}}'
+        status, _ = await conns[i].request(head, body.encode())
+        return (1, 0) if status == 200 else (0, 1)
 
-    await asyncio.gather(*(client(i) for i in range(sessions)))
-    for conn in conns:
-        assert conn.transport is not None
-        conn.transport.close()
-    return LoadResult(
-        sessions,
-        "act",
-        counts["requests"],
-        counts["requests"] - counts["errors"],
-        counts["errors"],
-        duration_s,
-        np.asarray(latencies) * 1e3,
-        measure_from,
+    result = await _closed_loop(
+        sessions, tick, sessions=sessions, endpoint="act", duration_s=duration_s, warmup_s=warmup_s
     )
+    _close(conns)
+    return result
 
 
 async def run_batch(
@@ -208,45 +235,22 @@ async def run_batch(
     head = _head("/v1/act/batch", host)
     conns = [await connect(host, port) for _ in range(simulators)]
     groups = [list(range(sessions))[k::simulators] for k in range(simulators)]
-    latencies: list[float] = []
-    counts = {"requests": 0, "actions": 0, "errors": 0}
-    loop_start = time.perf_counter()
-    measure_from = loop_start + warmup_s
-    stop_at = measure_from + duration_s
 
-    async def simulator(k: int) -> None:
-        conn, members = conns[k], groups[k]
-        step = 0
-        perf = time.perf_counter
-        while (t0 := perf()) < stop_at:
-            items = ",".join(
-                f'{{"session_id":"{ids[i]}","observation":{observations[i]},"reward":0.5,"step":{step}}}'
-                for i in members
-            )
-            body = f'{{"items":[{items}]}}'.encode()
-            status, reply = await conn.request(head, body)
-            step += 1
-            if t0 >= measure_from:
-                latencies.append(perf() - t0)
-                counts["requests"] += 1
-                failed = len(members) if status != 200 else reply.count(b'"error":')
-                counts["errors"] += failed
-                counts["actions"] += len(members) - failed
+    async def tick(k: int, step: int) -> tuple[int, int]:
+        members = groups[k]
+        items = ",".join(
+            f'{{"session_id":"{ids[i]}","observation":{observations[i]},"reward":0.5,"step":{step}}}'
+            for i in members
+        )
+        status, reply = await conns[k].request(head, f'{{"items":[{items}]}}'.encode())
+        failed = len(members) if status != 200 else reply.count(b'"error":')
+        return len(members) - failed, failed
 
-    await asyncio.gather(*(simulator(k) for k in range(simulators)))
-    for conn in conns:
-        assert conn.transport is not None
-        conn.transport.close()
-    return LoadResult(
-        sessions,
-        "batch",
-        counts["requests"],
-        counts["actions"],
-        counts["errors"],
-        duration_s,
-        np.asarray(latencies) * 1e3,
-        measure_from,
+    result = await _closed_loop(
+        simulators, tick, sessions=sessions, endpoint="batch", duration_s=duration_s, warmup_s=warmup_s
     )
+    _close(conns)
+    return result
 
 
 async def run_sequential(host: str, port: int, obs_dim: int, steps: int, warmup: int = 200) -> LoadResult:
@@ -301,41 +305,27 @@ async def run_stream(
     for sid in ids:
         url = f"ws://{host}:{port}/v1/sessions/{sid}/stream"
         streams.append(await ws_connect(url, compression=None, ping_interval=None, max_size=None))
-    latencies: list[float] = []
-    counts = {"requests": 0, "errors": 0}
-    loop_start = time.perf_counter()
-    measure_from = loop_start + warmup_s
-    stop_at = measure_from + duration_s
 
-    async def client(i: int) -> None:
-        ws, obs, array = streams[i], observations[i], arrays[i]
-        step = 0
-        perf = time.perf_counter
-        while (t0 := perf()) < stop_at:
-            if encoding == "json":
-                await ws.send(f'{{"observation":{obs},"reward":0.5,"step":{step}}}')
-                ok = b'"error"' not in (await ws.recv(decode=False))
-            else:
-                await ws.send(packb({"observation": array, "reward": 0.5, "step": step}))
-                ok = b"error" not in (await ws.recv(decode=False))[:16]
-            step += 1
-            if t0 >= measure_from:
-                latencies.append(perf() - t0)
-                counts["requests"] += 1
-                counts["errors"] += not ok
+    async def tick(i: int, step: int) -> tuple[int, int]:
+        ws = streams[i]
+        if encoding == "json":
+            await ws.send(f'{{"observation":{observations[i]},"reward":0.5,"step":{step}}}')
+            ok = b'"error"' not in (await ws.recv(decode=False))
+        else:
+            await ws.send(packb({"observation": arrays[i], "reward": 0.5, "step": step}))
+            ok = b"error" not in (await ws.recv(decode=False))[:16]
+        return (1, 0) if ok else (0, 1)
 
-    await asyncio.gather(*(client(i) for i in range(sessions)))
-    await asyncio.gather(*(ws.close() for ws in streams))
-    return LoadResult(
+    result = await _closed_loop(
         sessions,
-        f"stream-{encoding}",
-        counts["requests"],
-        counts["requests"] - counts["errors"],
-        counts["errors"],
-        duration_s,
-        np.asarray(latencies) * 1e3,
-        measure_from,
+        tick,
+        sessions=sessions,
+        endpoint=f"stream-{encoding}",
+        duration_s=duration_s,
+        warmup_s=warmup_s,
     )
+    await asyncio.gather(*(ws.close() for ws in streams))
+    return result
 
 
 async def create_many(host: str, port: int, count: int) -> list[str]:
@@ -407,44 +397,28 @@ async def run_columnar(
             conns.append(await connect(host, port))
     if start_at is not None:
         await asyncio.sleep(max(0.0, start_at - time.time()))
-    latencies: list[float] = []
-    counts = {"requests": 0, "actions": 0, "errors": 0}
-    measure_from = time.perf_counter() + warmup_s
-    stop_at = measure_from + duration_s
 
-    async def simulator(k: int) -> None:
-        conn, body_of, size = conns[k], bodies[k], len(groups[k])
-        step = 0
-        perf = time.perf_counter
-        while (t0 := perf()) < stop_at:
-            body = body_of(step)
-            if stream:
-                await conn.send(body if encoding == "msgpack" else body.decode())
-                reply = await conn.recv(decode=False)
-                ok = ok_marker in reply
-            else:
-                status, reply = await conn.request(head, body)
-                ok = status == 200 and ok_marker in reply
-            step += 1
-            if t0 >= measure_from:
-                latencies.append(perf() - t0)
-                counts["requests"] += 1
-                counts["actions"] += size if ok else 0
-                counts["errors"] += 0 if ok else size
+    async def tick(k: int, step: int) -> tuple[int, int]:
+        conn, body, size = conns[k], bodies[k](step), len(groups[k])
+        if stream:
+            await conn.send(body if encoding == "msgpack" else body.decode())
+            ok = ok_marker in await conn.recv(decode=False)
+        else:
+            status, reply = await conn.request(head, body)
+            ok = status == 200 and ok_marker in reply
+        return (size, 0) if ok else (0, size)
 
-    await asyncio.gather(*(simulator(k) for k in range(simulators)))
+    result = await _closed_loop(
+        simulators,
+        tick,
+        sessions=sessions,
+        endpoint=f"{'vstream' if stream else 'columnar'}-{encoding}",
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+    )
     for conn in conns:
         if stream:
             await conn.close()
         else:
             conn.transport.close()
-    return LoadResult(
-        sessions,
-        f"{'vstream' if stream else 'columnar'}-{encoding}",
-        counts["requests"],
-        counts["actions"],
-        counts["errors"],
-        duration_s,
-        np.asarray(latencies) * 1e3,
-        measure_from,
-    )
+    return result

@@ -14,7 +14,6 @@ Run: ``python -m bench.train_throughput [--preset small-halfcheetah-vel] [--upda
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -24,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import common
 from trainer.config import preset_config
-from trainer.ppo import compute_gae, flatten, make_optimizers, ppo_update
+from trainer.ppo import compute_gae, flatten, make_optimizers, ppo_update, update_settings
 from trainer.rollout import Rollout, TrialSampler
 from trainer.run import model_config_for
 from trmrl.model import TrMRL, log_prob
@@ -126,14 +126,8 @@ class Timed:
             self.model,
             self.optimizers,
             flatten(rollout, adv, ret),
-            epochs=cfg.epochs,
-            minibatch_size=cfg.minibatch_size,
-            clip=cfg.clip,
-            vf_coef=cfg.vf_coef,
-            max_grad_norm=cfg.max_grad_norm,
-            normalize_advantages=cfg.normalize_advantages,
             generator=self.generator,
-            value_kind=cfg.value_loss,
+            **update_settings(cfg),
         )
         return int(rollout.lengths.sum()), t1 - t0, time.perf_counter() - t1
 
@@ -152,9 +146,7 @@ class Timed:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--preset", default="small-halfcheetah-vel")
     parser.add_argument(
         "--updates", type=int, default=3, help="timed updates per sampler (after one warm-up)"

@@ -62,8 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def settings_from(args: argparse.Namespace, prog: str = "trmrl-serve") -> Settings:
+    """The settings the command line and the environment give, checked before anything loads (a
+    one-line exit otherwise); logging configured and torch's threads set."""
     overrides: dict[str, object] = {}
     if args.checkpoint:
         overrides["models"] = args.checkpoint
@@ -75,17 +76,22 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(settings.log_level, settings.log_format)
     if not settings.checkpoint_paths():
         sys.exit(
-            f"trmrl-serve: no checkpoints to serve. Pass --checkpoint DIR (or set TRMRL_MODELS); "
+            f"{prog}: no checkpoints to serve. Pass --checkpoint DIR (or set TRMRL_MODELS); "
             f"no bundled checkpoint was found under {settings.checkpoints_dir}."
         )
     missing = [str(p) for p in settings.checkpoint_paths() if not p.exists()]
     if missing:
-        sys.exit(f"trmrl-serve: checkpoint not found: {', '.join(missing)}")
+        sys.exit(f"{prog}: checkpoint not found: {', '.join(missing)}")
     clash = duplicate_names(settings.named_checkpoints())
     if clash is not None:
-        sys.exit(f"trmrl-serve: {clash}")
+        sys.exit(f"{prog}: {clash}")
     # The event loop needs a core of its own: torch threads busy on every core would starve it.
     torch.set_num_threads(settings.forward_threads())
+    return settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = settings_from(parse_args(argv))
     app = create_app(settings)
     config = uvicorn.Config(
         app,

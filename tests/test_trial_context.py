@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer.config import TrainConfig, preset_config
-from trainer.ppo import compute_gae, flatten, forward, make_optimizers, ppo_update, sequences
+from trainer.ppo import compute_gae, flatten, forward, make_optimizers, ppo_update, sequences, update_settings
 from trainer.rollout import Rollout, TrialSampler
 from trainer.run import Trainer, check_compatible, model_config_for
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
@@ -163,13 +163,8 @@ def test_the_update_learns_through_the_whole_trial() -> None:
         net,
         make_optimizers(net, 3e-4, 1e-3, 0.0),
         batch,
-        epochs=2,
-        minibatch_size=400,
-        clip=0.2,
-        vf_coef=0.5,
-        max_grad_norm=1.0,
-        normalize_advantages=True,
         generator=torch.Generator().manual_seed(0),
+        **update_settings(TrainConfig(normalize_advantages=True), epochs=2, minibatch_size=400),
     )
     assert stats.approx_kl >= 0 and stats.value_loss > 0
     moved = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}

@@ -226,6 +226,22 @@ def _paper_mujoco(family: str, **kw: Any) -> dict[str, Any]:
     }
 
 
+def _paper_direction(family: str, **kw: Any) -> dict[str, Any]:
+    """The authors' direction tasks (HalfCheetahDir, AntDir): the value reads the memory, 40 M steps."""
+    return _paper_mujoco(
+        family,
+        gae_lambda=0.8,
+        clip=0.2,
+        policy_lr=3e-5,
+        value_lr=3e-5,
+        init_std=0.5,
+        value_input="memory",
+        total_steps=40_000_000,
+        lr_decay=1e-4,
+        **kw,
+    )
+
+
 def _paper_metaworld(family: str) -> dict[str, Any]:
     return {
         "family": family,
@@ -289,35 +305,11 @@ _BASE_PRESETS: dict[str, dict[str, Any]] = {
         lr_decay_end=750,
         decay_value_lr=False,
     ),
-    "paper-halfcheetah-dir": _paper_mujoco(
-        "halfcheetah-dir-20d",
-        gamma=0.9,
-        gae_lambda=0.8,
-        clip=0.2,
-        policy_lr=3e-5,
-        value_lr=3e-5,
-        init_std=0.5,
-        policy_out_gain=1.0,
-        value_input="memory",
-        total_steps=40_000_000,
-        lr_decay=1e-4,
-        lr_decay_start=100,
-        lr_decay_end=3700,
+    "paper-halfcheetah-dir": _paper_direction(
+        "halfcheetah-dir-20d", gamma=0.9, policy_out_gain=1.0, lr_decay_start=100, lr_decay_end=3700
     ),
-    "paper-ant-dir": _paper_mujoco(
-        "ant-dir",
-        gamma=0.92,
-        gae_lambda=0.8,
-        clip=0.2,
-        policy_lr=3e-5,
-        value_lr=3e-5,
-        init_std=0.5,
-        policy_out_gain=0.01,
-        value_input="memory",
-        total_steps=40_000_000,
-        lr_decay=1e-4,
-        lr_decay_start=500,
-        lr_decay_end=3500,
+    "paper-ant-dir": _paper_direction(
+        "ant-dir", gamma=0.92, policy_out_gain=0.01, lr_decay_start=500, lr_decay_end=3500
     ),
     "paper-ml1-reach": _paper_metaworld("ml1-reach"),
     "paper-ml1-push": _paper_metaworld("ml1-push"),

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainer.config import Optimization, ValueLoss
+from trainer.config import Optimization, TrainConfig, ValueLoss
 from trainer.rollout import Rollout
 from trmrl.model import PolicyOutput, TrMRL, log_prob
 from trmrl.networks import Network
@@ -430,6 +430,20 @@ def _step(optimizer: torch.optim.Optimizer, count: int, max_grad_norm: float) ->
             norms.append(_grad_norm(group["params"]))
     optimizer.step()
     return norms[0]
+
+
+def update_settings(cfg: TrainConfig, **overrides: Any) -> dict[str, Any]:
+    """:func:`ppo_update`'s settings as a run's configuration gives them (``overrides`` replace some)."""
+    return {
+        "epochs": cfg.epochs,
+        "minibatch_size": cfg.minibatch_size,
+        "clip": cfg.clip,
+        "vf_coef": cfg.vf_coef,
+        "max_grad_norm": cfg.max_grad_norm,
+        "normalize_advantages": cfg.normalize_advantages,
+        "value_kind": cfg.value_loss,
+        **overrides,
+    }
 
 
 def ppo_update(

@@ -44,6 +44,7 @@ from trainer.ppo import (
     make_optimizers,
     ppo_update,
     sequences,
+    update_settings,
 )
 from trainer.rollout import TrialSampler
 from trmrl.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
@@ -399,15 +400,9 @@ class Trainer:
             self.model,
             self.optimizers,
             batch,
-            epochs=cfg.epochs,
-            minibatch_size=cfg.minibatch_size,
-            clip=cfg.clip,
-            vf_coef=cfg.vf_coef,
-            max_grad_norm=cfg.max_grad_norm,
-            normalize_advantages=cfg.normalize_advantages,
             generator=self.generator,
-            value_kind=cfg.value_loss,
             value_log_std=self.value_log_std,
+            **update_settings(cfg),
         )
         t2 = time.perf_counter()
         if cfg.normalize_obs:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi import FastAPI
-from service_support import OBS, ServiceClient, Twins, action, make_checkpoint, new_session
+from service_support import OBS, ServiceClient, Twins, action, make_checkpoint, new_session, serving
 
 from service.app import create_app
 from service.config import Settings
@@ -43,13 +42,6 @@ def settings_for(checkpoints: dict[str, Path], **overrides: object) -> Settings:
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[ServiceClient]:
-    """Run the app's lifespan (load, warm up, ready) and yield an in-process client of it."""
-    async with app.router.lifespan_context(app), ServiceClient(app) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ and small API helpers (create, step, inspect, assert an error, twin sessions).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,19 @@ class ServiceClient(httpx.AsyncClient):
     def registry(self) -> ModelRegistry:
         registry: ModelRegistry = self.app.state.registry
         return registry
+
+
+@asynccontextmanager
+async def serving(app: FastAPI, headers: dict[str, str] | None = None) -> AsyncIterator[ServiceClient]:
+    """Run the app's lifespan (load, warm up, ready) and yield an in-process client of it, sending
+    ``headers`` with every request."""
+    async with app.router.lifespan_context(app), ServiceClient(app) as client:
+        client.headers.update(headers or {})
+        yield client
+
+
+Serve = Callable[..., AbstractAsyncContextManager[ServiceClient]]
+"""``serve(**settings)``: an app with those settings, served in process (:func:`serving`)."""
 
 
 class RunningServer(ServiceProcess):

@@ -4,15 +4,23 @@ input, keys (admin, viewer, API) and the OpenAPI document."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from service_support import OBS, ServiceClient, action, assert_error, make_checkpoint, new_session
+from service_support import (
+    OBS,
+    Serve,
+    ServiceClient,
+    action,
+    assert_error,
+    make_checkpoint,
+    new_session,
+    serving,
+)
 
 from bench import browser
 from service.api.routes.fleet import ASSETS, EXAMPLE, FleetFeed
@@ -38,17 +46,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-Serve = Callable[..., AbstractAsyncContextManager[ServiceClient]]
-
-
 @pytest.fixture
 def serve(root: Path) -> Serve:
-    @asynccontextmanager
-    async def run(**overrides: Any) -> AsyncIterator[ServiceClient]:
-        settings = Settings(models=[root / "point-nav", root / "other"], checkpoint_root=root, **overrides)
-        app = create_app(settings)
-        async with app.router.lifespan_context(app), ServiceClient(app) as client:
-            yield client
+    def run(**overrides: Any) -> AbstractAsyncContextManager[ServiceClient]:
+        return serving(
+            create_app(
+                Settings(models=[root / "point-nav", root / "other"], checkpoint_root=root, **overrides)
+            )
+        )
 
     return run
 

@@ -8,15 +8,24 @@ import io
 import os
 import sys
 import tarfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
-from service_support import OBS, ServiceClient, action, assert_error, info, make_checkpoint, new_session
+from service_support import (
+    OBS,
+    Serve,
+    ServiceClient,
+    action,
+    assert_error,
+    info,
+    make_checkpoint,
+    new_session,
+    serving,
+)
 
 from service.app import create_app
 from service.config import Settings
@@ -37,23 +46,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-Serve = Callable[..., AbstractAsyncContextManager[ServiceClient]]
-
-
 @pytest.fixture
 def serve(root: Path) -> Serve:
-    @asynccontextmanager
-    async def run(**overrides: Any) -> AsyncIterator[ServiceClient]:
+    def run(**overrides: Any) -> AbstractAsyncContextManager[ServiceClient]:
+        overrides = {"admin_keys": ["admin-key"], **overrides}
         settings = Settings(
-            models=[root / "point-nav"],
-            checkpoint_root=root,
-            api_keys=["user-key"],
-            **{"admin_keys": ["admin-key"], **overrides},
+            models=[root / "point-nav"], checkpoint_root=root, api_keys=["user-key"], **overrides
         )
-        app = create_app(settings)
-        async with app.router.lifespan_context(app), ServiceClient(app) as client:
-            client.headers.update(USER)
-            yield client
+        return serving(create_app(settings), headers=USER)
 
     return run
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from trainer.cli import eval_main
-from trainer.config import PRESETS, preset_config
-from trainer.ppo import compute_gae, flatten, forward, make_optimizers, ppo_update, sequences
+from trainer.config import PRESETS, TrainConfig, preset_config
+from trainer.ppo import compute_gae, flatten, forward, make_optimizers, ppo_update, sequences, update_settings
 from trainer.rollout import Rollout, TrialSampler
 from trainer.run import model_config_for, train
 from trmrl.checkpoint import load_checkpoint
@@ -149,13 +149,8 @@ def test_the_update_backpropagates_through_the_sequence_and_moves_the_gru() -> N
         net,
         make_optimizers(net, 3e-4, 1e-3, 0.0),
         batch,
-        epochs=2,
-        minibatch_size=256,
-        clip=0.2,
-        vf_coef=0.5,
-        max_grad_norm=1.0,
-        normalize_advantages=True,
         generator=torch.Generator().manual_seed(0),
+        **update_settings(TrainConfig(normalize_advantages=True), epochs=2, minibatch_size=256),
     )
     assert stats.approx_kl >= 0 and stats.value_loss > 0
     moved = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]

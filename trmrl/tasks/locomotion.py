@@ -21,6 +21,7 @@ Each environment steps the MuJoCo model directly (``do_simulation``) instead of 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -104,42 +105,44 @@ class _LocomotionEnv(TaskEnv):
         return self._observe(), info
 
 
-class _CheetahVelEnv(_LocomotionEnv):
+class _CheetahEnv(_LocomotionEnv):
+    """HalfCheetah: a forward reward from the torso's x velocity, less the control cost."""
+
     _N_HIDDEN_QPOS = 1
+
+    def _forward_reward(self, x_velocity: float) -> float:
+        raise NotImplementedError
+
+    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
+        truncated = self._tick()
+        qpos = self._data.qpos
+        x_before = float(qpos[0])
+        a = self._simulate(action)
+        x_velocity = (float(qpos[0]) - x_before) / self._dt
+        forward_reward = self._forward_reward(x_velocity)
+        ctrl_cost = _CHEETAH_CTRL_COST * float(np.dot(a, a))
+        info = {"x_velocity": x_velocity, "forward_reward": forward_reward, "ctrl_cost": ctrl_cost}
+        return self._observe(), forward_reward - ctrl_cost, False, truncated, info
+
+
+class _CheetahVelEnv(_CheetahEnv):
     _target_velocity = 0.0
 
     def _apply_task(self, task: Task) -> None:
         self._target_velocity = task.params[0]
 
-    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
-        truncated = self._tick()
-        qpos = self._data.qpos
-        x_before = float(qpos[0])
-        a = self._simulate(action)
-        x_velocity = (float(qpos[0]) - x_before) / self._dt
-        forward_reward = -abs(x_velocity - self._target_velocity)
-        ctrl_cost = _CHEETAH_CTRL_COST * float(np.dot(a, a))
-        info = {"x_velocity": x_velocity, "forward_reward": forward_reward, "ctrl_cost": ctrl_cost}
-        return self._observe(), forward_reward - ctrl_cost, False, truncated, info
+    def _forward_reward(self, x_velocity: float) -> float:
+        return -abs(x_velocity - self._target_velocity)
 
 
-class _CheetahDirEnv(_LocomotionEnv):
-    _N_HIDDEN_QPOS = 1
+class _CheetahDirEnv(_CheetahEnv):
     _direction = 1.0
 
     def _apply_task(self, task: Task) -> None:
         self._direction = task.params[0]
 
-    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
-        truncated = self._tick()
-        qpos = self._data.qpos
-        x_before = float(qpos[0])
-        a = self._simulate(action)
-        x_velocity = (float(qpos[0]) - x_before) / self._dt
-        forward_reward = self._direction * x_velocity
-        ctrl_cost = _CHEETAH_CTRL_COST * float(np.dot(a, a))
-        info = {"x_velocity": x_velocity, "forward_reward": forward_reward, "ctrl_cost": ctrl_cost}
-        return self._observe(), forward_reward - ctrl_cost, False, truncated, info
+    def _forward_reward(self, x_velocity: float) -> float:
+        return self._direction * x_velocity
 
 
 class _AntEnv(_LocomotionEnv):
@@ -316,14 +319,12 @@ def _family(
     task_param_dim: int,
     splits: tuple[str, ...],
     description: str,
-    torso_position: bool = False,
 ) -> LocomotionFamily:
-    """A locomotion family: actions in [-1, 1], 200-step episodes, no success signal; with
-    ``torso_position`` the observation ends with the torso's x, y, z."""
+    """A locomotion family: actions in [-1, 1], 200-step episodes, no success signal."""
     obs_dim, act_dim = _BODIES[cls._ROBOT]
     return cls(
         name=name,
-        obs_dim=obs_dim + (3 if torso_position else 0),
+        obs_dim=obs_dim,
         act_dim=act_dim,
         action_low=(-1.0,) * act_dim,
         action_high=(1.0,) * act_dim,
@@ -335,41 +336,40 @@ def _family(
     )
 
 
+def _with_torso_position(family: LocomotionFamily) -> LocomotionFamily:
+    """``family`` with the 20-d observation of the meta-RL literature's HalfCheetah tasks (the TrMRL
+    authors' fork among them): the same tasks, the torso's x, y, z appended. The 17-d families stay as
+    they are, so checkpoints trained on them keep loading."""
+    return dataclasses.replace(
+        family,
+        name=f"{family.name}-20d",
+        obs_dim=family.obs_dim + 3,
+        description=f"{family.name} with the 20-d observation (gymnasium's 17-d + the torso's x, y, z).",
+    )
+
+
+_CHEETAH_VEL = _family(
+    _CheetahVelFamily,
+    "halfcheetah-vel",
+    task_param_dim=1,
+    splits=SPLITS,
+    description="HalfCheetah-v5 running at a target velocity v* ~ U[0, 3] (ood: U[3, 4]); "
+    "reward -|v_x - v*| - 0.05‖a‖².",
+)
+_CHEETAH_DIR = _family(
+    _CheetahDirFamily,
+    "halfcheetah-dir",
+    task_param_dim=1,
+    splits=("train", "validation", "test"),
+    description="HalfCheetah-v5 running forward (d=+1) or backward (d=-1); reward d·v_x - 0.05‖a‖².",
+)
+
+
 FAMILIES: Final[tuple[TaskFamily, ...]] = (
-    _family(
-        _CheetahVelFamily,
-        "halfcheetah-vel",
-        task_param_dim=1,
-        splits=SPLITS,
-        description="HalfCheetah-v5 running at a target velocity v* ~ U[0, 3] (ood: U[3, 4]); "
-        "reward -|v_x - v*| - 0.05‖a‖².",
-    ),
-    _family(
-        _CheetahDirFamily,
-        "halfcheetah-dir",
-        task_param_dim=1,
-        splits=("train", "validation", "test"),
-        description="HalfCheetah-v5 running forward (d=+1) or backward (d=-1); reward d·v_x - 0.05‖a‖².",
-    ),
-    # The 20-d observation of the meta-RL literature's HalfCheetah tasks (the TrMRL authors' fork among
-    # them): the same tasks, the torso's position appended. The 17-d families stay as they are, so
-    # checkpoints trained on them keep loading.
-    _family(
-        _CheetahVelFamily,
-        "halfcheetah-vel-20d",
-        task_param_dim=1,
-        splits=SPLITS,
-        description="halfcheetah-vel with the 20-d observation (gymnasium's 17-d + the torso's x, y, z).",
-        torso_position=True,
-    ),
-    _family(
-        _CheetahDirFamily,
-        "halfcheetah-dir-20d",
-        task_param_dim=1,
-        splits=("train", "validation", "test"),
-        description="halfcheetah-dir with the 20-d observation (gymnasium's 17-d + the torso's x, y, z).",
-        torso_position=True,
-    ),
+    _CHEETAH_VEL,
+    _CHEETAH_DIR,
+    _with_torso_position(_CHEETAH_VEL),
+    _with_torso_position(_CHEETAH_DIR),
     _family(
         _AntDirFamily,
         "ant-dir",
