@@ -79,6 +79,7 @@ def _load(engine: Engine, slots: np.ndarray, columns: dict[str, Any]) -> None:
         ttl_s=columns["ttl_s"],
         created_at=columns["created_at"],
         last_action=columns["last_action"],
+        context=np.asarray(columns["length"], np.int64),
     )
 
 
