@@ -136,6 +136,9 @@ class SessionState:
     ttl_s: float
     created_at: float
     format: str = "trmrl.session/1"
+    context: str = "window"
+    """``window``: ``window`` holds the model's N rows; ``trial`` (a trial-context model): its ``length``
+    working memories, at most ``max_context``."""
 
 
 @dataclass
