@@ -101,6 +101,8 @@ class Engine:
             task_params_in_obs=info.task_params_in_obs,
             metrics=info.metrics,
             default=default,
+            context="trial" if isinstance(self.pool, TrialPool) else "window",
+            max_context=cfg.max_context if isinstance(self.pool, TrialPool) else None,
         )
 
     @property

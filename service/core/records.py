@@ -99,6 +99,8 @@ class ModelInfo:
     default: bool
     active: bool = True
     canary_share: float = 0.0
+    context: str = "window"
+    max_context: int | None = None
 
 
 @dataclass(frozen=True)
