@@ -123,7 +123,7 @@ async def test_served_trial_actions_equal_the_trainers_evaluation_path_on_every_
 async def test_a_step_past_max_context_is_refused_alone_and_leaves_the_session_unchanged(
     client: ServiceClient, root: Path
 ) -> None:
-    traj = obs, rewards, starts = trajectory()
+    traj = obs, rewards, _ = trajectory()
     full = await new_session(client, model="trial")
     await drive(client, full, traj, range(MAX_CONTEXT))
     # A neighbour half-way through its trial, and its twin stepped with the same history.
@@ -279,7 +279,7 @@ async def test_a_migrated_trial_continues_as_a_fresh_pool_under_the_new_weights(
 
 
 async def test_a_restart_keeps_the_trials_memory(root: Path, tmp_path: Path) -> None:
-    traj = obs, rewards, starts = trajectory()
+    traj = trajectory()
     want = expected(root / "trial", *traj)
     app = create_app(settings(root, state_dir=tmp_path))
     async with app.router.lifespan_context(app), ServiceClient(app) as c:
