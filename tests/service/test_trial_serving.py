@@ -5,6 +5,8 @@ and restarts keep the trial's memory."""
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,10 @@ from trainer.evaluate import replay_actions
 from trmrl.checkpoint import CheckpointError, load_checkpoint
 from trmrl.policy import act as policy_act
 from trmrl.trial_pool import TrialPool
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "install httpx2 instead": the test client works with httpx
+    from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.anyio
 
@@ -301,3 +307,42 @@ def test_a_trial_context_checkpoint_is_refused_in_reduced_precision(root: Path) 
     )
     with pytest.raises(CheckpointError, match="context=trial policy is served in fp32 only"):
         Engine("trial", load_checkpoint(root / "trial"), limits, torch.device("cpu"))
+
+
+def test_trial_streams_step_like_http_and_refuse_a_full_context_per_frame(root: Path) -> None:
+    traj = obs, rewards, starts = trajectory()
+    want = expected(root / "trial", *traj)
+    with TestClient(create_app(settings(root))) as http:
+        sid, other, twin = (
+            http.post("/v1/sessions", json={"model": "trial"}).json()["session_id"] for _ in range(3)
+        )
+        got = []
+        with http.websocket_connect(f"/v1/sessions/{sid}/stream") as ws:
+            for t in range(MAX_CONTEXT):
+                ws.send_text(json.dumps(_fields(body(sid, obs, rewards, starts, t))))
+                got.append(json.loads(ws.receive_text())["action"])
+            ws.send_text(json.dumps({"observation": [0.0, 0.0], "step": MAX_CONTEXT}))
+            assert json.loads(ws.receive_text())["error"]["code"] == "context_full"
+            # The stream stays open; after a trial reset the next frame is served.
+            assert http.post(f"/v1/sessions/{sid}/reset", json={"scope": "trial"}).status_code == 200
+            ws.send_text(json.dumps({"observation": [0.0, 0.0], "step": MAX_CONTEXT}))
+            assert json.loads(ws.receive_text())["step"] == MAX_CONTEXT
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        for t in range(MAX_CONTEXT - 1):  # ``sid`` full again, ``other`` one step into its trial
+            fields = _fields(body(sid, obs, rewards, starts, t))
+            fields["step"] = MAX_CONTEXT + 1 + t
+            assert http.post("/v1/act", json={"session_id": sid, **fields}).status_code == 200
+        for session in (other, twin):
+            assert (
+                http.post("/v1/act", json={"session_id": session, "observation": [0.1, 0.1]}).status_code
+                == 200
+            )
+        with http.websocket_connect("/v1/stream") as ws:
+            ws.send_bytes(
+                packb({"session_ids": [sid, other], "observations": np.full((2, 2), 0.3, np.float32)})
+            )
+            reply = unpackb(ws.receive_bytes())
+        assert [(e["row"], e["error"]["code"]) for e in reply["errors"]] == [(0, "context_full")]
+        assert np.isnan(reply["actions"][0]).all()
+        r = http.post("/v1/act", json={"session_id": twin, "observation": [0.3, 0.3]})
+        np.testing.assert_array_equal(reply["actions"][1], np.asarray(r.json()["action"], np.float32))
