@@ -352,7 +352,7 @@ class SessionTable:
 
     def check_context(self, slot: int, episode_start: bool) -> None:
         """Refuse (409 ``context_full``) a next step of ``slot`` that its full context cannot take."""
-        if self.context_full(np.asarray([slot]), np.asarray([episode_start]))[0]:
+        if self.max_context and self.context_full(np.asarray([slot]), np.asarray([episode_start]))[0]:
             raise errors.context_full(self.session_id(slot), self.max_context)
 
     def begin_step(
