@@ -242,7 +242,7 @@ async def watch(
             await engine.start()
             if not first:
                 old = registry.engines[name]
-                migrate = migration.compatible(old, engine)
+                migrate = migration.compatible(engine, old)
                 moved = await migration.activate(registry, name, engine.version, migrate=migrate)
                 log.info(
                     "watched model %s: version %s active (%d sessions migrated)", name, engine.version, moved

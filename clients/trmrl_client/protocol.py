@@ -542,6 +542,7 @@ _STATUS_OF_CODE = {
     "unknown_session": 404,
     "unknown_model": 404,
     "step_conflict": 409,
+    "context_full": 409,
     "capacity_exhausted": 429,
 }
 

@@ -38,6 +38,7 @@ STATUS: dict[str, int] = {
     # It conflicts with the state of the service.
     "step_conflict": 409,
     "session_busy": 409,
+    "context_full": 409,
     "model_mismatch": 409,
     "model_version_mismatch": 409,
     "incompatible_model": 409,

@@ -118,7 +118,8 @@ async def act_columnar(
 
     The tick steps one model (``model``: the stream's, when the tick names none), each session
     on its own version of it. A row that fails -- a number out of float32's range, an unknown
-    session or one of another model, a step conflict -- gets NaN actions and an error, and its
+    session or one of another model, a step conflict, a session whose trial context is full -- gets
+    NaN actions and an error, and its
     session is untouched; the other rows are served. A tick whose shapes do not fit the model is
     refused as a whole (422).
     """
@@ -177,7 +178,7 @@ async def act_columnar(
         applied32 = None if applied is None else applied.astype(np.float32, copy=False)
         rewards32 = np.zeros(rows, np.float32) if rewards is None else rewards.astype(np.float32, copy=False)
     starts = tick.episode_starts if tick.episode_starts is not None else np.zeros(rows, bool)
-    submitted: list[tuple[np.ndarray, RowTickets]] = []
+    submitted: list[tuple[np.ndarray, RowTickets, Engine]] = []
     for owner_engine, picked, picked_slots in groups:
         if not len(picked):
             continue
@@ -193,11 +194,12 @@ async def act_columnar(
                     None if given is None else (given if every else given[picked]),
                     None if applied32 is None else (applied32 if every else applied32[picked]),
                 ),
+                owner_engine,
             )
         )
     actions = np.full((rows, engine.act_dim), np.nan, np.float32)
     steps = np.full(rows, -1, np.int64) if given is None else given.copy()
-    for picked, tickets in submitted:
+    for picked, tickets, stepped in submitted:
         answered = tickets.steps
         if tickets.conflict.any():
             assert given is not None  # only a given step number can conflict
@@ -207,6 +209,9 @@ async def act_columnar(
                 failed[row] = errors.step_conflict(int(tickets.steps[index]), int(given[row]))
                 answered[index] = given[row]
         steps[picked] = answered
+        for index in np.flatnonzero(tickets.full).tolist():
+            row = int(picked[index])
+            failed[row] = errors.context_full(tick.session_ids[row], stepped.table.max_context)
         if len(tickets.cached_rows):
             actions[picked[tickets.cached_rows]] = tickets.cached
         for future, part, batch_rows in tickets.parts:

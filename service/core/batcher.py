@@ -20,70 +20,19 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.core import errors
+from service.core.batch import Batch
 from service.core.errors import ServiceError
 from service.core.records import EngineLimits
 from service.core.session_table import SessionTable
 
 log = logging.getLogger("trmrl.service")
-
-
-class Batch:
-    """Preallocated rows for up to ``max_batch`` steps; reused once its forward pass is done."""
-
-    def __init__(self, rows: int, obs_dim: int, act_dim: int) -> None:
-        self.slots = np.zeros(rows, np.int64)
-        self.generation = np.zeros(rows, np.int64)
-        self.steps = np.zeros(rows, np.int64)
-        self.obs = np.zeros((rows, obs_dim), np.float32)
-        self.reward = np.zeros(rows, np.float32)
-        self.start = np.zeros(rows, bool)
-        self.start_was_pending = np.zeros(rows, bool)
-        self.clear = np.zeros(rows, bool)
-        self.applied = np.zeros((rows, act_dim), np.float32)
-        self.applied_mask = np.zeros(rows, bool)
-        self.id = -1
-        self.size = 0
-        self.opened_at = 0.0
-        self.future: asyncio.Future[np.ndarray] | None = None
-
-    def put(
-        self,
-        at: int | slice,
-        slots: int | np.ndarray,
-        table: SessionTable,
-        steps: int | np.ndarray,
-        obs: np.ndarray,
-        reward: float | np.ndarray,
-        episode_start: bool | np.ndarray,
-        applied: Sequence[float] | np.ndarray | None,
-    ) -> int | np.ndarray:
-        """Write steps of ``slots`` into rows ``at`` (one row or a run of them), beginning them in the
-        session table: a pending episode start or window clear is consumed into the row. Returns the
-        rows written."""
-        rows = at if isinstance(at, int) else np.arange(at.start, at.stop)
-        self.generation[at], self.start_was_pending[at], self.clear[at] = table.begin_step(
-            slots, self.id, rows
-        )
-        self.slots[at] = slots
-        self.steps[at] = steps
-        self.obs[at] = obs
-        self.reward[at] = reward
-        self.start[at] = episode_start
-        # In place, from the row: a numpy bool or-ed with a Python bool costs a microsecond.
-        self.start[at] |= self.start_was_pending[at]
-        if applied is None:
-            self.applied_mask[at] = False
-        else:
-            self.applied_mask[at] = True
-            self.applied[at] = applied
-        return rows
 
 
 class _SharedFuture(asyncio.Future[np.ndarray]):
@@ -124,6 +73,8 @@ class RowTickets:
     """``[n]`` the step number each row answers (the expected one for a conflicting row)."""
     conflict: np.ndarray
     """``[n]`` bool: the row's step is neither the next nor a retry of the newest (nothing queued)."""
+    full: np.ndarray
+    """``[n]`` bool: the row's session's context is full (a trial-context model; nothing queued)."""
     cached_rows: np.ndarray
     """Rows that retry a completed step: their action is in :attr:`cached`."""
     cached: np.ndarray
@@ -188,12 +139,15 @@ class Batcher:
         """Queue one validated step of the session in ``slot`` (event loop only).
 
         A retry of the session's newest step is answered from what that step returned (or will
-        return), without touching the memory.
+        return), without touching the memory. A step that a full trial context cannot take is
+        refused (409 ``context_full``) with nothing changed.
         """
         table = self.table
         retry = table.check_step(slot, step)
         if not retry and self.queued_steps >= self.max_queued_steps:
             raise errors.overloaded(self.max_queued_steps)
+        if not retry:
+            table.check_context(slot, episode_start)
         table.touch(slot)
         if retry:
             assert step is not None
@@ -227,7 +181,8 @@ class Batcher:
         The columnar twin of :meth:`submit`: ``slots`` are distinct; ``obs`` is float32 ``[n, D]``;
         ``steps`` (``None``: every row is the next step) are the clients' step numbers. A row whose
         step conflicts is left out (and its session untouched); a retry of a session's newest step
-        is answered from that step. Refuses the whole tick (``overloaded``), before any change,
+        is answered from that step; a row whose session's trial context is full is left out too
+        (:attr:`RowTickets.full`). Refuses the whole tick (``overloaded``), before any change,
         when its new steps do not fit in the queue.
         """
         table = self.table
@@ -239,10 +194,11 @@ class Batcher:
             new = steps == expected
             retry = steps == expected - 1
         conflict = ~(new | retry)
-        fresh = np.flatnonzero(new)
+        full = new & table.context_full(slots, episode_start)
+        fresh = np.flatnonzero(new & ~full)
         if len(fresh) and self.queued_steps + len(fresh) > self.max_queued_steps:
             raise errors.overloaded(self.max_queued_steps)
-        table.touch(slots[~conflict])
+        table.touch(slots[~(conflict | full)])
         parts: list[tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]] = []
         cached_rows = np.zeros(0, np.int64)
         cached = np.zeros((0, self.act_dim), np.float32)
@@ -284,6 +240,7 @@ class Batcher:
         return RowTickets(
             steps=expected if steps is None else np.where(retry, steps, expected),
             conflict=conflict,
+            full=full,
             cached_rows=cached_rows,
             cached=cached,
             parts=parts,
@@ -377,7 +334,9 @@ class Batcher:
         except Exception:
             log.exception("forward pass of model %s failed for %d steps", self.name, n)
             # Undo what ``submit`` consumed, so a retry behaves like the first try.
-            self.table.roll_back(slots, batch.generation[:n], batch.start_was_pending[:n], batch.clear[:n])
+            self.table.roll_back(
+                slots, batch.generation[:n], batch.start_was_pending[:n], batch.clear[:n], batch.context[:n]
+            )
             if not future.done():
                 future.set_exception(
                     ServiceError(

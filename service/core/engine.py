@@ -22,7 +22,8 @@ from trmrl_client.codec import INPUT_LIMIT
 
 from service.core import errors
 from service.core.adaptation import AdaptationCurves
-from service.core.batcher import Batch, Batcher
+from service.core.batch import Batch
+from service.core.batcher import Batcher
 from service.core.errors import ServiceError
 from service.core.forward import Forward
 from service.core.recording import Recorder
@@ -30,6 +31,7 @@ from service.core.records import EngineLimits, ModelInfo
 from service.core.session_table import SessionTable
 from trmrl.checkpoint import Checkpoint
 from trmrl.tasks.trials import EARLY_STEPS as ADAPTATION_STEPS
+from trmrl.trial_pool import TrialPool
 
 log = logging.getLogger("trmrl.service")
 
@@ -61,6 +63,9 @@ class Engine:
             default_ttl_s=limits.session_ttl_s,
             evict_idle_s=limits.evict_idle_s,
         )
+        if isinstance(self.pool, TrialPool):  # a trial context does not slide: count it
+            self.table.max_context = cfg.max_context
+            self.table.episode_scope = cfg.memory_scope == "episode"
         self.batcher = Batcher(
             name, self.table, self.obs_dim, limits, compute=self.forward.run, commit=self._commit
         )
@@ -96,6 +101,8 @@ class Engine:
             task_params_in_obs=info.task_params_in_obs,
             metrics=info.metrics,
             default=default,
+            context="trial" if isinstance(self.pool, TrialPool) else "window",
+            max_context=cfg.max_context if isinstance(self.pool, TrialPool) else None,
         )
 
     @property

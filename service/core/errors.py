@@ -84,6 +84,16 @@ def invalid_snapshot(reason: str, detail: dict[str, Any] | None = None) -> Servi
     return ServiceError("invalid_snapshot", f"The snapshot does not fit the model: {reason}.", detail)
 
 
+def context_full(session_id: str, max_context: int) -> ServiceError:
+    return ServiceError(
+        "context_full",
+        f"The session's trial is full: its context holds max_context={max_context} working memories and "
+        "a trial-context policy does not slide. The step was not taken and the session is unchanged; "
+        "a trial reset (POST /v1/sessions/{id}/reset with scope 'trial') starts the trial again.",
+        {"session_id": session_id, "max_context": max_context},
+    )
+
+
 def session_busy(session_id: str) -> ServiceError:
     return ServiceError(
         "session_busy",

@@ -4,8 +4,9 @@ CUDA graphs.
 On a GPU (or in reduced precision) the step runs at fixed shapes through
 :class:`~trmrl.graphed.BucketedStep`, whose padded rows need a slot of their own: one past the
 sessions'. The CPU float32 path is the trainer's own :func:`trmrl.policy.act`, bit for bit, and
-needs none. An RL² policy (a GRU whose memory is its hidden state) runs the eager path on every
-device, in float32.
+needs none. An RL² policy (a GRU whose memory is its hidden state) and a trial-context TrMRL (its
+memory is a key/value cache per slot, :class:`~trmrl.trial_pool.TrialPool`) run the eager path on
+every device, in float32.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from service.core.batcher import Batch
+from service.core.batch import Batch
 from service.core.records import EngineLimits
 from trmrl.checkpoint import Checkpoint, CheckpointError
 from trmrl.graphed import BucketedStep
@@ -33,17 +34,20 @@ class Forward:
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, limits: EngineLimits) -> None:
         precision, max_sessions = limits.precision, limits.max_sessions
-        recurrent = not isinstance(checkpoint.model, TrMRL)
-        if recurrent and precision != "fp32":
+        model = checkpoint.model
+        recurrent = not isinstance(model, TrMRL)
+        trial = isinstance(model, TrMRL) and model.config.context == "trial"
+        if (recurrent or trial) and precision != "fp32":
+            kind = "an rl2 policy" if recurrent else "a context=trial policy"
             raise CheckpointError(
-                f"{checkpoint.path}: an rl2 policy is served in fp32 only (TRMRL_DTYPE={precision})"
+                f"{checkpoint.path}: {kind} is served in fp32 only (TRMRL_DTYPE={precision})"
             )
         self.device = device
         self.act_dim = checkpoint.model.config.act_dim
         self.model = checkpoint.model.to(device).eval()
         self.low = torch.tensor(checkpoint.info.action_low, dtype=torch.float32, device=device)
         self.high = torch.tensor(checkpoint.info.action_high, dtype=torch.float32, device=device)
-        fixed_shapes = not recurrent and (device.type == "cuda" or precision != "fp32")
+        fixed_shapes = not (recurrent or trial) and (device.type == "cuda" or precision != "fp32")
         self.pool = make_pool(self.model, max_sessions + (1 if fixed_shapes else 0), device)
         self.fixed: BucketedStep | None = None
         """The fixed-shape step (GPU, reduced precision); ``None``: the eager step."""

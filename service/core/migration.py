@@ -18,24 +18,33 @@ from service.core.errors import ServiceError
 from service.core.registry import ModelRegistry
 from trmrl.memory import fit_windows
 from trmrl.slot_pool import SlotMemory
+from trmrl.trial_pool import TrialPool
 
 log = logging.getLogger("trmrl.service")
 
 
-def compatible(a: Engine, b: Engine) -> bool:
-    """Whether sessions can move between the two models: same observation and action sizes, and the
-    same kind of memory (any two TrMRL windows refit; RL² hidden states move between equal widths)."""
-    if (a.obs_dim, a.act_dim) != (b.obs_dim, b.act_dim):
+def compatible(target: Engine, source: Engine) -> bool:
+    """Whether sessions can move from ``source`` to ``target``: same observation and action sizes, and
+    the same kind of memory (any two TrMRL windows refit; RL² hidden states move between equal widths;
+    a trial context moves to a trial-context model whose ``max_context`` holds it)."""
+    if (target.obs_dim, target.act_dim) != (source.obs_dim, source.act_dim):
         return False
-    kind_a, kind_b = a.model.config.policy, b.model.config.policy
-    return kind_a == kind_b and (kind_a == "trmrl" or a.pool.memory_shape == b.pool.memory_shape)
+    kind, other = target.model.config.policy, source.model.config.policy
+    trial = isinstance(target.pool, TrialPool)
+    if kind != other or trial != isinstance(source.pool, TrialPool):
+        return False
+    if trial:
+        return target.pool.memory_shape[0] >= source.pool.memory_shape[0]
+    return kind == "trmrl" or target.pool.memory_shape == source.pool.memory_shape
 
 
 def move_sessions(source: Engine, target: Engine) -> int:
     """Move every session of ``source`` to ``target`` with its memory intact; returns how many moved.
 
     The caller holds both step locks and has drained ``source``. The window is copied as it is (a
-    shorter window keeps the newest memories). Nothing changes if they do not fit (429).
+    shorter window keeps the newest memories); a trial context is written whole, and the target's
+    pool re-encodes it under its own weights (:meth:`~trmrl.trial_pool.TrialPool.write`). Nothing
+    changes if they do not fit (429).
     """
     count = len(source.table)
     if not count:

@@ -99,6 +99,8 @@ class ModelInfo:
     default: bool
     active: bool = True
     canary_share: float = 0.0
+    context: str = "window"
+    max_context: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ class SessionState:
     ttl_s: float
     created_at: float
     format: str = "trmrl.session/1"
+    context: str = "window"
+    """``window``: ``window`` holds the model's N rows; ``trial`` (a trial-context model): its ``length``
+    working memories, at most ``max_context``."""
 
 
 @dataclass

@@ -43,6 +43,7 @@ _MOVED = (
     "record",
     "episode_return",
     "last_return",
+    "context",
 )
 
 
@@ -51,6 +52,10 @@ class SessionTable:
 
     def __init__(self, capacity: int, act_dim: int, *, default_ttl_s: float, evict_idle_s: float) -> None:
         self.capacity = capacity
+        self.max_context = 0
+        """A trial-context model's ``max_context`` (its contexts do not slide); 0: none (a window)."""
+        self.episode_scope = False
+        """An episode start restarts the context too (``memory_scope="episode"``)."""
         self.default_ttl_s = default_ttl_s
         self.evict_idle_s = evict_idle_s
         self.ids: dict[str, int] = {}
@@ -92,6 +97,9 @@ class SessionTable:
         """Rewards received so far in the current episode (``service.core.adaptation`` counts them)."""
         self.last_return = np.full(capacity, np.nan)
         """The return of the session's last finished episode; NaN before one has finished."""
+        self.context = np.zeros(capacity, np.int64)
+        """Working memories the slot's context holds once its queued steps are computed (counted under
+        a ``max_context``): a full context is refused before a step is queued, without the device."""
         self.evictions = 0
         self.expirations = 0
         self.owned = 0
@@ -196,6 +204,7 @@ class SessionTable:
         self.record[slot] = record
         self.episode_return[slot] = 0.0
         self.last_return[slot] = np.nan
+        self.context[slot] = 0
         return session_id, slot
 
     def take_over(self, source: SessionTable) -> tuple[np.ndarray, np.ndarray]:
@@ -326,26 +335,49 @@ class SessionTable:
         """The sessions were active now (a step, a retry): their idle time starts again."""
         self.last_active[slots] = time.monotonic()
 
+    def _restarts(self, slots: int | np.ndarray, episode_start: Any) -> Any:
+        """Whether the next step of each of ``slots`` starts its context again (a trial reset or a new
+        session; with episode scope, any episode start)."""
+        restart = self.pending_clear[slots]
+        if self.episode_scope:
+            restart = restart | episode_start | self.pending_start[slots]
+        return restart
+
+    def context_full(self, slots: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
+        """Which of ``slots`` (distinct) cannot take a next step: their context holds ``max_context``
+        working memories and the step does not start it again."""
+        if not self.max_context:
+            return np.zeros(len(slots), bool)
+        return ~self._restarts(slots, episode_start) & (self.context[slots] >= self.max_context)
+
+    def check_context(self, slot: int, episode_start: bool) -> None:
+        """Refuse (409 ``context_full``) a next step of ``slot`` that its full context cannot take."""
+        if self.max_context and self.context_full(np.asarray([slot]), np.asarray([episode_start]))[0]:
+            raise errors.context_full(self.session_id(slot), self.max_context)
+
     def begin_step(
-        self, slots: int | np.ndarray, batch_id: int, rows: int | np.ndarray
-    ) -> tuple[Any, Any, Any]:
+        self, slots: int | np.ndarray, batch_id: int, rows: int | np.ndarray, episode_start: Any = False
+    ) -> tuple[Any, Any, Any, Any]:
         """Queue the next step of each of ``slots`` (distinct) at ``rows`` of batch ``batch_id``; one
         slot (a request's step) or an array of them (a tick's rows).
 
         Returns what the batch keeps of each row, as numpy scalars or arrays: the slot's generation
         (a step of a session ended meanwhile is not committed), whether a pending episode start is
-        consumed and whether the window is to be cleared first. Both are consumed here;
-        :meth:`roll_back` re-arms them.
+        consumed, whether the window is to be cleared first (both are consumed here;
+        :meth:`roll_back` re-arms them) and the context's count before the step.
         """
         generation = self.generation[slots]
         pending = self.pending_start[slots]
         clear = self.pending_clear[slots]
+        context = self.context[slots]
+        if self.max_context:
+            self.context[slots] = np.where(self._restarts(slots, episode_start), 0, context) + 1
         self.pending_start[slots] = False
         self.pending_clear[slots] = False
         self.queued[slots] += 1
         self.last_batch[slots] = batch_id
         self.last_row[slots] = rows
-        return generation, pending, clear
+        return generation, pending, clear, context
 
     def alive(self, slots: np.ndarray, generation: np.ndarray) -> np.ndarray:
         """Which of a batch's rows still belong to the session that queued them."""
@@ -369,12 +401,16 @@ class SessionTable:
         self._release_idle(slots[~live])
 
     def roll_back(
-        self, slots: np.ndarray, generation: np.ndarray, start_was_pending: np.ndarray, clear: np.ndarray
+        self, slots: np.ndarray, generation: np.ndarray, pending: np.ndarray, clear: np.ndarray, context: Any
     ) -> None:
-        """Undo :meth:`begin_step` for a batch that failed, so a retry behaves like the first try."""
+        """Undo :meth:`begin_step` for a batch that failed, so a retry behaves like the first try
+        (``pending``, ``clear``, ``context``: what :meth:`begin_step` returned)."""
         self.queued[slots] -= 1
         live = self.alive(slots, generation)
-        self.pending_start[slots[live & start_was_pending]] = True
+        idle = live & (self.queued[slots] == 0)  # later steps queued: they still count, one memory less
+        self.context[slots[idle]] = context[idle]
+        self.context[slots[live & ~idle]] = np.maximum(self.context[slots[live & ~idle]] - 1, 0)
+        self.pending_start[slots[live & pending]] = True
         self.pending_clear[slots[live & clear]] = True
         self._release_idle(slots[~live])
 
@@ -390,9 +426,10 @@ class SessionTable:
         ttl_s: np.ndarray,
         created_at: np.ndarray,
         last_action: np.ndarray,
+        context: np.ndarray,
     ) -> None:
-        """Give sessions the counters of a snapshot or a saved block; their memory is loaded into the
-        slot pool alongside, so their windows are not cleared at the next step."""
+        """Give sessions the counters of a snapshot or a saved block (``context``: its lengths); their
+        memory is loaded into the slot pool alongside, so their windows are not cleared at the next step."""
         self.next_step[slots] = steps
         self.episodes[slots] = episodes
         self.pending_start[slots] = episode_start_pending
@@ -402,4 +439,5 @@ class SessionTable:
         self.ttl_s[slots] = ttl_s
         self.created_at[slots] = created_at
         self.last_action[slots] = last_action
+        self.context[slots] = context
         self.last_active[slots] = time.monotonic()

@@ -27,6 +27,7 @@ from service.core.errors import ServiceError
 from service.core.records import SessionState
 from service.core.registry import ModelRegistry
 from trmrl.slot_pool import SlotMemory
+from trmrl.trial_pool import TrialPool
 
 log = logging.getLogger("trmrl.service")
 
@@ -59,6 +60,11 @@ def _memories(engine: Engine, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return windows, lengths, prev
 
 
+def context_of(engine: Engine) -> str:
+    """The engine's kind of memory: ``trial`` (a trial-context model) or ``window``."""
+    return "trial" if isinstance(engine.pool, TrialPool) else "window"
+
+
 def _load(engine: Engine, slots: np.ndarray, columns: dict[str, Any]) -> None:
     """Load sessions' memories and counters (columns as :func:`export_sessions` writes them)."""
     engine.pool.write(
@@ -79,6 +85,7 @@ def _load(engine: Engine, slots: np.ndarray, columns: dict[str, Any]) -> None:
         ttl_s=columns["ttl_s"],
         created_at=columns["created_at"],
         last_action=columns["last_action"],
+        context=np.asarray(columns["length"], np.int64),
     )
 
 
@@ -88,11 +95,14 @@ async def snapshot(engine: Engine, slot: int) -> SessionState:
     async with engine.step_lock:
         windows, lengths, prev = _memories(engine, np.asarray([slot], np.int64))
         table = engine.table
+        trial = context_of(engine) == "trial"
         return SessionState(
             session_id=table.session_id(slot),
             model=engine.name,
             model_version=engine.version,
-            window=windows[0].tolist(),
+            context=context_of(engine),
+            # A trial's working memories only: its context is not a fixed window.
+            window=(windows[0, : lengths[0]] if trial else windows[0]).tolist(),
             length=int(lengths[0]),
             prev_action=prev[0].tolist(),
             last_action=table.last_action[slot].tolist(),
@@ -108,12 +118,29 @@ async def snapshot(engine: Engine, slot: int) -> SessionState:
 
 def check_state(engine: Engine, state: SessionState) -> None:
     """Refuse a snapshot that was not taken with this model or does not fit it (before any change)."""
+    context = context_of(engine)
+    if state.context != context:
+        raise errors.invalid_snapshot(
+            f"it holds a {state.context}-context memory and model {engine.name!r} has a {context} context",
+            {"field": "context", "expected": context, "got": state.context},
+        )
     if state.model_version != engine.version:
         raise errors.model_version_mismatch(engine.name, engine.version, state.model_version)
-    # A TrMRL window: N working memories; an RL² memory: its hidden state as one row.
+    # A TrMRL window: N working memories; an RL² memory: its hidden state as one row; a trial: its
+    # working memories, up to max_context.
     n, width = engine.pool.memory_shape
-    rows = {len(row) for row in state.window}
-    if len(state.window) != n or rows != {width}:
+    widths = {len(row) for row in state.window}
+    if context == "trial" and (len(state.window) > n or widths - {width}):
+        raise errors.invalid_snapshot(
+            f"'window' must be at most max_context={n} working memories of {width} numbers",
+            {"field": "window", "expected_max": [n, width], "got_rows": len(state.window)},
+        )
+    if context == "trial" and state.length != len(state.window):
+        raise errors.invalid_snapshot(
+            f"'length' must be the trial's {len(state.window)} working memories",
+            {"field": "length", "expected": len(state.window)},
+        )
+    if context == "window" and (len(state.window) != n or widths != {width}):
         raise errors.invalid_snapshot(
             f"'window' must be {n} rows of {width} numbers", {"field": "window", "expected": [n, width]}
         )
@@ -135,11 +162,14 @@ async def restore(engine: Engine, slot: int, state: SessionState) -> None:
     async with engine.step_lock:
         if engine.table.queued[slot]:
             raise errors.session_busy(engine.table.session_id(slot))
+        n, width = engine.pool.memory_shape
+        window = np.zeros((1, n, width), np.float32)  # a trial's memories, padded to max_context rows
+        window[0, : len(state.window)] = np.asarray(state.window, np.float32).reshape(-1, width)
         _load(
             engine,
             np.asarray([slot], np.int64),
             {
-                "window": [state.window],
+                "window": window,
                 "length": [state.length],
                 "prev_action": [state.prev_action],
                 "last_action": [state.last_action],

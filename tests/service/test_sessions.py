@@ -49,7 +49,7 @@ def test_delete_frees_the_slot_and_forgets_the_id() -> None:
 def test_a_slot_with_queued_steps_is_reused_only_after_they_complete() -> None:
     t = table(capacity=1, evict_idle=0.0)
     sid, slot = t.create(deterministic=True, seed=None, ttl_s=None)
-    generation, _, _ = t.begin_step(slot, 0, 0)
+    generation, _, _, _ = t.begin_step(slot, 0, 0)
     t.delete(sid)
     assert t.generation[slot] == generation + 1
     with pytest.raises(ServiceError) as err:
@@ -66,16 +66,47 @@ def test_a_step_begins_then_commits_or_rolls_back() -> None:
     t = table()
     _, slot = t.create(deterministic=True, seed=None, ttl_s=None)
     slots = np.array([slot])
-    generation, pending, clear = t.begin_step(slots, 7, np.array([3]))
+    generation, pending, clear, context = t.begin_step(slots, 7, np.array([3]))
     assert pending.tolist() == [True] and clear.tolist() == [True]
     assert t.expected_step(slot) == 1 and t.last_batch[slot] == 7 and t.last_row[slot] == 3
     assert not t.pending_start[slot] and not t.pending_clear[slot]
-    t.roll_back(slots, generation, pending, clear)
+    t.roll_back(slots, generation, pending, clear, context)
     assert t.expected_step(slot) == 0 and t.pending_start[slot] and t.pending_clear[slot]
-    generation, pending, clear = t.begin_step(slots, 8, np.array([0]))
+    generation, pending, clear, _ = t.begin_step(slots, 8, np.array([0]))
     t.commit(slots, t.alive(slots, generation), pending, np.ones((1, 2), np.float32))
     assert t.expected_step(slot) == 1 and t.episodes[slot] == 1 and t.episode_step[slot] == 1
     assert t.last_action[slot].tolist() == [1.0, 1.0]
+
+
+def test_a_trial_context_is_counted_and_a_step_past_max_context_refused_with_nothing_changed() -> None:
+    t = table()
+    t.max_context = 2
+    _, slot = t.create(deterministic=True, seed=None, ttl_s=None)
+    slots = np.array([slot])
+    for _ in range(2):
+        generation, pending, clear, _ = t.begin_step(slots, 0, np.array([0]), np.array([False]))
+        t.commit(slots, t.alive(slots, generation), pending, np.zeros((1, 2), np.float32))
+    assert t.context[slot] == 2
+    assert t.context_full(slots, np.array([True])).tolist() == [True]  # an episode start keeps the trial
+    with pytest.raises(ServiceError) as err:
+        t.check_context(slot, False)
+    assert err.value.code == "context_full" and status_of(err.value) == 409
+    assert err.value.detail["max_context"] == 2
+    assert t.context[slot] == 2 and t.expected_step(slot) == 2 and t.queued[slot] == 0
+    # A failed forward pass gives the count back; a trial reset starts the context again.
+    t.reset(slot, "trial")
+    assert t.context_full(slots, np.array([False])).tolist() == [False]
+    generation, pending, clear, context = t.begin_step(slots, 1, np.array([0]), np.array([False]))
+    assert t.context[slot] == 1
+    t.roll_back(slots, generation, pending, clear, context)
+    assert t.context[slot] == 2 and t.pending_clear[slot]
+    t.check_context(slot, False)  # still allowed: the reset is pending again
+    # With episode scope, an episode start starts the context again as well.
+    t.episode_scope = True
+    t.pending_clear[slot] = False
+    t.pending_start[slot] = False
+    assert t.context_full(slots, np.array([True])).tolist() == [False]
+    assert t.context_full(slots, np.array([False])).tolist() == [True]
 
 
 def test_sessions_move_to_another_table_with_their_counters() -> None:
@@ -105,8 +136,9 @@ def test_a_loaded_session_continues_from_its_counters_on_its_own_window() -> Non
         ttl_s=np.array([30.0]),
         created_at=np.array([1.0]),
         last_action=np.ones((1, 2), np.float32),
+        context=np.array([5]),
     )
-    assert t.expected_step(slot) == 12 and t.episodes[slot] == 2
+    assert t.expected_step(slot) == 12 and t.episodes[slot] == 2 and t.context[slot] == 5
     assert not t.pending_start[slot] and not t.pending_clear[slot]
     assert not t.deterministic[slot] and t.seed[slot] == 3 and t.ttl_s[slot] == 30.0
 

@@ -55,6 +55,12 @@ class ModelInfo(BaseModel):
     """This version gets the model's new sessions (the others serve the sessions still on them)."""
     canary_share: float = 0.0
     """Share of the model's new sessions this version gets as a canary (0: none)."""
+    context: Literal["window", "trial"] = "window"
+    """What a ``trmrl`` policy attends over: its last ``window`` working memories, or (``trial``) every
+    working memory since the session's trial began, up to ``max_context``; a step past that is refused
+    (409 ``context_full``) until a trial reset."""
+    max_context: int | None = None
+    """``context="trial"``: the most working memories a trial holds (``None`` otherwise)."""
 
 
 def model_info(info: records.ModelInfo) -> ModelInfo:

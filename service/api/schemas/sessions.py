@@ -135,8 +135,13 @@ class SessionState(Request):
     model: str
     model_version: str
     """Content hash of the checkpoint the memory was built with; restoring needs the same."""
+    context: Literal["window", "trial"] = "window"
+    """The model's kind of memory: ``window`` (its last N working memories, or an RL² hidden state) or
+    ``trial`` (every working memory since the trial began, up to the model's ``max_context``). A snapshot
+    of one kind does not fit a model of the other."""
     window: list[list[float]]
-    """``[N, token_dim]`` the working memories, as the slot pool holds them."""
+    """``[N, token_dim]`` the working memories, as the slot pool holds them; for ``context="trial"``
+    the trial's ``length`` working memories (``[length, token_dim]``, at most ``max_context`` rows)."""
     length: Count
     """How many rows of ``window`` hold memories."""
     prev_action: list[float]
