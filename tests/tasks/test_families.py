@@ -621,6 +621,7 @@ def test_ml1_fresh_draws_train_and_validation_goals_from_the_goal_box(
 
 @pytest.mark.slow
 @pytest.mark.metaworld
+@pytest.mark.timeout(1200)  # building ML45's simulators takes minutes on a busy 2-core machine
 @pytest.mark.parametrize("name", ["ml10", "ml45"])
 def test_ml10_ml45_family(name: str) -> None:
     from metaworld import env_dict
