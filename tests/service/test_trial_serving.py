@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from service_support import ServiceClient, action, assert_error, make_checkpoint, new_session
+from service_support import ServiceClient, action, assert_error, make_checkpoint, new_session, serving
 from trmrl_client.codec import packb, unpackb
 
 from service.app import create_app
@@ -54,8 +54,7 @@ def settings(root: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture
 async def client(root: Path) -> AsyncIterator[ServiceClient]:
-    app = create_app(settings(root))
-    async with app.router.lifespan_context(app), ServiceClient(app) as c:
+    async with serving(create_app(settings(root))) as c:
         yield c
 
 
@@ -287,12 +286,10 @@ async def test_a_migrated_trial_continues_as_a_fresh_pool_under_the_new_weights(
 async def test_a_restart_keeps_the_trials_memory(root: Path, tmp_path: Path) -> None:
     traj = trajectory()
     want = expected(root / "trial", *traj)
-    app = create_app(settings(root, state_dir=tmp_path))
-    async with app.router.lifespan_context(app), ServiceClient(app) as c:
+    async with serving(create_app(settings(root, state_dir=tmp_path))) as c:
         sid = await new_session(c, model="trial")
         first = await drive(c, sid, traj, range(5))
-    app = create_app(settings(root, state_dir=tmp_path))
-    async with app.router.lifespan_context(app), ServiceClient(app) as c:
+    async with serving(create_app(settings(root, state_dir=tmp_path))) as c:
         assert (await c.get(f"/v1/sessions/{sid}/state")).json()["length"] == 5
         rest = await drive(c, sid, traj, range(5, MAX_CONTEXT))
         assert_error(
