@@ -55,6 +55,18 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def _tick(rng: np.random.Generator, ids: list[str], step: int) -> dict[str, Any]:
+    """A columnar tick of random observations and rewards for ``ids``; an episode starts every 40 steps."""
+    n = len(ids)
+    return {
+        "session_ids": ids,
+        "observations": rng.normal(size=(n, OBS_DIM)).round(3).tolist(),
+        "rewards": rng.normal(size=n).round(3).tolist(),
+        "episode_starts": [step % 40 == 0] * n,
+        "steps": [step] * n,
+    }
+
+
 # -- part 1 ---------------------------------------------------------------------------------------------
 async def _populate_in_process(
     client: httpx.AsyncClient, models: list[str], per_model: int, ticks: int
@@ -64,14 +76,7 @@ async def _populate_in_process(
         r = await client.post("/v1/sessions", json={"model": model, "count": per_model})
         ids = r.json()["session_ids"]
         for step in range(ticks):
-            body = {
-                "session_ids": ids,
-                "observations": rng.normal(size=(per_model, OBS_DIM)).round(3).tolist(),
-                "rewards": rng.normal(size=per_model).round(3).tolist(),
-                "episode_starts": [step % 40 == 0] * per_model,
-                "steps": [step] * per_model,
-            }
-            r = await client.post("/v1/act/batch", json=body)
+            r = await client.post("/v1/act/batch", json=_tick(rng, ids, step))
             assert r.status_code == 200, r.text[:300]
 
 
@@ -124,14 +129,7 @@ def _populate(url: str, models: list[str], per_model: int, ticks: int) -> None:
         for model in models:
             ids = client.post("/v1/sessions", json={"model": model, "count": per_model}).json()["session_ids"]
             for step in range(ticks):
-                body = {
-                    "session_ids": ids,
-                    "observations": rng.normal(size=(per_model, OBS_DIM)).round(3).tolist(),
-                    "rewards": rng.normal(size=per_model).round(3).tolist(),
-                    "episode_starts": [step % 40 == 0] * per_model,
-                    "steps": [step] * per_model,
-                }
-                r = client.post("/v1/act/batch", json=body)
+                r = client.post("/v1/act/batch", json=_tick(rng, ids, step))
                 assert r.status_code == 200, r.text[:300]
 
 
