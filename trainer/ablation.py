@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SCREEN_STEPS = 3_000_000
 """The screening budget: where both learners' validation curves have flattened on halfcheetah-vel."""
 LAST_EVALS = 3
@@ -185,6 +187,42 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict[str, Any]], out: Path) -> int:
+    """Validation return against env steps, one panel per family: TrMRL's arms solid, RL²'s dashed, the
+    memoryless and oracle references as grey lines. Returns the number of curves drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = sorted({r["family"] for r in rows})
+    fig, axes = plt.subplots(1, len(families), figsize=(8 * len(families), 5), squeeze=False)
+    drawn = 0
+    for ax, family in zip(axes[0], families, strict=True):
+        memoryless, oracle = references(family)
+        for r in rows:
+            if r["family"] != family:
+                continue
+            steps, values = zip(*r["curve"], strict=True)
+            style = "-" if r["learner"] == "trmrl" else "--"
+            label = f"{'TrMRL' if r['learner'] == 'trmrl' else 'RL²'} {r['option']}"
+            ax.plot(np.asarray(steps) / 1e6, values, style, label=label, linewidth=1.2)
+            drawn += 1
+        ax.axhline(memoryless, color="grey", linestyle=":", linewidth=1, label="memoryless")
+        ax.axhline(oracle, color="black", linestyle=":", linewidth=1, label="oracle")
+        ax.set_ylim(bottom=memoryless - 0.5 * (oracle - memoryless))
+        ax.set_title(f"{family}: validation return, seed 0 (screen)")
+        ax.set_xlabel("env steps (M)")
+        ax.set_ylabel("return per episode (deterministic, 30 validation tasks)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("table", help="the table of the runs so far")
     report.add_argument("runs", type=Path)
     report.add_argument("--json", type=Path, help="write the rows (curves included) here")
+    report.add_argument("--plot", type=Path, help="draw every arm's validation curve here (PNG)")
     args = parser.parse_args(argv)
     chosen = [a for a in arms() if getattr(args, "family", None) in (None, a.family)]
     if args.command == "commands":
@@ -223,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"screen_steps": SCREEN_STEPS, "rows": rows}, indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 

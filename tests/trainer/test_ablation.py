@@ -42,8 +42,9 @@ def test_the_table_reads_validation_figures_and_the_gap_from_the_shipped_referen
         for i, v in enumerate(values)
     ]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    out = tmp_path / "table.json"
-    assert main(["table", str(tmp_path), "--json", str(out)]) == 0
+    out, png = tmp_path / "table.json", tmp_path / "screen.png"
+    assert main(["table", str(tmp_path), "--json", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (row,) = json.loads(out.read_text())["rows"]
     assert row["gap_closed"] == pytest.approx(0.9)  # the mean of the last three: 0.9, 0.8, 1.0
     assert row["steps_to_gap_085"] == 300_000 and row["steps"] == 500_000
