@@ -129,7 +129,9 @@ class _Pages:
         scores = F.embedding_bag(
             self.key_rows, keys.view(-1, size), mode="sum", per_sample_weights=weights.reshape(-1, dh)
         )
-        probs = torch.softmax(scores.view(count, heads, blocks * size).float() + self.bias, dim=-1)
+        scores = scores.view(count, heads, blocks * size)
+        scores = scores.add_(self.bias) if scores.dtype == torch.float32 else scores.float().add_(self.bias)
+        probs = torch.softmax(scores, dim=-1)
         out = F.embedding_bag(
             self.value_rows,
             values.view(-1, dh),
@@ -206,6 +208,10 @@ class TrialPool(SlotStore):
         self._free_count = 0
         self._resize(1 + (blocks if blocks is not None else capacity))
         self._offsets: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        positions = torch.arange(per_slot * block_size, device=self.device)
+        hidden = positions > torch.arange(cfg.max_context, device=self.device).unsqueeze(1)
+        self._hidden = torch.zeros(hidden.shape, device=self.device).masked_fill_(hidden, -torch.inf)
+        """Row ``p``: the attention bias of a step writing position ``p`` (``-inf`` past it)."""
 
     # -- blocks ----------------------------------------------------------------------------------------
     @property
@@ -353,9 +359,7 @@ class TrialPool(SlotStore):
         base = rows.to(dtype).view(count, 1, blocks, 1)
         key_rows = (base * (self.heads * self.head_dim) + key_offsets.unsqueeze(1)).view(-1, self.head_dim)
         value_rows = (base * (self.heads * size) + value_offsets.unsqueeze(1)).view(count * self.heads, -1)
-        hidden = torch.arange(blocks * size, device=self.device) > lengths.unsqueeze(1)
-        bias = torch.zeros(count, 1, blocks * size, device=self.device)
-        bias.masked_fill_(hidden.unsqueeze(1), -torch.inf)
+        bias = self._hidden[:, : blocks * size].index_select(0, lengths).unsqueeze(1)
         n = self.config.n_layers
         policy = _Pages(self.keys[:n], self.values[:n], block, offset, key_rows, value_rows, bias)
         value = None
