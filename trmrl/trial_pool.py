@@ -13,7 +13,7 @@ holds ``ceil(t / block_size)`` blocks at trial length ``t``, listed in its row o
 block is taken when a step writes the first position of a new block; a slot's blocks go back to the
 free list on :meth:`TrialPool.clear` and when a step restarts its context (a new trial, or a new episode
 with ``memory_scope="episode"``: the slot keeps its first block), and freed blocks are handed out again
-before the store grows. The store grows on demand (by at least an eighth, the existing blocks copied
+before the store grows. The store grows on demand (by at least a sixteenth, the existing blocks copied
 once) unless ``blocks`` fixes it: then a step, write or rebuild that needs a block when none is free
 raises :class:`CacheExhausted` and changes nothing. A block is zeroed when it is handed out, so nothing
 of an earlier session reaches a later one. Block 0 is never handed out: it stands for "no block" in the
@@ -254,7 +254,7 @@ class TrialPool(SlotStore):
             return
         if self.budget is not None:
             raise CacheExhausted(needed, self._free_count + freed, self.budget)
-        self._resize(self.blocks + max(short, self.blocks // 8))
+        self._resize(self.blocks + max(short, self.blocks // 16))
 
     def _take(self, count: int) -> Tensor:
         """``count`` free blocks, zeroed (:meth:`_reserve` first)."""
