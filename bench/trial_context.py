@@ -122,7 +122,11 @@ def window_step(net: TrMRL, batch: int) -> Callable[[], None]:
 def read_floor(nbytes: int) -> Callable[[], None]:
     """Summing a float32 tensor of ``nbytes``: a stream read of the bytes a cached step must read."""
     data = torch.randn(nbytes // 4)
-    return lambda: data.sum() and None
+
+    def run() -> None:
+        data.sum()
+
+    return run
 
 
 def measure(
@@ -273,7 +277,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="trial lengths (default 5 50 400)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 1024], help="batch sizes")
     parser.add_argument("--spread-sessions", type=int, help="sessions of the spread (default 10,000)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, the CPU count)")
+    parser.add_argument("--no-block-sizes", action="store_true", help="skip the block-size sweep")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lengths = args.lengths or ([5, 400] if args.quick else [5, 50, 400])
     rounds = args.rounds or (2 if args.quick else 7)
     sessions = args.spread_sessions or (1_000 if args.quick else 10_000)
@@ -291,16 +299,11 @@ def main() -> None:
             )
             print(f"batch {batch:5d}  t {t:4d}  {line}", flush=True)
     big, longest = max(args.batches), max(lengths)
-    sizes = block_sizes(net, window5, big, longest, rounds)
-    print(
-        f"block sizes, batch {big}, t {longest}: "
-        + "  ".join(
-            f"{k} {v['ms']:.2f} ms ({v['ratio_to_window-5']:.2f}x)"
-            for k, v in sizes.items()
-            if k != "batch" and k != "length"
-        ),
-        flush=True,
-    )
+    sizes = {} if args.no_block_sizes else block_sizes(net, window5, big, longest, rounds)
+    timed = {k: v for k, v in sizes.items() if isinstance(v, dict)}
+    if timed:
+        line = "  ".join(f"{k} {v['ms']:.2f} ms ({v['ratio_to_window-5']:.2f}x)" for k, v in timed.items())
+        print(f"block sizes, batch {big}, t {longest}: {line}", flush=True)
     memory = memory_table(sorted({1, 16, 17, 50, 100, 200, 400, *lengths}), sessions)
     target = next(r for r in rows if r["batch"] == big and r["length"] == longest)
     ratios = {
@@ -314,7 +317,8 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-            "note": "2-core x86_64 CPU VM, shared with two training jobs: noisy; ratios from alternated rounds",
+            "note": "2-core x86_64 CPU VM, shared with two training jobs: noisy; ratios from alternated "
+            "rounds",
         },
         "model": {"preset": "small", "obs_dim": OBS_DIM, "act_dim": ACT_DIM, "max_context": MAX_CONTEXT},
         "rounds": rounds,
@@ -327,15 +331,16 @@ def main() -> None:
     print("memory per session (bytes), fixed -> paged:")
     for row in memory["per_length"]:
         print(
-            f"  {row['dtype']:8s} t {row['length']:4d}: {row['fixed_bytes']:>9,d} -> {row['paged_bytes']:>9,d} "
-            f"({row['paged_over_fixed']:.3f})"
+            f"  {row['dtype']:8s} t {row['length']:4d}: {row['fixed_bytes']:>9,d} -> "
+            f"{row['paged_bytes']:>9,d} ({row['paged_over_fixed']:.3f})"
         )
     window = memory["window-5"]
     print(f"  window-5 {window['bytes_per_session']:,d} ({window['sessions_per_gib']:,d}/GiB)")
     s = memory["spread"]
     print(
-        f"  {s['sessions']:,d} sessions spread evenly over {MAX_CONTEXT} steps: hold {s['held_over_fixed']:.3f} of "
-        f"a fixed allocation, the pool allocated {s['allocated_over_fixed']:.3f} "
+        f"  {s['sessions']:,d} sessions spread evenly over {MAX_CONTEXT} steps: hold "
+        f"{s['held_over_fixed']:.3f} of a fixed allocation, the pool allocated "
+        f"{s['allocated_over_fixed']:.3f} "
         f"({s['blocks_allocated']:,d} blocks for {s['blocks_held']:,d} held); target <= {TARGET_SPREAD}"
     )
     print(

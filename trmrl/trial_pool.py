@@ -116,7 +116,7 @@ class _Pages:
         self.key_rows, self.value_rows = key_rows, value_rows
         """``[B * H * nb, dh]`` and ``[B * H, nb * block_size]`` rows of the flattened stores."""
         self.bias = bias
-        """``[B, 1, nb * block_size]``: 0 on positions ``0..lengths``, ``-inf`` after (all layers)."""
+        """``[B, 1, nb * block_size]`` in the cache's dtype: 0 on positions ``0..lengths``, ``-inf`` after."""
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         keys, values = self.keys[layer], self.values[layer]
@@ -129,14 +129,10 @@ class _Pages:
         scores = F.embedding_bag(
             self.key_rows, keys.view(-1, size), mode="sum", per_sample_weights=weights.reshape(-1, dh)
         )
-        scores = scores.view(count, heads, blocks * size)
-        scores = scores.add_(self.bias) if scores.dtype == torch.float32 else scores.float().add_(self.bias)
-        probs = torch.softmax(scores, dim=-1)
+        # In the cache's dtype: softmax accumulates in float32 and its output weights the value rows.
+        probs = torch.softmax(scores.view(count, heads, blocks * size).add_(self.bias), dim=-1)
         out = F.embedding_bag(
-            self.value_rows,
-            values.view(-1, dh),
-            mode="sum",
-            per_sample_weights=probs.to(values.dtype).view(count * heads, blocks * size),
+            self.value_rows, values.view(-1, dh), mode="sum", per_sample_weights=probs.view(count * heads, -1)
         )
         return out.view(count, heads, dh).to(q.dtype)
 
@@ -210,7 +206,8 @@ class TrialPool(SlotStore):
         self._offsets: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         positions = torch.arange(per_slot * block_size, device=self.device)
         hidden = positions > torch.arange(cfg.max_context, device=self.device).unsqueeze(1)
-        self._hidden = torch.zeros(hidden.shape, device=self.device).masked_fill_(hidden, -torch.inf)
+        self._hidden = torch.zeros(hidden.shape, dtype=cache_dtype, device=self.device)
+        self._hidden.masked_fill_(hidden, -torch.inf)
         """Row ``p``: the attention bias of a step writing position ``p`` (``-inf`` past it)."""
 
     # -- blocks ----------------------------------------------------------------------------------------
