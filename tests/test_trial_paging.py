@@ -277,3 +277,13 @@ def test_a_bfloat16_paged_cache_chooses_nearly_the_actions_of_float32() -> None:
             worst = max(worst, float((a - b).abs().max()))
             spread = max(spread, float(a.abs().max()))
     assert spread > 0.5 and 0 < worst < 0.02, (spread, worst)
+
+
+def test_an_empty_step_returns_nothing_and_changes_nothing() -> None:
+    pool = TrialPool(_net(), 2, block_size=4)
+    _step(pool, [1], [True])
+    before = _state(pool)
+    none = torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        out = pool.step(none, torch.zeros(0, OBS), torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    assert out.output.mean.shape == (0, ACT) and _same(before, _state(pool))

@@ -132,7 +132,10 @@ class _Pages:
         # In the cache's dtype: softmax accumulates in float32 and its output weights the value rows.
         probs = torch.softmax(scores.view(count, heads, blocks * size).add_(self.bias), dim=-1)
         out = F.embedding_bag(
-            self.value_rows, values.view(-1, dh), mode="sum", per_sample_weights=probs.view(count * heads, -1)
+            self.value_rows,
+            values.view(-1, dh),
+            mode="sum",
+            per_sample_weights=probs.view(count * heads, blocks * size),
         )
         return out.view(count, heads, dh).to(q.dtype)
 
@@ -317,19 +320,21 @@ class TrialPool(SlotStore):
         column = torch.div(lengths, self.block_size, rounding_mode="floor")
         held = self.held[slots]
         grow = column >= held  # the new memory opens a block (at most one per slot and step)
-        growing = int(grow.sum())
+        restart = (lengths == 0) & (held > 1)  # a new context keeps its first block only
+        growing, restarting, last = (  # one read of the device for all three
+            torch.stack([grow.sum(), restart.sum(), lengths.max()]).tolist() if count else (0, 0, 0)
+        )
         if growing:
             self._reserve(growing)
             grown = slots[grow]
             self.table[grown, held[grow]] = self._take(growing)
             self.held[grown] = held[grow] + 1
-        output = self.model.forward_step(tokens, lengths, *self._pages(slots, lengths))
+        output = self.model.forward_step(tokens, lengths, *self._pages(slots, lengths, column, last + 1))
         self.windows[slots, lengths] = tokens
         self.lengths[slots] = lengths + 1
         self.prev_action[slots] = prev_action
-        restarted = (lengths == 0) & (self.held[slots] > 1)
-        if bool(restarted.any()):  # a new context keeps its first block; the others go back
-            self._fit(slots[restarted], torch.ones_like(lengths[restarted]))
+        if restarting:
+            self._fit(slots[restart], torch.ones_like(lengths[restart]))
         newest = torch.zeros(count, dtype=torch.long, device=tokens.device)
         return PoolStep(output, tokens.unsqueeze(1), newest)
 
@@ -342,20 +347,25 @@ class TrialPool(SlotStore):
             self._offsets[dtype] = (heads * self.head_dim + dims, heads * self.block_size + positions)
         return self._offsets[dtype]
 
-    def _pages(self, slots: Tensor, lengths: Tensor) -> tuple[_Pages, _Pages | None]:
+    def _pages(
+        self, slots: Tensor, lengths: Tensor, column: Tensor, span: int
+    ) -> tuple[_Pages, _Pages | None]:
+        """The step's view of the cache: where each new key and value goes (block ``column`` of the
+        slot's row, at ``lengths % block_size``) and the rows of positions ``0..span-1``."""
         count, size = len(slots), self.block_size
-        span = int(lengths.max()) + 1 if count else 1
         blocks = -(-span // size)
         rows = self.table[slots, :blocks]
-        block = rows.gather(1, torch.div(lengths, size, rounding_mode="floor").unsqueeze(1)).squeeze(1)
-        offset = lengths % size
+        block = rows.gather(1, column.unsqueeze(1)).squeeze(1)
+        offset = lengths - column * size
         # int32 rows where they fit: half the index bytes the two gathers read.
         per_block = self.heads * max(self.head_dim, size)
         dtype = torch.int32 if self.blocks * per_block < 2**31 else torch.long
         key_offsets, value_offsets = self._row_offsets(dtype)
         base = rows.to(dtype).view(count, 1, blocks, 1)
         key_rows = (base * (self.heads * self.head_dim) + key_offsets.unsqueeze(1)).view(-1, self.head_dim)
-        value_rows = (base * (self.heads * size) + value_offsets.unsqueeze(1)).view(count * self.heads, -1)
+        value_rows = (base * (self.heads * size) + value_offsets.unsqueeze(1)).view(
+            count * self.heads, blocks * size
+        )
         bias = self._hidden[:, : blocks * size].index_select(0, lengths).unsqueeze(1)
         n = self.config.n_layers
         policy = _Pages(self.keys[:n], self.values[:n], block, offset, key_rows, value_rows, bias)
