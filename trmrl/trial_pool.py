@@ -61,9 +61,10 @@ from trmrl.model import TrMRL
 from trmrl.slot_pool import PoolStep, SlotMemory, SlotStore
 
 BLOCK_SIZE = 32
-"""Positions per cache block. ``bench/trial_context.py`` measured 8, 16, 32 and 64: 32 steps fastest
-(about 7% faster than 16 at t = 400, batch 1,024) and 10,000 sessions spread over a 400-step trial
-hold 0.58 of a fixed allocation with it (0.56 with 16)."""
+"""Positions per cache block. Measured at t = 400, batch 1,024 (``bench/trial_context.py``): 8 is
+slower (about 1.3x), 32 was 3-7% faster than 16 in three of four alternated comparisons and 64 no
+faster than 32; 10,000 sessions spread over a 400-step trial hold 0.58 of a fixed allocation with 32
+(0.56 with 16, 0.62 with 64)."""
 
 
 class ContextFull(ValueError):
