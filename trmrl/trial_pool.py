@@ -13,11 +13,11 @@ holds ``ceil(t / block_size)`` blocks at trial length ``t``, listed in its row o
 block is taken when a step writes the first position of a new block; a slot's blocks go back to the
 free list on :meth:`TrialPool.clear` and when a step restarts its context (a new trial, or a new episode
 with ``memory_scope="episode"``: the slot keeps its first block), and freed blocks are handed out again
-before the store grows. The store grows on demand (by at least a sixteenth, the existing blocks copied
-once) unless ``blocks`` fixes it: then a step, write or rebuild that needs a block when none is free
-raises :class:`CacheExhausted` and changes nothing. A block is zeroed when it is handed out, so nothing
-of an earlier session reaches a later one. Block 0 is never handed out: it stands for "no block" in the
-table and holds zeros.
+before the store grows. The store grows on demand (by at least a sixteenth; a growth copies the blocks
+into a larger store) unless ``blocks`` fixes it: then a step, write or rebuild that needs a block when
+none is free raises :class:`CacheExhausted` and changes nothing. A block is zeroed when it is handed
+out, so nothing of an earlier session reaches a later one. Block 0 is never handed out: it stands for
+"no block" in the table and holds zeros.
 
 **The attention reads the blocks where they are.** Per layer the keys are stored ``[blocks, heads,
 head_dim, block_size]`` and the values ``[blocks, heads, block_size, head_dim]``, and a step's attention
@@ -62,9 +62,9 @@ from trmrl.slot_pool import PoolStep, SlotMemory, SlotStore
 
 BLOCK_SIZE = 32
 """Positions per cache block. Measured at t = 400, batch 1,024 (``bench/trial_context.py``): 8 is
-slower (about 1.3x), 32 was 3-7% faster than 16 in three of four alternated comparisons and 64 no
-faster than 32; 10,000 sessions spread over a 400-step trial hold 0.58 of a fixed allocation with 32
-(0.56 with 16, 0.62 with 64)."""
+slower (about 1.3x); 32 was 5-8% faster than 16 in three focused comparisons (16, 32 and 64 within
+noise of one another in a fourth); 10,000 sessions spread over a 400-step trial hold 0.58 of a fixed
+allocation with 32 (0.56 with 16, 0.62 with 64)."""
 
 
 class ContextFull(ValueError):
