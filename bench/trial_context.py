@@ -226,6 +226,13 @@ def memory_table(lengths: list[int], spread_sessions: int) -> dict[str, Any]:
                     "paged_over_fixed": at / fixed,
                 }
             )
+        # The spread by the pool's accounting (the float32 one is also measured on a real pool below).
+        spread_lengths = [1 + i * (MAX_CONTEXT - 1) // 9_999 for i in range(10_000)]
+        held = sum(paged.bytes_at_length(t) for t in spread_lengths)
+        out[name]["spread_10000_held_over_fixed"] = held / (10_000 * fixed)
+        out[name]["spread_10000_held_over_fixed_fp32"] = held / (
+            10_000 * out["float32"]["fixed_bytes_per_session"]
+        )
     window5 = SlotPool(window_model(5), 1).bytes_per_slot
     out["window-5"] = {"bytes_per_session": window5, "sessions_per_gib": GIB // window5}
     out["spread"] = spread(net, spread_sessions)
@@ -279,12 +286,22 @@ def main() -> None:
     parser.add_argument("--spread-sessions", type=int, help="sessions of the spread (default 10,000)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, the CPU count)")
     parser.add_argument("--no-block-sizes", action="store_true", help="skip the block-size sweep")
+    parser.add_argument("--memory-only", action="store_true", help="the memory tables alone (no timing)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = args.lengths or ([5, 400] if args.quick else [5, 50, 400])
     rounds = args.rounds or (2 if args.quick else 7)
     sessions = args.spread_sessions or (1_000 if args.quick else 10_000)
+    if args.memory_only:
+        memory = memory_table(sorted({1, 16, 17, 50, 100, 200, 400, *lengths}), sessions)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"memory": memory}, indent=2) + "\n")
+        for dtype in ("float32", "bfloat16"):
+            ratio = memory[dtype]["spread_10000_held_over_fixed"]
+            print(f"{dtype}: 10,000 sessions spread over {MAX_CONTEXT} steps hold {ratio:.3f} of fixed")
+        print(f"real float32 pool: {memory['spread']['held_over_fixed']:.3f}; wrote {args.json}")
+        return
     load_before = os.getloadavg()
     net, window5 = trial_model(), window_model(5)
     rows = []

@@ -7,7 +7,7 @@ would cost a forward over up to ``max_context`` tokens; :class:`TrialPool` inste
 layer's keys and values and a step computes the new working memory's query, key and value at each layer
 and attends over the slot's cached ones -- the arithmetic of a full causal forward at the newest position.
 
-**Paged.** Keys and values live in fixed-size blocks of ``block_size`` positions (32 by default), taken
+**Paged.** Keys and values live in fixed-size blocks of ``block_size`` positions (16 by default), taken
 from one block store per layer as a slot's context grows, as vLLM's paged cache does for text: a slot
 holds ``ceil(t / block_size)`` blocks at trial length ``t``, listed in its row of a block table. A
 block is taken when a step writes the first position of a new block; a slot's blocks go back to the
@@ -60,11 +60,11 @@ from trmrl.memory import begin_step
 from trmrl.model import TrMRL
 from trmrl.slot_pool import PoolStep, SlotMemory, SlotStore
 
-BLOCK_SIZE = 32
-"""Positions per cache block. Measured at t = 400, batch 1,024 (``bench/trial_context.py``): 8 is
-slower (about 1.3x); 32 was 5-8% faster than 16 in three focused comparisons (16, 32 and 64 within
-noise of one another in a fourth); 10,000 sessions spread over a 400-step trial hold 0.58 of a fixed
-allocation with 32 (0.56 with 16, 0.62 with 64)."""
+BLOCK_SIZE = 16
+"""Positions per cache block. 10,000 sessions spread evenly over a 400-step trial hold 0.56 of a fixed
+allocation at the maximum with 16 in float32 and 0.60 in bfloat16 (32: 0.58 and 0.62; 64: 0.62). Speed
+at t = 400, batch 1,024 (``bench/trial_context.py``): 8 is slower (about 1.3x); 32 was 5-8% faster
+than 16 in three focused comparisons, within noise in a fourth; 16 keeps both precisions within 0.6."""
 
 
 class ContextFull(ValueError):
