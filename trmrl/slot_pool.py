@@ -146,6 +146,13 @@ class SlotStore:
     def write(self, slots: Tensor, memory: SlotMemory) -> None:
         """Load the given slots' memories (shapes and lengths are checked first: a refused write
         changes nothing)."""
+        self.check_memory(slots, memory)
+        self.windows[slots] = memory.windows.to(self.device, self.windows.dtype)
+        self.lengths[slots] = memory.lengths.to(self.device, self.lengths.dtype)
+        self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
+
+    def check_memory(self, slots: Tensor, memory: SlotMemory) -> None:
+        """Raise ``ValueError`` unless ``memory`` fits ``slots`` (shapes, and lengths in ``0..rows``)."""
         count = len(slots)
         _, rows, width = self.windows.shape
         expected = (count, rows, width)
@@ -156,9 +163,6 @@ class SlotStore:
             raise ValueError(f"prev_action shape {tuple(memory.prev_action.shape)} != {(count, act_dim)}")
         if tuple(memory.lengths.shape) != (count,) or ((memory.lengths < 0) | (memory.lengths > rows)).any():
             raise ValueError(f"lengths must be {count} values in [0, {rows}]")
-        self.windows[slots] = memory.windows.to(self.device, self.windows.dtype)
-        self.lengths[slots] = memory.lengths.to(self.device, self.lengths.dtype)
-        self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
 
     def addresses(self) -> tuple[int, ...]:
         """Where the pool's tensors live on the device (a captured CUDA graph holds these)."""

@@ -1,29 +1,53 @@
-"""A pool for ``context="trial"`` policies: each slot's keys and values, so a step costs one new token.
+"""A pool for ``context="trial"`` policies: each slot's keys and values in paged blocks, so a step costs
+one new token and memory grows with the trial.
 
 A trial-context TrMRL attends over every working memory since its memory was last cleared (the trial's
 start, or the episode's with ``memory_scope="episode"``). Re-encoding that whole context at every step
-would cost a forward over up to ``max_context`` tokens; :class:`TrialPool` instead keeps, per encoder
-layer, one device tensor of keys and one of values (``[capacity, heads, max_context, head_dim]``, a row
-per slot) and a step computes the new working memory's query, key and value at each layer and attends
-over the slot's cached ones -- the arithmetic of a full causal forward at the newest position.
+would cost a forward over up to ``max_context`` tokens; :class:`TrialPool` instead keeps every encoder
+layer's keys and values and a step computes the new working memory's query, key and value at each layer
+and attends over the slot's cached ones -- the arithmetic of a full causal forward at the newest position.
+
+**Paged.** Keys and values live in fixed-size blocks of ``block_size`` positions (16 by default), taken
+from one block store per layer as a slot's context grows, as vLLM's paged cache does for text: a slot
+holds ``ceil(t / block_size)`` blocks at trial length ``t``, listed in its row of a block table. A
+block is taken when a step writes the first position of a new block; a slot's blocks go back to the
+free list on :meth:`TrialPool.clear` and when a step restarts its context (a new trial, or a new episode
+with ``memory_scope="episode"``: the slot keeps its first block), and freed blocks are handed out again
+before the store grows. The store grows on demand (by at least a sixteenth; a growth copies the blocks
+into a larger store) unless ``blocks`` fixes it: then a step, write or rebuild that needs a block when
+none is free raises :class:`CacheExhausted` and changes nothing. A block is zeroed when it is handed
+out, so nothing of an earlier session reaches a later one. Block 0 is never handed out: it stands for
+"no block" in the table and holds zeros.
+
+**The attention reads the blocks where they are.** Per layer the keys are stored ``[blocks, heads,
+head_dim, block_size]`` and the values ``[blocks, heads, block_size, head_dim]``, and a step's attention
+is two ``embedding_bag`` sums through the block table -- the scores as weighted sums of key rows (the
+query's components the weights), the output as the softmax-weighted sum of value rows -- one fused
+gather-and-reduce each, no copy of the cache, over all stepped slots at once. The index rows are built
+once per step and serve every layer.
 
 What a slot's memory *is* stays the working memories: the pool also keeps each slot's context as
-``[max_context, token_dim]`` rows (the store's ``windows``), and :meth:`TrialPool.read` and
-:meth:`TrialPool.write` carry those, as for every other pool. The cache is derived state:
-:meth:`TrialPool.write` rebuilds it by re-encoding the written memories under the pool's weights, so a
-snapshot, an export/import or a migration to new weights (``new_pool.write(slots, old_pool.read(...))``)
-gives exactly the cache a step-by-step run under those weights would have built. Snapshots carry
-``max_context x token_dim`` floats per session, not the cache (``2 x layers x max_context x d_model``).
+``[max_context, token_dim]`` rows (the store's ``windows``, a fixed allocation, about a tenth of a full
+fp32 cache for the small preset), and :meth:`TrialPool.read` and :meth:`TrialPool.write` carry those,
+as for every other pool. The cache is derived state: :meth:`TrialPool.write` rebuilds it by re-encoding
+the written memories under the pool's weights, so a snapshot, an export/import or a migration to new
+weights (``new_pool.write(slots, old_pool.read(...))``) gives exactly the cache a step-by-step run under
+those weights would have built. Snapshots carry ``max_context x token_dim`` floats per session, not the
+cache.
 
 Past ``max_context`` nothing slides: a step that would add a working memory to a full context raises
 :class:`ContextFull` naming the slots, and the pool is unchanged (a new trial -- ``clear`` -- starts the
-context again). A step writes each new key and value in place during its forward pass, at the
-position past everything the slot's context keeps (at 0 for a context the step restarts); the working
-memories and counters are written only after the pass succeeds, as in every pool. A failed step thus
-leaves every slot's working memories and length unchanged (a restarted slot may have lost its first
-cached key: :meth:`TrialPool.rebuild` restores it from the working memories).
+context again). A step takes the blocks it needs before its forward pass and writes each new key and
+value in place during it, at the position past everything the slot's context keeps (at 0 for a context
+the step restarts); the working memories and counters are written, and a restarted context's other
+blocks released, only after the pass succeeds. A failed pass thus leaves every slot's working memories
+and length unchanged (a block it took stays with its slot, to be used by the next step; a restarted slot
+may have lost its first cached key: :meth:`TrialPool.rebuild` restores it from the working memories).
 
-The allocation is fixed: every slot owns ``max_context`` positions whatever its trial's length.
+Memory: :attr:`TrialPool.bytes_per_slot` is what one slot occupies at most (a full context: what
+sizing a device for the worst case needs); :meth:`TrialPool.bytes_held` what given slots hold now,
+:meth:`TrialPool.bytes_at_length` what a slot holds at a trial length and :attr:`TrialPool.device_bytes`
+everything the pool has allocated, free blocks included.
 """
 
 from __future__ import annotations
@@ -35,6 +59,12 @@ from torch import Tensor
 from trmrl.memory import begin_step
 from trmrl.model import TrMRL
 from trmrl.slot_pool import PoolStep, SlotMemory, SlotStore
+
+BLOCK_SIZE = 16
+"""Positions per cache block. 10,000 sessions spread evenly over a 400-step trial hold 0.56 of a fixed
+allocation at the maximum with 16 in float32 and 0.60 in bfloat16 (32: 0.58 and 0.62; 64: 0.62). Speed
+at t = 400, batch 1,024 (``bench/trial_context.py``): 8 is slower (about 1.3x); 32 was 5-8% faster
+than 16 in three focused comparisons, within noise in a fourth; 16 keeps both precisions within 0.6."""
 
 
 class ContextFull(ValueError):
@@ -49,48 +79,73 @@ class ContextFull(ValueError):
         )
 
 
-class _Rows:
-    """The cache of some slots, seen by one encoder during one step (:class:`~trmrl.model.KeyValueCache`).
+class CacheExhausted(RuntimeError):
+    """A pool built with a fixed block budget has too few free blocks for what was asked."""
 
-    The new memory's key and value go to position ``lengths`` of each slot's rows -- past everything
-    the context keeps, or at 0 for a context this step restarts -- and attention runs over positions
-    ``0..lengths`` in one fused kernel (``scaled_dot_product_attention``): one read of the cached keys
-    and values, no copy of them when the slots are consecutive.
+    def __init__(self, needed: int, free: int, blocks: int) -> None:
+        self.needed, self.free, self.blocks = needed, free, blocks
+        super().__init__(
+            f"the key/value cache needs {needed} more block(s) and {free} of its {blocks} are free: "
+            "clear finished sessions or build the pool with a larger block budget (blocks=None grows it)"
+        )
+
+
+def _ceil_div(a: Tensor, b: int) -> Tensor:
+    return torch.div(a + (b - 1), b, rounding_mode="floor")
+
+
+class _Pages:
+    """The paged cache of some slots, seen by one encoder during one step
+    (:class:`~trmrl.model.KeyValueCache`).
+
+    The new memory's key and value go to position ``lengths`` of each slot's context (block
+    ``lengths // block_size`` of its table row); attention then runs over positions ``0..lengths`` as
+    two ``embedding_bag`` sums whose index rows (built once per step by :meth:`TrialPool._pages`) name
+    the key and value rows of each slot's blocks.
     """
 
     def __init__(
         self,
         keys: list[Tensor],
         values: list[Tensor],
-        slots: Tensor,
-        start: int | None,
-        lengths: Tensor,
-        span: int,
+        block: Tensor,
+        offset: Tensor,
+        key_rows: Tensor,
+        value_rows: Tensor,
         bias: Tensor,
     ) -> None:
         self.keys, self.values = keys, values
-        self.slots, self.start, self.lengths = slots, start, lengths
-        self.span = span
+        self.block, self.offset = block, offset
+        self.key_rows, self.value_rows = key_rows, value_rows
+        """``[B * H * nb, dh]`` and ``[B * H, nb * block_size]`` rows of the flattened stores."""
         self.bias = bias
-        """``[B, 1, 1, span]``: 0 on positions ``0..lengths``, ``-inf`` after (one per step, all layers)."""
-
-    def _cached(self, tensor: Tensor) -> Tensor:
-        if self.start is not None:  # consecutive slots: a view, no copy
-            return tensor[self.start : self.start + len(self.slots), :, : self.span]
-        return tensor[self.slots, :, : self.span]
+        """``[B, 1, nb * block_size]`` in the cache's dtype: 0 on positions ``0..lengths``, ``-inf`` after."""
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         keys, values = self.keys[layer], self.values[layer]
-        keys[self.slots, :, self.lengths] = k.to(keys.dtype)
-        values[self.slots, :, self.lengths] = v.to(values.dtype)
-        query = q.unsqueeze(2).to(keys.dtype)  # [B, H, 1, dh]
-        bias = self.bias if self.bias.dtype == keys.dtype else self.bias.to(keys.dtype)
-        y = F.scaled_dot_product_attention(query, self._cached(keys), self._cached(values), attn_mask=bias)
-        return y.squeeze(2).to(q.dtype)
+        _, heads, dh, size = keys.shape
+        count, blocks = q.shape[0], self.bias.shape[-1] // size
+        keys[self.block, :, :, self.offset] = k.to(keys.dtype)
+        values[self.block, :, self.offset] = v.to(values.dtype)
+        # Scores: each block's key rows (one per head and component) summed with the query's components.
+        weights = (q * dh**-0.5).to(keys.dtype).unsqueeze(2).expand(count, heads, blocks, dh)
+        scores = F.embedding_bag(
+            self.key_rows, keys.view(-1, size), mode="sum", per_sample_weights=weights.reshape(-1, dh)
+        )
+        # In the cache's dtype: softmax accumulates in float32 and its output weights the value rows.
+        probs = torch.softmax(scores.view(count, heads, blocks * size).add_(self.bias), dim=-1)
+        out = F.embedding_bag(
+            self.value_rows,
+            values.view(-1, dh),
+            mode="sum",
+            per_sample_weights=probs.view(count * heads, blocks * size),
+        )
+        return out.view(count, heads, dh).to(q.dtype)
 
 
 class TrialPool(SlotStore):
-    """Each slot's trial context as working memories plus the keys and values of every encoder layer.
+    """Each slot's trial context as working memories plus the keys and values of every encoder layer,
+    in blocks taken as the context grows.
 
     The same interface as :class:`~trmrl.slot_pool.SlotPool`: :meth:`step` clears the contexts of the
     slots that start a trial (or an episode, with ``memory_scope="episode"``), builds their working
@@ -104,16 +159,19 @@ class TrialPool(SlotStore):
         device: where the tensors live (the model's device by default).
         cache_dtype: keys and values in ``float32`` or a reduced precision (``bfloat16`` halves the
             memory and the bytes a step reads; the working memories stay ``float32``).
+        block_size: positions per block.
+        blocks: a fixed block budget (the store never grows; :class:`CacheExhausted` when it is spent),
+            or ``None``: the store starts with a block per slot and grows on demand.
 
     Example:
         >>> from trmrl.model import ModelConfig, TrMRL
         >>> cfg = ModelConfig.from_preset("small", obs_dim=2, act_dim=2, context="trial", window=1)
-        >>> pool = TrialPool(TrMRL(cfg), capacity=4)
+        >>> pool = TrialPool(TrMRL(cfg), capacity=4, block_size=2)
         >>> slots = torch.tensor([0, 3])
         >>> for t in range(3):
         ...     _ = pool.step(slots, torch.zeros(2, 2), torch.zeros(2), torch.full((2,), t == 0))
-        >>> pool.lengths.tolist()
-        [3, 0, 0, 3]
+        >>> pool.lengths.tolist(), pool.held.tolist()
+        ([3, 0, 0, 3], [2, 0, 0, 2])
     """
 
     def __init__(
@@ -122,20 +180,115 @@ class TrialPool(SlotStore):
         capacity: int,
         device: torch.device | str | None = None,
         cache_dtype: torch.dtype = torch.float32,
+        block_size: int = BLOCK_SIZE,
+        blocks: int | None = None,
     ) -> None:
         cfg = model.config
         if cfg.context != "trial":
             raise ValueError(f"TrialPool serves context=trial policies (got context={cfg.context!r})")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1 (got {block_size})")
+        if blocks is not None and blocks < 1:
+            raise ValueError(f"blocks must be >= 1 or None (got {blocks})")
         super().__init__(model, cfg, capacity, cfg.max_context, cfg.token_dim, device)
         self.model = model
         self.cache_dtype = cache_dtype
-        encoders = 2 if model.value_encoder is not None else 1
-        shape = (capacity, cfg.n_heads, cfg.max_context, cfg.d_model // cfg.n_heads)
-        layers = encoders * cfg.n_layers
-        self.keys = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
-        """Per layer (the policy encoder's, then the value encoder's): ``[capacity, H, max_context, dh]``."""
-        self.values = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
+        self.block_size = block_size
+        self.budget = blocks
+        self.heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.layers = (2 if model.value_encoder is not None else 1) * cfg.n_layers
+        per_slot = -(-cfg.max_context // block_size)
+        self.table = torch.zeros(capacity, per_slot, dtype=torch.long, device=self.device)
+        """``[capacity, ceil(max_context / block_size)]``: each slot's blocks in order (0: none)."""
+        self.held = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        """``[capacity]``: blocks each slot holds (its first ``held`` table entries)."""
+        self.keys: list[Tensor] = []
+        """Per layer (the policy encoder's, then the value encoder's): ``[blocks, H, dh, block_size]``."""
+        self.values: list[Tensor] = []
+        """Per layer: ``[blocks, H, block_size, dh]``."""
+        self._free = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._free_count = 0
+        self._resize(1 + (blocks if blocks is not None else capacity))
+        self._offsets: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        positions = torch.arange(per_slot * block_size, device=self.device)
+        hidden = positions > torch.arange(cfg.max_context, device=self.device).unsqueeze(1)
+        self._hidden = torch.zeros(hidden.shape, dtype=cache_dtype, device=self.device)
+        self._hidden.masked_fill_(hidden, -torch.inf)
+        """Row ``p``: the attention bias of a step writing position ``p`` (``-inf`` past it)."""
 
+    # -- blocks ----------------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> int:
+        """Blocks in the store, the null block 0 included."""
+        return int(self.keys[0].shape[0])
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks no slot holds (the null block not counted)."""
+        return self._free_count
+
+    def _resize(self, total: int) -> None:
+        """Grow the store to ``total`` blocks (the existing ones copied; the new ones free)."""
+        old = self.blocks if self.keys else 0
+        kshape = (total, self.heads, self.head_dim, self.block_size)
+        vshape = (total, self.heads, self.block_size, self.head_dim)
+        new_keys, new_values = [], []
+        for i in range(self.layers):
+            k = torch.zeros(kshape, dtype=self.cache_dtype, device=self.device)
+            v = torch.zeros(vshape, dtype=self.cache_dtype, device=self.device)
+            if old:
+                k[:old] = self.keys[i]
+                v[:old] = self.values[i]
+            new_keys.append(k)
+            new_values.append(v)
+        self.keys, self.values = new_keys, new_values
+        # The free list is a stack popped from its end: new blocks go below the free ones, lowest on top.
+        added = torch.arange(total - 1, max(old, 1) - 1, -1, device=self.device)
+        free = torch.cat([added, self._free[: self._free_count]])
+        self._free = torch.cat([free, torch.zeros(total - len(free), dtype=torch.long, device=self.device)])
+        self._free_count = len(free)
+
+    def _reserve(self, needed: int, freed: int = 0) -> None:
+        """Make ``needed`` free blocks available (``freed`` more are about to be returned): grow the
+        store, or raise :class:`CacheExhausted` under a fixed budget. Changes nothing but the store's
+        size."""
+        short = needed - self._free_count - freed
+        if short <= 0:
+            return
+        if self.budget is not None:
+            raise CacheExhausted(needed, self._free_count + freed, self.budget)
+        self._resize(self.blocks + max(short, self.blocks // 16))
+
+    def _take(self, count: int) -> Tensor:
+        """``count`` free blocks, zeroed (:meth:`_reserve` first)."""
+        self._free_count -= count
+        ids = self._free[self._free_count : self._free_count + count].clone()
+        for store in (*self.keys, *self.values):
+            store.index_fill_(0, ids, 0)
+        return ids
+
+    def _release(self, ids: Tensor) -> None:
+        count = len(ids)
+        self._free[self._free_count : self._free_count + count] = ids
+        self._free_count += count
+
+    def _fit(self, slots: Tensor, wanted: Tensor) -> None:
+        """Give each slot exactly ``wanted`` blocks: release those past it, take the missing ones.
+        Raises :class:`CacheExhausted` (nothing changed) when a budget cannot give them."""
+        held = self.held[slots]
+        index = torch.arange(self.table.shape[1], device=self.device)
+        extra = (index >= wanted.unsqueeze(1)) & (index < held.unsqueeze(1))
+        missing = (index < wanted.unsqueeze(1)) & (index >= held.unsqueeze(1))
+        count = int(missing.sum())
+        self._reserve(count, freed=int(extra.sum()))
+        rows = self.table[slots]
+        self._release(rows[extra])
+        rows[extra] = 0
+        rows[missing] = self._take(count)
+        self.table[slots] = rows
+        self.held[slots] = wanted
+
+    # -- the step --------------------------------------------------------------------------------------
     def step(
         self,
         slots: Tensor,
@@ -146,8 +299,9 @@ class TrialPool(SlotStore):
         applied_mask: Tensor | None = None,
         clear: Tensor | None = None,
     ) -> PoolStep:
-        """As :meth:`SlotStore.step`; raises :class:`ContextFull` (pool unchanged) for a slot whose
-        context already holds ``max_context`` working memories."""
+        """As :meth:`SlotStore.step`; raises :class:`ContextFull` for a slot whose context already
+        holds ``max_context`` working memories, and :class:`CacheExhausted` when a fixed block budget
+        has no block for a context that needs one (both before any change)."""
         cfg = self.config
         count = len(slots)
         _, lengths, prev_action, tokens = begin_step(
@@ -166,45 +320,110 @@ class TrialPool(SlotStore):
         full = lengths >= cfg.max_context
         if bool(full.any()):
             raise ContextFull(slots[full].tolist(), cfg.max_context)
-        output = self.model.forward_step(tokens, lengths, *self._rows(slots, lengths))
+        column = torch.div(lengths, self.block_size, rounding_mode="floor")
+        held = self.held[slots]
+        grow = column >= held  # the new memory opens a block (at most one per slot and step)
+        restart = (lengths == 0) & (held > 1)  # a new context keeps its first block only
+        growing, restarting, last = (  # one read of the device for all three
+            torch.stack([grow.sum(), restart.sum(), lengths.max()]).tolist() if count else (0, 0, 0)
+        )
+        if growing:
+            self._reserve(growing)
+            grown = slots[grow]
+            self.table[grown, held[grow]] = self._take(growing)
+            self.held[grown] = held[grow] + 1
+        output = self.model.forward_step(tokens, lengths, *self._pages(slots, lengths, column, last + 1))
         self.windows[slots, lengths] = tokens
         self.lengths[slots] = lengths + 1
         self.prev_action[slots] = prev_action
+        if restarting:
+            self._fit(slots[restart], torch.ones_like(lengths[restart]))
         newest = torch.zeros(count, dtype=torch.long, device=tokens.device)
         return PoolStep(output, tokens.unsqueeze(1), newest)
 
-    def _rows(self, slots: Tensor, lengths: Tensor) -> tuple[_Rows, _Rows | None]:
-        count = len(slots)
-        start = int(slots[0]) if count else 0
-        consecutive = bool(count) and torch.equal(
-            slots.cpu(), torch.arange(start, start + count, dtype=slots.dtype)
+    def _row_offsets(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Per head the offsets of a block's key rows (``[H, dh]``) and value rows (``[H, block_size]``)."""
+        if dtype not in self._offsets:
+            heads = torch.arange(self.heads, device=self.device, dtype=dtype).unsqueeze(1)
+            dims = torch.arange(self.head_dim, device=self.device, dtype=dtype)
+            positions = torch.arange(self.block_size, device=self.device, dtype=dtype)
+            self._offsets[dtype] = (heads * self.head_dim + dims, heads * self.block_size + positions)
+        return self._offsets[dtype]
+
+    def _pages(
+        self, slots: Tensor, lengths: Tensor, column: Tensor, span: int
+    ) -> tuple[_Pages, _Pages | None]:
+        """The step's view of the cache: where each new key and value goes (block ``column`` of the
+        slot's row, at ``lengths % block_size``) and the rows of positions ``0..span-1``."""
+        count, size = len(slots), self.block_size
+        blocks = -(-span // size)
+        rows = self.table[slots, :blocks]
+        block = rows.gather(1, column.unsqueeze(1)).squeeze(1)
+        offset = lengths - column * size
+        # int32 rows where they fit: half the index bytes the two gathers read.
+        per_block = self.heads * max(self.head_dim, size)
+        dtype = torch.int32 if self.blocks * per_block < 2**31 else torch.long
+        key_offsets, value_offsets = self._row_offsets(dtype)
+        base = rows.to(dtype).view(count, 1, blocks, 1)
+        key_rows = (base * (self.heads * self.head_dim) + key_offsets.unsqueeze(1)).view(-1, self.head_dim)
+        value_rows = (base * (self.heads * size) + value_offsets.unsqueeze(1)).view(
+            count * self.heads, blocks * size
         )
+        bias = self._hidden[:, : blocks * size].index_select(0, lengths).unsqueeze(1)
         n = self.config.n_layers
-        first = None if not consecutive else start
-        span = int(lengths.max()) + 1 if count else 0
-        hidden = torch.arange(span, device=lengths.device) > lengths.unsqueeze(1)
-        bias = torch.zeros(count, 1, 1, span, device=lengths.device).masked_fill_(
-            hidden.view(count, 1, 1, span), -torch.inf
-        )
-        policy = _Rows(self.keys[:n], self.values[:n], slots, first, lengths, span, bias)
+        policy = _Pages(self.keys[:n], self.values[:n], block, offset, key_rows, value_rows, bias)
         value = None
-        if len(self.keys) > n:
-            value = _Rows(self.keys[n:], self.values[n:], slots, first, lengths, span, bias)
+        if self.layers > n:
+            value = _Pages(self.keys[n:], self.values[n:], block, offset, key_rows, value_rows, bias)
         return policy, value
+
+    # -- memory ----------------------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block: its keys and values at every layer."""
+        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def _slot_bytes(self) -> int:
+        """What every slot holds whatever its length: working memories, counters, its table row."""
+        return super().bytes_per_slot + self.table[0].numel() * self.table.element_size() + 8
 
     @property
     def bytes_per_slot(self) -> int:
-        """Device memory one slot occupies: its working memories, counters and keys and values."""
-        cache = sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
-        return super().bytes_per_slot + cache
+        """Device memory one slot occupies at most: its working memories, counters and table row and the
+        blocks of a full context (what a device sized for the worst case must hold per slot)."""
+        return self.bytes_at_length(self.config.max_context)
+
+    def bytes_at_length(self, length: int) -> int:
+        """Device memory a slot holds at a trial length of ``length`` working memories."""
+        return self._slot_bytes + -(-length // self.block_size) * self.block_bytes
+
+    def bytes_held(self, slots: Tensor) -> Tensor:
+        """``[B]`` device memory the given slots hold now (their blocks and fixed rows)."""
+        return self._slot_bytes + self.held[slots] * self.block_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Everything the pool has allocated: every slot's fixed rows and the whole block store (free
+        blocks and the null block included) and its free list."""
+        store = self.blocks * self.block_bytes + self._free.numel() * self._free.element_size()
+        return self.capacity * self._slot_bytes + store
 
     def cache_bytes_per_memory(self) -> int:
-        """Bytes of keys and values one working memory adds to a context."""
-        return sum(t[0, :, 0].numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes of keys and values one working memory adds to a context (blocks aside)."""
+        return self.block_bytes // self.block_size
+
+    def clear(self, slots: Tensor) -> None:
+        """Forget everything the given slots hold and return their blocks."""
+        super().clear(slots)
+        self._fit(slots, torch.zeros_like(self.held[slots]))
 
     def write(self, slots: Tensor, memory: SlotMemory) -> None:
-        """Load the given slots' working memories (checked first: a refused write changes nothing) and
-        rebuild their keys and values by re-encoding them under the pool's weights."""
+        """Load the given slots' working memories and rebuild their keys and values by re-encoding them
+        under the pool's weights. Checked first (shapes; blocks under a fixed budget): a refused write
+        changes nothing."""
+        self.check_memory(slots, memory)
+        self._fit(slots, _ceil_div(memory.lengths.to(self.device, torch.long), self.block_size))
         super().write(slots, memory)
         self.rebuild(slots)
 
@@ -216,14 +435,26 @@ class TrialPool(SlotStore):
         span = int(lengths.max()) if len(slots) else 0
         if span == 0:
             return
+        size = self.block_size
+        wanted = _ceil_div(lengths, size)
+        self._fit(slots, torch.maximum(wanted, self.held[slots]))
         model = self.model
         x = model.normalize(self.windows[slots, :span])
         embeddings = model.positions[:span]
         encoders = [model] if model.value_encoder is None else [model, model.value_encoder]
         kv = [pair for encoder in encoders for pair in encoder.encode_sequence(x, embeddings, None)[1]]
+        blocks = -(-span // size)
+        rows = self.table[slots, :blocks]
+        mine = torch.arange(blocks, device=self.device) < wanted.unsqueeze(1)  # [B, blocks]
+        targets = rows[mine]
+        pad = blocks * size - span
+        count = len(slots)
         for (k, v), keys, values in zip(kv, self.keys, self.values, strict=True):
-            keys[slots, :, :span] = k.to(keys.dtype)
-            values[slots, :, :span] = v.to(values.dtype)
+            k = F.pad(k, (0, 0, 0, pad)).view(count, self.heads, blocks, size, self.head_dim)
+            v = F.pad(v, (0, 0, 0, pad)).view(count, self.heads, blocks, size, self.head_dim)
+            keys[targets] = k.permute(0, 2, 1, 4, 3)[mine].to(keys.dtype)
+            values[targets] = v.permute(0, 2, 1, 3, 4)[mine].to(values.dtype)
 
     def addresses(self) -> tuple[int, ...]:
-        return super().addresses() + tuple(t.data_ptr() for t in (*self.keys, *self.values))
+        tensors = (self.table, self.held, *self.keys, *self.values)
+        return super().addresses() + tuple(t.data_ptr() for t in tensors)
