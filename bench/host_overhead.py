@@ -25,7 +25,8 @@ Run: ``python -m bench.host_overhead [--quick] [--json PATH]``; prints a table, 
 
 Old against new in one run: ``--baseline-env NAME=VALUE`` (repeatable; e.g. ``TRMRL_COALESCE_WRITES=false``)
 and/or ``--baseline-tree DIR`` (the service's code from another checkout, e.g. ``git archive main | tar -x
--C DIR``) define a baseline server; ``--rounds N`` serves the baseline and this tree in turn, N times, the
+-C DIR``) and/or ``--baseline-module M`` (a server launched like the service, e.g. ``bench.bare_asgi``)
+define a baseline server; ``--rounds N`` serves the baseline and this tree in turn, N times, the
 order alternating, and reports both and their ratio (new ÷ old) round by round. ``--paths`` picks paths.
 """
 
@@ -186,7 +187,9 @@ def compare_part(
         order = ("old", "new") if index % 2 == 0 else ("new", "old")
         done: dict[str, Any] = {"order": list(order)}
         for name in order:
-            with ServiceProcess([tiny], env=variants[name], cwd=tree if name == "old" else REPO) as server:
+            module = args.baseline_module if name == "old" else "service"
+            cwd = tree if name == "old" else REPO
+            with ServiceProcess([tiny], module=module, env=variants[name], cwd=cwd) as server:
                 done[name] = uvloop.run(
                     host_part(
                         server.port, server.pid, loads, duration, warmup, paths, f"round {index} {name} "
@@ -205,7 +208,11 @@ def compare_part(
             "rate_ratio_median": round(float(np.median(rate)), 3),
         }
     return {
-        "baseline": {"env": baseline_env, "tree": str(tree) if args.baseline_tree else None},
+        "baseline": {
+            "env": baseline_env,
+            "tree": str(tree) if args.baseline_tree else None,
+            "module": args.baseline_module,
+        },
         "rounds": rounds,
         "ratios": ratios,
     }
@@ -235,11 +242,14 @@ def main() -> None:
         "--baseline-env", action="append", default=[], metavar="NAME=VALUE", help="the baseline's settings"
     )
     parser.add_argument("--baseline-tree", type=Path, default=None, help="the baseline's source tree")
+    parser.add_argument(
+        "--baseline-module", default="service", help="the baseline's server module (e.g. bench.bare_asgi)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="baseline/new rounds (with a baseline)")
     args = parser.parse_args()
     loads = [int(x) for x in args.loads.split(",")]
     paths = args.paths.split(",")
-    comparing = bool(args.baseline_env or args.baseline_tree)
+    comparing = bool(args.baseline_env or args.baseline_tree or args.baseline_module != "service")
     duration, warmup = (1.0, 0.5) if args.quick else (4.0, 1.0)
     results: dict[str, Any] = {
         "machine": common.machine(torch=torch.__version__),

@@ -24,6 +24,17 @@ from service.config import Settings
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),  # the service's loop
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    backend: tuple[str, dict[str, bool]] = request.param
+    return backend
+
+
 class FakeTransport(asyncio.Transport):
     """Records what reaches the socket, in order."""
 
@@ -127,7 +138,8 @@ async def test_buffer_size_and_limits_see_every_byte_and_large_writes_go_at_once
 
 
 class WriteLog:
-    """A socket transport that records every write reaching it (everything else delegated)."""
+    """A socket transport that records every write reaching it (a ``writelines`` is one write: one
+    ``writev`` under uvloop); everything else is delegated."""
 
     def __init__(self, transport: asyncio.Transport, log: list[bytes]) -> None:
         self._transport = transport
@@ -136,6 +148,10 @@ class WriteLog:
     def write(self, data: bytes) -> None:
         self._log.append(bytes(data))
         self._transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self._log.append(b"".join(parts))
+        self._transport.writelines(parts)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
