@@ -26,8 +26,10 @@ Run: ``python -m bench.host_overhead [--quick] [--json PATH]``; prints a table, 
 Old against new in one run: ``--baseline-env NAME=VALUE`` (repeatable; e.g. ``TRMRL_COALESCE_WRITES=false``)
 and/or ``--baseline-tree DIR`` (the service's code from another checkout, e.g. ``git archive main | tar -x
 -C DIR``) and/or ``--baseline-module M`` (a server launched like the service, e.g. ``bench.bare_asgi``)
-define a baseline server; ``--rounds N`` serves the baseline and this tree in turn, N times, the
-order alternating, and reports both and their ratio (new ÷ old) round by round. ``--paths`` picks paths.
+define a baseline server. Both servers run side by side; each cell (path, sessions) is measured on one
+and at once on the other, ``--rounds N`` times, the order alternating, and both figures and their ratio
+(new ÷ old) are reported round by round (``--in-turn``: one server at a time, every cell, then the other,
+N times). ``--paths`` picks paths.
 """
 
 from __future__ import annotations
@@ -178,24 +180,40 @@ def table(results: dict[str, Any], loads: list[int]) -> str:
 def compare_part(
     tiny: Path, args: Any, loads: list[int], paths: list[str], duration: float, warmup: float
 ) -> dict[str, Any]:
-    """The baseline server and this tree's, in turn, ``args.rounds`` times (order alternating)."""
+    """The baseline server and this tree's, side by side: each cell (path, sessions) is measured on one,
+    then at once on the other, ``args.rounds`` times, the order alternating, so that the machine's
+    drifting load falls on both alike (``--in-turn``: one server at a time, all cells, then the other)."""
     baseline_env = dict(entry.split("=", 1) for entry in args.baseline_env)
     tree = args.baseline_tree.resolve() if args.baseline_tree else REPO
     variants = {"old": server_env(1, tree) | baseline_env, "new": server_env(1)}
-    rounds: list[dict[str, Any]] = []
-    for index in range(args.rounds):
-        order = ("old", "new") if index % 2 == 0 else ("new", "old")
-        done: dict[str, Any] = {"order": list(order)}
-        for name in order:
-            module = args.baseline_module if name == "old" else "service"
-            cwd = tree if name == "old" else REPO
-            with ServiceProcess([tiny], module=module, env=variants[name], cwd=cwd) as server:
-                done[name] = uvloop.run(
-                    host_part(
-                        server.port, server.pid, loads, duration, warmup, paths, f"round {index} {name} "
-                    )
-                )
-        rounds.append(done)
+
+    def launch(name: str) -> ServiceProcess:
+        module = args.baseline_module if name == "old" else "service"
+        return ServiceProcess([tiny], module=module, env=variants[name], cwd=tree if name == "old" else REPO)
+
+    rounds: list[dict[str, Any]] = [{"old": {}, "new": {}} for _ in range(args.rounds)]
+    if args.in_turn:
+        for index, done in enumerate(rounds):
+            for name in ("old", "new") if index % 2 == 0 else ("new", "old"):
+                with launch(name) as server:
+                    label = f"round {index} {name} "
+                    part = host_part(server.port, server.pid, loads, duration, warmup, paths, label)
+                    done[name] = uvloop.run(part)
+    else:
+        with launch("old") as old, launch("new") as new:
+            servers = {"old": old, "new": new}
+            cell = 0
+            for sessions in loads:
+                for path in paths:
+                    for index, done in enumerate(rounds):
+                        for name in ("old", "new") if (index + cell) % 2 == 0 else ("new", "old"):
+                            server = servers[name]
+                            label = f"round {index} {name} "
+                            part = host_part(
+                                server.port, server.pid, [sessions], duration, warmup, [path], label
+                            )
+                            done[name] |= uvloop.run(part)
+                    cell += 1
     ratios: dict[str, Any] = {}
     for key in rounds[0]["new"]:
         cpu = [r["new"][key]["server_us_per_action"] / r["old"][key]["server_us_per_action"] for r in rounds]
@@ -213,6 +231,7 @@ def compare_part(
             "tree": str(tree) if args.baseline_tree else None,
             "module": args.baseline_module,
         },
+        "side_by_side": not args.in_turn,
         "rounds": rounds,
         "ratios": ratios,
     }
@@ -246,6 +265,7 @@ def main() -> None:
         "--baseline-module", default="service", help="the baseline's server module (e.g. bench.bare_asgi)"
     )
     parser.add_argument("--rounds", type=int, default=2, help="baseline/new rounds (with a baseline)")
+    parser.add_argument("--in-turn", action="store_true", help="one server at a time (with a baseline)")
     args = parser.parse_args()
     loads = [int(x) for x in args.loads.split(",")]
     paths = args.paths.split(",")
