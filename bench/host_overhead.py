@@ -22,6 +22,14 @@ at one and at two threads, before and after the service run, the best of those: 
 columnar efficiency.
 
 Run: ``python -m bench.host_overhead [--quick] [--json PATH]``; prints a table, writes JSON.
+
+Old against new in one run: ``--baseline-env NAME=VALUE`` (repeatable; e.g. ``TRMRL_COALESCE_WRITES=false``)
+and/or ``--baseline-tree DIR`` (the service's code from another checkout, e.g. ``git archive main | tar -x
+-C DIR``) and/or ``--baseline-module M`` (a server launched like the service, e.g. ``bench.bare_asgi``)
+define a baseline server. Both servers run side by side; each cell (path, sessions) is measured on one
+and at once on the other, ``--rounds N`` times, the order alternating, and both figures and their ratio
+(new ÷ old) are reported round by round (``--in-turn``: one server at a time, every cell, then the other,
+N times). ``--paths`` picks paths.
 """
 
 from __future__ import annotations
@@ -108,9 +116,9 @@ async def measured(
     return result.summary() | {"server_cpu_s": round(spent, 3), "server_us_per_action": round(per_action, 2)}
 
 
-def server_env(threads: int) -> dict[str, str]:
+def server_env(threads: int, tree: Path = REPO) -> dict[str, str]:
     return {
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(tree),
         "TRMRL_TORCH_THREADS": str(threads),
         "TRMRL_MAX_BATCH": "4096",
         "TRMRL_MAX_QUEUED_STEPS": "65536",
@@ -121,15 +129,21 @@ def server_env(threads: int) -> dict[str, str]:
 
 
 async def host_part(
-    port: int, pid: int, loads: list[int], duration_s: float, warmup_s: float
+    port: int,
+    pid: int,
+    loads: list[int],
+    duration_s: float,
+    warmup_s: float,
+    paths: list[str] | None = None,
+    label: str = "",
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for sessions in loads:
-        for path, runner in PATHS.items():
-            row = await measured(pid, port, runner, sessions, duration_s, warmup_s)
+        for path in paths or PATHS:
+            row = await measured(pid, port, PATHS[path], sessions, duration_s, warmup_s)
             out[f"{path}_{sessions}"] = row
             print(
-                f"  {path:17s} {sessions:5d} sessions: {row['actions_per_s']:10.0f} actions/s  "
+                f"  {label}{path:17s} {sessions:5d} sessions: {row['actions_per_s']:10.0f} actions/s  "
                 f"{row['server_us_per_action']:8.2f} us/action  p50 {row['p50_ms']:8.2f} ms  "
                 f"errors {row['errors']}",
                 flush=True,
@@ -163,25 +177,116 @@ def table(results: dict[str, Any], loads: list[int]) -> str:
     return "\n".join(lines)
 
 
+def compare_part(
+    tiny: Path, args: Any, loads: list[int], paths: list[str], duration: float, warmup: float
+) -> dict[str, Any]:
+    """The baseline server and this tree's, side by side: each cell (path, sessions) is measured on one,
+    then at once on the other, ``args.rounds`` times, the order alternating, so that the machine's
+    drifting load falls on both alike (``--in-turn``: one server at a time, all cells, then the other)."""
+    baseline_env = dict(entry.split("=", 1) for entry in args.baseline_env)
+    tree = args.baseline_tree.resolve() if args.baseline_tree else REPO
+    variants = {"old": server_env(1, tree) | baseline_env, "new": server_env(1)}
+
+    def launch(name: str) -> ServiceProcess:
+        module = args.baseline_module if name == "old" else "service"
+        return ServiceProcess([tiny], module=module, env=variants[name], cwd=tree if name == "old" else REPO)
+
+    rounds: list[dict[str, Any]] = [{"old": {}, "new": {}} for _ in range(args.rounds)]
+    if args.in_turn:
+        for index, done in enumerate(rounds):
+            for name in ("old", "new") if index % 2 == 0 else ("new", "old"):
+                with launch(name) as server:
+                    label = f"round {index} {name} "
+                    part = host_part(server.port, server.pid, loads, duration, warmup, paths, label)
+                    done[name] = uvloop.run(part)
+    else:
+        with launch("old") as old, launch("new") as new:
+            servers = {"old": old, "new": new}
+            cell = 0
+            for sessions in loads:
+                for path in paths:
+                    for index, done in enumerate(rounds):
+                        for name in ("old", "new") if (index + cell) % 2 == 0 else ("new", "old"):
+                            server = servers[name]
+                            label = f"round {index} {name} "
+                            part = host_part(
+                                server.port, server.pid, [sessions], duration, warmup, [path], label
+                            )
+                            done[name] |= uvloop.run(part)
+                    cell += 1
+    ratios: dict[str, Any] = {}
+    for key in rounds[0]["new"]:
+        cpu = [r["new"][key]["server_us_per_action"] / r["old"][key]["server_us_per_action"] for r in rounds]
+        rate = [r["new"][key]["actions_per_s"] / r["old"][key]["actions_per_s"] for r in rounds]
+        ratios[key] = {
+            "old_us": [r["old"][key]["server_us_per_action"] for r in rounds],
+            "new_us": [r["new"][key]["server_us_per_action"] for r in rounds],
+            "cpu_ratio_by_round": [round(x, 3) for x in cpu],
+            "cpu_ratio_median": round(float(np.median(cpu)), 3),
+            "rate_ratio_median": round(float(np.median(rate)), 3),
+        }
+    return {
+        "baseline": {
+            "env": baseline_env,
+            "tree": str(tree) if args.baseline_tree else None,
+            "module": args.baseline_module,
+        },
+        "side_by_side": not args.in_turn,
+        "rounds": rounds,
+        "ratios": ratios,
+    }
+
+
+def compare_table(compare: dict[str, Any]) -> str:
+    lines = [
+        "Old (baseline) against new, server CPU us per action, medians over rounds; ratio new / old",
+        f"{'path_sessions':24s}{'old us':>10s}{'new us':>10s}{'cpu ratio':>11s}{'rate ratio':>12s}  by round",
+    ]
+    for key, row in compare["ratios"].items():
+        lines.append(
+            f"{key:24s}{np.median(row['old_us']):10.2f}{np.median(row['new_us']):10.2f}"
+            f"{row['cpu_ratio_median']:11.3f}{row['rate_ratio_median']:12.3f}  {row['cpu_ratio_by_round']}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="short windows (a smoke run)")
     parser.add_argument("--loads", default="1,256,4096", help="session counts (default 1,256,4096)")
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/host_overhead.json")
     parser.add_argument("--no-mujoco", action="store_true", help="skip part 2")
+    parser.add_argument("--paths", default=",".join(PATHS), help="paths to measure (default: all)")
+    parser.add_argument(
+        "--baseline-env", action="append", default=[], metavar="NAME=VALUE", help="the baseline's settings"
+    )
+    parser.add_argument("--baseline-tree", type=Path, default=None, help="the baseline's source tree")
+    parser.add_argument(
+        "--baseline-module", default="service", help="the baseline's server module (e.g. bench.bare_asgi)"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="baseline/new rounds (with a baseline)")
+    parser.add_argument("--in-turn", action="store_true", help="one server at a time (with a baseline)")
     args = parser.parse_args()
     loads = [int(x) for x in args.loads.split(",")]
+    paths = args.paths.split(",")
+    comparing = bool(args.baseline_env or args.baseline_tree or args.baseline_module != "service")
     duration, warmup = (1.0, 0.5) if args.quick else (4.0, 1.0)
     results: dict[str, Any] = {
         "machine": common.machine(torch=torch.__version__),
-        "settings": {"duration_s": duration, "warmup_s": warmup, "loads": loads},
+        "settings": {"duration_s": duration, "warmup_s": warmup, "loads": loads, "paths": paths},
         "date": common.stamp(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_checkpoint(Path(tmp) / "tiny", "tiny")
         print("part 1: tiny model, host path by path", flush=True)
-        with ServiceProcess([tiny], env=server_env(1), cwd=REPO) as server:
-            results["host"] = uvloop.run(host_part(server.port, server.pid, loads, duration, warmup))
+        if comparing:
+            results["compare"] = compare_part(tiny, args, loads, paths, duration, warmup)
+            results["host"] = results["compare"]["rounds"][-1]["new"]
+        else:
+            with ServiceProcess([tiny], env=server_env(1), cwd=REPO) as server:
+                results["host"] = uvloop.run(
+                    host_part(server.port, server.pid, loads, duration, warmup, paths)
+                )
         if not args.no_mujoco:
             print("part 2: MuJoCo-size model, columnar batch of 1,024 vs the bare batched step", flush=True)
             big = make_checkpoint(Path(tmp) / "mujoco", "mujoco")
@@ -207,8 +312,12 @@ def main() -> None:
                 "columnar_1024": row,
                 "efficiency_1024": round(row["actions_per_s"] / bare, 3),
             }
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     print()
     print(table(results, loads))
+    if comparing:
+        print()
+        print(compare_table(results["compare"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")

@@ -1,4 +1,5 @@
-"""``trmrl-serve``: run the service under uvicorn (uvloop event loop, httptools parser)."""
+"""``trmrl-serve``: run the service under uvicorn (uvloop event loop, httptools parser, one socket write
+per reply: :mod:`service.coalesce`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 
 from service import logs
 from service.app import create_app
+from service.coalesce import CoalescingHttpToolsProtocol
 from service.config import Settings, duplicate_names
 
 
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol if settings.coalesce_writes else "httptools",
         ws="websockets",
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     """WebSocket heartbeat: the server pings every stream this often..."""
     ws_ping_timeout_s: float = Field(default=20.0, gt=0)
     """...and closes it when no pong comes back within this time."""
+    coalesce_writes: bool = True
+    """Write each HTTP reply to the socket in one system call (headers and body together); false: as
+    uvicorn writes them, headers and body apart."""
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object a line, with ``session_id`` and ``model`` fields where they apply."""
     host: str = "127.0.0.1"

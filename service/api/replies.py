@@ -33,13 +33,27 @@ def _adapter(kind: type) -> TypeAdapter[Any]:
     return adapter
 
 
+class JSONBytes(Response):
+    """Serialised JSON as a response: the headers Starlette's ``Response(payload,
+    media_type="application/json")`` builds (``content-length``, then ``content-type``), set directly
+    rather than through its general header handling (a few µs on the act routes)."""
+
+    media_type = "application/json"
+
+    def __init__(self, payload: bytes, status_code: int = 200) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = payload
+        self.raw_headers = [(b"content-length", b"%d" % len(payload)), (b"content-type", b"application/json")]
+
+
 def json_reply(body: Any, status: int = 200) -> Response:
     """``body`` (a schema model or a core record) as JSON, whatever the request asked for (health probes)."""
     if isinstance(body, BaseModel):
         payload = body.model_dump_json().encode()
     else:
         payload = _adapter(type(body)).dump_json(body)
-    return Response(payload, status_code=status, media_type="application/json")
+    return JSONBytes(payload, status)
 
 
 def reply(body: Any, status: int = 200, *, msgpack: bool = False) -> Response:
