@@ -15,9 +15,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 from trmrl_sim.launch import ServiceProcess
 
 os.environ.setdefault("MUJOCO_GL", "disable")
+# One intra-op thread for the tests' own forward passes: their tensors are small, and on a busy machine
+# (CI shares its cores) every parallel op of a multi-threaded torch waits for a second core -- measured
+# here 4-5x slower under load for the trial-pool tests, for no gain when the machine is quiet.
+torch.set_num_threads(int(os.environ.get("TRMRL_TEST_TORCH_THREADS", "1")))
 # Child services log at info (session lifecycle), not the launcher's default of warnings only: the
 # lines go to a file and are shown only for a failing test.
 os.environ.setdefault("TRMRL_LOG_LEVEL", "info")
