@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from trial_support import assert_step_equals_full_re_encode
 
 from trainer.config import TrainConfig, preset_config
 from trainer.ppo import compute_gae, flatten, forward, make_optimizers, ppo_update, sequences, update_settings
@@ -72,11 +73,7 @@ def test_every_cached_step_equals_a_full_re_encode_of_the_context(variant: dict[
                 contexts[s] = []
             contexts[s].append(result.windows[i, 0])
             steps[s] += 1
-            window = torch.stack(contexts[s]).unsqueeze(0)
-            with torch.no_grad():
-                full = net(window, torch.tensor([window.shape[1] - 1]))
-            torch.testing.assert_close(result.output.mean[i], full.mean[0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(result.output.value[i], full.value[0], atol=1e-5, rtol=1e-5)
+            assert_step_equals_full_re_encode(net, contexts[s], result, i)
             checked += 1
         # The second episode's first memory is flagged (trial scope) and the context holds it all.
         assert int(pool.lengths[stepping[0]]) == len(contexts[stepping[0]])

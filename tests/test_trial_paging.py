@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from trial_support import assert_step_equals_full_re_encode
 
 from trmrl.model import ModelConfig, TrMRL
 from trmrl.slot_pool import SlotMemory
@@ -99,11 +100,7 @@ def test_every_paged_step_equals_a_full_re_encode_with_resets_interleaved(varian
                 contexts[s] = []
             contexts[s].append(result.windows[i, 0])
             steps[s] = steps[s] + 1 if steps[s] + 1 < 2 * episode else 0
-            window = torch.stack(contexts[s]).unsqueeze(0)
-            with torch.no_grad():
-                full = net(window, torch.tensor([window.shape[1] - 1]))
-            torch.testing.assert_close(result.output.mean[i], full.mean[0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(result.output.value[i], full.value[0], atol=1e-5, rtol=1e-5)
+            assert_step_equals_full_re_encode(net, contexts[s], result, i)
             checked += 1
             if steps[s] == 0:  # the trial is over: a new one
                 pool.clear(torch.tensor([s]))
