@@ -8,6 +8,7 @@ server's side of it (tracebacks, warnings, session lifecycle lines) under "Captu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
@@ -23,6 +24,11 @@ os.environ.setdefault("MUJOCO_GL", "disable")
 # (CI shares its cores) every parallel op of a multi-threaded torch waits for a second core -- measured
 # here 4-5x slower under load for the trial-pool tests, for no gain when the machine is quiet.
 torch.set_num_threads(int(os.environ.get("TRMRL_TEST_TORCH_THREADS", "1")))
+# gymnasium's MuJoCo environments import glfw, whose import walks its own module namespace; imported
+# late in a run (after other tests' threads and GL contexts exist) that walk was seen failing once with
+# "dictionary changed size during iteration". Imported here, before any test runs, it happens once, alone.
+with contextlib.suppress(Exception):
+    import glfw  # noqa: F401
 # Child services log at info (session lifecycle), not the launcher's default of warnings only: the
 # lines go to a file and are shown only for a failing test.
 os.environ.setdefault("TRMRL_LOG_LEVEL", "info")
