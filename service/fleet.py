@@ -270,7 +270,10 @@ class Fleet:
         }
 
     def _held(self, engine: Engine) -> int:
-        """An engine's device memory (weights and slot pool: fixed once loaded, so counted once)."""
+        """An engine's device memory (weights and slot pool: fixed once loaded, so counted once; a trial
+        cache grows, so it is read each time)."""
+        if engine.trial_context:
+            return engine.device_bytes
         key = (engine.name, engine.version)
         held = self._device_bytes.get(key)
         if held is None:

@@ -98,6 +98,12 @@ class _EngineCollector(Collector):
         canary = GaugeMetricFamily(
             "trmrl_model_canary_share", "Share of new sessions a canary version gets.", labels=labels
         )
+        blocks = GaugeMetricFamily(
+            "trmrl_cache_blocks",
+            "Key/value cache blocks of a trial-context model, held by sessions (state=held) or free for "
+            "reuse (state=free); the store grows when none are free.",
+            labels=[*labels, "state"],
+        )
         phase = [*labels, "phase"]
         reward_sum = CounterMetricFamily(
             "trmrl_reward",
@@ -122,6 +128,9 @@ class _EngineCollector(Collector):
                 steps.add_metric(key, stats["steps"])
                 passes.add_metric(key, stats["ticks"])
                 held.add_metric(key, stats["device_bytes"])
+                if "cache_blocks_held" in stats:
+                    blocks.add_metric([*key, "held"], stats["cache_blocks_held"])
+                    blocks.add_metric([*key, "free"], stats["cache_blocks_free"])
                 active.add_metric(key, float(registry.engines.get(engine.name) is engine))
                 share = registry.canary.get(engine.name)
                 canary.add_metric(key, share[1] if share is not None and share[0] == engine.version else 0.0)
@@ -131,7 +140,7 @@ class _EngineCollector(Collector):
                     reward_steps.add_metric([*key, name], count)
                     if count:
                         reward_mean.add_metric([*key, name], total / count)
-        yield from (sessions, queued, evictions, expirations, steps, passes, held, active, canary)
+        yield from (sessions, queued, evictions, expirations, steps, passes, held, blocks, active, canary)
         yield from (reward_sum, reward_steps, reward_mean)
         recorded = CounterMetricFamily("trmrl_recorded_steps", "Steps written to recordings.")
         lost = CounterMetricFamily(

@@ -27,6 +27,8 @@ class Batch:
         """The session's context count before the step (the session table's, for a roll-back)."""
         self.applied = np.zeros((rows, act_dim), np.float32)
         self.applied_mask = np.zeros(rows, bool)
+        self.released = np.zeros(0, np.int64)
+        """Slots of ended sessions whose trial cache the pass gives back first (taken at dispatch)."""
         self.id = -1
         self.size = 0
         self.opened_at = 0.0

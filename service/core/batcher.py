@@ -329,6 +329,7 @@ class Batcher:
         seeds = self.table.seed[slots]
         waited = time.perf_counter() - batch.opened_at
         await self.step_lock.acquire()
+        batch.released = self.table.take_released()
         try:
             actions = await loop.run_in_executor(self.executor, self.compute, batch, n, deterministic, seeds)
         except Exception:

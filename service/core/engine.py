@@ -71,7 +71,7 @@ class Engine:
             default_ttl_s=limits.session_ttl_s,
             evict_idle_s=limits.evict_idle_s,
         )
-        if isinstance(self.pool, TrialPool):  # a trial context does not slide: count it
+        if self.trial_context:  # a trial context does not slide: count it
             self.table.max_context = cfg.max_context
             self.table.episode_scope = cfg.memory_scope == "episode"
         self.batcher = Batcher(
@@ -109,8 +109,8 @@ class Engine:
             task_params_in_obs=info.task_params_in_obs,
             metrics=info.metrics,
             default=default,
-            context="trial" if isinstance(self.pool, TrialPool) else "window",
-            max_context=cfg.max_context if isinstance(self.pool, TrialPool) else None,
+            context="trial" if self.trial_context else "window",
+            max_context=cfg.max_context if self.trial_context else None,
         )
 
     @property
@@ -136,9 +136,15 @@ class Engine:
         """Device memory one resident session occupies."""
         return self.pool.bytes_per_slot
 
+    @property
+    def trial_context(self) -> bool:
+        """The model attends over the whole trial, through a key/value cache that grows block by block
+        (:class:`~trmrl.trial_pool.TrialPool`); otherwise its slot pool is allocated once."""
+        return isinstance(self.pool, TrialPool)
+
     def stats(self) -> dict[str, Any]:
         """Counters for logs now and metrics later."""
-        return {
+        stats: dict[str, Any] = {
             "sessions": len(self.table),
             "ticks": self.ticks,
             "steps": self.stepped,
@@ -147,11 +153,19 @@ class Engine:
             "queued_steps": self.queued_steps,
             "device_bytes": self.device_bytes,
         }
+        if isinstance(self.pool, TrialPool):
+            free = self.pool.free_blocks
+            stats["cache_blocks_free"] = free
+            stats["cache_blocks_held"] = self.pool.blocks - 1 - free
+        return stats
 
     @property
     def device_bytes(self) -> int:
-        """Device memory held by the weights and the slot pool."""
+        """Device memory held by the weights and the slot pool (a trial cache: what its block store has
+        allocated now)."""
         weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        if isinstance(self.pool, TrialPool):
+            return weights + self.pool.device_bytes
         return weights + self.pool.capacity * self.pool.bytes_per_slot
 
     # -- lifecycle -------------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class Forward:
             return self._run_fixed(batch, n, deterministic, seeds)
         device = self.device
         with torch.inference_mode():
+            if len(batch.released):
+                # Ended sessions' cache blocks go back before this pass takes any.
+                self.pool.clear(torch.from_numpy(batch.released).to(device))
             slots = torch.from_numpy(batch.slots[:n]).to(device)
             clear = batch.clear[:n]
             if clear.any():

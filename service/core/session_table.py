@@ -12,7 +12,9 @@ Slots are handed out from a free list. A session ends by deletion, by idle expir
 ``ttl_s``) or, when the table is full and a new session is wanted, by eviction of the least recently
 used session that has been idle at least ``evict_idle_s``; with none such the request gets 429.
 A slot whose steps are still queued is released only once they complete, so a newly created session
-never inherits a stale step.
+never inherits a stale step. Under a trial-context model the table also lists the slots released
+since the last forward pass (:meth:`SessionTable.take_released`): the pass gives their key/value cache
+blocks back, so an ended session's cache does not wait for its slot to be reused.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ _MOVED = (
     "last_return",
     "context",
 )
+
+
+_NONE = np.zeros(0, np.int64)
+_NONE.flags.writeable = False
 
 
 class SessionTable:
@@ -100,6 +106,10 @@ class SessionTable:
         self.context = np.zeros(capacity, np.int64)
         """Working memories the slot's context holds once its queued steps are computed (counted under
         a ``max_context``): a full context is refused before a step is queued, without the device."""
+        self.released: set[int] = set()
+        """Slots freed since the last :meth:`take_released` (kept under a ``max_context`` only): their
+        cache is to be cleared; a slot handed out again leaves the set (its new session starts with a
+        clear, or a restore writes it)."""
         self.evictions = 0
         self.expirations = 0
         self.owned = 0
@@ -179,12 +189,12 @@ class SessionTable:
             self.expire(now)
         if not self._free and not self._evict_lru(now):
             raise errors.capacity_exhausted(self.capacity)
+        if session_id is not None and session_id in self.ids:
+            raise ValueError(f"session {session_id} exists")
         slot = self._free.pop()
+        self.released.discard(slot)
         if session_id is None:
             session_id = secrets.token_hex(16)
-        elif session_id in self.ids:
-            self._free.append(slot)
-            raise ValueError(f"session {session_id} exists")
         self.ids[session_id] = slot
         self.slot_ids[slot] = session_id
         self.owners[slot] = owner
@@ -229,6 +239,7 @@ class SessionTable:
             raise errors.capacity_exhausted(self.capacity)
         taken = self._free[len(self._free) - count :]
         del self._free[len(self._free) - count :]
+        self.released.difference_update(taken)
         return np.asarray(taken, np.int64)
 
     def _adopt(self, session_ids: list[str], owners: list[str | None], slots: np.ndarray) -> None:
@@ -260,7 +271,7 @@ class SessionTable:
         self.owned = 0
         self.in_use[slots] = False
         self.generation[slots] += 1
-        self._free.extend(slots.tolist())
+        self._free_slots(slots.tolist())
         return ids, owners, slots
 
     def delete(self, session_id: str) -> None:
@@ -304,14 +315,27 @@ class SessionTable:
         if self.queued[slot]:
             self.release_when_idle[slot] = True
         else:
-            self._free.append(slot)
+            self._free_slots([slot])
 
     def _release_idle(self, slots: np.ndarray) -> None:
         """Return to the free list the ended slots among ``slots`` whose queued steps have completed."""
         done = slots[self.release_when_idle[slots] & (self.queued[slots] == 0)]
         if len(done):
             self.release_when_idle[done] = False
-            self._free.extend(done.tolist())
+            self._free_slots(done.tolist())
+
+    def _free_slots(self, slots: list[int]) -> None:
+        self._free.extend(slots)
+        if self.max_context:
+            self.released.update(slots)
+
+    def take_released(self) -> np.ndarray:
+        """The slots freed since the last call, whose trial cache can go (forward passes only)."""
+        if not self.released:
+            return _NONE
+        slots = np.fromiter(self.released, np.int64, len(self.released))
+        self.released.clear()
+        return slots
 
     # -- steps ----------------------------------------------------------------------------------------
     def expected_step(self, slot: int) -> int:

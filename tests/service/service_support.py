@@ -85,6 +85,12 @@ class RunningServer(ServiceProcess):
         super().__init__(checkpoints, env=test_env, cwd=REPO)
         self.start(wait=False)
 
+    def wait_ready(self, timeout_s: float = 600.0) -> RunningServer:
+        """As the client's, with a wait sized for a machine whose cores other jobs keep busy (importing
+        torch and warming the model up then takes minutes): a guard against a hang, not a timing check."""
+        super().wait_ready(timeout_s)
+        return self
+
 
 # -- API helpers ------------------------------------------------------------------------------------------
 OBS = [[0.3, -0.2], [0.1, 0.4], [-0.5, 0.25], [0.9, -0.9], [0.05, 0.6]]

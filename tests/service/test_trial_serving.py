@@ -220,6 +220,49 @@ async def test_trial_snapshots_restore_and_refuse_what_does_not_fit(client: Serv
             assert (await client.get(f"/v1/sessions/{target}/state")).json() == before, case
 
 
+async def test_an_ended_sessions_cache_blocks_go_back_at_the_next_pass_and_spare_a_restored_slot(
+    client: ServiceClient, root: Path
+) -> None:
+    traj = obs, rewards, starts = trajectory()
+    want = expected(root / "trial", *traj)
+    engine = client.registry.engines["trial"]
+    pool = engine.pool
+    assert isinstance(pool, TrialPool)
+    a, b = [await new_session(client, model="trial") for _ in range(2)]
+    for sid in (a, b):
+        await drive(client, sid, traj, range(3))
+    slot_a, slot_b = engine.table.get(a), engine.table.get(b)
+    assert pool.held[[slot_a, slot_b]].tolist() == [1, 1]
+    free = pool.free_blocks
+
+    def gauge(state: str, text: str) -> float:
+        line = next(
+            x for x in text.splitlines() if x.startswith("trmrl_cache_blocks{") and f'state="{state}"' in x
+        )
+        return float(line.rsplit(" ", 1)[1])
+
+    assert gauge("held", (await client.get("/metrics")).text) == 2
+    assert (await client.delete(f"/v1/sessions/{a}")).status_code == 204
+    assert int(pool.held[slot_a]) == 1  # nothing touches the device outside a forward pass
+    await drive(client, b, traj, range(3, 4))
+    assert int(pool.held[slot_a]) == 0 and pool.free_blocks == free + 1
+    metrics = (await client.get("/metrics")).text
+    assert (gauge("held", metrics), gauge("free", metrics)) == (1, free + 1)
+
+    # A slot freed and handed out again before the next pass keeps what a restore wrote into it.
+    state = (await client.get(f"/v1/sessions/{b}/state")).json()
+    assert (await client.delete(f"/v1/sessions/{b}")).status_code == 204
+    c = await new_session(client, model="trial")
+    assert engine.table.get(c) == slot_b
+    r = await client.put(f"/v1/sessions/{c}/state", json={**state, "session_id": c})
+    assert r.status_code == 200, r.text
+    got = await action(
+        client, c, obs[4].tolist(), step=4, reward=float(rewards[4]), episode_start=bool(starts[4])
+    )
+    np.testing.assert_allclose(got, want[4], rtol=0, atol=1e-6)
+    assert int(pool.lengths[slot_b]) == 5
+
+
 def next_action_under(
     model: torch.nn.Module, traj: tuple[np.ndarray, ...], applied: np.ndarray
 ) -> np.ndarray:
