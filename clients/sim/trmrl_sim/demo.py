@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import IO
 
 import httpx
-from trmrl_client.errors import ServiceError
 
 from trmrl_sim.launch import ServiceProcess, ServiceStartError
-from trmrl_sim.sim import EARLY_STEPS, TRANSPORTS, SimError, SimResult, format_table, run_sim
+from trmrl_sim.sim import EARLY_STEPS, TRANSPORTS, SimError, SimResult, exit_status, format_table, run_sim
 
 PREFERRED_FAMILIES = ("halfcheetah-vel", "point-nav")
 KIND_ORDER = {"trmrl": 0, "memoryless": 1, "oracle": 2}
@@ -223,14 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = parse_args(argv)
-    try:
-        return run_demo(args)
-    except (DemoError, SimError) as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 2
-    except ServiceError as exc:
-        print(f"demo: the service refused: {exc}", file=sys.stderr)
-        return 1
+    return exit_status("demo", lambda: run_demo(args), (DemoError, SimError))
 
 
 if __name__ == "__main__":
