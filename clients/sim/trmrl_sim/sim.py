@@ -554,6 +554,23 @@ def check_render(family: Any, path: Path, size: tuple[int, int]) -> None:
         raise SimError(str(exc)) from exc
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_sim`'s keywords from the options of a command that runs environments through the
+    service (``--split``, ``--episodes``, ``--transport``, ``--seed``, ``--no-progress``).
+
+    Example:
+        >>> run_options(parse_args(["--family", "point-nav", "--episodes", "3"]))["episodes"]
+        3
+    """
+    return {
+        "split": args.split,
+        "episodes": args.episodes,
+        "transport": args.transport,
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
+
+
 def exit_status(prog: str, command: Callable[[], int], errors: tuple[type[Exception], ...]) -> int:
     """Run a command line's work and return its exit status: what ``command`` returns, 2 after one of
     ``errors`` (something the user must fix) or 1 after a refusal of the service, told on stderr.
@@ -589,15 +606,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         run_sim(
             args.url,
             args.family,
-            split=args.split,
             envs=args.envs,
-            episodes=args.episodes,
-            transport=args.transport,
             model=args.model,
             api_key=args.api_key,
-            seed=args.seed,
-            progress=not args.no_progress,
             recorder=recorder,
+            **run_options(args),
         )
     )
     if recorder is not None:
