@@ -29,6 +29,7 @@ from service.api.replies import error_reply
 from service.api.routes import act, admin, fleet, health, models, sessions, streams
 from service.auth import Authenticator
 from service.config import Settings
+from service.core.background import cancel
 from service.core.engine import Engine
 from service.core.errors import ServiceError
 from service.core.recording import Recorder
@@ -146,10 +147,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
         registry.draining = True
         await app.state.fleet.stop()
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        await cancel(watcher)
         if snapshots is not None:
             # Not cancelled: a write in progress must finish before the final one, or it could
             # land after it and leave an older state behind.

@@ -21,7 +21,6 @@ reads the histograms.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from service.core.background import cancel
 from service.fleet_query import ID_PREFIX, FleetQuery
 from service.fleet_readings import (
     Point,
@@ -105,11 +105,8 @@ class Fleet:
         self._task = asyncio.create_task(self.run(), name="fleet-readings")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def run(self) -> None:
         while True:

@@ -423,6 +423,16 @@ class ValueHead(nn.Sequential):
         self.scale.copy_(scale)
 
 
+def memory_for_value(value_input: str, memory: Tensor) -> Tensor | None:
+    """The value head's input when it reads the policy's memory: the memory itself (``memory``) or the
+    memory cut off from the value loss's gradient (``memory_detached``); None for the other inputs."""
+    if value_input == "memory":
+        return memory
+    if value_input == "memory_detached":
+        return memory.detach()
+    return None
+
+
 def heads(config: ModelConfig, memory_width: int) -> tuple[nn.Sequential, nn.Parameter, ValueHead]:
     """The policy mean MLP, the state-independent log-std and the value head over a memory of
     ``memory_width`` (with ``value_input="observation"`` the value reads the newest working memory)."""
@@ -478,27 +488,17 @@ class TrMRL(Encoder):
         """
         x = self.normalize(windows)
         episodic = self.encode(x, self.positions, newest)
-        kind = self.config.value_input
-        if kind == "memory":
-            value_in = episodic
-        elif kind == "memory_detached":
-            value_in = episodic.detach()
-        elif self.value_encoder is not None:
+        value_in = memory_for_value(self.config.value_input, episodic)
+        if value_in is None and self.value_encoder is not None:
             value_in = self.value_encoder.encode(x, self.positions, newest)
-        else:
+        elif value_in is None:
             value_in = x[torch.arange(x.shape[0], device=x.device), newest]
         return PolicyOutput(self.policy_mean(episodic), self.log_std, self.value(value_in).squeeze(-1))
 
     def _heads(self, x: Tensor, episodic: Tensor, value_memory: Tensor | None) -> PolicyOutput:
-        kind = self.config.value_input
-        if kind == "memory":
-            value_in = episodic
-        elif kind == "memory_detached":
-            value_in = episodic.detach()
-        elif value_memory is not None:
-            value_in = value_memory
-        else:
-            value_in = x
+        value_in = memory_for_value(self.config.value_input, episodic)
+        if value_in is None:
+            value_in = x if value_memory is None else value_memory
         return PolicyOutput(self.policy_mean(episodic), self.log_std, self.value(value_in).squeeze(-1))
 
     def context_positions(self, starts: Tensor | None, length: int) -> tuple[Tensor, Tensor | None]:

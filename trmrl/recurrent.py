@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trmrl.model import ModelConfig, PolicyOutput, heads, normalize_tokens
+from trmrl.model import ModelConfig, PolicyOutput, heads, memory_for_value, normalize_tokens
 from trmrl.slot_pool import PoolStep, SlotStore
 
 
@@ -71,15 +71,11 @@ class RL2(nn.Module):
         resets = episode_starts if self.config.memory_scope == "episode" else None
         width = self.config.rnn_hidden
         states, last = _run(self.gru, x, hidden[:, :width], resets)
-        kind = self.config.value_input
-        if kind == "memory":
-            value_in = states
-        elif kind == "memory_detached":
-            value_in = states.detach()
-        elif self.value_gru is not None:
+        value_in = memory_for_value(self.config.value_input, states)
+        if value_in is None and self.value_gru is not None:
             value_in, value_last = _run(self.value_gru, x, hidden[:, width:], resets)
             last = torch.cat([last, value_last], -1)
-        else:
+        elif value_in is None:
             value_in = x
         return PolicyOutput(self.policy_mean(states), self.log_std, self.value(value_in).squeeze(-1)), last
 

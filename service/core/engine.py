@@ -10,7 +10,6 @@ imports, moves between versions) is :mod:`service.core.snapshots`' and :mod:`ser
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from trmrl_client.codec import INPUT_LIMIT
 
 from service.core import errors
 from service.core.adaptation import AdaptationCurves
+from service.core.background import cancel
 from service.core.batch import Batch
 from service.core.batcher import Batcher
 from service.core.errors import ServiceError
@@ -197,10 +197,7 @@ class Engine:
             and time.monotonic() < deadline
         ):
             await asyncio.sleep(0.001)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         self.batcher.executor.shutdown(wait=True)
 
     async def drain(self, timeout_s: float = 10.0) -> None:

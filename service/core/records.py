@@ -111,12 +111,16 @@ class SessionInfo:
     model: str
     model_version: str
     steps: int
+    """Steps taken so far, which is also the next step's number."""
     episodes: int
+    """Episodes started so far."""
     deterministic: bool
     seed: int
     ttl_s: float
     created_at: str
+    """ISO 8601, UTC."""
     last_active_at: str
+    """ISO 8601, UTC."""
 
 
 @dataclass

@@ -8,7 +8,6 @@ Acting across versions is :mod:`service.core.acting`'s, moving sessions between 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from service.core import errors
+from service.core.background import cancel
 from service.core.engine import Engine, EngineLimits
 from service.core.errors import ServiceError
 from service.core.recording import Recorder
@@ -97,10 +97,7 @@ class ModelRegistry:
         self._sweeper = asyncio.create_task(self._sweep(), name="session-sweeper")
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await cancel(self._sweeper)
         for engine in self.all_engines():
             await engine.stop()
         self._started = False

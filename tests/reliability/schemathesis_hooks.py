@@ -7,6 +7,7 @@ variant of every operation is generated, sent and validated against the document
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,21 +15,26 @@ import schemathesis
 from trmrl_client.codec import CodecError, packb, unpackb
 
 
+def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied to everything in it that is neither a dict nor a list."""
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_leaves(v, leaf) for v in value]
+    return leaf(value)
+
+
 def _fits(value: Any) -> Any:
     """``value`` with integers beyond 64 bits as floats: MessagePack has no wider integer, and a
     generated value of any size is schema-valid where the document sets no bound (a batch item)."""
     if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 64:
         return float(value) if abs(value) < 1 << 1023 else math.copysign(math.inf, value)
-    if isinstance(value, dict):
-        return {k: _fits(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fits(v) for v in value]
     return value
 
 
 @schemathesis.serializer("application/msgpack")
 def _encode(ctx: Any, value: Any) -> bytes:
-    return packb(_fits(value))
+    return packb(_map_leaves(value, _fits))
 
 
 def _plain(value: Any) -> Any:
@@ -38,17 +44,13 @@ def _plain(value: Any) -> Any:
         if value.dtype.kind == "f":
             return np.where(np.isnan(value), None, value.astype(object)).tolist()
         return value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
     return value
 
 
 @schemathesis.deserializer("application/msgpack")
 def _decode(ctx: Any, response: Any) -> Any:
     try:
-        return _plain(unpackb(response.content))
+        return _map_leaves(unpackb(response.content), _plain)
     except CodecError as exc:
         raise ValueError(f"the reply is not valid MessagePack: {exc}") from None
 

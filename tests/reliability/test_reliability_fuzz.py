@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,12 @@ FUZZ = settings(
     derandomize=os.environ.get("TRMRL_LONG") != "1",  # CI: the same cases every run
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+def fuzzed(test: Callable[..., None]) -> Callable[..., None]:
+    """A fuzz test: its ``data`` drawn by hypothesis with the :data:`FUZZ` settings, ten minutes at most."""
+    return pytest.mark.timeout(600)(FUZZ(given(data=st.data())(test)))
+
 
 #: Replies by codec and status (printed at the end: the figures of docs/reliability.md).
 SEEN: Counter[tuple[str, int]] = Counter()
@@ -136,9 +142,7 @@ def _send(http: TestClient, target: Target, route: str, body: bytes, kind: str) 
     target.check(r.status_code, reply, batch=route.endswith("batch"))
 
 
-@pytest.mark.timeout(600)
-@FUZZ
-@given(data=st.data())
+@fuzzed
 def test_fuzzed_json_bodies_never_fail_the_service_or_move_the_session(
     http: TestClient, json_target: Target, data: st.DataObject
 ) -> None:
@@ -170,9 +174,7 @@ def arrays() -> st.SearchStrategy[Any]:
     return raw | honest
 
 
-@pytest.mark.timeout(600)
-@FUZZ
-@given(data=st.data())
+@fuzzed
 def test_fuzzed_msgpack_bodies_never_fail_the_service_or_move_the_session(
     http: TestClient, msgpack_target: Target, data: st.DataObject
 ) -> None:
@@ -195,9 +197,7 @@ def test_fuzzed_msgpack_bodies_never_fail_the_service_or_move_the_session(
     _send(http, msgpack_target, route, body, "application/msgpack")
 
 
-@pytest.mark.timeout(600)
-@FUZZ
-@given(data=st.data())
+@fuzzed
 def test_fuzzed_stream_frames_get_a_reply_and_never_move_the_session_when_refused(
     http: TestClient, ws_target: Target, data: st.DataObject
 ) -> None:

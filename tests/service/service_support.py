@@ -15,6 +15,8 @@ import torch
 from fastapi import FastAPI
 from trmrl_sim.launch import ServiceProcess
 
+from service.app import create_app
+from service.config import Settings
 from service.core.registry import ModelRegistry
 from trmrl.checkpoint import CheckpointInfo, save_checkpoint
 from trmrl.model import ModelConfig
@@ -24,6 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: The small test model's action bounds: tight enough that some actions are clipped.
 BOUND = 0.1
+
+#: The keys of an app with admin, viewer and API keys (``admin-key``, ``viewer-key``, ``user-key``).
+ADMIN = {"Authorization": "Bearer admin-key"}
+VIEWER = {"Authorization": "Bearer viewer-key"}
+USER = {"Authorization": "Bearer user-key"}
 
 
 def make_checkpoint(
@@ -72,6 +79,31 @@ async def serving(app: FastAPI, headers: dict[str, str] | None = None) -> AsyncI
 
 Serve = Callable[..., AbstractAsyncContextManager[ServiceClient]]
 """``serve(**settings)``: an app with those settings, served in process (:func:`serving`)."""
+
+
+def versions_root(base: Path, **others: dict[str, Any]) -> Path:
+    """A checkpoint root: versions 1 and 2 of ``point-nav`` (``point-nav`` and ``point-nav-v2``) and
+    one checkpoint for each of ``others`` (its name: its :func:`make_checkpoint` keywords)."""
+    make_checkpoint(base / "point-nav", seed=0, policy_out_gain=0.1)
+    make_checkpoint(base / "point-nav-v2", seed=5, policy_out_gain=0.1)
+    for name, options in others.items():
+        make_checkpoint(base / name, **options)  # type: ignore[arg-type]
+    return base
+
+
+def serve_root(
+    root: Path, models: list[str], headers: dict[str, str] | None = None, **defaults: Any
+) -> Serve:
+    """``serve(**settings)`` for apps on the checkpoint root ``root`` that load ``models`` from it at
+    start, with ``defaults`` under the settings given and ``headers`` sent with every request."""
+
+    def run(**overrides: Any) -> AbstractAsyncContextManager[ServiceClient]:
+        settings = Settings(
+            models=[root / name for name in models], checkpoint_root=root, **{**defaults, **overrides}
+        )
+        return serving(create_app(settings), headers=headers)
+
+    return run
 
 
 class RunningServer(ServiceProcess):

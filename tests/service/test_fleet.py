@@ -4,7 +4,6 @@ input, keys (admin, viewer, API) and the OpenAPI document."""
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,50 +11,36 @@ from typing import Any
 import numpy as np
 import pytest
 from service_support import (
+    ADMIN,
     OBS,
+    USER,
+    VIEWER,
     Serve,
     ServiceClient,
     action,
     assert_error,
-    make_checkpoint,
     new_session,
-    serving,
+    serve_root,
+    versions_root,
 )
 
 from bench import browser
 from service.api.routes.fleet import ASSETS, EXAMPLE, FleetFeed
-from service.app import create_app
-from service.config import Settings
 from service.core.adaptation import AdaptationCurves
 from service.core.session_table import SessionTable
 from service.fleet_readings import quantile
 
 pytestmark = pytest.mark.anyio
 
-ADMIN = {"Authorization": "Bearer admin-key"}
-VIEWER = {"Authorization": "Bearer viewer-key"}
-USER = {"Authorization": "Bearer user-key"}
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("fleet-root")
-    make_checkpoint(base / "point-nav", seed=0, policy_out_gain=0.1)
-    make_checkpoint(base / "point-nav-v2", seed=5, policy_out_gain=0.1)
-    make_checkpoint(base / "other", seed=2, policy_out_gain=0.1)
-    return base
+    return versions_root(tmp_path_factory.mktemp("fleet-root"), other={"seed": 2, "policy_out_gain": 0.1})
 
 
 @pytest.fixture
 def serve(root: Path) -> Serve:
-    def run(**overrides: Any) -> AbstractAsyncContextManager[ServiceClient]:
-        return serving(
-            create_app(
-                Settings(models=[root / "point-nav", root / "other"], checkpoint_root=root, **overrides)
-            )
-        )
-
-    return run
+    return serve_root(root, ["point-nav", "other"])
 
 
 async def feed(client: ServiceClient, **params: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from service_support import REPO, RunningServer, make_checkpoint
+from service_support import ADMIN, REPO, USER, RunningServer, make_checkpoint
 
 from bench import browser
 
@@ -37,8 +37,6 @@ from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-USER = {"Authorization": "Bearer user-key"}
-ADMIN = {"Authorization": "Bearer admin-key"}
 WAIT_S = 90  # generous: two busy cores, a browser and a service
 
 

@@ -8,7 +8,6 @@ import io
 import os
 import sys
 import tarfile
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,9 @@ import anyio
 import numpy as np
 import pytest
 from service_support import (
+    ADMIN,
     OBS,
+    USER,
     Serve,
     ServiceClient,
     action,
@@ -24,38 +25,22 @@ from service_support import (
     info,
     make_checkpoint,
     new_session,
-    serving,
+    serve_root,
+    versions_root,
 )
 
-from service.app import create_app
-from service.config import Settings
-
 pytestmark = pytest.mark.anyio
-
-ADMIN = {"Authorization": "Bearer admin-key"}
-USER = {"Authorization": "Bearer user-key"}
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint root: version 1 and 2 of ``point-nav``, and one with another observation size."""
-    base = tmp_path_factory.mktemp("root")
-    make_checkpoint(base / "point-nav", seed=0, policy_out_gain=0.1)
-    make_checkpoint(base / "point-nav-v2", seed=5, policy_out_gain=0.1)
-    make_checkpoint(base / "wide", seed=1, obs_dim=3)
-    return base
+    return versions_root(tmp_path_factory.mktemp("root"), wide={"seed": 1, "obs_dim": 3})
 
 
 @pytest.fixture
 def serve(root: Path) -> Serve:
-    def run(**overrides: Any) -> AbstractAsyncContextManager[ServiceClient]:
-        overrides = {"admin_keys": ["admin-key"], **overrides}
-        settings = Settings(
-            models=[root / "point-nav"], checkpoint_root=root, api_keys=["user-key"], **overrides
-        )
-        return serving(create_app(settings), headers=USER)
-
-    return run
+    return serve_root(root, ["point-nav"], USER, admin_keys=["admin-key"], api_keys=["user-key"])
 
 
 async def load(client: ServiceClient, checkpoint: str, name: str = "point-nav") -> str:
@@ -70,6 +55,14 @@ async def activate(client: ServiceClient, version: str, **fields: Any) -> dict[s
     )
     assert r.status_code == 200, r.text
     return dict(r.json())
+
+
+async def session_on_v1(client: ServiceClient) -> tuple[str, str]:
+    """The active version of ``point-nav``, and a new session of it that has taken its first step."""
+    v1 = client.registry.engines["point-nav"].version
+    sid = await new_session(client)
+    await action(client, sid, OBS[0], step=0)
+    return v1, sid
 
 
 async def test_admin_routes_do_not_exist_without_admin_keys(serve: Serve) -> None:
@@ -164,9 +157,7 @@ async def test_a_migrated_session_continues_as_a_fresh_one_after_the_same_transi
 
 async def test_rollback_moves_sessions_back(serve: Serve) -> None:
     async with serve() as client:
-        v1 = client.registry.engines["point-nav"].version
-        sid = await new_session(client)
-        await action(client, sid, OBS[0], step=0)
+        v1, sid = await session_on_v1(client)
         v2 = await load(client, "point-nav-v2")
         await activate(client, v2, migrate_sessions=True)
         assert (await info(client, sid))["model_version"] == v2
@@ -178,9 +169,7 @@ async def test_rollback_moves_sessions_back(serve: Serve) -> None:
 
 async def test_migration_to_another_shape_is_refused_and_changes_nothing(serve: Serve) -> None:
     async with serve() as client:
-        v1 = client.registry.engines["point-nav"].version
-        sid = await new_session(client)
-        await action(client, sid, OBS[0], step=0)
+        v1, sid = await session_on_v1(client)
         wide = await load(client, "wide")
         r = await client.post(
             "/v1/admin/models/point-nav/activate",

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_support import RunningServer, make_checkpoint
+from service_support import ADMIN, RunningServer, make_checkpoint
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 SESSIONS = 256
 SIMULATORS = 8
 TICKS_PER_PHASE = 3
-ADMIN = {"Authorization": "Bearer admin-key"}
 
 
 @pytest.fixture(scope="module")

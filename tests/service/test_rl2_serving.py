@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from service_support import BOUND, ServiceClient, action, assert_error, make_checkpoint, new_session
+from service_support import ADMIN, BOUND, ServiceClient, action, assert_error, make_checkpoint, new_session
 
 from service.app import create_app
 from service.config import Settings
@@ -18,8 +18,6 @@ from trainer.evaluate import replay_actions
 from trmrl.checkpoint import CheckpointError, load_checkpoint
 
 pytestmark = pytest.mark.anyio
-
-ADMIN = {"Authorization": "Bearer admin-key"}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from service_support import ServiceClient, action, assert_error, make_checkpoint, new_session, serving
+from service_support import ADMIN, ServiceClient, action, assert_error, make_checkpoint, new_session, serving
 from trmrl_client.codec import packb, unpackb
 
 from service.app import create_app
@@ -31,7 +31,6 @@ with warnings.catch_warnings():
 
 pytestmark = pytest.mark.anyio
 
-ADMIN = {"Authorization": "Bearer admin-key"}
 MSGPACK = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
 MAX_CONTEXT = 8
 TRIAL = {"context": "trial", "window": 1, "max_context": MAX_CONTEXT, "memory_scope": "trial"}

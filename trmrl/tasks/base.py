@@ -281,6 +281,19 @@ class TaskEnv(TimeLimit[ObsArray, NDArray[Any]], ABC):
         self._steps = steps
         return steps >= self._max_episode_steps
 
+    def _step_env(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
+        """One step of the wrapped gymnasium env with its own reward, termination and ``info``, counted
+        against the family's time limit."""
+        truncated = self._tick()
+        obs, reward, terminated, env_truncated, info = self.env.step(action)
+        return (
+            np.asarray(obs, dtype=np.float32),
+            float(reward),
+            bool(terminated),
+            truncated or bool(env_truncated),
+            info,
+        )
+
     @abstractmethod
     def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
         """Advance one step; subclasses must call :meth:`_tick` exactly once."""

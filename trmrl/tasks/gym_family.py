@@ -155,12 +155,4 @@ class _GymTaskEnv(TaskEnv):
         return np.asarray(obs, dtype=np.float32), info
 
     def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
-        truncated = self._tick()
-        obs, reward, terminated, env_truncated, info = self.env.step(action)
-        return (
-            np.asarray(obs, dtype=np.float32),
-            float(reward),
-            bool(terminated),
-            truncated or bool(env_truncated),
-            info,
-        )
+        return self._step_env(action)

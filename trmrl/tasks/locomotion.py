@@ -165,6 +165,22 @@ class _AntEnv(_LocomotionEnv):
         data = self._data
         return bool(np.isfinite(data.qpos).all() and np.isfinite(data.qvel).all())
 
+    def _task_reward(self, x_before: float, y_before: float) -> tuple[float, bool, dict[str, Any]]:
+        """The task's reward for the step just simulated from ``(x_before, y_before)``, whether the
+        episode ends there, and the step's ``info``."""
+        raise NotImplementedError
+
+    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
+        truncated = self._tick()
+        qpos = self._data.qpos
+        x_before, y_before = float(qpos[0]), float(qpos[1])
+        a = self._simulate(action)
+        task_reward, terminated, info = self._task_reward(x_before, y_before)
+        ctrl_cost, contact_cost = self._costs(a)
+        reward = task_reward - ctrl_cost - contact_cost + self._SURVIVE_REWARD
+        info.update(ctrl_cost=ctrl_cost, contact_cost=contact_cost, survive_reward=self._SURVIVE_REWARD)
+        return self._observe(), reward, terminated, truncated, info
+
 
 class _AntDirEnv(_AntEnv):
     _CTRL_COST = 0.5
@@ -174,27 +190,15 @@ class _AntDirEnv(_AntEnv):
     def _apply_task(self, task: Task) -> None:
         self._direction = (task.params[0], task.params[1])
 
-    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
-        truncated = self._tick()
+    def _task_reward(self, x_before: float, y_before: float) -> tuple[float, bool, dict[str, Any]]:
         qpos = self._data.qpos
-        x_before, y_before = float(qpos[0]), float(qpos[1])
-        a = self._simulate(action)
         x_velocity = (float(qpos[0]) - x_before) / self._dt
         y_velocity = (float(qpos[1]) - y_before) / self._dt
         forward_reward = x_velocity * self._direction[0] + y_velocity * self._direction[1]
-        ctrl_cost, contact_cost = self._costs(a)
-        reward = forward_reward - ctrl_cost - contact_cost + self._SURVIVE_REWARD
         z = float(qpos[2])
         terminated = not (_ANT_HEALTHY_Z[0] <= z <= _ANT_HEALTHY_Z[1] and self._finite())
-        info = {
-            "x_velocity": x_velocity,
-            "y_velocity": y_velocity,
-            "forward_reward": forward_reward,
-            "ctrl_cost": ctrl_cost,
-            "contact_cost": contact_cost,
-            "survive_reward": self._SURVIVE_REWARD,
-        }
-        return self._observe(), reward, terminated, truncated, info
+        info = {"x_velocity": x_velocity, "y_velocity": y_velocity, "forward_reward": forward_reward}
+        return forward_reward, terminated, info
 
 
 class _AntGoalEnv(_AntEnv):
@@ -205,26 +209,18 @@ class _AntGoalEnv(_AntEnv):
     def _apply_task(self, task: Task) -> None:
         self._goal = (task.params[0], task.params[1])
 
-    def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
-        truncated = self._tick()
+    def _task_reward(self, x_before: float, y_before: float) -> tuple[float, bool, dict[str, Any]]:
         qpos = self._data.qpos
-        x_before, y_before = float(qpos[0]), float(qpos[1])
-        a = self._simulate(action)
         x, y = float(qpos[0]), float(qpos[1])
         goal_reward = -(abs(x - self._goal[0]) + abs(y - self._goal[1]))
-        ctrl_cost, contact_cost = self._costs(a)
-        reward = goal_reward - ctrl_cost - contact_cost + self._SURVIVE_REWARD
         info = {
             "x_position": x,
             "y_position": y,
             "x_velocity": (x - x_before) / self._dt,
             "y_velocity": (y - y_before) / self._dt,
             "goal_reward": goal_reward,
-            "ctrl_cost": ctrl_cost,
-            "contact_cost": contact_cost,
-            "survive_reward": self._SURVIVE_REWARD,
         }
-        return self._observe(), reward, not self._finite(), truncated, info
+        return goal_reward, not self._finite(), info
 
 
 class LocomotionFamily(TaskFamily):

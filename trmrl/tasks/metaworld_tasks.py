@@ -357,15 +357,7 @@ class _MetaWorldEnv(TaskEnv):
         return np.asarray(obs, dtype=np.float32), info
 
     def step(self, action: NDArray[Any]) -> tuple[ObsArray, float, bool, bool, dict[str, Any]]:
-        truncated = self._tick()
-        obs, reward, terminated, sim_truncated, info = self.env.step(action)
-        return (
-            np.asarray(obs, dtype=np.float32),
-            float(reward),
-            bool(terminated),
-            truncated or bool(sim_truncated),
-            info,
-        )
+        return self._step_env(action)
 
     def close(self) -> None:
         """Close every cached simulator."""

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from trmrl_client.errors import ServiceError
 
 from trmrl_sim.demo import DemoError, find_models, running_service
 from trmrl_sim.render import (
@@ -30,7 +29,7 @@ from trmrl_sim.render import (
     side_by_side,
     write_clip,
 )
-from trmrl_sim.sim import SimError, load_tasks_module, run_sim
+from trmrl_sim.sim import SimError, exit_status, load_tasks_module, run_sim
 
 KIND_TITLES = {"trmrl": "TrMRL", "memoryless": "memoryless reference", "oracle": "oracle (told the task)"}
 
@@ -139,14 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = parse_args(argv)
     choose_gl_backend()  # before anything imports mujoco
-    try:
-        return render_clip(args)
-    except (DemoError, SimError, RenderError) as exc:
-        print(f"clips: error: {exc}", file=sys.stderr)
-        return 2
-    except ServiceError as exc:
-        print(f"clips: the service refused: {exc}", file=sys.stderr)
-        return 1
+    return exit_status("clips", lambda: render_clip(args), (DemoError, SimError, RenderError))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,18 @@ from pathlib import Path
 from typing import IO
 
 import httpx
-from trmrl_client.errors import ServiceError
 
 from trmrl_sim.launch import ServiceProcess, ServiceStartError
-from trmrl_sim.sim import EARLY_STEPS, TRANSPORTS, SimError, SimResult, format_table, run_sim
+from trmrl_sim.sim import (
+    EARLY_STEPS,
+    TRANSPORTS,
+    SimError,
+    SimResult,
+    exit_status,
+    format_table,
+    run_options,
+    run_sim,
+)
 
 PREFERRED_FAMILIES = ("halfcheetah-vel", "point-nav")
 KIND_ORDER = {"trmrl": 0, "memoryless": 1, "oracle": 2}
@@ -162,19 +170,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with httpx.Client(base_url=url) as http:
             metrics = {m["name"]: m.get("metrics", {}) for m in http.get("/v1/models").json()["models"]}
         for model in models:
-            result = asyncio.run(
-                run_sim(
-                    url,
-                    family,
-                    split=args.split,
-                    envs=args.tasks,
-                    episodes=args.episodes,
-                    transport=args.transport,
-                    model=model.name,
-                    seed=args.seed,
-                    progress=not args.no_progress,
-                )
-            )
+            result = asyncio.run(run_sim(url, family, envs=args.tasks, model=model.name, **run_options(args)))
             result.extra.update(metrics.get(model.name, {}))
             print(result.footer(), flush=True)
             results.append(result)
@@ -223,14 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = parse_args(argv)
-    try:
-        return run_demo(args)
-    except (DemoError, SimError) as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 2
-    except ServiceError as exc:
-        print(f"demo: the service refused: {exc}", file=sys.stderr)
-        return 1
+    return exit_status("demo", lambda: run_demo(args), (DemoError, SimError))
 
 
 if __name__ == "__main__":

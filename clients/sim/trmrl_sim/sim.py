@@ -554,6 +554,75 @@ def check_render(family: Any, path: Path, size: tuple[int, int]) -> None:
         raise SimError(str(exc)) from exc
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_sim`'s keywords from the options of a command that runs environments through the
+    service (``--split``, ``--episodes``, ``--transport``, ``--seed``, ``--no-progress``).
+
+    Example:
+        >>> run_options(parse_args(["--family", "point-nav", "--episodes", "3"]))["episodes"]
+        3
+    """
+    return {
+        "split": args.split,
+        "episodes": args.episodes,
+        "transport": args.transport,
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
+
+
+def exit_status(prog: str, command: Callable[[], int], errors: tuple[type[Exception], ...]) -> int:
+    """Run a command line's work and return its exit status: what ``command`` returns, 2 after one of
+    ``errors`` (something the user must fix) or 1 after a refusal of the service, told on stderr.
+
+    Example:
+        >>> exit_status("trmrl-sim", lambda: 0, (SimError,))
+        0
+    """
+    try:
+        return command()
+    except errors as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"{prog}: the service refused: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Check, run and report what the command line asked for (:func:`main` without its error handling).
+
+    Example:
+        >>> run_from_args(parse_args(["--family", "point-nav", "--envs", "4"]))  # doctest: +SKIP
+        0
+    """
+    preflight(args)
+    recorder: EpisodeRecorder | None = None
+    if args.render is not None:
+        recorder = EpisodeRecorder(
+            args.render_env, size=args.render_size, every=args.render_every, title=args.model or ""
+        )
+    result = asyncio.run(
+        run_sim(
+            args.url,
+            args.family,
+            envs=args.envs,
+            model=args.model,
+            api_key=args.api_key,
+            recorder=recorder,
+            **run_options(args),
+        )
+    )
+    if recorder is not None:
+        write_render(args.render, recorder, result)
+    print(result.table())
+    print(result.footer())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_json(), indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trmrl-sim``; returns the exit status (2: bad invocation, 1: refused by the service).
 
@@ -562,42 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = parse_args(argv)
-    recorder: EpisodeRecorder | None = None
-    try:
-        preflight(args)
-        if args.render is not None:
-            recorder = EpisodeRecorder(
-                args.render_env, size=args.render_size, every=args.render_every, title=args.model or ""
-            )
-        result = asyncio.run(
-            run_sim(
-                args.url,
-                args.family,
-                split=args.split,
-                envs=args.envs,
-                episodes=args.episodes,
-                transport=args.transport,
-                model=args.model,
-                api_key=args.api_key,
-                seed=args.seed,
-                progress=not args.no_progress,
-                recorder=recorder,
-            )
-        )
-        if recorder is not None:
-            write_render(args.render, recorder, result)
-    except (SimError, RenderError) as exc:
-        print(f"trmrl-sim: error: {exc}", file=sys.stderr)
-        return 2
-    except ServiceError as exc:
-        print(f"trmrl-sim: the service refused: {exc}", file=sys.stderr)
-        return 1
-    print(result.table())
-    print(result.footer())
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_json(), indent=2))
-    return 0
+    return exit_status("trmrl-sim", lambda: run_from_args(args), (SimError, RenderError))
 
 
 def write_render(path: Path, recorder: EpisodeRecorder, result: SimResult) -> None:

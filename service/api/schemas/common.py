@@ -7,9 +7,11 @@ typo (``"episode_star": true``).
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from service.core.records import SEED_LIMIT
 
@@ -34,6 +36,16 @@ Seed = Annotated[Annotated[int, Field(ge=0, lt=SEED_LIMIT)], BeforeValidator(int
 def example(**body: Any) -> ConfigDict:
     """A model's config with one example body, shown in the API document (``examples``)."""
     return ConfigDict(json_schema_extra={"examples": [body]})
+
+
+def record_body(record: type[Any], doc: str, config: ConfigDict) -> type[BaseModel]:
+    """A reply body with the fields of one of the core's records (names, types and defaults, in order)."""
+    types = typing.get_type_hints(record)
+    fields: dict[str, Any] = {
+        f.name: (types[f.name], ... if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(record)
+    }
+    return create_model(record.__name__, __config__=config, __doc__=doc, **fields)
 
 
 class Request(BaseModel):

@@ -15,6 +15,7 @@ from service.api.schemas.common import (
     SessionId,
     example,
     integral,
+    record_body,
 )
 from service.api.schemas.models import MODEL_EXAMPLE, ModelInfo
 from service.core import records
@@ -40,10 +41,10 @@ class CreateSessionRequest(Request):
     reply then lists their ids in ``session_ids``. All are created or none (429)."""
 
 
-class SessionInfo(BaseModel):
-    """A session's counters and times."""
-
-    model_config = example(
+SessionInfo = record_body(
+    records.SessionInfo,
+    "A session's counters and times.",
+    example(
         session_id="4f9c1e0d2b7a48e5a1c3d6f8b0e2a4c6",
         model="point-nav",
         model_version="3fa1c09be44d",
@@ -54,22 +55,8 @@ class SessionInfo(BaseModel):
         ttl_s=3600.0,
         created_at="2026-11-26T07:40:00.000+00:00",
         last_active_at="2026-11-26T07:40:02.512+00:00",
-    )
-
-    session_id: str
-    model: str
-    model_version: str
-    steps: int
-    """Steps taken so far, which is also the next step's number."""
-    episodes: int
-    """Episodes started so far."""
-    deterministic: bool
-    seed: int
-    ttl_s: float
-    created_at: str
-    """ISO 8601, UTC."""
-    last_active_at: str
-    """ISO 8601, UTC."""
+    ),
+)
 
 
 class CreateSessionResponse(BaseModel):
