@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trmrl.memory import begin_step
-from trmrl.model import TrMRL
-from trmrl.slot_pool import PoolStep, SlotMemory, SlotStore
-from trmrl.trial_pool import ContextFull
+from trmrl.slot_pool import PoolStep
+from trmrl.trial_pool import TrialStore
 
 
 class _Rows:
@@ -59,79 +57,27 @@ class _Rows:
         return y.squeeze(2).to(q.dtype)
 
 
-class FixedTrialPool(SlotStore):
-    """Each slot's trial context as working memories plus the keys and values of every encoder layer.
-
-    The same interface as :class:`~trmrl.slot_pool.SlotPool`: :meth:`step` clears the contexts of the
-    slots that start a trial (or an episode, with ``memory_scope="episode"``), builds their working
-    memories and evaluates them in one forward pass over the cached keys and values. The step's
-    ``windows`` are the new working memories (``[B, 1, token_dim]``: what PPO stores; its update
-    re-reads whole trials, :meth:`~trmrl.model.TrMRL.forward_sequence`).
-
-    Args:
-        model: a ``context="trial"`` TrMRL.
-        capacity: slots.
-        device: where the tensors live (the model's device by default).
-        cache_dtype: keys and values in ``float32`` or a reduced precision (``bfloat16`` halves the
-            memory and the bytes a step reads; the working memories stay ``float32``).
+class FixedTrialPool(TrialStore):
+    """Each slot's trial context as working memories plus the keys and values of every encoder layer at
+    ``max_context`` positions, allocated once: the step of :class:`~trmrl.trial_pool.TrialPool` without
+    its blocks. Its arguments are :class:`~trmrl.trial_pool.TrialPool`'s but ``block_size`` and
+    ``blocks``.
     """
 
-    def __init__(
-        self,
-        model: TrMRL,
-        capacity: int,
-        device: torch.device | str | None = None,
-        cache_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        cfg = model.config
-        if cfg.context != "trial":
-            raise ValueError(f"TrialPool serves context=trial policies (got context={cfg.context!r})")
-        super().__init__(model, cfg, capacity, cfg.max_context, cfg.token_dim, device)
-        self.model = model
-        self.cache_dtype = cache_dtype
-        encoders = 2 if model.value_encoder is not None else 1
-        shape = (capacity, cfg.n_heads, cfg.max_context, cfg.d_model // cfg.n_heads)
-        layers = encoders * cfg.n_layers
-        self.keys = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
-        """Per layer (the policy encoder's, then the value encoder's): ``[capacity, H, max_context, dh]``."""
-        self.values = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
-
-    def step(
-        self,
-        slots: Tensor,
-        obs: Tensor,
-        reward: Tensor,
-        episode_start: Tensor,
-        applied_action: Tensor | None = None,
-        applied_mask: Tensor | None = None,
-        clear: Tensor | None = None,
-    ) -> PoolStep:
-        """As :meth:`SlotStore.step`; raises :class:`ContextFull` (pool unchanged) for a slot whose
-        context already holds ``max_context`` working memories."""
+    def _allocate(self) -> None:
         cfg = self.config
-        count = len(slots)
-        _, lengths, prev_action, tokens = begin_step(
-            self.windows.new_zeros(count, 0),
-            self.lengths[slots],
-            self.prev_action[slots],
-            obs,
-            reward,
-            episode_start,
-            applied_action,
-            applied_mask,
-            clear,
-            episode_scope=cfg.memory_scope == "episode",
-            include_previous=cfg.include_previous,
-        )
-        full = lengths >= cfg.max_context
-        if bool(full.any()):
-            raise ContextFull(slots[full].tolist(), cfg.max_context)
+        shape = (self.capacity, self.heads, cfg.max_context, self.head_dim)
+        dtype, device = self.cache_dtype, self.device
+        # Per layer (the policy encoder's, then the value encoder's): [capacity, H, max_context, dh].
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)]
+
+    def _take_in(self, slots: Tensor, _memory: Tensor, lengths: Tensor, tokens: Tensor) -> PoolStep:
+        """Raises :class:`~trmrl.trial_pool.ContextFull` (pool unchanged) for a slot whose context
+        already holds ``max_context`` working memories."""
+        self._check_room(slots, lengths)
         output = self.model.forward_step(tokens, lengths, *self._rows(slots, lengths))
-        self.windows[slots, lengths] = tokens
-        self.lengths[slots] = lengths + 1
-        self.prev_action[slots] = prev_action
-        newest = torch.zeros(count, dtype=torch.long, device=tokens.device)
-        return PoolStep(output, tokens.unsqueeze(1), newest)
+        return self._append(slots, lengths, tokens, output)
 
     def _rows(self, slots: Tensor, lengths: Tensor) -> tuple[_Rows, _Rows | None]:
         count = len(slots)
@@ -162,25 +108,7 @@ class FixedTrialPool(SlotStore):
         """Bytes of keys and values one working memory adds to a context."""
         return sum(t[0, :, 0].numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def write(self, slots: Tensor, memory: SlotMemory) -> None:
-        """Load the given slots' working memories (checked first: a refused write changes nothing) and
-        rebuild their keys and values by re-encoding them under the pool's weights."""
-        super().write(slots, memory)
-        self.rebuild(slots)
-
-    @torch.no_grad()
-    def rebuild(self, slots: Tensor) -> None:
-        """Recompute the given slots' keys and values from their working memories (one causal forward):
-        after a :meth:`write`, or when the pool's model has new weights (a migration)."""
-        lengths = self.lengths[slots]
-        span = int(lengths.max()) if len(slots) else 0
-        if span == 0:
-            return
-        model = self.model
-        x = model.normalize(self.windows[slots, :span])
-        embeddings = model.positions[:span]
-        encoders = [model] if model.value_encoder is None else [model, model.value_encoder]
-        kv = [pair for encoder in encoders for pair in encoder.encode_sequence(x, embeddings, None)[1]]
+    def _store(self, slots: Tensor, lengths: Tensor, span: int, kv: list[tuple[Tensor, Tensor]]) -> None:
         for (k, v), keys, values in zip(kv, self.keys, self.values, strict=True):
             keys[slots, :, :span] = k.to(keys.dtype)
             values[slots, :, :span] = v.to(values.dtype)

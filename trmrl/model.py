@@ -534,6 +534,15 @@ class TrMRL(Encoder):
             value_memory = self.value_encoder.encode_step(x, embeddings, value_cache)
         return self._heads(x, episodic, value_memory)
 
+    def context_keys_values(self, tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every encoder layer's keys and values ``[B, H, L, dh]`` over contexts ``tokens [B, L,
+        token_dim]`` (each beginning a trial; one causal pass): the policy encoder's layers, then the
+        value encoder's. What a trial cache holds once a context's steps have been taken one by one."""
+        x = self.normalize(tokens)
+        embeddings = self.positions[: tokens.shape[1]]
+        encoders = [self] if self.value_encoder is None else [self, self.value_encoder]
+        return [pair for encoder in encoders for pair in encoder.encode_sequence(x, embeddings, None)[1]]
+
     def forward_sequence(
         self, tokens: Tensor, starts: Tensor | None = None, valid: Tensor | None = None
     ) -> PolicyOutput:

@@ -93,8 +93,8 @@ class SlotStore:
         The pool is written only after the forward pass succeeds, so a failure leaves it unchanged.
         """
         cfg = self.config
-        windows, lengths, prev_action, tokens = begin_step(
-            self.windows[slots],
+        memory, lengths, prev_action, tokens = begin_step(
+            self._recent(slots),
             self.lengths[slots],
             self.prev_action[slots],
             obs,
@@ -106,10 +106,20 @@ class SlotStore:
             episode_scope=cfg.memory_scope == "episode",
             include_previous=cfg.include_previous,
         )
-        result, windows, lengths = self._advance(windows, lengths, tokens)
-        self.windows[slots] = windows
-        self.lengths[slots] = lengths
+        result = self._take_in(slots, memory, lengths, tokens)
         self.prev_action[slots] = prev_action
+        return result
+
+    def _recent(self, slots: Tensor) -> Tensor:
+        """The memory rows a step reads and rolls forward (``[B, rows, width]``: the whole window)."""
+        return self.windows[slots]
+
+    def _take_in(self, slots: Tensor, memory: Tensor, lengths: Tensor, tokens: Tensor) -> PoolStep:
+        """Evaluate the step and write the slots' new memory rows and fill counts (``lengths``: what
+        each context holds before the new working memory, 0 where the step restarts it)."""
+        result, memory, lengths = self._advance(memory, lengths, tokens)
+        self.windows[slots] = memory
+        self.lengths[slots] = lengths
         return result
 
     def _advance(self, memory: Tensor, lengths: Tensor, tokens: Tensor) -> tuple[PoolStep, Tensor, Tensor]:

@@ -56,8 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trmrl.memory import begin_step
-from trmrl.model import TrMRL
+from trmrl.model import PolicyOutput, TrMRL
 from trmrl.slot_pool import PoolStep, SlotMemory, SlotStore
 
 BLOCK_SIZE = 16
@@ -143,7 +142,84 @@ class _Pages:
         return out.view(count, heads, dh).to(q.dtype)
 
 
-class TrialPool(SlotStore):
+class TrialStore(SlotStore):
+    """What every trial-context pool shares: a slot's context is its working memories since the trial
+    began (``[max_context, token_dim]`` rows), a step appends one and never slides, and the cache of
+    keys and values (the subclass's) is derived from them."""
+
+    def __init__(
+        self,
+        model: TrMRL,
+        capacity: int,
+        device: torch.device | str | None = None,
+        cache_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        cfg = model.config
+        if cfg.context != "trial":
+            raise ValueError(
+                f"{type(self).__name__} serves context=trial policies (got context={cfg.context!r})"
+            )
+        super().__init__(model, cfg, capacity, cfg.max_context, cfg.token_dim, device)
+        self.model = model
+        self.cache_dtype = cache_dtype
+        self.heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.layers = (2 if model.value_encoder is not None else 1) * cfg.n_layers
+        """Encoder layers with a cache: the policy encoder's, then the value encoder's."""
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Allocate the cache (``keys`` and ``values``, a tensor per layer)."""
+
+    def _recent(self, slots: Tensor) -> Tensor:
+        return self.windows.new_zeros(len(slots), 0)  # nothing rolls forward: the cache holds the context
+
+    def _check_room(self, slots: Tensor, lengths: Tensor) -> None:
+        """Raise :class:`ContextFull` for the slots whose contexts (``lengths`` before the new memory)
+        cannot take another working memory."""
+        limit = self.config.max_context
+        full = lengths >= limit
+        if bool(full.any()):
+            raise ContextFull(slots[full].tolist(), limit)
+
+    def write(self, slots: Tensor, memory: SlotMemory) -> None:
+        """Load the given slots' working memories and rebuild their keys and values by re-encoding them
+        under the pool's weights. Checked first (shapes; a block budget): a refused write changes
+        nothing."""
+        self.check_memory(slots, memory)
+        self._make_room(slots, memory.lengths)
+        super().write(slots, memory)
+        self.rebuild(slots)
+
+    @torch.no_grad()
+    def rebuild(self, slots: Tensor) -> None:
+        """Recompute the given slots' keys and values from their working memories (one causal forward):
+        after a :meth:`write`, or when the pool's model has new weights (a migration)."""
+        lengths = self.lengths[slots]
+        span = int(lengths.max()) if len(slots) else 0
+        if span:
+            self._store(slots, lengths, span, self.model.context_keys_values(self.windows[slots, :span]))
+
+    def _make_room(self, slots: Tensor, lengths: Tensor) -> None:
+        """Whatever a write of contexts of ``lengths`` needs first (raising leaves the pool unchanged)."""
+
+    def _store(self, slots: Tensor, lengths: Tensor, span: int, kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Keep the keys and values ``kv`` (per layer ``[B, H, span, dh]``) of contexts of ``lengths``."""
+        raise NotImplementedError
+
+    def _append(self, slots: Tensor, lengths: Tensor, tokens: Tensor, output: PolicyOutput) -> PoolStep:
+        """Keep each slot's new working memory at position ``lengths`` of its context (once the step's
+        forward pass has succeeded); the step's result, whose ``windows`` are the new working memories
+        (``[B, 1, token_dim]``: what PPO stores; its update re-reads whole trials,
+        :meth:`~trmrl.model.TrMRL.forward_sequence`)."""
+        self.windows[slots, lengths] = tokens
+        self.lengths[slots] = lengths + 1
+        newest = torch.zeros(len(slots), dtype=torch.long, device=tokens.device)
+        return PoolStep(output, tokens.unsqueeze(1), newest)
+
+
+class TrialPool(TrialStore):
     """Each slot's trial context as working memories plus the keys and values of every encoder layer,
     in blocks taken as the context grows.
 
@@ -183,29 +259,20 @@ class TrialPool(SlotStore):
         block_size: int = BLOCK_SIZE,
         blocks: int | None = None,
     ) -> None:
-        cfg = model.config
-        if cfg.context != "trial":
-            raise ValueError(f"TrialPool serves context=trial policies (got context={cfg.context!r})")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1 (got {block_size})")
         if blocks is not None and blocks < 1:
             raise ValueError(f"blocks must be >= 1 or None (got {blocks})")
-        super().__init__(model, cfg, capacity, cfg.max_context, cfg.token_dim, device)
-        self.model = model
-        self.cache_dtype = cache_dtype
+        super().__init__(model, capacity, device, cache_dtype)
+        cfg = self.config
         self.block_size = block_size
         self.budget = blocks
-        self.heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.layers = (2 if model.value_encoder is not None else 1) * cfg.n_layers
         per_slot = -(-cfg.max_context // block_size)
         self.table = torch.zeros(capacity, per_slot, dtype=torch.long, device=self.device)
         """``[capacity, ceil(max_context / block_size)]``: each slot's blocks in order (0: none)."""
         self.held = torch.zeros(capacity, dtype=torch.long, device=self.device)
         """``[capacity]``: blocks each slot holds (its first ``held`` table entries)."""
-        self.keys: list[Tensor] = []
-        """Per layer (the policy encoder's, then the value encoder's): ``[blocks, H, dh, block_size]``."""
-        self.values: list[Tensor] = []
-        """Per layer: ``[blocks, H, block_size, dh]``."""
+        # Per layer, the keys [blocks, H, dh, block_size] and the values [blocks, H, block_size, dh].
         self._free = torch.zeros(0, dtype=torch.long, device=self.device)
         self._free_count = 0
         self._resize(1 + (blocks if blocks is not None else capacity))
@@ -289,37 +356,12 @@ class TrialPool(SlotStore):
         self.held[slots] = wanted
 
     # -- the step --------------------------------------------------------------------------------------
-    def step(
-        self,
-        slots: Tensor,
-        obs: Tensor,
-        reward: Tensor,
-        episode_start: Tensor,
-        applied_action: Tensor | None = None,
-        applied_mask: Tensor | None = None,
-        clear: Tensor | None = None,
-    ) -> PoolStep:
-        """As :meth:`SlotStore.step`; raises :class:`ContextFull` for a slot whose context already
-        holds ``max_context`` working memories, and :class:`CacheExhausted` when a fixed block budget
-        has no block for a context that needs one (both before any change)."""
-        cfg = self.config
+    def _take_in(self, slots: Tensor, _memory: Tensor, lengths: Tensor, tokens: Tensor) -> PoolStep:
+        """Raises :class:`ContextFull` for a slot whose context already holds ``max_context`` working
+        memories, and :class:`CacheExhausted` when a fixed block budget has no block for a context that
+        needs one (both before any change)."""
+        self._check_room(slots, lengths)
         count = len(slots)
-        _, lengths, prev_action, tokens = begin_step(
-            self.windows.new_zeros(count, 0),
-            self.lengths[slots],
-            self.prev_action[slots],
-            obs,
-            reward,
-            episode_start,
-            applied_action,
-            applied_mask,
-            clear,
-            episode_scope=cfg.memory_scope == "episode",
-            include_previous=cfg.include_previous,
-        )
-        full = lengths >= cfg.max_context
-        if bool(full.any()):
-            raise ContextFull(slots[full].tolist(), cfg.max_context)
         column = torch.div(lengths, self.block_size, rounding_mode="floor")
         held = self.held[slots]
         grow = column >= held  # the new memory opens a block (at most one per slot and step)
@@ -333,13 +375,9 @@ class TrialPool(SlotStore):
             self.table[grown, held[grow]] = self._take(growing)
             self.held[grown] = held[grow] + 1
         output = self.model.forward_step(tokens, lengths, *self._pages(slots, lengths, column, last + 1))
-        self.windows[slots, lengths] = tokens
-        self.lengths[slots] = lengths + 1
-        self.prev_action[slots] = prev_action
         if restarting:
             self._fit(slots[restart], torch.ones_like(lengths[restart]))
-        newest = torch.zeros(count, dtype=torch.long, device=tokens.device)
-        return PoolStep(output, tokens.unsqueeze(1), newest)
+        return self._append(slots, lengths, tokens, output)
 
     def _row_offsets(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Per head the offsets of a block's key rows (``[H, dh]``) and value rows (``[H, block_size]``)."""
@@ -418,31 +456,15 @@ class TrialPool(SlotStore):
         super().clear(slots)
         self._fit(slots, torch.zeros_like(self.held[slots]))
 
-    def write(self, slots: Tensor, memory: SlotMemory) -> None:
-        """Load the given slots' working memories and rebuild their keys and values by re-encoding them
-        under the pool's weights. Checked first (shapes; blocks under a fixed budget): a refused write
-        changes nothing."""
-        self.check_memory(slots, memory)
-        self._fit(slots, _ceil_div(memory.lengths.to(self.device, torch.long), self.block_size))
-        super().write(slots, memory)
-        self.rebuild(slots)
+    def _make_room(self, slots: Tensor, lengths: Tensor) -> None:
+        """Blocks for contexts of ``lengths`` (a refused write -- :class:`CacheExhausted` -- changes
+        nothing)."""
+        self._fit(slots, _ceil_div(lengths.to(self.device, torch.long), self.block_size))
 
-    @torch.no_grad()
-    def rebuild(self, slots: Tensor) -> None:
-        """Recompute the given slots' keys and values from their working memories (one causal forward):
-        after a :meth:`write`, or when the pool's model has new weights (a migration)."""
-        lengths = self.lengths[slots]
-        span = int(lengths.max()) if len(slots) else 0
-        if span == 0:
-            return
+    def _store(self, slots: Tensor, lengths: Tensor, span: int, kv: list[tuple[Tensor, Tensor]]) -> None:
         size = self.block_size
         wanted = _ceil_div(lengths, size)
         self._fit(slots, torch.maximum(wanted, self.held[slots]))
-        model = self.model
-        x = model.normalize(self.windows[slots, :span])
-        embeddings = model.positions[:span]
-        encoders = [model] if model.value_encoder is None else [model, model.value_encoder]
-        kv = [pair for encoder in encoders for pair in encoder.encode_sequence(x, embeddings, None)[1]]
         blocks = -(-span // size)
         rows = self.table[slots, :blocks]
         mine = torch.arange(blocks, device=self.device) < wanted.unsqueeze(1)  # [B, blocks]
