@@ -334,8 +334,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-            "note": "2-core x86_64 CPU VM, shared with two training jobs: noisy; ratios from alternated "
-            "rounds",
+            "note": "ratios from alternated rounds (the load average says how busy the machine was)",
         },
         "model": {"preset": "small", "obs_dim": OBS_DIM, "act_dim": ACT_DIM, "max_context": MAX_CONTEXT},
         "rounds": rounds,
