@@ -86,12 +86,13 @@ _MEMORY_OPTIONS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
     },
 }
 """Each learner's own memory options, as many for one as for the other. The first of each list is its
-architecture option (the only one screened on ant-dir); the last reads the whole trial at once."""
+architecture option; the last reads the whole trial at once (TrMRL's trial-long context, RL²'s
+backpropagation through all 400 steps). ant-dir screens these two of each learner's."""
 
 
 def arms() -> list[Arm]:
-    """halfcheetah-vel: every option; ant-dir: the value options and each learner's architecture option.
-    The value input a family's preset already uses is its ``base`` arm."""
+    """halfcheetah-vel: every option; ant-dir: the value options and each learner's architecture and
+    whole-trial options. The value input a family's preset already uses is its ``base`` arm."""
     out: list[Arm] = []
     for family in ("halfcheetah-vel", "ant-dir"):
         for learner in ("trmrl", "rl2"):
@@ -101,7 +102,7 @@ def arms() -> list[Arm]:
                     continue
                 out.append(Arm(family, learner, option, sets))
             memory = list(_MEMORY_OPTIONS[learner].items())
-            for option, sets in memory if family == "halfcheetah-vel" else memory[:1]:
+            for option, sets in memory if family == "halfcheetah-vel" else [memory[0], memory[-1]]:
                 out.append(Arm(family, learner, option, sets))
     return out
 

@@ -24,6 +24,9 @@ def test_every_arm_is_a_valid_config_and_both_learners_get_the_same_value_option
         assert len(trmrl) == len(rl2)  # as many tuning runs for one learner as for the other
     assert {"prenorm", "window25", "context-trial"} <= by_family["halfcheetah-vel", "trmrl"]
     assert {"rnn256", "bptt200", "bptt400", "episode-scope"} <= by_family["halfcheetah-vel", "rl2"]
+    # On ant-dir too, the trial-long context (the memory the trial issue adds) beside RL²'s whole trial.
+    assert {"prenorm", "context-trial"} <= by_family["ant-dir", "trmrl"]
+    assert {"rnn256", "bptt400"} <= by_family["ant-dir", "rl2"]
     names = [a.name for a in arms()]
     assert len(names) == len(set(names))
 
