@@ -11,6 +11,9 @@ each on one thread (every run resumes from its last checkpoint, so an interrupte
 ``python -m trainer.ablation table RUNS_DIR --json FILE`` reads each run's ``metrics.jsonl`` and prints
 the table (validation return at the end of the budget, gap closed, env steps to 0.85 of the gap, wall
 time), taking the memoryless and oracle figures from ``docs/results/<family>-validation.json``.
+``python -m trainer.ablation final experiments/ablation [--also context-trial]`` takes, for each family
+and learner whose arms have all finished, the arm with the best validation return and trains it at
+three new seeds with the same budget, each run evaluating test and ood once at its end.
 """
 
 from __future__ import annotations
@@ -45,10 +48,13 @@ class Arm:
     option: str
     """Short name of what differs from the preset (``base``: nothing)."""
     sets: tuple[tuple[str, str], ...] = ()
+    seed: int | None = None
+    """``None``: the screen's run (the preset's seed, 0, validation only); a seed: a final run, whose
+    held-out splits (test, ood) are evaluated once at its end."""
 
     @property
     def name(self) -> str:
-        return f"{self.family}-{self.learner}-{self.option}"
+        return f"{self.family}-{self.learner}-{self.option}" + ("" if self.seed is None else f"-s{self.seed}")
 
     @property
     def preset(self) -> str:
@@ -56,9 +62,10 @@ class Arm:
 
     def command(self, runs: Path, steps: int = SCREEN_STEPS) -> str:
         sets = " ".join(f"--set {k}={v}" for k, v in self.sets)
+        which = "--no-held-out" if self.seed is None else f"--seed {self.seed}"
         return (
             f".venv/bin/trmrl-train --preset {self.preset} --out {shlex.quote(str(runs / self.name))} "
-            f"--total-steps {steps} --no-held-out --no-progress {sets}"
+            f"--total-steps {steps} {which} --no-progress {sets}"
         ).strip()
 
 
@@ -105,6 +112,37 @@ def arms() -> list[Arm]:
             for option, sets in memory if family == "halfcheetah-vel" else [memory[0], memory[-1]]:
                 out.append(Arm(family, learner, option, sets))
     return out
+
+
+FINAL_SEEDS = (1, 2, 3)
+"""The final runs' seeds: none of them is the screen's seed 0, whose validation curve chose the arm."""
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each (family, learner)'s arm with the best validation return at the end of the budget, once every
+    arm of that family and learner has finished its budget; the others are left out."""
+    planned: dict[tuple[str, str], int] = {}
+    for arm in arms():
+        planned[arm.family, arm.learner] = planned.get((arm.family, arm.learner), 0) + 1
+    finished: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["steps"] >= SCREEN_STEPS:
+            finished.setdefault((row["family"], row["learner"]), []).append(row)
+    return {
+        key: max(done, key=lambda r: r["validation_return"])
+        for key, done in finished.items()
+        if len(done) == planned[key]
+    }
+
+
+def finals(chosen: dict[tuple[str, str], dict[str, Any]], also: list[str]) -> list[Arm]:
+    """The final runs: every chosen arm, and TrMRL's ``also`` options beside them, at each final seed."""
+    by_name = {a.name: a for a in arms()}
+    picked: list[Arm] = []
+    for (family, learner), row in sorted(chosen.items()):
+        names = [row["arm"]] + [f"{family}-trmrl-{o}" for o in also if learner == "trmrl"]
+        picked += [by_name[n] for n in dict.fromkeys(names) if n in by_name]
+    return [Arm(a.family, a.learner, a.option, a.sets, seed) for a in picked for seed in FINAL_SEEDS]
 
 
 def run(chosen: list[Arm], runs: Path, jobs: int) -> int:
@@ -235,6 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--family", choices=["halfcheetah-vel", "ant-dir"])
     launch.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     launch.add_argument("--only", nargs="+", metavar="ARM", help="these arms, in this order")
+    final = sub.add_parser(
+        "final",
+        help="each learner's arm chosen on the screen's validation, trained at seeds "
+        f"{', '.join(map(str, FINAL_SEEDS))} (test and ood evaluated once at the end)",
+    )
+    final.add_argument("screen", type=Path, help="the screen's runs (experiments/ablation)")
+    final.add_argument("--runs", type=Path, default=Path("experiments/final"))
+    final.add_argument("--family", choices=["halfcheetah-vel", "ant-dir"])
+    final.add_argument(
+        "--also", nargs="+", default=[], metavar="OPTION", help="TrMRL options trained beside its choice"
+    )
+    final.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    final.add_argument("--dry-run", action="store_true", help="print the choices and commands only")
     report = sub.add_parser("table", help="the table of the runs so far")
     report.add_argument("runs", type=Path)
     report.add_argument("--json", type=Path, help="write the rows (curves included) here")
@@ -255,6 +306,27 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown arm {unknown[0]!r}; 'commands' lists them")
             chosen = [known[n] for n in args.only]
         return run(chosen, args.runs, args.jobs)
+    if args.command == "final":
+        if args.jobs < 1:
+            parser.error("--jobs must be >= 1")
+        options = {a.option for a in arms() if a.learner == "trmrl"}
+        unknown = [o for o in args.also if o not in options]
+        if unknown:
+            parser.error(f"unknown TrMRL option {unknown[0]!r}; 'commands' lists the arms")
+        if not args.screen.is_dir():
+            parser.error(f"{args.screen} is not a directory of runs")
+        rows = [row for arm in chosen if (row := summarize(arm, args.screen / arm.name)) is not None]
+        picks = choose(rows)
+        if not picks:
+            parser.error("no learner has finished every arm of its screen yet")
+        for (family, learner), row in sorted(picks.items()):
+            print(f"{family} {learner}: {row['option']} (validation {row['validation_return']:.1f})")
+        todo = finals(picks, args.also)
+        if args.dry_run:
+            for arm in todo:
+                print(arm.command(args.runs))
+            return 0
+        return run(todo, args.runs, args.jobs)
     if not args.runs.is_dir():
         parser.error(f"{args.runs} is not a directory of runs")
     rows = [row for arm in chosen if (row := summarize(arm, args.runs / arm.name)) is not None]

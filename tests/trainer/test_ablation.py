@@ -73,3 +73,53 @@ def test_run_trains_only_what_is_not_finished_and_refuses_unknown_arms(tmp_path:
         with pytest.raises(SystemExit) as exc:
             main(["run", "--runs", str(tmp_path), *bad])
         assert exc.value.code == 2
+
+
+def _finished(runs: Path, name: str, value: float, steps: int = SCREEN_STEPS) -> None:
+    run = runs / name
+    run.mkdir(parents=True, exist_ok=True)
+    lines = [{"update": i, "steps": steps // 3 * (i + 1), "validation/return": value} for i in range(3)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_final_takes_each_learners_best_validation_arm_once_its_screen_is_complete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    screen = tmp_path / "screen"
+    family = [a for a in arms() if a.family == "halfcheetah-vel"]
+    for arm in family:
+        best = {"trmrl": "value-encoder", "rl2": "rnn256"}[arm.learner]
+        _finished(screen, arm.name, -20.0 if arm.option == best else -40.0)
+    # An unfinished RL² arm keeps RL² out of the choice (it might have been the best).
+    _finished(screen, "halfcheetah-vel-rl2-bptt400", -10.0, steps=SCREEN_STEPS // 2)
+    out = tmp_path / "final"
+    argv = ["final", str(screen), "--runs", str(out), "--also", "context-trial", "--dry-run"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "halfcheetah-vel trmrl: value-encoder (validation -20.0)"
+    commands = printed[1:]
+    assert len(commands) == 6  # TrMRL's choice and its trial-long context, three seeds each
+    assert all("--no-held-out" not in c and "--total-steps 3000000" in c for c in commands)
+    assert {c.split("--seed ")[1].split()[0] for c in commands} == {"1", "2", "3"}
+    assert sum("--set value_input=encoder" in c for c in commands) == 3
+    assert sum("--set context=trial" in c for c in commands) == 3
+    assert str(out / "halfcheetah-vel-trmrl-value-encoder-s2") in " ".join(commands)
+
+    # With RL²'s last arm finished, RL² gets its choice too.
+    _finished(screen, "halfcheetah-vel-rl2-bptt400", -41.0)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "halfcheetah-vel rl2: rnn256 (validation -20.0)" in printed
+    assert sum("--set rnn_hidden=256" in c for c in printed) == 3
+
+
+def test_final_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    for bad in (
+        [str(tmp_path / "missing")],
+        [str(tmp_path)],  # no finished screen
+        [str(tmp_path), "--also", "nothing"],
+        [str(tmp_path), "--jobs", "0"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["final", *bad, "--dry-run"])
+        assert exc.value.code == 2
