@@ -31,21 +31,9 @@ from service.core.errors import ServiceError
 
 #: Per-slot columns a session takes along when it moves to another version of its model.
 _MOVED = (
-    "next_step",
-    "episodes",
-    "episode_step",
-    "deterministic",
-    "seed",
-    "ttl_s",
-    "created_at",
-    "last_active",
-    "pending_start",
-    "pending_clear",
-    "last_action",
-    "record",
-    "episode_return",
-    "last_return",
-    "context",
+    *("next_step", "episodes", "episode_step", "deterministic", "seed", "ttl_s", "created_at"),
+    *("last_active", "pending_start", "pending_clear", "last_action", "record", "episode_return"),
+    *("last_return", "context"),
 )
 
 
@@ -107,9 +95,8 @@ class SessionTable:
         """Working memories the slot's context holds once its queued steps are computed (counted under
         a ``max_context``): a full context is refused before a step is queued, without the device."""
         self.released: set[int] = set()
-        """Slots freed since the last :meth:`take_released` (kept under a ``max_context`` only): their
-        cache is to be cleared; a slot handed out again leaves the set (its new session starts with a
-        clear, or a restore writes it)."""
+        """Slots freed since the last :meth:`take_released` (under a ``max_context``), their cache to be
+        cleared; a slot handed out again leaves it (its session starts with a clear, or a restore)."""
         self.evictions = 0
         self.expirations = 0
         self.owned = 0
@@ -411,18 +398,13 @@ class SessionTable:
         """Count a computed batch's steps: the live rows' sessions advance (``start``: the step began an
         episode) and remember their actions; the slots of ended sessions are released once idle."""
         self.queued[slots] -= 1
-        if live.all():
-            self.next_step[slots] += 1
-            self.episodes[slots] += start
-            self.episode_step[slots] = np.where(start, 1, self.episode_step[slots] + 1)
-            self.last_action[slots] = actions
-            return
-        kept = slots[live]
-        self.next_step[kept] += 1
-        self.episodes[kept] += start[live]
-        self.episode_step[kept] = np.where(start[live], 1, self.episode_step[kept] + 1)
-        self.last_action[kept] = actions[live]
-        self._release_idle(slots[~live])
+        if not live.all():  # else (the usual case) no copies of the rows
+            self._release_idle(slots[~live])
+            slots, start, actions = slots[live], start[live], actions[live]
+        self.next_step[slots] += 1
+        self.episodes[slots] += start
+        self.episode_step[slots] = np.where(start, 1, self.episode_step[slots] + 1)
+        self.last_action[slots] = actions
 
     def roll_back(
         self, slots: np.ndarray, generation: np.ndarray, pending: np.ndarray, clear: np.ndarray, context: Any
