@@ -13,7 +13,9 @@ the table (validation return at the end of the budget, gap closed, env steps to 
 time), taking the memoryless and oracle figures from ``docs/results/<family>-validation.json``.
 ``python -m trainer.ablation final experiments/ablation [--also context-trial]`` takes, for each family
 and learner whose arms have all finished, the arm with the best validation return and trains it at
-three new seeds with the same budget, each run evaluating test and ood once at its end.
+three new seeds with the same budget, each run evaluating test and ood once at its end;
+``python -m trainer.ablation report experiments/final --json FILE --plot PNG`` gives their table (mean and
+spread over seeds, the gap closed by the mean and by the worst seed) and sample-efficiency curves.
 """
 
 from __future__ import annotations
@@ -169,10 +171,92 @@ def run(chosen: list[Arm], runs: Path, jobs: int) -> int:
     return 1 if failed else 0
 
 
-def references(family: str) -> tuple[float, float]:
-    """The shipped memoryless and oracle policies' validation returns."""
-    data = json.loads((ROOT / "docs" / "results" / f"{family}-validation.json").read_text())
+def references(family: str, split: str = "validation") -> tuple[float, float]:
+    """The shipped memoryless and oracle policies' returns on a split."""
+    data = json.loads((ROOT / "docs" / "results" / f"{family}-{split}.json").read_text())
     return float(data["groups"]["memoryless"]["mean"]), float(data["groups"]["oracle"]["mean"])
+
+
+def gap_closed(family: str, split: str, value: float) -> float | None:
+    """``value``'s share of the memoryless-to-oracle gap on a split; ``None`` where the two references are
+    too close (within 5 %) for a share to mean anything (ant-dir's sideways ood tasks)."""
+    memoryless, oracle = references(family, split)
+    if abs(oracle - memoryless) < 0.05 * max(abs(oracle), abs(memoryless)):
+        return None
+    return (value - memoryless) / (oracle - memoryless)
+
+
+def final_report(runs: Path) -> list[dict[str, Any]]:
+    """One row per final arm with a finished run: every seed's validation, test and ood figures (the
+    held-out ones from the run's last record), their means and spreads, and the seeds' curves."""
+    out: list[dict[str, Any]] = []
+    for arm in arms():
+        seeds = [Arm(arm.family, arm.learner, arm.option, arm.sets, seed) for seed in FINAL_SEEDS]
+        rows = [(a.seed, row) for a in seeds if (row := summarize(a, runs / a.name)) is not None]
+        rows = [(seed, row) for seed, row in rows if row["steps"] >= SCREEN_STEPS]
+        if not rows:
+            continue
+        last = {seed: _last_record(runs / f"{arm.name}-s{seed}") for seed, _ in rows}
+        figures: dict[str, Any] = {"validation": [row["validation_return"] for _, row in rows]}
+        for split in ("test", "ood"):
+            values = [last[seed].get(f"{split}/return") for seed, _ in rows]
+            if all(v is not None for v in values):
+                figures[split] = values
+        summary = {
+            split: {
+                "per_seed": values,
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values)),
+                "gap_closed": gap_closed(arm.family, split, float(np.mean(values))),
+                "worst_gap_closed": gap_closed(arm.family, split, float(min(values))),
+            }
+            for split, values in figures.items()
+        }
+        out.append(
+            {
+                "arm": arm.name,
+                "family": arm.family,
+                "learner": arm.learner,
+                "option": arm.option,
+                "sets": dict(arm.sets),
+                "seeds": [seed for seed, _ in rows],
+                "splits": summary,
+                "steps_to_gap_085": [row["steps_to_gap_085"] for _, row in rows],
+                "curves": {str(seed): row["curve"] for seed, row in rows},
+            }
+        )
+    return out
+
+
+def _last_record(run: Path) -> dict[str, Any]:
+    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return dict(json.loads(lines[-1])) if lines else {}
+
+
+def final_table(rows: list[dict[str, Any]]) -> str:
+    """Mean ± spread over seeds, the gap closed by the mean (and by the worst seed on test)."""
+
+    def cell(row: dict[str, Any], split: str) -> str:
+        figure = row["splits"].get(split)
+        if figure is None:
+            return "—"
+        gap = "" if figure["gap_closed"] is None else f" ({figure['gap_closed']:.2f})"
+        return f"{figure['mean']:.1f} ± {figure['std']:.1f}{gap}"
+
+    lines = [
+        "| family | learner | option | seeds | validation (gap) | test (gap) | worst test seed's gap | "
+        "ood (gap) | steps to 0.85 (validation) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        test = r["splits"].get("test")
+        worst = "—" if test is None or test["worst_gap_closed"] is None else f"{test['worst_gap_closed']:.2f}"
+        reached = " / ".join("—" if s is None else f"{s / 1e6:.2f} M" for s in r["steps_to_gap_085"])
+        lines.append(
+            f"| {r['family']} | {r['learner']} | {r['option']} | {','.join(map(str, r['seeds']))} | "
+            f"{cell(r, 'validation')} | {cell(r, 'test')} | {worst} | {cell(r, 'ood')} | {reached} |"
+        )
+    return "\n".join(lines)
 
 
 def summarize(arm: Arm, run: Path) -> dict[str, Any] | None:
@@ -226,9 +310,42 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _label(row: dict[str, Any]) -> tuple[str, str]:
+    """A row's legend entry and line style: TrMRL solid, RL² dashed."""
+    trmrl = row["learner"] == "trmrl"
+    return f"{'TrMRL' if trmrl else 'RL²'} {row['option']}", "-" if trmrl else "--"
+
+
 def plot(rows: list[dict[str, Any]], out: Path) -> int:
-    """Validation return against env steps, one panel per family: TrMRL's arms solid, RL²'s dashed, the
-    memoryless and oracle references as grey lines. Returns the number of curves drawn."""
+    """The screen's curves: each arm's validation return against env steps (seed 0)."""
+
+    def draw(ax: Any, row: dict[str, Any]) -> None:
+        steps, values = zip(*row["curve"], strict=True)
+        label, style = _label(row)
+        ax.plot(np.asarray(steps) / 1e6, values, style, label=label, linewidth=1.2)
+
+    return _panels(rows, out, draw, "validation return, seed 0 (screen)", gap_line=False)
+
+
+def plot_finals(rows: list[dict[str, Any]], out: Path) -> int:
+    """Sample efficiency: each final arm's validation return against env steps, the mean over its seeds
+    as a line and their range as a band."""
+
+    def draw(ax: Any, row: dict[str, Any]) -> None:
+        curves = [dict(c) for c in row["curves"].values()]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.asarray([[c[s] for s in steps] for c in curves])
+        label, style = _label(row)
+        x = np.asarray(steps) / 1e6
+        (line,) = ax.plot(x, values.mean(0), style, label=f"{label} ({len(curves)} seeds)")
+        ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+
+    return _panels(rows, out, draw, "validation return (mean of seeds, band: their range)", gap_line=True)
+
+
+def _panels(rows: list[dict[str, Any]], out: Path, draw: Any, title: str, *, gap_line: bool) -> int:
+    """One panel per family: ``draw(ax, row)`` for each of its rows, then the memoryless and oracle
+    references (and 0.85 of the gap between them) as dotted lines. Returns the number of rows drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,30 +353,27 @@ def plot(rows: list[dict[str, Any]], out: Path) -> int:
 
     families = sorted({r["family"] for r in rows})
     fig, axes = plt.subplots(1, len(families), figsize=(8 * len(families), 5), squeeze=False)
-    drawn = 0
     for ax, family in zip(axes[0], families, strict=True):
         memoryless, oracle = references(family)
-        for r in rows:
-            if r["family"] != family:
-                continue
-            steps, values = zip(*r["curve"], strict=True)
-            style = "-" if r["learner"] == "trmrl" else "--"
-            label = f"{'TrMRL' if r['learner'] == 'trmrl' else 'RL²'} {r['option']}"
-            ax.plot(np.asarray(steps) / 1e6, values, style, label=label, linewidth=1.2)
-            drawn += 1
+        for row in rows:
+            if row["family"] == family:
+                draw(ax, row)
         ax.axhline(memoryless, color="grey", linestyle=":", linewidth=1, label="memoryless")
         ax.axhline(oracle, color="black", linestyle=":", linewidth=1, label="oracle")
+        if gap_line:
+            level = memoryless + GAP_TARGET * (oracle - memoryless)
+            ax.axhline(level, color="green", linestyle=":", linewidth=1, label=f"{GAP_TARGET} of the gap")
         ax.set_ylim(bottom=memoryless - 0.5 * (oracle - memoryless))
-        ax.set_title(f"{family}: validation return, seed 0 (screen)")
+        ax.set_title(f"{family}: {title}")
         ax.set_xlabel("env steps (M)")
-        ax.set_ylabel("return per episode (deterministic, 30 validation tasks)")
+        ax.set_ylabel("return per episode (deterministic, validation tasks)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return drawn
+    return len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     final.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     final.add_argument("--dry-run", action="store_true", help="print the choices and commands only")
+    outcome = sub.add_parser("report", help="the final runs' table (validation, test, ood) and curves")
+    outcome.add_argument("runs", type=Path, help="the final runs (experiments/final)")
+    outcome.add_argument("--json", type=Path, help="write the rows (per seed, curves included) here")
+    outcome.add_argument("--plot", type=Path, help="draw the sample-efficiency curves here (PNG)")
     report = sub.add_parser("table", help="the table of the runs so far")
     report.add_argument("runs", type=Path)
     report.add_argument("--json", type=Path, help="write the rows (curves included) here")
@@ -329,14 +447,21 @@ def main(argv: list[str] | None = None) -> int:
         return run(todo, args.runs, args.jobs)
     if not args.runs.is_dir():
         parser.error(f"{args.runs} is not a directory of runs")
-    rows = [row for arm in chosen if (row := summarize(arm, args.runs / arm.name)) is not None]
+    if args.command == "report":
+        facts: dict[str, Any] = {"seeds": FINAL_SEEDS}
+        rows = final_report(args.runs)
+        printed, draw, missing = final_table, plot_finals, "has finished its budget"
+    else:
+        rows = [row for arm in chosen if (row := summarize(arm, args.runs / arm.name)) is not None]
+        facts = {"screen_steps": SCREEN_STEPS}
+        printed, draw, missing = table, plot, "has a validation evaluation yet"
     if not rows:
-        parser.error(f"no run under {args.runs} has a validation evaluation yet")
-    print(table(rows))
+        parser.error(f"no run under {args.runs} {missing}")
+    print(printed(rows))
     if args.json:
-        args.json.write_text(json.dumps({"screen_steps": SCREEN_STEPS, "rows": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps({**facts, "rows": rows}, indent=1) + "\n")
     if args.plot:
-        plot(rows, args.plot)
+        draw(rows, args.plot)
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.ablation import SCREEN_STEPS, arms, main, references
+from trainer.ablation import SCREEN_STEPS, arms, gap_closed, main, references
 from trainer.config import preset_config
 
 
@@ -123,3 +123,33 @@ def test_final_refuses_what_it_cannot_run(tmp_path: Path) -> None:
         with pytest.raises(SystemExit) as exc:
             main(["final", *bad, "--dry-run"])
         assert exc.value.code == 2
+
+
+def test_report_gives_each_final_arm_its_seeds_mean_spread_and_gap_on_every_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    memoryless, oracle = references("halfcheetah-vel", "test")
+    span = oracle - memoryless
+    for seed, share in ((1, 0.9), (2, 0.8), (3, 1.0)):
+        _finished(tmp_path, f"halfcheetah-vel-trmrl-base-s{seed}", -30.0 - seed)
+        held_out = {"test/return": memoryless + share * span, "ood/return": -100.0 - seed}
+        with (tmp_path / f"halfcheetah-vel-trmrl-base-s{seed}" / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"update": 9, "steps": SCREEN_STEPS, **held_out}) + "\n")
+    _finished(tmp_path, "halfcheetah-vel-rl2-base-s1", -20.0, steps=SCREEN_STEPS // 2)  # not finished
+    out, png = tmp_path / "final.json", tmp_path / "final.png"
+    assert main(["report", str(tmp_path), "--json", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["arm"] == "halfcheetah-vel-trmrl-base" and row["seeds"] == [1, 2, 3]
+    test = row["splits"]["test"]
+    assert test["gap_closed"] == pytest.approx(0.9) and test["worst_gap_closed"] == pytest.approx(0.8)
+    assert row["splits"]["validation"]["mean"] == pytest.approx(-32.0)
+    assert row["splits"]["ood"]["per_seed"] == [-101.0, -102.0, -103.0]
+    printed = capsys.readouterr().out
+    assert "| halfcheetah-vel | trmrl | base | 1,2,3 | -32.0 ± 0.8 (" in printed
+    assert "rl2" not in printed  # its one run has not finished the budget
+    # Where the references nearly coincide (ant-dir's sideways ood tasks), no share of the gap is given.
+    assert gap_closed("ant-dir", "ood", 200.0) is None and gap_closed("ant-dir", "test", 886.7) is not None
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path / "empty")])
+    assert exc.value.code == 2
