@@ -389,7 +389,28 @@ def _with_references(presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     return out
 
 
-PRESETS: dict[str, dict[str, Any]] = _with_references(_BASE_PRESETS)
+_CHOSEN: dict[str, dict[str, dict[str, Any]]] = {
+    # Each learner's best arm of the halfcheetah-vel screen, on validation only (docs/results.md, "The
+    # learner's options, screened on validation"): TrMRL's value on its own encoder, RL²'s value on the
+    # shared memory with PopArt targets.
+    "small-halfcheetah-vel": {
+        "trmrl": {"value_input": "encoder"},
+        "rl2": {"value_input": "memory", "value_norm": "popart"},
+    },
+}
+"""The options the learner screen chose, per base preset and learner: ``<preset>-chosen`` (TrMRL) and
+``<preset>-rl2-chosen`` beside the paper-faithful presets, which keep their names and values."""
+
+
+def _with_chosen(presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = dict(presets)
+    for base, learners in _CHOSEN.items():
+        out[f"{base}-chosen"] = {**presets[base], **learners["trmrl"]}
+        out[f"{base}-rl2-chosen"] = {**presets[f"{base}-rl2"], **learners["rl2"]}
+    return out
+
+
+PRESETS: dict[str, dict[str, Any]] = _with_chosen(_with_references(_BASE_PRESETS))
 
 
 def preset_config(name: str, overrides: dict[str, str] | None = None) -> TrainConfig:

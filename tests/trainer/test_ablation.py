@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.ablation import SCREEN_STEPS, arms, gap_closed, main, references
-from trainer.config import preset_config
+from trainer.ablation import SCREEN_STEPS, arms, choose, gap_closed, main, references, summarize
+from trainer.config import PRESETS, parse_field, preset_config
 
 
 def test_every_arm_is_a_valid_config_and_both_learners_get_the_same_value_options() -> None:
@@ -153,3 +153,22 @@ def test_report_gives_each_final_arm_its_seeds_mean_spread_and_gap_on_every_spli
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path / "empty")])
     assert exc.value.code == 2
+
+
+def test_the_chosen_presets_carry_the_screens_validation_choice() -> None:
+    """``<preset>-chosen`` and ``<preset>-rl2-chosen`` are the arms ``choose`` picks from the committed
+    screen, and the paper-faithful presets they sit beside are unchanged by them."""
+    screen = Path(__file__).resolve().parents[2] / "experiments" / "ablation"
+    family = "halfcheetah-vel"
+    rows = [r for a in arms() if a.family == family and (r := summarize(a, screen / a.name)) is not None]
+    picks = choose(rows)
+    assert set(picks) == {(family, "trmrl"), (family, "rl2")}  # the whole screen is committed
+    for learner, name in (("trmrl", f"small-{family}-chosen"), ("rl2", f"small-{family}-rl2-chosen")):
+        base = PRESETS[f"small-{family}" + ("-rl2" if learner == "rl2" else "")]
+        sets = picks[family, learner]["sets"]
+        assert sets  # the screen chose an option, not the preset itself
+        expected = {**base, **{k: parse_field(k, v) for k, v in sets.items()}}
+        assert PRESETS[name] == expected
+        preset_config(name)  # a valid configuration
+    assert PRESETS[f"small-{family}"]["value_input"] == "observation"
+    assert "value_norm" not in PRESETS[f"small-{family}-rl2"]
