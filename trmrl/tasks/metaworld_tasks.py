@@ -27,6 +27,7 @@ from gymnasium.spaces import Box
 from numpy.typing import NDArray
 
 from trmrl.tasks.base import ObsArray, Task, TaskEnv, TaskFamily, TaskFamilyError
+from trmrl.tasks.metaworld_fast import speed_up
 
 __all__ = ["BENCHMARK_SEED", "FAMILIES", "MAX_CACHED_SIMS", "MetaWorldFamily"]
 
@@ -272,7 +273,9 @@ class MetaWorldFamily(TaskFamily):
 class _MetaWorldEnv(TaskEnv):
     """Meta-World env whose simulator follows the task's env class (ML10/ML45 mix classes).
 
-    Rewards, termination (never) and ``info`` (including ``"success"``) are Meta-World's own.
+    Rewards, termination (never) and ``info`` (including ``"success"``) are Meta-World's own (each
+    simulator computes two of its per-step quantities faster, to the same values:
+    :mod:`trmrl.tasks.metaworld_fast`).
     """
 
     family: MetaWorldFamily
@@ -280,7 +283,7 @@ class _MetaWorldEnv(TaskEnv):
     def __init__(self, family: MetaWorldFamily, task: Task) -> None:
         env_name, _ = family.resolve(task)
         bench = _benchmark(family.benchmark)
-        sim = bench.classes[env_name]()
+        sim = speed_up(bench.classes[env_name](), env_name)
         super().__init__(sim, family, task)
         self._classes = bench.classes
         self._sim: Any = sim  # self.env, typed loosely to reach Meta-World's attributes
@@ -308,7 +311,7 @@ class _MetaWorldEnv(TaskEnv):
     def _sim_for(self, env_name: str) -> Any:
         sim = self._sims.pop(env_name, None)
         if sim is None:
-            sim = self._classes[env_name]()
+            sim = speed_up(self._classes[env_name](), env_name)
         self._sims[env_name] = sim  # (re)insert as most recently used
         while len(self._sims) > MAX_CACHED_SIMS:
             _, evicted = self._sims.popitem(last=False)
