@@ -30,8 +30,6 @@ from numpy.typing import NDArray
 OBJECT_GEOMS: dict[str, str] = {"reach-v3": "objGeom", "push-v3": "objGeom", "pick-place-v3": "objGeom"}
 """Env classes whose ``_get_quat_objects`` is scipy's quaternion of this geom's orientation matrix."""
 
-_EYE = np.eye(3)
-
 
 def quat_from_matrix(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
     """scipy's ``Rotation.from_matrix(matrix).as_quat()`` for one 3x3 rotation matrix (``x, y, z, w``).
@@ -40,13 +38,26 @@ def quat_from_matrix(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
         >>> quat_from_matrix(np.eye(3)).tolist()
         [0.0, 0.0, 0.0, 1.0]
     """
-    m = np.asarray(matrix, dtype=np.float64).reshape(3, 3)
-    # scipy orthogonalises a matrix whose Gram matrix is not the identity within isclose(atol=1e-12).
-    if not bool((np.abs(m @ m.T - _EYE) <= 1e-12 + 1e-5 * _EYE).all()) or np.linalg.det(m) <= 0:
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = np.asarray(matrix, dtype=np.float64).ravel().tolist()
+    # scipy orthogonalises a matrix whose Gram matrix is not the identity within isclose(atol=1e-12)
+    # (rtol 1e-5 against the identity's ones), and refuses a non-positive determinant: such a matrix
+    # goes through scipy itself.
+    diagonal = (
+        m00 * m00 + m01 * m01 + m02 * m02,
+        m10 * m10 + m11 * m11 + m12 * m12,
+        m20 * m20 + m21 * m21 + m22 * m22,
+    )
+    off = (
+        m00 * m10 + m01 * m11 + m02 * m12,
+        m00 * m20 + m01 * m21 + m02 * m22,
+        m10 * m20 + m11 * m21 + m12 * m22,
+    )
+    orthogonal = all(abs(g - 1.0) <= 1e-12 + 1e-5 for g in diagonal) and all(abs(g) <= 1e-12 for g in off)
+    det = m00 * (m11 * m22 - m12 * m21) - m01 * (m10 * m22 - m12 * m20) + m02 * (m10 * m21 - m11 * m20)
+    if not orthogonal or det <= 0:
         from scipy.spatial.transform import Rotation
 
-        return np.asarray(Rotation.from_matrix(m).as_quat())
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.ravel().tolist()
+        return np.asarray(Rotation.from_matrix(np.reshape(matrix, (3, 3))).as_quat())
     trace = m00 + m11 + m22
     decision = (m00, m11, m22, trace)
     choice = decision.index(max(decision))  # the first of equal maxima, as argmax
