@@ -15,7 +15,10 @@ has a timeout, and a global budget skips what would not fit). Each part runs in 
    p50/p99 over HTTP ``/v1/act`` and over a MessagePack stream, then actions/s and tick p50/p99 through
    the columnar MessagePack batch and the vectorised stream, driven by several simulator processes
    (default 8 x 512 and 8 x 2,048 sessions, random observations) that measure the same window.
-3. ``trainer``: the trainer's end-to-end env steps/s (sampling + PPO update) for the paper-size
+3. ``trial``: a ``context=trial`` policy's cached step (paged key/value cache, fp32 and bf16) at trial
+   length 400 beside a window-5 step of the same small MuJoCo-size model, batch 1 ... 16,384, and the
+   device bytes a session holds at that length.
+4. ``trainer``: the trainer's end-to-end env steps/s (sampling + PPO update) for the paper-size
    halfcheetah-vel preset, env workers in processes (``vector=async``), the policy on the GPU, for
    two minutes (the first update is a warm-up and not counted).
 
@@ -83,6 +86,8 @@ def plan(smoke: bool) -> dict[str, Any]:
             "sequential_steps": 200,
             "stream_s": 1.0,
             "trainer_s": 5.0,
+            "trial_batches": [1, 16],
+            "trial_length": 40,
             "trainer_overrides": {
                 "tasks_per_update": "2",
                 "episodes_per_trial": "1",
@@ -90,7 +95,7 @@ def plan(smoke: bool) -> dict[str, Any]:
                 "device": "cpu",
                 "vector": "async",
             },
-            "timeouts_s": {"model": 240, "service": 300, "trainer": 0},  # trainer: set in main
+            "timeouts_s": {"model": 240, "service": 300, "trial": 120, "trainer": 0},  # trainer: in main
         }
     return {
         "device": "cuda",
@@ -104,8 +109,10 @@ def plan(smoke: bool) -> dict[str, Any]:
         "sequential_steps": 2000,
         "stream_s": 3.0,
         "trainer_s": 120.0,
+        "trial_batches": [1, 1024, 4096, 16384],
+        "trial_length": 400,
         "trainer_overrides": {"device": "cuda", "vector": "async"},
-        "timeouts_s": {"model": 200, "service": 200, "trainer": 0},  # trainer: set in main
+        "timeouts_s": {"model": 200, "service": 200, "trial": 120, "trainer": 0},  # trainer: in main
     }
 
 
@@ -305,6 +312,82 @@ def model_part(p: dict[str, Any]) -> dict[str, Any]:
             out["capture_s"][f"{name}-{precision}"] = round(capture_s, 2)
         out["sizes"][name] = {"actions_per_s": rows, "memory": _memory(net, p["memory_sessions"], device)}
         print(f"  model {name}: done", flush=True)
+    return out
+
+
+# -- part 1b: trial-long memory -----------------------------------------------------------------------------
+TRIAL_MODES = ("window-5", "paged-fp32", "paged-bf16")
+
+
+def _trial_step(pool: Any, length: int, *inputs: Any) -> None:
+    """Every slot steps from ``length`` working memories to one more (the lengths set back first)."""
+    pool.lengths.fill_(length)
+    pool.step(*inputs)
+
+
+def trial_part(p: dict[str, Any]) -> dict[str, Any]:
+    """A ``context=trial`` policy's cached step (MuJoCo-size small preset, every slot at trial length
+    ``trial_length - 1`` stepping to ``trial_length``) beside a window-5 step of the same size: actions/s
+    per batch and mode, and device bytes per session at that length."""
+    import torch
+
+    from trmrl.model import ModelConfig, TrMRL
+    from trmrl.slot_pool import SlotMemory, SlotPool
+    from trmrl.trial_pool import TrialPool
+
+    device = torch.device(p["device"])
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
+    length, seconds = p["trial_length"], p["point_s"]
+    obs_dim, act_dim = MUJOCO.obs_dim, MUJOCO.act_dim
+    torch.manual_seed(0)
+    window = TrMRL(ModelConfig.from_preset("small", obs_dim=obs_dim, act_dim=act_dim)).to(device).eval()
+    cfg = ModelConfig.from_preset(
+        "small", obs_dim=obs_dim, act_dim=act_dim, context="trial", window=1, max_context=length
+    )
+    trial = TrMRL(cfg).to(device).eval()
+    out: dict[str, Any] = {"length": length, "preset": "small", "actions_per_s": {}, "bytes_per_session": {}}
+    g = torch.Generator(device=device).manual_seed(0)
+    for b in p["trial_batches"]:
+        slots = torch.arange(b, device=device)
+        obs = torch.randn(b, obs_dim, device=device, generator=g)
+        reward = torch.zeros(b, device=device)
+        start = torch.zeros(b, dtype=torch.bool, device=device)
+        rates: dict[str, float] = {}
+        with torch.inference_mode():
+            for mode in TRIAL_MODES:
+                try:
+                    if mode == "window-5":
+                        pool: Any = SlotPool(window, b, device)
+                        pool.windows.normal_(generator=g)
+                        pool.lengths.fill_(window.config.window)
+                        step: Callable[[], object] = partial(pool.step, slots, obs, reward, start)
+                    else:
+                        dtype = torch.float32 if mode == "paged-fp32" else torch.bfloat16
+                        pool = TrialPool(trial, b, device, cache_dtype=dtype)
+                        memories = torch.randn(b, length, cfg.token_dim, device=device, generator=g)
+                        for first in range(0, b, 512):  # re-encoding is one causal forward per chunk
+                            part = slots[first : first + 512]
+                            pool.write(
+                                part,
+                                SlotMemory(
+                                    memories[first : first + 512],
+                                    torch.full((len(part),), length - 1, device=device),
+                                    torch.zeros(len(part), act_dim, device=device),
+                                ),
+                            )
+                        out["bytes_per_session"][mode] = pool.bytes_at_length(length)
+                        step = partial(_trial_step, pool, length - 1, slots, obs, reward, start)
+                    rates[mode] = rate(step, _sync(device), b, seconds)
+                except Exception as exc:  # one run on a card: keep the other modes' figures
+                    out.setdefault("errors", {})[f"{b}-{mode}"] = repr(exc)
+                    print(f"  trial {b} {mode}: {exc!r}", flush=True)
+                del pool
+                if cuda:
+                    torch.cuda.empty_cache()
+        out["actions_per_s"][str(b)] = rates
+        print(f"  trial batch {b}: done", flush=True)
     return out
 
 
@@ -549,6 +632,29 @@ def table(results: dict[str, Any]) -> str:
             )
     elif service:
         lines += ["", f"service: {service.get('error')}"]
+    trial = results.get("trial", {})
+    if "actions_per_s" in trial:
+        lines += [
+            "",
+            f"trial-long memory, small preset, MuJoCo size: actions/s at trial length {trial['length']}",
+        ]
+        lines.append(
+            f"{'batch':>8s}" + "".join(f"{m:>16s}" for m in TRIAL_MODES) + "   bf16 step / window-5 step"
+        )
+        for b, rates in trial["actions_per_s"].items():
+            cells = [_fmt(rates.get(m)) for m in TRIAL_MODES]
+            ratio = (
+                f"{rates['window-5'] / rates['paged-bf16']:.2f}x"
+                if "window-5" in rates and "paged-bf16" in rates
+                else "-"
+            )
+            lines.append(f"{int(b):>8d}" + "".join(f"{c:>16s}" for c in cells) + f"   {ratio}")
+        for mode, size in trial.get("bytes_per_session", {}).items():
+            lines.append(f"  {mode}: {size:,} B per session at that length")
+        for key, error in trial.get("errors", {}).items():
+            lines.append(f"  trial {key}: FAILED {error}")
+    elif trial:
+        lines += ["", f"trial-long memory: {trial.get('error')}"]
     trainer = results.get("trainer", {})
     if "steps_per_s" in trainer:
         lines += [
@@ -603,7 +709,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/gpu_bench.json")
     parser.add_argument(
-        "--parts", default="model,service,trainer", help="which parts to run (comma-separated)"
+        "--parts", default="model,service,trial,trainer", help="which parts to run (comma-separated)"
     )
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip a part that could end past this")
     parser.add_argument(
@@ -635,6 +741,7 @@ def main() -> None:
         parts: dict[str, Callable[[], dict[str, Any]]] = {
             "model": lambda: model_part(p),
             "service": lambda: service_part(p),
+            "trial": lambda: trial_part(p),
             "trainer": lambda: trainer_part(p),
             "simulator": lambda: simulator_part(args),
         }

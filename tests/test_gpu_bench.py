@@ -12,6 +12,7 @@ import torch
 from bench import gpu_bench
 from trmrl.model import ModelConfig, TrMRL
 from trmrl.slot_pool import SlotPool
+from trmrl.trial_pool import TrialPool
 
 
 def test_rate_counts_actions_per_second() -> None:
@@ -125,3 +126,30 @@ def test_a_failing_mode_keeps_the_other_figures(monkeypatch: pytest.MonkeyPatch)
     assert "capture failed" in out["errors"]["mujoco-bf16"]
     text = gpu_bench.table({"settings": {"cpu_smoke": True}, "model": out})
     assert "mujoco-bf16: FAILED" in text
+
+
+def test_trial_part_measures_the_cached_step_beside_a_window_step_on_a_cpu() -> None:
+    plan = gpu_bench.plan(smoke=True) | {"trial_batches": [1, 3], "trial_length": 20, "point_s": 0.01}
+    threads = torch.get_num_threads()
+    try:
+        out = gpu_bench.trial_part(plan)
+    finally:
+        torch.set_num_threads(threads)
+    assert "errors" not in out
+    assert set(out["actions_per_s"]) == {"1", "3"}
+    for rates in out["actions_per_s"].values():
+        assert set(rates) == set(gpu_bench.TRIAL_MODES) and all(v > 0 for v in rates.values())
+    # What a pool of that model says a session holds at trial length 20 (two 16-position blocks).
+    spec = gpu_bench.MUJOCO
+    cfg = ModelConfig.from_preset(
+        "small", obs_dim=spec.obs_dim, act_dim=spec.act_dim, context="trial", window=1, max_context=20
+    )
+    for mode, dtype in (("paged-fp32", torch.float32), ("paged-bf16", torch.bfloat16)):
+        pool = TrialPool(TrMRL(cfg), 1, cache_dtype=dtype)
+        assert (
+            out["bytes_per_session"][mode]
+            == pool.bytes_at_length(20)
+            == pool.bytes_held(torch.zeros(1, dtype=torch.long)).item() + 2 * pool.block_bytes
+        )
+    text = gpu_bench.table({"settings": {"cpu_smoke": True}, "trial": out})
+    assert "trial length 20" in text and "bf16 step / window-5 step" in text
