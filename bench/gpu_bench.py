@@ -357,9 +357,10 @@ def trial_part(p: dict[str, Any]) -> dict[str, Any]:
         rates: dict[str, float] = {}
         with torch.inference_mode():
             for mode in TRIAL_MODES:
+                pool: Any = None
                 try:
                     if mode == "window-5":
-                        pool: Any = SlotPool(window, b, device)
+                        pool = SlotPool(window, b, device)
                         pool.windows.normal_(generator=g)
                         pool.lengths.fill_(window.config.window)
                         step: Callable[[], object] = partial(pool.step, slots, obs, reward, start)

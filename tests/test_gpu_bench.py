@@ -3,6 +3,7 @@ helper, and the verdicts and table for a result shaped like a GPU run."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,14 @@ from trmrl.slot_pool import SlotPool
 from trmrl.trial_pool import TrialPool
 
 
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """The parts pin one torch thread on a CPU; give the rest of the run its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_rate_counts_actions_per_second() -> None:
     calls = []
 
@@ -25,13 +34,9 @@ def test_rate_counts_actions_per_second() -> None:
     assert value > 0 and len(calls) >= 3 + 1 + 3 * 3
 
 
-def test_model_part_measures_every_mode_batch_and_size_on_a_cpu() -> None:
+def test_model_part_measures_every_mode_batch_and_size_on_a_cpu(restore_threads: None) -> None:
     plan = gpu_bench.plan(smoke=True) | {"batches": [1, 4], "point_s": 0.01, "memory_sessions": 100}
-    threads = torch.get_num_threads()
-    try:
-        out = gpu_bench.model_part(plan)
-    finally:
-        torch.set_num_threads(threads)  # the part pins one thread on a CPU; give the rest of the run its own
+    out = gpu_bench.model_part(plan)
     assert out["modes"] == ["fp32-eager", "fp32-fixed", "bf16-fixed", "fp32-fixed+copies"]
     assert set(out["sizes"]) == {"mujoco", "metaworld"}
     for name, size in out["sizes"].items():
@@ -106,7 +111,9 @@ def test_a_failed_part_is_reported_not_raised(tmp_path: Path) -> None:
     assert out["error"].startswith("exit status")
 
 
-def test_a_failing_mode_keeps_the_other_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_mode_keeps_the_other_figures(
+    monkeypatch: pytest.MonkeyPatch, restore_threads: None
+) -> None:
     real = gpu_bench._fixed_rates
 
     def failing(*args: Any, **kwargs: Any) -> Any:
@@ -116,11 +123,7 @@ def test_a_failing_mode_keeps_the_other_figures(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(gpu_bench, "_fixed_rates", failing)
     plan = gpu_bench.plan(smoke=True) | {"batches": [2], "point_s": 0.01, "memory_sessions": 10}
-    threads = torch.get_num_threads()
-    try:
-        out = gpu_bench.model_part(plan)
-    finally:
-        torch.set_num_threads(threads)
+    out = gpu_bench.model_part(plan)
     rows = out["sizes"]["mujoco"]["actions_per_s"]
     assert rows["bf16-fixed"] == {} and rows["fp32-fixed"]["2"] > 0 and rows["fp32-eager"]["2"] > 0
     assert "capture failed" in out["errors"]["mujoco-bf16"]
@@ -128,13 +131,9 @@ def test_a_failing_mode_keeps_the_other_figures(monkeypatch: pytest.MonkeyPatch)
     assert "mujoco-bf16: FAILED" in text
 
 
-def test_trial_part_measures_the_cached_step_beside_a_window_step_on_a_cpu() -> None:
+def test_trial_part_measures_the_cached_step_beside_a_window_step_on_a_cpu(restore_threads: None) -> None:
     plan = gpu_bench.plan(smoke=True) | {"trial_batches": [1, 3], "trial_length": 20, "point_s": 0.01}
-    threads = torch.get_num_threads()
-    try:
-        out = gpu_bench.trial_part(plan)
-    finally:
-        torch.set_num_threads(threads)
+    out = gpu_bench.trial_part(plan)
     assert "errors" not in out
     assert set(out["actions_per_s"]) == {"1", "3"}
     for rates in out["actions_per_s"].values():

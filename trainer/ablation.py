@@ -183,6 +183,10 @@ def gap_closed(family: str, split: str, value: float) -> float | None:
     memoryless, oracle = references(family, split)
     if abs(oracle - memoryless) < 0.05 * max(abs(oracle), abs(memoryless)):
         return None
+    return _share(value, memoryless, oracle)
+
+
+def _share(value: float, memoryless: float, oracle: float) -> float:
     return (value - memoryless) / (oracle - memoryless)
 
 
@@ -271,7 +275,7 @@ def summarize(arm: Arm, run: Path) -> dict[str, Any] | None:
     memoryless, oracle = references(arm.family)
 
     def gap(value: float) -> float:
-        return (value - memoryless) / (oracle - memoryless)
+        return _share(value, memoryless, oracle)
 
     last = [v for _, v in evals[-LAST_EVALS:]]
     end = sum(last) / len(last)
