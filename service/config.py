@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     batched regardless, so 0 keeps a lone session's latency lowest."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Precision of the forward pass (autocast); session memory and actions stay float32."""
+    cache_mib: float = Field(default=0.0, ge=0)
+    """A trial-context model's key/value cache, MiB per loaded version, allocated once at start: its
+    sessions share its blocks, and a step that needs a block when none is free gets 503
+    ``cache_exhausted``, the session unchanged. 0: the cache grows on demand, bounded only by
+    ``max_sessions`` full contexts. Ignored by window and RL² models."""
     cuda_graphs: bool = True
     """On CUDA, capture the batched step as CUDA graphs, one per batch-size bucket (powers of two up
     to ``max_batch``), and replay them."""

@@ -53,6 +53,7 @@ def load_models(settings: Settings) -> ModelRegistry:
         max_queued_steps=settings.max_queued_steps,
         precision=settings.dtype,
         cuda_graphs=settings.cuda_graphs,
+        cache_mib=settings.cache_mib,
     )
     clash = duplicate_names(checkpoints)
     if clash is not None:

@@ -101,8 +101,13 @@ class _EngineCollector(Collector):
         blocks = GaugeMetricFamily(
             "trmrl_cache_blocks",
             "Key/value cache blocks of a trial-context model, held by sessions (state=held) or free for "
-            "reuse (state=free); the store grows when none are free.",
+            "reuse (state=free); the store grows when none are free, unless TRMRL_CACHE_MIB fixes it.",
             labels=[*labels, "state"],
+        )
+        refused = CounterMetricFamily(
+            "trmrl_cache_refused_steps",
+            "Steps refused (503 cache_exhausted) because a fixed key/value cache had no free block.",
+            labels=labels,
         )
         phase = [*labels, "phase"]
         reward_sum = CounterMetricFamily(
@@ -131,6 +136,7 @@ class _EngineCollector(Collector):
                 if "cache_blocks_held" in stats:
                     blocks.add_metric([*key, "held"], stats["cache_blocks_held"])
                     blocks.add_metric([*key, "free"], stats["cache_blocks_free"])
+                    refused.add_metric(key, stats["cache_refused_steps"])
                 active.add_metric(key, float(registry.engines.get(engine.name) is engine))
                 share = registry.canary.get(engine.name)
                 canary.add_metric(key, share[1] if share is not None and share[0] == engine.version else 0.0)
@@ -140,7 +146,8 @@ class _EngineCollector(Collector):
                     reward_steps.add_metric([*key, name], count)
                     if count:
                         reward_mean.add_metric([*key, name], total / count)
-        yield from (sessions, queued, evictions, expirations, steps, passes, held, blocks, active, canary)
+        yield from (sessions, queued, evictions, expirations, steps, passes, held, blocks, refused, active)
+        yield canary
         yield from (reward_sum, reward_steps, reward_mean)
         recorded = CounterMetricFamily("trmrl_recorded_steps", "Steps written to recordings.")
         lost = CounterMetricFamily(

@@ -284,3 +284,32 @@ def test_an_empty_step_returns_nothing_and_changes_nothing() -> None:
     with torch.no_grad():
         out = pool.step(none, torch.zeros(0, OBS), torch.zeros(0), torch.zeros(0, dtype=torch.bool))
     assert out.output.mean.shape == (0, ACT) and _same(before, _state(pool))
+
+
+def test_starved_names_the_rows_a_fixed_budget_cannot_serve_earlier_rows_first() -> None:
+    net = _net(max_context=40, memory_scope="trial")
+    pool = TrialPool(net, 5, block_size=4, blocks=3)
+    for t in range(4):  # slot 0: 4 memories, its one block full
+        _step(pool, [0], [t == 0])
+    _step(pool, [1], [True])  # slot 1: one memory in one block
+    assert pool.free_blocks == 1
+    slots, start = torch.tensor([2, 0, 1, 3]), torch.tensor([True, False, False, True])
+    # Slot 2 (a new trial), slot 0 (at a block's end) and slot 3 (new) need a block; slot 1 has room.
+    starved = pool.starved(slots, start)
+    assert starved.tolist() == [False, True, False, True]
+    before = _state(pool)
+    _step(pool, [2, 1], [True, False])  # the served rows alone fit
+    assert pool.free_blocks == 0 and not _same(before, _state(pool))
+    # A trial-scope episode start does not restart the context: slot 0 still needs a block.
+    assert pool.starved(torch.tensor([0]), torch.tensor([True])).tolist() == [True]
+    # A cleared row restarts in the block it holds; a cleared slot with none needs one.
+    clear = torch.tensor([True, True])
+    assert pool.starved(torch.tensor([0, 4]), torch.tensor([True, True]), clear).tolist() == [False, True]
+    # Under episode scope an episode start restarts the context in its first block.
+    episodic = TrialPool(_net(max_context=40, memory_scope="episode"), 2, block_size=4, blocks=1)
+    for t in range(4):
+        _step(episodic, [0], [t == 0])
+    assert episodic.starved(torch.tensor([0, 0]), torch.tensor([True, False])).tolist() == [False, True]
+    # Without a budget the store grows: nothing is starved.
+    growing = TrialPool(net, 5, block_size=4)
+    assert not growing.starved(slots, start).any()

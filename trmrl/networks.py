@@ -27,11 +27,18 @@ def build_model(config: ModelConfig) -> Network:
     return RL2(config) if config.policy == "rl2" else TrMRL(config)
 
 
-def make_pool(model: Network, capacity: int, device: torch.device | str | None = None) -> SlotStore:
+def make_pool(
+    model: Network,
+    capacity: int,
+    device: torch.device | str | None = None,
+    *,
+    cache_blocks: int | None = None,
+) -> SlotStore:
     """A pool of ``capacity`` memories for ``model``: windows for TrMRL, each trial's working memories
-    with their keys and values for a ``context="trial"`` TrMRL, hidden states for RL²."""
+    with their keys and values for a ``context="trial"`` TrMRL (``cache_blocks``: a fixed budget of
+    cache blocks; ``None``: the cache grows on demand), hidden states for RL²."""
     if isinstance(model, RL2):
         return RecurrentPool(model, capacity, device)
     if model.config.context == "trial":
-        return TrialPool(model, capacity, device)
+        return TrialPool(model, capacity, device, blocks=cache_blocks)
     return SlotPool(model, capacity, device)

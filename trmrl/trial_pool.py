@@ -284,6 +284,17 @@ class TrialPool(TrialStore):
         """Row ``p``: the attention bias of a step writing position ``p`` (``-inf`` past it)."""
 
     # -- blocks ----------------------------------------------------------------------------------------
+    @staticmethod
+    def block_bytes_of(
+        model: TrMRL, cache_dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE
+    ) -> int:
+        """Bytes of one block of ``model``'s cache (its keys and values at every layer), before any
+        pool is built: what sizing a budget (``blocks``) from a byte count needs."""
+        cfg = model.config
+        layers = (2 if model.value_encoder is not None else 1) * cfg.n_layers
+        itemsize = torch.empty(0, dtype=cache_dtype).element_size()
+        return 2 * layers * cfg.d_model * block_size * itemsize
+
     @property
     def blocks(self) -> int:
         """Blocks in the store, the null block 0 included."""
@@ -354,6 +365,20 @@ class TrialPool(TrialStore):
         rows[missing] = self._take(count)
         self.table[slots] = rows
         self.held[slots] = wanted
+
+    def starved(self, slots: Tensor, episode_start: Tensor, clear: Tensor | None = None) -> Tensor:
+        """``[B]`` bool: the rows of a :meth:`step` (same arguments) that a fixed block budget cannot
+        serve now -- each needs a new block and the free ones go to the earlier rows first. All
+        ``False`` without a budget (the store grows). Stepping the other rows alone then succeeds."""
+        lengths = self.lengths[slots]
+        if clear is not None:
+            lengths = torch.where(clear.to(torch.bool), torch.zeros_like(lengths), lengths)
+        if self.config.memory_scope == "episode":
+            lengths = torch.where(episode_start.to(torch.bool), torch.zeros_like(lengths), lengths)
+        grow = torch.div(lengths, self.block_size, rounding_mode="floor") >= self.held[slots]
+        if self.budget is None:
+            return torch.zeros_like(grow)
+        return grow & (grow.cumsum(0) > self._free_count)
 
     # -- the step --------------------------------------------------------------------------------------
     def _take_in(self, slots: Tensor, _memory: Tensor, lengths: Tensor, tokens: Tensor) -> PoolStep:

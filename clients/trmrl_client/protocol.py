@@ -544,6 +544,7 @@ _STATUS_OF_CODE = {
     "step_conflict": 409,
     "context_full": 409,
     "capacity_exhausted": 429,
+    "cache_exhausted": 503,
 }
 
 

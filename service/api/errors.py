@@ -69,6 +69,7 @@ STATUS: dict[str, int] = {
     "draining": 503,
     "not_ready": 503,
     "busy": 503,
+    "cache_exhausted": 503,
 }
 
 

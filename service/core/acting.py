@@ -221,7 +221,11 @@ async def act_columnar(
                 for row in picked[part].tolist():
                     failed[row] = exc
                 continue
-            actions[picked[part]] = computed[batch_rows]
+            actions[picked[part]] = computed.actions[batch_rows]
+            if computed.refused is not None and computed.refused[batch_rows].any():
+                assert computed.error is not None
+                for row in picked[part][computed.refused[batch_rows]].tolist():
+                    failed[row] = computed.error
     versions = None
     if len(submitted) > 1:
         versions = [engine.version] * rows

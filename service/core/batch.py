@@ -5,10 +5,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
+from service.core.errors import ServiceError
 from service.core.session_table import SessionTable
+
+
+class Computed(NamedTuple):
+    """What a batch's forward pass gives every step in it."""
+
+    actions: np.ndarray
+    """``[n, act_dim]`` clipped actions (NaN in refused rows)."""
+    refused: np.ndarray | None = None
+    """``[n]`` bool: rows not computed (``None``: none), each answered with :attr:`error`."""
+    error: ServiceError | None = None
+
+    def action(self, row: int) -> np.ndarray:
+        """Row ``row``'s action, or its refusal raised."""
+        if self.refused is not None and self.refused[row]:
+            assert self.error is not None
+            raise self.error
+        return self.actions[row]
 
 
 class Batch:
@@ -27,12 +46,15 @@ class Batch:
         """The session's context count before the step (the session table's, for a roll-back)."""
         self.applied = np.zeros((rows, act_dim), np.float32)
         self.applied_mask = np.zeros(rows, bool)
+        self.refused = np.zeros(rows, bool)
+        """Rows the forward pass left out: a fixed key/value cache budget had no block for them (set by
+        the pass; the batcher rolls them back)."""
         self.released = np.zeros(0, np.int64)
         """Slots of ended sessions whose trial cache the pass gives back first (taken at dispatch)."""
         self.id = -1
         self.size = 0
         self.opened_at = 0.0
-        self.future: asyncio.Future[np.ndarray] | None = None
+        self.future: asyncio.Future[Computed] | None = None
 
     def put(
         self,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.core import errors
-from service.core.batch import Batch
+from service.core.batch import Batch, Computed
 from service.core.errors import ServiceError
 from service.core.records import EngineLimits
 from service.core.session_table import SessionTable
@@ -35,7 +35,7 @@ from service.core.session_table import SessionTable
 log = logging.getLogger("trmrl.service")
 
 
-class _SharedFuture(asyncio.Future[np.ndarray]):
+class _SharedFuture(asyncio.Future[Computed]):
     """A batch's result, awaited by every step in it. It cannot be cancelled: a client gone away must
     not cancel its neighbours' result (this costs less than an ``asyncio.shield`` per request)."""
 
@@ -49,7 +49,7 @@ class Ticket:
     __slots__ = ("_cached", "_future", "_row", "step")
 
     def __init__(
-        self, step: int, future: asyncio.Future[np.ndarray] | None, row: int, cached: np.ndarray | None
+        self, step: int, future: asyncio.Future[Computed] | None, row: int, cached: np.ndarray | None
     ) -> None:
         self.step = step
         self._future = future
@@ -60,8 +60,8 @@ class Ticket:
         if self._future is None:
             assert self._cached is not None
             return self._cached
-        actions = await self._future
-        return actions[self._row]
+        computed = await self._future
+        return computed.action(self._row)
 
 
 @dataclass
@@ -78,14 +78,19 @@ class RowTickets:
     cached_rows: np.ndarray
     """Rows that retry a completed step: their action is in :attr:`cached`."""
     cached: np.ndarray
-    parts: list[tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]]
-    """``(future, rows, batch rows)``: the batches computing the other rows, and where in them."""
+    parts: list[tuple[asyncio.Future[Computed], np.ndarray, np.ndarray]]
+    """``(future, rows, batch rows)``: the batches computing the other rows, and where in them
+    (:meth:`Computed.action`: a row may be refused by the pass, as a whole batch may fail)."""
 
 
 Compute = Callable[[Batch, int, np.ndarray, np.ndarray], np.ndarray]
-"""A forward pass: ``(batch, n, deterministic, seeds)`` -> the ``n`` rows' clipped actions."""
+"""A forward pass: ``(batch, n, deterministic, seeds)`` -> the ``n`` rows' clipped actions; rows it
+could not take (no key/value cache block) it marks in ``batch.refused`` and leaves uncomputed."""
 Commit = Callable[[Batch, int, np.ndarray], None]
-"""Count a computed batch: ``(batch, n, actions)``, on the event loop."""
+"""Count a computed batch: ``(batch, n, actions)``, on the event loop (its refused rows are not
+counted: they are rolled back)."""
+Refusal = Callable[[], ServiceError]
+"""The error a row refused by the forward pass gets."""
 
 
 class Batcher:
@@ -100,6 +105,7 @@ class Batcher:
         *,
         compute: Compute,
         commit: Commit,
+        refusal: Refusal | None = None,
     ) -> None:
         self.name = name
         self.table = table
@@ -109,12 +115,13 @@ class Batcher:
         self.max_queued_steps = limits.max_queued_steps
         self.compute = compute
         self.commit = commit
+        self.refusal = refusal or (lambda: ServiceError("internal_error", "The model refused this step."))
         # One thread: forward passes of this model run one at a time and in order, and the slot pool
         # is only ever touched from it.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
         self._open: deque[Batch] = deque()
         self._spare: list[Batch] = []
-        self.inflight: dict[int, asyncio.Future[np.ndarray]] = {}
+        self.inflight: dict[int, asyncio.Future[Computed]] = {}
         """Futures of batches not yet completed (open or computing), by batch id."""
         self._next_batch_id = 0
         self._wake = asyncio.Event()
@@ -199,7 +206,7 @@ class Batcher:
         if len(fresh) and self.queued_steps + len(fresh) > self.max_queued_steps:
             raise errors.overloaded(self.max_queued_steps)
         table.touch(slots[~(conflict | full)])
-        parts: list[tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]] = []
+        parts: list[tuple[asyncio.Future[Computed], np.ndarray, np.ndarray]] = []
         cached_rows = np.zeros(0, np.int64)
         cached = np.zeros((0, self.act_dim), np.float32)
         if retry.any():
@@ -256,7 +263,7 @@ class Batcher:
         reward: np.ndarray,
         episode_start: np.ndarray,
         applied: np.ndarray | None,
-    ) -> tuple[asyncio.Future[np.ndarray], np.ndarray, np.ndarray]:
+    ) -> tuple[asyncio.Future[Computed], np.ndarray, np.ndarray]:
         """Write ``rows`` of a tick into ``batch``'s next free rows (one array write per column)."""
         start, stop = batch.size, batch.size + len(rows)
         chosen = slots[rows]
@@ -278,7 +285,7 @@ class Batcher:
         assert isinstance(batch_rows, np.ndarray)
         return batch.future, rows, batch_rows
 
-    def _inflight_future(self, batch_id: int) -> asyncio.Future[np.ndarray]:
+    def _inflight_future(self, batch_id: int) -> asyncio.Future[Computed]:
         future = self.inflight.get(batch_id)
         if future is None:
             raise ServiceError("internal_error", "A queued step lost its batch.")
@@ -330,6 +337,7 @@ class Batcher:
         waited = time.perf_counter() - batch.opened_at
         await self.step_lock.acquire()
         batch.released = self.table.take_released()
+        batch.refused[:n] = False
         try:
             actions = await loop.run_in_executor(self.executor, self.compute, batch, n, deterministic, seeds)
         except Exception:
@@ -346,9 +354,22 @@ class Batcher:
                 )
                 future.exception()  # retrieved here: requests that went away must not log it again
         else:
+            refused = batch.refused[:n]
+            result = Computed(actions)
+            if refused.any():
+                # Rows the cache had no block for: not taken, so their sessions are as before the step.
+                r = refused
+                self.table.roll_back(
+                    slots[r],
+                    batch.generation[:n][r],
+                    batch.start_was_pending[:n][r],
+                    batch.clear[:n][r],
+                    batch.context[:n][r],
+                )
+                result = Computed(actions, refused.copy(), self.refusal())
             self.commit(batch, n, actions)
             if not future.done():
-                future.set_result(actions)
+                future.set_result(result)
             if self.on_batch is not None:
                 self.on_batch(n, waited)
         finally:

@@ -75,13 +75,21 @@ class Engine:
             self.table.max_context = cfg.max_context
             self.table.episode_scope = cfg.memory_scope == "episode"
         self.batcher = Batcher(
-            name, self.table, self.obs_dim, limits, compute=self.forward.run, commit=self._commit
+            name,
+            self.table,
+            self.obs_dim,
+            limits,
+            compute=self.forward.run,
+            commit=self._commit,
+            refusal=self._cache_refusal,
         )
         self.submit = self.batcher.submit
         self.submit_rows = self.batcher.submit_rows
         self.step_lock = self.batcher.step_lock
         self._task: asyncio.Task[None] | None = None
         self.ticks = 0
+        self.cache_refused_steps = 0
+        """Steps refused for want of a key/value cache block (a fixed ``TRMRL_CACHE_MIB`` budget)."""
         self.stepped = 0
         self.reward_sums = np.zeros(2)
         """Rewards received for an episode's first ``ADAPTATION_STEPS`` actions, and for later ones."""
@@ -157,7 +165,27 @@ class Engine:
             free = self.pool.free_blocks
             stats["cache_blocks_free"] = free
             stats["cache_blocks_held"] = self.pool.blocks - 1 - free
+            stats["cache_refused_steps"] = self.cache_refused_steps
         return stats
+
+    def cache_room(self) -> int | None:
+        """Free key/value cache blocks under a fixed budget (``TRMRL_CACHE_MIB``) once ended sessions'
+        blocks are back (else they go back at the next forward pass); ``None``: no budget, the cache
+        grows. Hold the step lock."""
+        if self.forward.cache_blocks is None:
+            return None
+        assert isinstance(self.pool, TrialPool)
+        released = self.table.take_released()
+        if len(released):
+            with torch.inference_mode():
+                self.pool.clear(torch.from_numpy(released).to(self.device))
+        return self.pool.free_blocks
+
+    def cache_blocks_for(self, lengths: np.ndarray) -> int:
+        """Key/value cache blocks contexts of ``lengths`` working memories hold in this model's pool."""
+        assert isinstance(self.pool, TrialPool)
+        size = self.pool.block_size
+        return int(((np.asarray(lengths, np.int64) + size - 1) // size).sum())
 
     @property
     def device_bytes(self) -> int:
@@ -227,22 +255,33 @@ class Engine:
         return np.asarray(observation, np.float32)
 
     # -- counting a computed batch ---------------------------------------------------------------------
+    def _cache_refusal(self) -> ServiceError:
+        return errors.cache_exhausted(self.forward.cache_blocks or 0)
+
     def _commit(self, batch: Batch, n: int, actions: np.ndarray) -> None:
-        """Count a computed batch (event loop): the adaptation signal, the recording, the table."""
+        """Count a computed batch (event loop): the adaptation signal, the recording, the table. Rows
+        the pass refused (``batch.refused``) were rolled back and are not counted."""
         table = self.table
-        slots = batch.slots[:n]
+        slots, start, rewards = batch.slots[:n], batch.start[:n], batch.reward[:n]
         live = table.alive(slots, batch.generation[:n])
-        start = batch.start[:n]
-        self._count_rewards(slots, start, live, batch.reward[:n])
-        self.curves.count(table, slots, start, live, batch.reward[:n])
+        refused = batch.refused[:n]
+        served = ~refused
+        if refused.any():
+            self.cache_refused_steps += int(refused.sum())
+            live = live & served  # for the recording, which reads the batch's rows itself
         if self.recorder is not None:
             recorded = table.record[slots] & live
             if recorded.any():
                 before = np.where(start, 0, table.episode_step[slots])
                 self.recorder.submit(self._recorded(batch, n, actions, recorded, before))
+        if refused.any():
+            slots, start, live = slots[served], start[served], live[served]
+            rewards, actions = rewards[served], actions[served]
+        self._count_rewards(slots, start, live, rewards)
+        self.curves.count(table, slots, start, live, rewards)
         table.commit(slots, live, start, actions)
         self.ticks += 1
-        self.stepped += n
+        self.stepped += len(slots)
 
     def _count_rewards(
         self, slots: np.ndarray, start: np.ndarray, live: np.ndarray, rewards: np.ndarray

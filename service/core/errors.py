@@ -94,6 +94,20 @@ def context_full(session_id: str, max_context: int) -> ServiceError:
     )
 
 
+def cache_exhausted(blocks: int, needed: int | None = None) -> ServiceError:
+    """A trial-context model's fixed key/value cache budget (``TRMRL_CACHE_MIB``) has no free block."""
+    detail: dict[str, Any] = {"cache_blocks": blocks}
+    if needed is not None:
+        detail["needed_blocks"] = needed
+    return ServiceError(
+        "cache_exhausted",
+        f"The model's key/value cache (a fixed budget of {blocks} blocks) has no free block for this; "
+        "nothing was taken and the session is unchanged. Blocks come back as sessions end or reset "
+        "their trials: retry shortly.",
+        detail,
+    )
+
+
 def session_busy(session_id: str) -> ServiceError:
     return ServiceError(
         "session_busy",

@@ -25,8 +25,28 @@ from trmrl.model import TrMRL
 from trmrl.networks import make_pool
 from trmrl.policy import act, counter_normal
 from trmrl.slot_pool import SlotPool
+from trmrl.trial_pool import BLOCK_SIZE, TrialPool
 
 log = logging.getLogger("trmrl.service")
+
+
+def cache_budget(checkpoint: Checkpoint, cache_mib: float) -> int | None:
+    """The blocks ``cache_mib`` MiB of a trial-context model's key/value cache hold (``None`` for 0: the
+    cache grows on demand). Refused when they hold less than one full context."""
+    if not cache_mib:
+        return None
+    model = checkpoint.model
+    assert isinstance(model, TrMRL)
+    per_block = TrialPool.block_bytes_of(model)
+    blocks = int(cache_mib * 2**20) // per_block
+    full = -(-model.config.max_context // BLOCK_SIZE)
+    if blocks < full:
+        raise CheckpointError(
+            f"{checkpoint.path}: TRMRL_CACHE_MIB={cache_mib:g} holds {blocks} key/value cache blocks of "
+            f"{per_block} bytes, fewer than one full trial context needs ({full} blocks for "
+            f"max_context={model.config.max_context}); give it at least {full * per_block / 2**20:.3g} MiB"
+        )
+    return blocks
 
 
 class Forward:
@@ -48,7 +68,12 @@ class Forward:
         self.low = torch.tensor(checkpoint.info.action_low, dtype=torch.float32, device=device)
         self.high = torch.tensor(checkpoint.info.action_high, dtype=torch.float32, device=device)
         fixed_shapes = not (recurrent or trial) and (device.type == "cuda" or precision != "fp32")
-        self.pool = make_pool(self.model, max_sessions + (1 if fixed_shapes else 0), device)
+        self.cache_blocks = cache_budget(checkpoint, limits.cache_mib) if trial else None
+        """A trial-context model's fixed key/value cache budget in blocks (``TRMRL_CACHE_MIB``); ``None``:
+        the cache grows on demand."""
+        self.pool = make_pool(
+            self.model, max_sessions + (1 if fixed_shapes else 0), device, cache_blocks=self.cache_blocks
+        )
         self.fixed: BucketedStep | None = None
         """The fixed-shape step (GPU, reduced precision); ``None``: the eager step."""
         if fixed_shapes:
@@ -88,7 +113,9 @@ class Forward:
             self.pool.clear(torch.arange(count, device=self.device))
 
     def run(self, batch: Batch, n: int, deterministic: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """One forward pass for the batch's ``n`` steps (worker thread); returns clipped actions."""
+        """One forward pass for the batch's ``n`` steps (worker thread); returns clipped actions. Under
+        a fixed cache budget, rows that need a block when none is free are marked in ``batch.refused``
+        (later rows first), left out of the pass and their actions NaN."""
         if self.fixed is not None:
             return self._run_fixed(batch, n, deterministic, seeds)
         device = self.device
@@ -103,31 +130,68 @@ class Forward:
                 # before the forward pass; if the pass then fails, the session has lost only what
                 # its reset asked to forget, and the rollback re-arms the clear for the retry.
                 self.pool.clear(slots[torch.from_numpy(clear).to(device)])
-            applied: torch.Tensor | None = None
-            applied_mask: torch.Tensor | None = None
-            if batch.applied_mask[:n].any():
-                applied = torch.from_numpy(batch.applied[:n]).to(device)
-                applied_mask = torch.from_numpy(batch.applied_mask[:n]).to(device)
-            noise: torch.Tensor | None = None
-            sample: torch.Tensor | bool = True
-            if not deterministic.all():
-                steps = torch.from_numpy(batch.steps[:n])
-                noise = counter_normal(torch.from_numpy(seeds), steps, self.act_dim).to(device)
-                sample = torch.from_numpy(deterministic).to(device)
-            result = act(
-                self.pool,
-                slots,
-                torch.from_numpy(batch.obs[:n]).to(device),
-                torch.from_numpy(batch.reward[:n]).to(device),
-                torch.from_numpy(batch.start[:n]).to(device),
-                low=self.low,
-                high=self.high,
-                deterministic=sample,
-                noise=noise,
-                applied_action=applied,
-                applied_mask=applied_mask,
-            )
-            return result.actions.cpu().numpy()
+            start = torch.from_numpy(batch.start[:n]).to(device)
+            rows: np.ndarray | None = None  # the rows this pass computes (None: all)
+            if self.cache_blocks is not None:
+                assert isinstance(self.pool, TrialPool)
+                starved = self.pool.starved(slots, start).cpu().numpy()
+                if starved.any():
+                    batch.refused[:n] = starved
+                    rows = np.flatnonzero(~starved)
+                    if not len(rows):
+                        return np.full((n, self.act_dim), np.nan, np.float32)
+            actions = self._act(batch, n, rows, slots, start, deterministic, seeds)
+            if rows is None:
+                return actions
+            out = np.full((n, self.act_dim), np.nan, np.float32)
+            out[rows] = actions
+            return out
+
+    def _act(
+        self,
+        batch: Batch,
+        n: int,
+        rows: np.ndarray | None,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        deterministic: np.ndarray,
+        seeds: np.ndarray,
+    ) -> np.ndarray:
+        """The eager step of the batch's first ``n`` rows, or of ``rows`` of them."""
+        device = self.device
+
+        def pick(column: np.ndarray) -> np.ndarray:
+            return column[:n] if rows is None else column[:n][rows]
+
+        if rows is not None:
+            index = torch.from_numpy(rows).to(device)
+            slots, start = slots[index], start[index]
+            deterministic, seeds = deterministic[rows], seeds[rows]
+        applied: torch.Tensor | None = None
+        applied_mask: torch.Tensor | None = None
+        if pick(batch.applied_mask).any():
+            applied = torch.from_numpy(pick(batch.applied)).to(device)
+            applied_mask = torch.from_numpy(pick(batch.applied_mask)).to(device)
+        noise: torch.Tensor | None = None
+        sample: torch.Tensor | bool = True
+        if not deterministic.all():
+            steps = torch.from_numpy(pick(batch.steps))
+            noise = counter_normal(torch.from_numpy(seeds), steps, self.act_dim).to(device)
+            sample = torch.from_numpy(deterministic).to(device)
+        result = act(
+            self.pool,
+            slots,
+            torch.from_numpy(pick(batch.obs)).to(device),
+            torch.from_numpy(pick(batch.reward)).to(device),
+            start,
+            low=self.low,
+            high=self.high,
+            deterministic=sample,
+            noise=noise,
+            applied_action=applied,
+            applied_mask=applied_mask,
+        )
+        return result.actions.cpu().numpy()
 
     def _run_fixed(self, batch: Batch, n: int, deterministic: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """:meth:`run` at fixed shapes (GPU, reduced precision): the same step, with resets as a mask

@@ -38,17 +38,33 @@ def compatible(target: Engine, source: Engine) -> bool:
     return kind == "trmrl" or target.pool.memory_shape == source.pool.memory_shape
 
 
+def check_cache(target: Engine, sources: list[Engine]) -> None:
+    """Refuse (503 ``cache_exhausted``) moving the sessions of ``sources`` to a ``target`` whose fixed
+    key/value cache budget has too few free blocks for their contexts (hold ``target``'s step lock)."""
+    room = target.cache_room()
+    if room is None:
+        return
+    need = 0
+    for source in sources:
+        slots = torch.as_tensor(list(source.table.ids.values()), dtype=torch.long)
+        need += target.cache_blocks_for(source.pool.lengths[slots.to(source.device)].cpu().numpy())
+    if need > room:
+        assert target.forward.cache_blocks is not None
+        raise errors.cache_exhausted(target.forward.cache_blocks, need)
+
+
 def move_sessions(source: Engine, target: Engine) -> int:
     """Move every session of ``source`` to ``target`` with its memory intact; returns how many moved.
 
     The caller holds both step locks and has drained ``source``. The window is copied as it is (a
     shorter window keeps the newest memories); a trial context is written whole, and the target's
     pool re-encodes it under its own weights (:meth:`~trmrl.trial_pool.TrialPool.write`). Nothing
-    changes if they do not fit (429).
+    changes if they do not fit (429; 503 ``cache_exhausted`` for a fixed cache budget).
     """
     count = len(source.table)
     if not count:
         return 0
+    check_cache(target, [source])
     old, slots = target.table.take_over(source.table)
     memory = source.pool.read(torch.from_numpy(old).to(source.device))
     windows, lengths = fit_windows(memory.windows, memory.lengths, target.pool.memory_shape[0])
@@ -91,6 +107,9 @@ async def activate(
         free = target.limits.max_sessions - len(target.table)
         if moving > free:
             raise errors.capacity_exhausted(target.limits.max_sessions)
+        if moving and target.trial_context:
+            async with target.step_lock:
+                check_cache(target, others)
     async with registry.lifecycle_lock:
         if canary is not None and canary < 1.0:
             registry.canary[name] = (version, canary)

@@ -67,6 +67,8 @@ class EngineLimits:
     """Forward-pass precision (``TRMRL_DTYPE``); the slot pool and the actions stay float32."""
     cuda_graphs: bool = True
     """On CUDA, replay captured graphs of the batched step (``TRMRL_CUDA_GRAPHS``)."""
+    cache_mib: float = 0.0
+    """A trial-context model's fixed key/value cache, MiB (``TRMRL_CACHE_MIB``); 0: grows on demand."""
 
 
 @dataclass(slots=True)

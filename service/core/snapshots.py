@@ -27,7 +27,7 @@ from service.core.errors import ServiceError
 from service.core.records import SessionState
 from service.core.registry import ModelRegistry
 from trmrl.slot_pool import SlotMemory
-from trmrl.trial_pool import TrialPool
+from trmrl.trial_pool import CacheExhausted, TrialPool
 
 log = logging.getLogger("trmrl.service")
 
@@ -66,15 +66,19 @@ def context_of(engine: Engine) -> str:
 
 
 def _load(engine: Engine, slots: np.ndarray, columns: dict[str, Any]) -> None:
-    """Load sessions' memories and counters (columns as :func:`export_sessions` writes them)."""
-    engine.pool.write(
-        torch.from_numpy(slots).to(engine.device),
-        SlotMemory(
-            torch.as_tensor(columns["window"], dtype=torch.float32),
-            torch.as_tensor(columns["length"], dtype=torch.long),
-            torch.as_tensor(columns["prev_action"], dtype=torch.float32),
-        ),
-    )
+    """Load sessions' memories and counters (columns as :func:`export_sessions` writes them). A fixed
+    key/value cache budget without the blocks for them: 503 ``cache_exhausted``, nothing changed."""
+    try:
+        engine.pool.write(
+            torch.from_numpy(slots).to(engine.device),
+            SlotMemory(
+                torch.as_tensor(columns["window"], dtype=torch.float32),
+                torch.as_tensor(columns["length"], dtype=torch.long),
+                torch.as_tensor(columns["prev_action"], dtype=torch.float32),
+            ),
+        )
+    except CacheExhausted as exc:
+        raise errors.cache_exhausted(exc.blocks, exc.needed) from None
     engine.table.load(
         slots,
         steps=columns["steps"],
@@ -162,6 +166,7 @@ async def restore(engine: Engine, slot: int, state: SessionState) -> None:
     async with engine.step_lock:
         if engine.table.queued[slot]:
             raise errors.session_busy(engine.table.session_id(slot))
+        engine.cache_room()  # ended sessions' blocks back first: they count as free
         n, width = engine.pool.memory_shape
         window = np.zeros((1, n, width), np.float32)  # a trial's memories, padded to max_context rows
         window[0, : len(state.window)] = np.asarray(state.window, np.float32).reshape(-1, width)
@@ -218,8 +223,8 @@ async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
     """Restore sessions written by :func:`export_sessions`; returns how many.
 
     The block is checked as a whole first (version, shapes, finite numbers) and refused as a
-    whole (``ValueError``) if it does not fit; ids already in use and sessions beyond the
-    capacity are skipped.
+    whole (``ValueError``) if it does not fit; ids already in use are skipped, and sessions beyond the
+    capacity or a fixed key/value cache budget are not restored (in the block's order).
     """
     if block.get("model_version") != engine.version:
         raise ValueError(
@@ -247,9 +252,20 @@ async def import_sessions(engine: Engine, block: dict[str, Any]) -> int:
     slots: list[int] = []
     kept: list[int] = []
     async with engine.step_lock:
+        room = engine.cache_room()
         for i, (session_id, owner) in enumerate(zip(ids, owners, strict=True)):
             if not isinstance(session_id, str) or session_id in table.ids:
                 continue
+            if room is not None:
+                need = engine.cache_blocks_for(length[i : i + 1])
+                if need > room:
+                    log.warning(
+                        "model %s: its key/value cache is full: %d saved sessions not restored",
+                        engine.name,
+                        count - i,
+                    )
+                    break
+                room -= need
             try:
                 _, slot = table.create(
                     deterministic=bool(columns["deterministic"][i]),
