@@ -213,7 +213,8 @@ def memory_table(lengths: list[int], spread_sessions: int) -> dict[str, Any]:
             "paged_bytes_at_0": paged.bytes_at_length(0),
             "block_bytes": paged.block_bytes,
             "cache_bytes_per_memory": paged.cache_bytes_per_memory(),
-            "working_memory_bytes_per_session": paged.windows[0].numel() * paged.windows.element_size(),
+            # The working memories live in the blocks too: this much of each block is theirs.
+            "working_memory_bytes_per_block": paged.memories[0].numel() * paged.memories.element_size(),
         }
         for t in lengths:
             at = paged.bytes_at_length(t)
@@ -249,16 +250,17 @@ def spread(net: TrMRL, sessions: int, chunk: int = 500) -> dict[str, Any]:
     with torch.no_grad():
         for lo in range(0, sessions, chunk):
             part = lengths[lo : lo + chunk]
-            windows = torch.zeros(len(part), MAX_CONTEXT, pool.windows.shape[2])
+            width = pool.memory_shape[1]
+            windows = torch.zeros(len(part), MAX_CONTEXT, width)
             span = int(part.max())
-            windows[:, :span] = torch.randn(len(part), span, pool.windows.shape[2], generator=g)
+            windows[:, :span] = torch.randn(len(part), span, width, generator=g)
             pool.write(
                 torch.arange(lo, lo + len(part)), SlotMemory(windows, part, torch.zeros(len(part), ACT_DIM))
             )
     seconds = time.perf_counter() - t0
     fixed = sessions * FixedTrialPool(net, 1).bytes_per_slot
     held = int(pool.bytes_held(torch.arange(sessions)).sum())
-    window_bytes = sessions * pool.windows[0].numel() * pool.windows.element_size()
+    window_bytes = int(pool.held.sum()) * pool.memories[0].numel() * pool.memories.element_size()
     return {
         "sessions": sessions,
         "lengths": "1 + i * 399 // (sessions - 1)",

@@ -206,13 +206,14 @@ def test_memories_read_and_written_by_slot_rebuild_the_cache_and_migrate_to_new_
         new = _net(seed=5, value_input="encoder")
         moved = TrialPool(new, 2)
         moved.write(torch.tensor([0, 1]), pool.read(slots))
-        ctx = pool.windows[slots, : int(pool.lengths[0])]
+        ctx = pool.read(slots).windows[:, : int(pool.lengths[0])]
         obs, reward = torch.randn(2, OBS), torch.randn(2)
         out = moved.step(torch.tensor([0, 1]), obs, reward, start).output
-        full = new(moved.windows[:2, : int(moved.lengths[0])], moved.lengths[:2] - 1)
+        after = moved.read(torch.tensor([0, 1]))
+        full = new(after.windows[:, : int(after.lengths[0])], after.lengths - 1)
         torch.testing.assert_close(out.mean, full.mean, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.value, full.value, atol=1e-5, rtol=1e-5)
-        assert torch.equal(moved.windows[:2, : ctx.shape[1]], ctx)
+        assert torch.equal(after.windows[:, : ctx.shape[1]], ctx)
         # Wrong shapes are refused and change nothing.
         kept = pool.read(torch.tensor([2]))
         with pytest.raises(ValueError, match="windows shape"):

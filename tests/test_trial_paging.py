@@ -133,7 +133,7 @@ def test_blocks_go_back_on_clear_and_a_new_trial_and_are_handed_out_again_zeroed
         mean = _step(pool, [2], [t == 0])
         assert torch.isfinite(mean).all()
     assert sorted(pool.table[2, :3].tolist()) == sorted(first) and pool.blocks == 13
-    window = pool.windows[2:3, :10]
+    window = pool.read(torch.tensor([2])).windows[:, :10]
     with torch.no_grad():
         torch.testing.assert_close(mean[0], net(window, torch.tensor([9])).mean[0], atol=1e-5, rtol=1e-5)
     # A step's clear mask starts a new trial: the slot keeps its first block and returns the others.
@@ -146,9 +146,14 @@ def test_memory_held_grows_with_the_trial_and_the_store_only_when_free_blocks_ru
     net = _net(max_context=40)
     pool = TrialPool(net, 3, block_size=8)
     block = pool.block_bytes
-    # small preset: 2 layers x keys and values x 64 floats per position
-    assert block == 8 * 2 * 2 * 64 * 4 and pool.cache_bytes_per_memory() == 2 * 2 * 64 * 4
+    # small preset: 2 layers x keys and values x 64 floats per position, and the working memory itself
+    token = net.config.token_dim * 4
+    assert block == 8 * (2 * 2 * 64 * 4 + token) and pool.cache_bytes_per_memory() == 2 * 2 * 64 * 4
+    assert block == TrialPool.block_bytes_of(net, block_size=8)
     fixed = pool.bytes_at_length(0)
+    # What a slot holds whatever its length: counters, previous action and table row -- no working
+    # memories (they are in the blocks).
+    assert fixed == 8 + net.config.act_dim * 4 + pool.table[0].numel() * 8 + 8
     assert pool.bytes_at_length(1) == pool.bytes_at_length(8) == fixed + block
     assert pool.bytes_at_length(9) == fixed + 2 * block
     assert pool.bytes_per_slot == pool.bytes_at_length(40) == fixed + 5 * block
@@ -260,7 +265,8 @@ def test_a_bfloat16_paged_cache_chooses_nearly_the_actions_of_float32() -> None:
         net.policy_mean[-1].weight.mul_(100.0)
     full = TrialPool(net, 4, block_size=16)
     half = TrialPool(net, 4, block_size=16, cache_dtype=torch.bfloat16)
-    assert half.block_bytes * 2 == full.block_bytes
+    assert half.cache_bytes_per_memory() * 2 == full.cache_bytes_per_memory()  # working memories stay fp32
+    assert full.block_bytes - half.block_bytes == 16 * half.cache_bytes_per_memory()
     slots = torch.arange(4)
     worst = spread = 0.0
     with torch.no_grad():

@@ -164,7 +164,7 @@ class SlotStore:
     def check_memory(self, slots: Tensor, memory: SlotMemory) -> None:
         """Raise ``ValueError`` unless ``memory`` fits ``slots`` (shapes, and lengths in ``0..rows``)."""
         count = len(slots)
-        _, rows, width = self.windows.shape
+        rows, width = self.memory_shape
         expected = (count, rows, width)
         if tuple(memory.windows.shape) != expected:
             raise ValueError(f"windows shape {tuple(memory.windows.shape)} != {expected}")

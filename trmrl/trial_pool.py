@@ -26,10 +26,11 @@ query's components the weights), the output as the softmax-weighted sum of value
 gather-and-reduce each, no copy of the cache, over all stepped slots at once. The index rows are built
 once per step and serve every layer.
 
-What a slot's memory *is* stays the working memories: the pool also keeps each slot's context as
-``[max_context, token_dim]`` rows (the store's ``windows``, a fixed allocation, about a tenth of a full
-fp32 cache for the small preset), and :meth:`TrialPool.read` and :meth:`TrialPool.write` carry those,
-as for every other pool. The cache is derived state: :meth:`TrialPool.write` rebuilds it by re-encoding
+What a slot's memory *is* stays the working memories: :class:`TrialPool` keeps them in the same blocks
+(``memories``, ``[blocks, block_size, token_dim]`` in float32, beside the block's keys and values), so
+all a slot holds beyond its blocks is its counters and table row, and :meth:`TrialPool.read` and
+:meth:`TrialPool.write` carry them as ``[max_context, token_dim]`` rows, as for every other pool (the
+fixed layout, :class:`TrialStore`'s, keeps them in ``windows``). The cache is derived state: :meth:`TrialPool.write` rebuilds it by re-encoding
 the written memories under the pool's weights, so a snapshot, an export/import or a migration to new
 weights (``new_pool.write(slots, old_pool.read(...))``) gives exactly the cache a step-by-step run under
 those weights would have built. Snapshots carry ``max_context x token_dim`` floats per session, not the
@@ -147,6 +148,9 @@ class TrialStore(SlotStore):
     began (``[max_context, token_dim]`` rows), a step appends one and never slides, and the cache of
     keys and values (the subclass's) is derived from them."""
 
+    pages_memories = False
+    """The working memories live in the subclass's blocks, not in ``windows`` (which then has no rows)."""
+
     def __init__(
         self,
         model: TrMRL,
@@ -159,7 +163,8 @@ class TrialStore(SlotStore):
             raise ValueError(
                 f"{type(self).__name__} serves context=trial policies (got context={cfg.context!r})"
             )
-        super().__init__(model, cfg, capacity, cfg.max_context, cfg.token_dim, device)
+        rows = 0 if self.pages_memories else cfg.max_context
+        super().__init__(model, cfg, capacity, rows, cfg.token_dim, device)
         self.model = model
         self.cache_dtype = cache_dtype
         self.heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
@@ -174,6 +179,15 @@ class TrialStore(SlotStore):
 
     def _recent(self, slots: Tensor) -> Tensor:
         return self.windows.new_zeros(len(slots), 0)  # nothing rolls forward: the cache holds the context
+
+    @property
+    def memory_shape(self) -> tuple[int, int]:
+        """``(max_context, token_dim)``: a slot's working memories, as :meth:`read` gives them."""
+        return self.config.max_context, self.config.token_dim
+
+    def _context(self, slots: Tensor, span: int) -> Tensor:
+        """``[B, span, token_dim]``: the slots' first ``span`` working memories."""
+        return self.windows[slots, :span]
 
     def _check_room(self, slots: Tensor, lengths: Tensor) -> None:
         """Raise :class:`ContextFull` for the slots whose contexts (``lengths`` before the new memory)
@@ -199,7 +213,7 @@ class TrialStore(SlotStore):
         lengths = self.lengths[slots]
         span = int(lengths.max()) if len(slots) else 0
         if span:
-            self._store(slots, lengths, span, self.model.context_keys_values(self.windows[slots, :span]))
+            self._store(slots, lengths, span, self.model.context_keys_values(self._context(slots, span)))
 
     def _make_room(self, slots: Tensor, lengths: Tensor) -> None:
         """Whatever a write of contexts of ``lengths`` needs first (raising leaves the pool unchanged)."""
@@ -250,6 +264,8 @@ class TrialPool(TrialStore):
         ([3, 0, 0, 3], [2, 0, 0, 2])
     """
 
+    pages_memories = True
+
     def __init__(
         self,
         model: TrMRL,
@@ -273,6 +289,8 @@ class TrialPool(TrialStore):
         self.held = torch.zeros(capacity, dtype=torch.long, device=self.device)
         """``[capacity]``: blocks each slot holds (its first ``held`` table entries)."""
         # Per layer, the keys [blocks, H, dh, block_size] and the values [blocks, H, block_size, dh].
+        self.memories = torch.zeros(0, block_size, cfg.token_dim, device=self.device)
+        """``[blocks, block_size, token_dim]``: the working memories, in the same blocks (float32)."""
         self._free = torch.zeros(0, dtype=torch.long, device=self.device)
         self._free_count = 0
         self._resize(1 + (blocks if blocks is not None else capacity))
@@ -288,12 +306,12 @@ class TrialPool(TrialStore):
     def block_bytes_of(
         model: TrMRL, cache_dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE
     ) -> int:
-        """Bytes of one block of ``model``'s cache (its keys and values at every layer), before any
-        pool is built: what sizing a budget (``blocks``) from a byte count needs."""
+        """Bytes of one block of ``model``'s cache (its keys and values at every layer, and its working
+        memories), before any pool is built: what sizing a budget (``blocks``) from a byte count needs."""
         cfg = model.config
         layers = (2 if model.value_encoder is not None else 1) * cfg.n_layers
         itemsize = torch.empty(0, dtype=cache_dtype).element_size()
-        return 2 * layers * cfg.d_model * block_size * itemsize
+        return (2 * layers * cfg.d_model * itemsize + cfg.token_dim * 4) * block_size
 
     @property
     def blocks(self) -> int:
@@ -310,6 +328,10 @@ class TrialPool(TrialStore):
         old = self.blocks if self.keys else 0
         kshape = (total, self.heads, self.head_dim, self.block_size)
         vshape = (total, self.heads, self.block_size, self.head_dim)
+        memories = torch.zeros(total, *self.memories.shape[1:], device=self.device)
+        if old:
+            memories[:old] = self.memories
+        self.memories = memories
         new_keys, new_values = [], []
         for i in range(self.layers):
             k = torch.zeros(kshape, dtype=self.cache_dtype, device=self.device)
@@ -341,7 +363,7 @@ class TrialPool(TrialStore):
         """``count`` free blocks, zeroed (:meth:`_reserve` first)."""
         self._free_count -= count
         ids = self._free[self._free_count : self._free_count + count].clone()
-        for store in (*self.keys, *self.values):
+        for store in (*self.keys, *self.values, self.memories):
             store.index_fill_(0, ids, 0)
         return ids
 
@@ -443,12 +465,12 @@ class TrialPool(TrialStore):
     # -- memory ----------------------------------------------------------------------------------------
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block: its keys and values at every layer."""
-        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes of one block: its keys and values at every layer and its working memories."""
+        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values, self.memories))
 
     @property
     def _slot_bytes(self) -> int:
-        """What every slot holds whatever its length: working memories, counters, its table row."""
+        """What every slot holds whatever its length: counters, previous action, its table row."""
         return super().bytes_per_slot + self.table[0].numel() * self.table.element_size() + 8
 
     @property
@@ -474,7 +496,48 @@ class TrialPool(TrialStore):
 
     def cache_bytes_per_memory(self) -> int:
         """Bytes of keys and values one working memory adds to a context (blocks aside)."""
-        return self.block_bytes // self.block_size
+        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values)) // self.block_size
+
+    # -- the working memories, in the blocks --------------------------------------------------------------
+    def _context(self, slots: Tensor, span: int) -> Tensor:
+        blocks = -(-span // self.block_size)
+        rows = self.memories[self.table[slots, :blocks]]  # [B, blocks, block_size, token_dim]
+        return rows.flatten(1, 2)[:, :span]
+
+    def read(self, slots: Tensor) -> SlotMemory:
+        """Copies of the given slots' working memories (``[B, max_context, token_dim]``, zeros past each
+        slot's length), lengths and previous actions."""
+        windows = self._context(slots, self.config.max_context)
+        lengths = self.lengths[slots]
+        past = torch.arange(windows.shape[1], device=self.device) >= lengths.unsqueeze(1)
+        return SlotMemory(windows.masked_fill(past.unsqueeze(-1), 0.0), lengths, self.prev_action[slots])
+
+    def write(self, slots: Tensor, memory: SlotMemory) -> None:
+        """Load the given slots' working memories into their blocks and rebuild their keys and values
+        under the pool's weights. Checked first (shapes; the block budget): a refused write changes
+        nothing."""
+        self.check_memory(slots, memory)
+        lengths = memory.lengths.to(self.device, torch.long)
+        self._make_room(slots, lengths)
+        span = int(lengths.max()) if len(slots) else 0
+        if span:
+            size = self.block_size
+            blocks = -(-span // size)
+            mine = torch.arange(blocks, device=self.device) < _ceil_div(lengths, size).unsqueeze(1)
+            windows = memory.windows[:, :span].to(self.device, torch.float32)
+            windows = F.pad(windows, (0, 0, 0, blocks * size - span)).view(len(slots), blocks, size, -1)
+            self.memories[self.table[slots, :blocks][mine]] = windows[mine]
+        self.lengths[slots] = lengths
+        self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
+        self.rebuild(slots)
+
+    def _append(self, slots: Tensor, lengths: Tensor, tokens: Tensor, output: PolicyOutput) -> PoolStep:
+        column = torch.div(lengths, self.block_size, rounding_mode="floor")
+        block = self.table[slots].gather(1, column.unsqueeze(1)).squeeze(1)
+        self.memories[block, lengths - column * self.block_size] = tokens
+        self.lengths[slots] = lengths + 1
+        newest = torch.zeros(len(slots), dtype=torch.long, device=tokens.device)
+        return PoolStep(output, tokens.unsqueeze(1), newest)
 
     def clear(self, slots: Tensor) -> None:
         """Forget everything the given slots hold and return their blocks."""
@@ -503,5 +566,5 @@ class TrialPool(TrialStore):
             values[targets] = v.permute(0, 2, 1, 3, 4)[mine].to(values.dtype)
 
     def addresses(self) -> tuple[int, ...]:
-        tensors = (self.table, self.held, *self.keys, *self.values)
+        tensors = (self.table, self.held, self.memories, *self.keys, *self.values)
         return super().addresses() + tuple(t.data_ptr() for t in tensors)
