@@ -30,10 +30,10 @@ What a slot's memory *is* stays the working memories: :class:`TrialPool` keeps t
 (``memories``, ``[blocks, block_size, token_dim]`` in float32, beside the block's keys and values), so
 all a slot holds beyond its blocks is its counters and table row, and :meth:`TrialPool.read` and
 :meth:`TrialPool.write` carry them as ``[max_context, token_dim]`` rows, as for every other pool (the
-fixed layout, :class:`TrialStore`'s, keeps them in ``windows``). The cache is derived state: :meth:`TrialPool.write` rebuilds it by re-encoding
-the written memories under the pool's weights, so a snapshot, an export/import or a migration to new
-weights (``new_pool.write(slots, old_pool.read(...))``) gives exactly the cache a step-by-step run under
-those weights would have built. Snapshots carry ``max_context x token_dim`` floats per session, not the
+fixed layout, :class:`TrialStore`'s, keeps them in ``windows``). The cache is derived state:
+:meth:`TrialPool.write` rebuilds it by re-encoding the written memories under the pool's weights, so a
+snapshot, an export/import or a migration to new weights (``new_pool.write(slots, old_pool.read(...))``)
+gives exactly the cache a step-by-step run under those weights would have built. Snapshots carry ``max_context x token_dim`` floats per session, not the
 cache.
 
 Past ``max_context`` nothing slides: a step that would add a working memory to a full context raises
