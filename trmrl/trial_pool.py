@@ -33,8 +33,8 @@ all a slot holds beyond its blocks is its counters and table row, and :meth:`Tri
 fixed layout, :class:`TrialStore`'s, keeps them in ``windows``). The cache is derived state:
 :meth:`TrialPool.write` rebuilds it by re-encoding the written memories under the pool's weights, so a
 snapshot, an export/import or a migration to new weights (``new_pool.write(slots, old_pool.read(...))``)
-gives exactly the cache a step-by-step run under those weights would have built. Snapshots carry ``max_context x token_dim`` floats per session, not the
-cache.
+gives exactly the cache a step-by-step run under those weights would have built. Snapshots carry
+``max_context x token_dim`` floats per session, not the cache.
 
 Past ``max_context`` nothing slides: a step that would add a working memory to a full context raises
 :class:`ContextFull` naming the slots, and the pool is unchanged (a new trial -- ``clear`` -- starts the
