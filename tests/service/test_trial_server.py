@@ -1,6 +1,7 @@
 """A ``context="trial"`` checkpoint behind ``python -m service`` (uvicorn on a free port): a two-episode
 ``point-nav`` trial driven through the HTTP API, every action compared with the trainer's evaluation
-path and with a full causal re-encode of the trial; then the trial runs full and is refused."""
+path and with a full causal re-encode of the trial; then the trial runs full and is refused. A second
+server with a fixed key/value cache (``TRMRL_CACHE_MIB``) refuses a step it has no block for."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from trmrl.checkpoint import load_checkpoint
 from trmrl.memory import working_memory
 from trmrl.model import TrMRL
 from trmrl.tasks import get_family
+from trmrl.trial_pool import TrialPool
 
 EPISODES = 2
 EPISODE_STEPS = 100  # point-nav's time limit
@@ -134,3 +136,37 @@ def test_a_point_nav_trial_through_the_server_equals_the_evaluation_path_and_a_f
         model, np.asarray([[0.5, 0.5]], np.float32), np.zeros(1), np.ones(1, bool), low, high
     )
     np.testing.assert_allclose(restarted, fresh[0], rtol=0, atol=1e-5)
+
+
+def test_a_server_with_a_fixed_cache_refuses_the_step_it_has_no_block_for_until_one_is_free(
+    served: tuple[RunningServer, Path],
+) -> None:
+    _, path = served
+    model = load_checkpoint(path).model
+    assert isinstance(model, TrMRL)
+    blocks = -(-MAX_CONTEXT // 16)  # one full trial: the smallest budget the service accepts
+    mib = blocks * TrialPool.block_bytes_of(model) / 2**20
+    running = RunningServer([path], env={"TRMRL_CACHE_MIB": repr(mib), "TRMRL_MAX_SESSIONS": "8"})
+    try:
+        running.wait_ready()
+        with httpx.Client(base_url=running.url, timeout=30.0) as client:
+            first, second = (client.post("/v1/sessions", json={}).json()["session_id"] for _ in range(2))
+            for step in range(MAX_CONTEXT):  # the first session's trial fills the whole cache
+                r = client.post(
+                    "/v1/act", json={"session_id": first, "observation": [0.1, 0.2], "step": step}
+                )
+                assert r.status_code == 200, r.text
+            r = client.post("/v1/act", json={"session_id": second, "observation": [0.1, 0.2], "step": 0})
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+            assert r.json()["error"] == {
+                "code": "cache_exhausted",
+                "message": r.json()["error"]["message"],
+                "detail": {"cache_blocks": blocks},
+            }
+            metrics = client.get("/metrics").text
+            assert 'trmrl_cache_refused_steps_total{model="nav-trial"' in metrics
+            assert client.delete(f"/v1/sessions/{first}").status_code == 204
+            r = client.post("/v1/act", json={"session_id": second, "observation": [0.1, 0.2], "step": 0})
+            assert r.status_code == 200 and r.json()["step"] == 0, r.text
+    finally:
+        running.stop()
