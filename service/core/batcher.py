@@ -116,6 +116,11 @@ class Batcher:
         self.compute = compute
         self.commit = commit
         self.refusal = refusal or (lambda: ServiceError("internal_error", "The model refused this step."))
+        self._refusing: dict[int, tuple[int, int, int]] = {}
+        """Slots with a refused step whose later steps were already queued: ``(the newest batch holding
+        one, the context count to restore, the session's generation)``. Those steps build on the refused
+        one, so they are refused too (before their pass), and the session ends up as before the first
+        refused step."""
         # One thread: forward passes of this model run one at a time and in order, and the slot pool
         # is only ever touched from it.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
@@ -327,6 +332,49 @@ class Batcher:
                     await asyncio.wait_for(self._filled.wait(), self.batch_wait_s)
             await self._dispatch(loop, self._open.popleft())
 
+    def _refuse_followers(self, batch: Batch, n: int) -> None:
+        """Mark the rows of ``batch`` that follow a refused step of their session (event loop)."""
+        for row, slot in enumerate(batch.slots[:n].tolist()):
+            entry = self._refusing.get(slot)
+            if entry is not None and entry[2] == batch.generation[row]:
+                batch.refused[row] = True
+
+    def _contexts(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        """The context counts a roll-back of ``rows`` restores: a follower's is what preceded the first
+        refused step of its session."""
+        context = batch.context[rows].copy()
+        if self._refusing:
+            for i, (slot, generation) in enumerate(
+                zip(batch.slots[rows].tolist(), batch.generation[rows].tolist(), strict=True)
+            ):
+                entry = self._refusing.get(slot)
+                if entry is not None and entry[2] == generation:
+                    context[i] = entry[1]
+        return context
+
+    def _roll_back_refused(self, batch: Batch, n: int, refused: np.ndarray) -> None:
+        """Roll back the refused rows of a computed batch; a session with later steps queued has them
+        refused in turn, and its context count goes back to what it was before its first refused step."""
+        table = self.table
+        rows = np.flatnonzero(refused)
+        slots = batch.slots[rows]
+        context = self._contexts(batch, rows)
+        table.roll_back(
+            slots, batch.generation[rows], batch.start_was_pending[rows], batch.clear[rows], context
+        )
+        for i, slot in enumerate(slots.tolist()):
+            if table.queued[slot] and table.last_batch[slot] > batch.id:
+                self._refusing[slot] = (
+                    int(table.last_batch[slot]),
+                    int(context[i]),
+                    int(batch.generation[rows[i]]),
+                )
+
+    def _forget_refusals(self, batch_id: int) -> None:
+        """Drop the refusals whose last follower was in batch ``batch_id`` or before."""
+        for slot in [s for s, entry in self._refusing.items() if entry[0] <= batch_id]:
+            del self._refusing[slot]
+
     async def _dispatch(self, loop: asyncio.AbstractEventLoop, batch: Batch) -> None:
         n = batch.size
         future = batch.future
@@ -338,13 +386,20 @@ class Batcher:
         await self.step_lock.acquire()
         batch.released = self.table.take_released()
         batch.refused[:n] = False
+        if self._refusing:
+            self._refuse_followers(batch, n)
         try:
             actions = await loop.run_in_executor(self.executor, self.compute, batch, n, deterministic, seeds)
         except Exception:
             log.exception("forward pass of model %s failed for %d steps", self.name, n)
             # Undo what ``submit`` consumed, so a retry behaves like the first try.
+            every = np.arange(n)
             self.table.roll_back(
-                slots, batch.generation[:n], batch.start_was_pending[:n], batch.clear[:n], batch.context[:n]
+                slots,
+                batch.generation[:n],
+                batch.start_was_pending[:n],
+                batch.clear[:n],
+                self._contexts(batch, every),
             )
             if not future.done():
                 future.set_exception(
@@ -357,15 +412,9 @@ class Batcher:
             refused = batch.refused[:n]
             result = Computed(actions)
             if refused.any():
-                # Rows the cache had no block for: not taken, so their sessions are as before the step.
-                r = refused
-                self.table.roll_back(
-                    slots[r],
-                    batch.generation[:n][r],
-                    batch.start_was_pending[:n][r],
-                    batch.clear[:n][r],
-                    batch.context[:n][r],
-                )
+                # Rows the cache had no block for (or following such a row): not taken, so their
+                # sessions are as before the step.
+                self._roll_back_refused(batch, n, refused)
                 result = Computed(actions, refused.copy(), self.refusal())
             self.commit(batch, n, actions)
             if not future.done():
@@ -373,6 +422,8 @@ class Batcher:
             if self.on_batch is not None:
                 self.on_batch(n, waited)
         finally:
+            if self._refusing:
+                self._forget_refusals(batch.id)
             self.step_lock.release()
             self.queued_steps -= n
             del self.inflight[batch.id]

@@ -114,8 +114,9 @@ class Forward:
 
     def run(self, batch: Batch, n: int, deterministic: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """One forward pass for the batch's ``n`` steps (worker thread); returns clipped actions. Under
-        a fixed cache budget, rows that need a block when none is free are marked in ``batch.refused``
-        (later rows first), left out of the pass and their actions NaN."""
+        a fixed cache budget, rows that need a block when none is free (the free ones go to the earlier
+        rows) and rows already marked (they follow a refused step of their session) are left out of the
+        pass: marked in ``batch.refused``, their actions NaN."""
         if self.fixed is not None:
             return self._run_fixed(batch, n, deterministic, seeds)
         device = self.device
@@ -134,10 +135,16 @@ class Forward:
             rows: np.ndarray | None = None  # the rows this pass computes (None: all)
             if self.cache_blocks is not None:
                 assert isinstance(self.pool, TrialPool)
-                starved = self.pool.starved(slots, start).cpu().numpy()
-                if starved.any():
-                    batch.refused[:n] = starved
-                    rows = np.flatnonzero(~starved)
+                # Rows already refused (they follow a refused step of their session) take no block.
+                refused = batch.refused[:n]
+                starved = np.zeros(n, bool)
+                open_rows = np.flatnonzero(~refused)
+                if len(open_rows):
+                    index = torch.from_numpy(open_rows).to(device)
+                    starved[open_rows] = self.pool.starved(slots[index], start[index]).cpu().numpy()
+                if starved.any() or refused.any():
+                    refused |= starved
+                    rows = np.flatnonzero(~refused)
                     if not len(rows):
                         return np.full((n, self.act_dim), np.nan, np.float32)
             actions = self._act(batch, n, rows, slots, start, deterministic, seeds)

@@ -6,6 +6,7 @@ when the model loads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import warnings
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from trmrl_client.codec import packb, unpackb
 from service.app import create_app
 from service.config import Settings
 from service.core.engine import Engine, EngineLimits
+from service.core.errors import ServiceError
 from trainer.evaluate import replay_actions
 from trmrl.checkpoint import CheckpointError, load_checkpoint
 from trmrl.model import TrMRL
@@ -261,3 +263,30 @@ def test_a_stream_frame_without_a_free_block_gets_an_error_frame_and_the_stream_
             assert http.delete(f"/v1/sessions/{full}").status_code == 204
             ws.send_text(json.dumps(fields(0)))
             assert json.loads(ws.receive_text())["step"] == 0
+
+
+async def test_steps_queued_behind_a_refused_one_are_refused_too_and_the_session_is_as_before(
+    client: ServiceClient, root: Path
+) -> None:
+    want = expected(root)
+    sids = await fill(client)
+    a, d = sids["a"], sids["d"]
+    engine = client.registry.engines["trial"]
+    before = (await client.get(f"/v1/sessions/{a}/state")).json()
+    obs, rewards, starts = TRAJ
+    slot = engine.table.get(a)
+    # Steps 16 and 17 of a queued at once (two batches: a batch holds one step of a session); 16 needs a
+    # block the cache does not have. While its pass runs, d ends: its block is back for the next pass,
+    # where 17 would find room -- but 17 builds on 16, so it is refused too.
+    tickets = [engine.submit(slot, obs[t], float(rewards[t]), bool(starts[t]), t, None) for t in (16, 17)]
+    while len(engine.batcher._open) == 2:  # the first batch's pass has begun (its released slots taken)
+        await asyncio.sleep(0)
+    engine.table.delete(d)  # at once, before the pass can end and the next one begin
+    for ticket in tickets:
+        with pytest.raises(ServiceError) as refused:
+            await ticket.action()
+        assert refused.value.code == "cache_exhausted"
+    assert (await client.get(f"/v1/sessions/{a}/state")).json() == before
+    assert engine.table.context[slot] == 16 and engine.table.queued[slot] == 0
+    # The same steps again are served as if never refused.
+    np.testing.assert_allclose(await drive(client, a, range(16, 19)), want[16:19], rtol=0, atol=1e-6)
