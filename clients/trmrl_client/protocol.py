@@ -149,6 +149,10 @@ class Call:
         return cls(route.method, route.path(**params), body, deadline, route_key, route)
 
 
+TRANSIENT = (429, 503)
+"""Statuses of a refusal for now: the same call may be sent again after the wait the service asks."""
+
+
 @dataclass(frozen=True)
 class Reply:
     """A reply: the service's answer to one call -- its HTTP status and decoded body (``None`` when
@@ -373,6 +377,10 @@ class SessionLedger:
                 yield from self.recover_flow()
             elif error.code == "step_conflict":
                 yield from self.catch_up_flow(int(error.detail.get("expected_step", -1)), tr.step)
+            elif reply.status in TRANSIENT and reply.retry_after is None:
+                # A batch item or tick row refused for now (cache_exhausted): resent alone, and that
+                # call's tries wait as the service asks.
+                pass
             else:
                 raise error
             tr = replace(tr, step=self.next_step)
@@ -544,6 +552,7 @@ _STATUS_OF_CODE = {
     "step_conflict": 409,
     "context_full": 409,
     "capacity_exhausted": 429,
+    "overloaded": 503,
     "cache_exhausted": 503,
 }
 

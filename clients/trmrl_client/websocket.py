@@ -22,7 +22,7 @@ from urllib.parse import quote
 from trmrl_client import routes
 from trmrl_client.codec import jsonable, packb, unpackb
 from trmrl_client.errors import ServiceUnavailable
-from trmrl_client.protocol import ROUTE_HEADER, Reply, status_of_error
+from trmrl_client.protocol import ROUTE_HEADER, TRANSIENT, Reply, status_of_error
 from trmrl_client.retry import Outcome, Try
 from trmrl_client.routes import Route
 
@@ -38,6 +38,8 @@ FrameEncoding = Literal["json", "msgpack"]
 #: Largest frame of a session's stream, and of the vectorised stream (a tick of every env).
 STREAM_MAX_BYTES = 16 * 1024 * 1024
 VECTOR_MAX_BYTES = 64 * 1024 * 1024
+FRAME_RETRY_S = 1.0
+"""Wait before a frame refused for now is sent again: the service's ``Retry-After`` for such refusals."""
 _MAX_BYTES = {routes.SESSION_STREAM: STREAM_MAX_BYTES, routes.VECTOR_STREAM: VECTOR_MAX_BYTES}
 
 
@@ -80,7 +82,7 @@ class SessionStream:
             self._ws_session = session_id
         body = await _exchange(self._ws, frame, self.encoding, STREAM_MAX_BYTES)
         if isinstance(body, dict) and "error" in body:
-            return Reply(status_of_error(body), body)
+            return _refusal(body)
         return Reply(200, body)
 
     async def aclose(self) -> None:
@@ -123,13 +125,20 @@ class VectorStream:
             self._ws = await _connect(self.url + path, self.headers, route_key, routes.VECTOR_STREAM)
         body = await _exchange(self._ws, frame, self.encoding, VECTOR_MAX_BYTES)
         if isinstance(body, dict) and "error" in body and "session_ids" not in body:
-            return Reply(status_of_error(body), body)
+            return _refusal(body)
         return Reply(200, body)
 
     async def aclose(self) -> None:
         """Close the connection (the next tick opens a new one)."""
         ws, self._ws = self._ws, None
         await _close(ws)
+
+
+def _refusal(body: dict[str, Any]) -> Reply:
+    """An error frame as a reply: a refusal for now (``overloaded``, ``cache_exhausted``) is tried again
+    after :data:`FRAME_RETRY_S`, as an HTTP reply is after its ``Retry-After`` (a frame carries none)."""
+    status = status_of_error(body)
+    return Reply(status, body, FRAME_RETRY_S if status in TRANSIENT else None)
 
 
 async def _connect(

@@ -25,6 +25,7 @@ from trmrl_client.retry import Outcome, RetryPolicy, Try
 from trmrl_client.session import AsyncSession
 from trmrl_client.transport import AsyncTransport, Routed, Transport, run, run_async
 from trmrl_client.vector import AsyncVectorSession, VectorLedger, VectorSession, create_sessions_flow
+from trmrl_client.websocket import FRAME_RETRY_S, _refusal
 
 MODEL = {
     "name": "fake",
@@ -58,6 +59,9 @@ class FakeService:
         self.sessions: dict[str, int] = {}  # id -> the step it expects next
         self.steps: dict[str, list[int]] = {}  # id -> the steps it acted on, in order
         self._ids = itertools.count()
+        self.cache_full = 0
+        """The next this many acts are refused for now, as by a spent key/value cache (503
+        ``cache_exhausted``): with ``Retry-After`` on the act route, as a bare error in a batch or a tick."""
 
     def attempt(self, step: Try) -> Outcome:
         self.calls.append(step.call)
@@ -76,7 +80,8 @@ class FakeService:
             ids = [self.create() for _ in range(body.get("count", 1))]
             return Reply(201, {"session_id": ids[0], "session_ids": ids, "model": MODEL})
         if call.route is r.ACT:
-            return self.act(body)
+            reply = self.act(body)
+            return Reply(reply.status, reply.body, 0.0) if reply.status == 503 else reply
         if call.route is r.ACT_ITEMS:
             return Reply(200, {"items": [self.act(item).body for item in body["items"]]})
         if call.route is r.ACT_COLUMNAR:
@@ -103,6 +108,9 @@ class FakeService:
 
     def act(self, body: dict[str, Any]) -> Reply:
         session_id, step = body["session_id"], int(body["step"])
+        if self.cache_full and session_id in self.sessions:
+            self.cache_full -= 1
+            return _error(503, "cache_exhausted", cache_blocks=4)
         expected = self.sessions.get(session_id)
         if expected is None:
             return _error(404, "unknown_session")
@@ -233,6 +241,35 @@ def test_the_vector_session_runs_over_the_interface_and_recovers_one_row() -> No
     assert [_body(c)["steps"].tolist() for c in ticks] == [[0, 0, 0], [1, 1, 1]]
 
 
+def test_a_step_refused_for_now_is_sent_again_after_the_wait_and_taken_once() -> None:
+    service = FakeService(retries=2)
+    session = open_session(service)
+    session.act([0.0, 0.0])
+    service.cache_full = 2  # the act's first two tries (HTTP: Retry-After, a wait, the same call again)
+    assert session.act([0.1, 0.0])[0] == 1.0
+    assert [_body(c)["step"] for c in service.sent(r.ACT)][-3:] == [1, 1, 1]
+    service.cache_full = 3  # more than its tries: the refusal is raised, the step not taken
+    with pytest.raises(ServiceError) as info:
+        session.act([0.2, 0.0])
+    assert info.value.code == "cache_exhausted" and info.value.status == 503
+    assert session.step == 2 and service.steps[session.session_id] == [0, 1]
+    assert session.act([0.2, 0.0])[0] == 2.0
+
+
+def test_a_tick_row_refused_for_now_is_resent_alone_and_the_others_are_taken_once() -> None:
+    service = FakeService()
+    ids, info = run(service, create_sessions_flow(3, {"model": "fake"}, "key"))
+    envs = VectorSession(service, VectorLedger(info, ids, {"model": "fake"}, "key"))
+    envs.act(np.zeros((3, 2)), episode_starts=np.ones(3, bool))
+    service.cache_full = 1  # the tick's first row (a 503 row error, no Retry-After on a row)
+    actions = envs.act(np.zeros((3, 2)))
+    assert actions[:, 0].tolist() == [1.0, 1.0, 1.0]
+    assert [service.steps[sid] for sid in ids] == [[0, 1], [0, 1], [0, 1]]
+    resent = service.sent(r.ACT)
+    assert len(resent) == 1 and _body(resent[0])["session_id"] == ids[0] and _body(resent[0])["step"] == 1
+    assert envs.ledger.next_step.tolist() == [2, 2, 2]
+
+
 @pytest.mark.anyio
 async def test_a_stream_carries_its_routes_and_http_the_rest() -> None:
     service = FakeService()
@@ -320,3 +357,15 @@ def test_the_client_modules_import_no_cycle() -> None:
     for module in sorted(graph):
         visit(module, [])
     assert "trmrl_client.http" not in graph["trmrl_client.websocket"] | graph["trmrl_client.vector"]
+
+
+def test_a_stream_frame_refused_for_now_is_tried_again_after_a_wait_and_others_stand() -> None:
+    def frame(code: str) -> dict[str, Any]:
+        return {"error": {"code": code, "message": code, "detail": {}}}
+
+    for code, status in (("cache_exhausted", 503), ("overloaded", 503), ("capacity_exhausted", 429)):
+        reply = _refusal(frame(code))
+        assert (reply.status, reply.retry_after) == (status, FRAME_RETRY_S), code
+    for code, status in (("context_full", 409), ("step_conflict", 409), ("wrong_shape", 422)):
+        reply = _refusal(frame(code))
+        assert (reply.status, reply.retry_after) == (status, None), code
