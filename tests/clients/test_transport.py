@@ -163,6 +163,14 @@ def open_session(service: FakeService) -> Session:
     return Session(transport, run(transport, create_flow({"model": "fake"}, new_route_key())))
 
 
+def open_vector(service: FakeService) -> tuple[list[str], VectorSession]:
+    """Three sessions as one vector, each one step into its episode."""
+    ids, info = run(service, create_sessions_flow(3, {"model": "fake"}, "key"))
+    envs = VectorSession(service, VectorLedger(info, ids, {"model": "fake"}, "key"))
+    envs.act(np.zeros((3, 2)), episode_starts=np.ones(3, bool))
+    return ids, envs
+
+
 def test_steps_are_numbered_in_order_and_carry_the_session() -> None:
     service = FakeService()
     session = open_session(service)
@@ -229,9 +237,7 @@ def test_a_refusal_is_raised_and_the_step_is_not_taken() -> None:
 
 def test_the_vector_session_runs_over_the_interface_and_recovers_one_row() -> None:
     service = FakeService()
-    ids, info = run(service, create_sessions_flow(3, {"model": "fake"}, "key"))
-    envs = VectorSession(service, VectorLedger(info, ids, {"model": "fake"}, "key"))
-    envs.act(np.zeros((3, 2)), episode_starts=np.ones(3, bool))
+    ids, envs = open_vector(service)
     service.drop(ids[1])
     actions = envs.act(np.zeros((3, 2)))
     assert actions[:, 0].tolist() == [1.0, 1.0, 1.0]
@@ -258,9 +264,7 @@ def test_a_step_refused_for_now_is_sent_again_after_the_wait_and_taken_once() ->
 
 def test_a_tick_row_refused_for_now_is_resent_alone_and_the_others_are_taken_once() -> None:
     service = FakeService()
-    ids, info = run(service, create_sessions_flow(3, {"model": "fake"}, "key"))
-    envs = VectorSession(service, VectorLedger(info, ids, {"model": "fake"}, "key"))
-    envs.act(np.zeros((3, 2)), episode_starts=np.ones(3, bool))
+    ids, envs = open_vector(service)
     service.cache_full = 1  # the tick's first row (a 503 row error, no Retry-After on a row)
     actions = envs.act(np.zeros((3, 2)))
     assert actions[:, 0].tolist() == [1.0, 1.0, 1.0]
