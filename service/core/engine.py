@@ -264,17 +264,19 @@ class Engine:
         table = self.table
         slots, start, rewards = batch.slots[:n], batch.start[:n], batch.reward[:n]
         live = table.alive(slots, batch.generation[:n])
-        refused = batch.refused[:n]
-        served = ~refused
-        if refused.any():
-            self.cache_refused_steps += int(refused.sum())
+        # Only a fixed cache budget refuses rows: other models skip the check.
+        served = (
+            None if self.forward.cache_blocks is None or not batch.refused[:n].any() else ~batch.refused[:n]
+        )
+        if served is not None:
+            self.cache_refused_steps += n - int(served.sum())
             live = live & served  # for the recording, which reads the batch's rows itself
         if self.recorder is not None:
             recorded = table.record[slots] & live
             if recorded.any():
                 before = np.where(start, 0, table.episode_step[slots])
                 self.recorder.submit(self._recorded(batch, n, actions, recorded, before))
-        if refused.any():
+        if served is not None:
             slots, start, live = slots[served], start[served], live[served]
             rewards, actions = rewards[served], actions[served]
         self._count_rewards(slots, start, live, rewards)
