@@ -19,6 +19,7 @@ import torch
 from service_support import ADMIN, ServiceClient, action, assert_error, make_checkpoint, new_session, serving
 from trmrl_client.codec import packb, unpackb
 
+from service.api.routes.fleet import FleetFeed
 from service.app import create_app
 from service.config import Settings
 from service.core.engine import Engine, EngineLimits
@@ -152,6 +153,12 @@ async def test_a_step_without_a_free_block_is_refused_alone_unchanged_and_served
     assert reply["steps"] == [16, 1, 0]
     assert (await client.get(f"/v1/sessions/{a}/state")).json() == before
     assert refused_steps((await client.get("/metrics")).text) == 5
+    r = await client.get("/v1/fleet", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    FleetFeed.model_validate(r.json())
+    [row] = [m for m in r.json()["models"] if m["model"] == "trial"]
+    want_cache = {"blocks_held": BLOCKS, "blocks_free": 0, "budget_blocks": BLOCKS, "refused_steps": 5}
+    assert row["cache"] == want_cache
 
     # d ends: its block goes back at the next pass, which then serves a's retried step as if never refused.
     assert (await client.delete(f"/v1/sessions/{d}")).status_code == 204

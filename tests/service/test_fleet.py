@@ -78,6 +78,7 @@ async def test_feed_shows_models_traffic_curves_and_sessions(serve: Serve) -> No
         assert nav["sessions"] == 1 and nav["steps_total"] == 8
         assert nav["actions_per_s"] > 0 and body["totals"]["actions_per_s"] > 0
         assert nav["batch_mean"] == 1.0 and nav["device_bytes"] > 0
+        assert nav["cache"] is None  # a window model has no key/value cache
         assert nav["reward_first20"] == pytest.approx(16 / 5)
         assert rows["other"]["sessions"] == 0 and rows["other"]["actions_per_s"] == 0
         act_route = next(r for r in body["routes"] if r["route"] == "/v1/act")

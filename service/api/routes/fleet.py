@@ -58,6 +58,13 @@ class Totals(BaseModel):
     device_bytes: int = Field(description="Weights and slot pools of every loaded version.")
 
 
+class CacheRow(BaseModel):
+    blocks_held: int = Field(description="Key/value cache blocks held by sessions (16 steps each).")
+    blocks_free: int = Field(description="Blocks allocated and free for reuse.")
+    budget_blocks: int | None = Field(description="The fixed budget (TRMRL_CACHE_MIB); null: it grows.")
+    refused_steps: int = Field(description="Steps refused (503 cache_exhausted) since the version loaded.")
+
+
 class ModelRow(BaseModel):
     model: str
     version: str
@@ -78,6 +85,9 @@ class ModelRow(BaseModel):
     steps_total: int
     reward_first20: float | None = Field(description="Mean reward for an episode's first 20 actions.")
     reward_after20: float | None = Field(description="Mean reward for later actions.")
+    cache: CacheRow | None = Field(
+        default=None, description="A trial-context model's key/value cache; null for other models."
+    )
 
 
 class RouteRow(BaseModel):

@@ -211,7 +211,15 @@
       cell(tr, fmtNum(m.actions_per_s), "num actions");
       cell(tr, `${fmtNum(m.batch_mean)} / ${fmtNum(m.batch_p99)}`, "num");
       cell(tr, `${fmtMs(m.queue_wait_mean_ms)} / ${fmtMs(m.queue_wait_p99_ms)}`, "num");
-      cell(tr, fmtBytes(m.device_bytes), "num");
+      const memory = cell(tr, fmtBytes(m.device_bytes), "num");
+      if (m.cache) {
+        // A trial-context model: its key/value cache blocks, held of what it has (or of its budget).
+        const c = m.cache;
+        const of = c.budget_blocks ?? c.blocks_held + c.blocks_free;
+        const line = el("div", "sub cache", `cache ${fmtInt(c.blocks_held)} / ${fmtInt(of)} blocks`);
+        if (c.refused_steps > 0) line.textContent += ` · ${fmtInt(c.refused_steps)} refused`;
+        memory.appendChild(line);
+      }
       cell(tr, `${fmtNum(m.reward_first20, 3)} / ${fmtNum(m.reward_after20, 3)}`, "num");
       return tr;
     });
