@@ -223,9 +223,11 @@ async def act_columnar(
                 continue
             actions[picked[part]] = computed.actions[batch_rows]
             if computed.refused is not None and computed.refused[batch_rows].any():
-                assert computed.error is not None
-                for row in picked[part][computed.refused[batch_rows]].tolist():
-                    failed[row] = computed.error
+                refused = computed.refused[batch_rows]
+                for row, batch_row in zip(
+                    picked[part][refused].tolist(), batch_rows[refused].tolist(), strict=True
+                ):
+                    failed[row] = computed.error_of(batch_row)
     versions = None
     if len(submitted) > 1:
         versions = [engine.version] * rows

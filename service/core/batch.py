@@ -19,14 +19,22 @@ class Computed(NamedTuple):
     actions: np.ndarray
     """``[n, act_dim]`` clipped actions (NaN in refused rows)."""
     refused: np.ndarray | None = None
-    """``[n]`` bool: rows not computed (``None``: none), each answered with :attr:`error`."""
+    """``[n]`` bool: rows not computed (``None``: none), each answered with :meth:`error_of`."""
     error: ServiceError | None = None
+    """The refusal of a refused row not in :attr:`row_errors`."""
+    row_errors: dict[int, ServiceError] | None = None
+    """Refused rows with a refusal of their own (a step queued behind one that failed)."""
+
+    def error_of(self, row: int) -> ServiceError:
+        own = self.row_errors.get(row) if self.row_errors else None
+        error = own or self.error
+        assert error is not None
+        return error
 
     def action(self, row: int) -> np.ndarray:
         """Row ``row``'s action, or its refusal raised."""
         if self.refused is not None and self.refused[row]:
-            assert self.error is not None
-            raise self.error
+            raise self.error_of(row)
         return self.actions[row]
 
 

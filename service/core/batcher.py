@@ -89,8 +89,8 @@ could not take (no key/value cache block) it marks in ``batch.refused`` and leav
 Commit = Callable[[Batch, int, np.ndarray], None]
 """Count a computed batch: ``(batch, n, actions)``, on the event loop (its refused rows are not
 counted: they are rolled back)."""
-Refusal = Callable[[], ServiceError]
-"""The error a row refused by the forward pass gets."""
+Refusal = Callable[[int], ServiceError]
+"""The error the rows a forward pass refused get (called with how many there are)."""
 
 
 class Batcher:
@@ -115,12 +115,12 @@ class Batcher:
         self.max_queued_steps = limits.max_queued_steps
         self.compute = compute
         self.commit = commit
-        self.refusal = refusal or (lambda: ServiceError("internal_error", "The model refused this step."))
-        self._refusing: dict[int, tuple[int, int, int]] = {}
-        """Slots with a refused step whose later steps were already queued: ``(the newest batch holding
-        one, the context count to restore, the session's generation)``. Those steps build on the refused
-        one, so they are refused too (before their pass), and the session ends up as before the first
-        refused step."""
+        self.refusal = refusal or (lambda _: ServiceError("internal_error", "The model refused this step."))
+        self._refusing: dict[int, tuple[int, int, int, ServiceError]] = {}
+        """Slots with a refused or failed step whose later steps were already queued: ``(the newest batch
+        holding one, the context count to restore, the session's generation, the refusal)``. Those steps
+        build on the one that was not taken, so they are refused too (before their pass, with the same
+        refusal), and the session ends up as before it."""
         # One thread: forward passes of this model run one at a time and in order, and the slot pool
         # is only ever touched from it.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
@@ -332,12 +332,16 @@ class Batcher:
                     await asyncio.wait_for(self._filled.wait(), self.batch_wait_s)
             await self._dispatch(loop, self._open.popleft())
 
-    def _refuse_followers(self, batch: Batch, n: int) -> None:
-        """Mark the rows of ``batch`` that follow a refused step of their session (event loop)."""
+    def _refuse_followers(self, batch: Batch, n: int) -> dict[int, ServiceError]:
+        """Mark the rows of ``batch`` that follow a step of their session that was not taken (event
+        loop); returns their refusals by row."""
+        errors: dict[int, ServiceError] = {}
         for row, slot in enumerate(batch.slots[:n].tolist()):
             entry = self._refusing.get(slot)
             if entry is not None and entry[2] == batch.generation[row]:
                 batch.refused[row] = True
+                errors[row] = entry[3]
+        return errors
 
     def _contexts(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         """The context counts a roll-back of ``rows`` restores: a follower's is what preceded the first
@@ -352,11 +356,11 @@ class Batcher:
                     context[i] = entry[1]
         return context
 
-    def _roll_back_refused(self, batch: Batch, n: int, refused: np.ndarray) -> None:
-        """Roll back the refused rows of a computed batch; a session with later steps queued has them
-        refused in turn, and its context count goes back to what it was before its first refused step."""
+    def _roll_back(self, batch: Batch, rows: np.ndarray, errors: dict[int, ServiceError]) -> None:
+        """Roll back ``rows`` of a batch whose steps were not taken (``errors``: each row's refusal); a
+        session with later steps queued has them refused in turn, with the same refusal, and its context
+        count goes back to what it was before the first step not taken."""
         table = self.table
-        rows = np.flatnonzero(refused)
         slots = batch.slots[rows]
         context = self._contexts(batch, rows)
         table.roll_back(
@@ -364,10 +368,12 @@ class Batcher:
         )
         for i, slot in enumerate(slots.tolist()):
             if table.queued[slot] and table.last_batch[slot] > batch.id:
+                row = int(rows[i])
                 self._refusing[slot] = (
                     int(table.last_batch[slot]),
                     int(context[i]),
-                    int(batch.generation[rows[i]]),
+                    int(batch.generation[row]),
+                    errors[row],
                 )
 
     def _forget_refusals(self, batch_id: int) -> None:
@@ -386,36 +392,29 @@ class Batcher:
         await self.step_lock.acquire()
         batch.released = self.table.take_released()
         batch.refused[:n] = False
-        if self._refusing:
-            self._refuse_followers(batch, n)
+        followers = self._refuse_followers(batch, n) if self._refusing else {}
         try:
             actions = await loop.run_in_executor(self.executor, self.compute, batch, n, deterministic, seeds)
         except Exception:
             log.exception("forward pass of model %s failed for %d steps", self.name, n)
             # Undo what ``submit`` consumed, so a retry behaves like the first try.
-            every = np.arange(n)
-            self.table.roll_back(
-                slots,
-                batch.generation[:n],
-                batch.start_was_pending[:n],
-                batch.clear[:n],
-                self._contexts(batch, every),
+            failure = ServiceError(
+                "internal_error", "The model failed to compute this step; the session is unchanged."
             )
+            self._roll_back(batch, np.arange(n), {row: followers.get(row, failure) for row in range(n)})
             if not future.done():
-                future.set_exception(
-                    ServiceError(
-                        "internal_error", "The model failed to compute this step; the session is unchanged."
-                    )
-                )
+                future.set_exception(failure)
                 future.exception()  # retrieved here: requests that went away must not log it again
         else:
             refused = batch.refused[:n]
             result = Computed(actions)
             if refused.any():
-                # Rows the cache had no block for (or following such a row): not taken, so their
-                # sessions are as before the step.
-                self._roll_back_refused(batch, n, refused)
-                result = Computed(actions, refused.copy(), self.refusal())
+                # Rows the cache had no block for, or queued behind a step not taken: not taken, so
+                # their sessions are as before the step.
+                rows = np.flatnonzero(refused)
+                error = self.refusal(len(rows) - len(followers))
+                self._roll_back(batch, rows, {int(row): followers.get(int(row), error) for row in rows})
+                result = Computed(actions, refused.copy(), error, followers or None)
             self.commit(batch, n, actions)
             if not future.done():
                 future.set_result(result)

@@ -255,7 +255,8 @@ class Engine:
         return np.asarray(observation, np.float32)
 
     # -- counting a computed batch ---------------------------------------------------------------------
-    def _cache_refusal(self) -> ServiceError:
+    def _cache_refusal(self, count: int) -> ServiceError:
+        self.cache_refused_steps += count
         return errors.cache_exhausted(self.forward.cache_blocks or 0)
 
     def _commit(self, batch: Batch, n: int, actions: np.ndarray) -> None:
@@ -265,11 +266,9 @@ class Engine:
         slots, start, rewards = batch.slots[:n], batch.start[:n], batch.reward[:n]
         live = table.alive(slots, batch.generation[:n])
         # Only a fixed cache budget refuses rows: other models skip the check.
-        served = (
-            None if self.forward.cache_blocks is None or not batch.refused[:n].any() else ~batch.refused[:n]
-        )
+        refused = batch.refused[:n]
+        served = ~refused if refused.any() else None
         if served is not None:
-            self.cache_refused_steps += n - int(served.sum())
             live = live & served  # for the recording, which reads the batch's rows itself
         if self.recorder is not None:
             recorded = table.record[slots] & live

@@ -49,6 +49,20 @@ def cache_budget(checkpoint: Checkpoint, cache_mib: float) -> int | None:
     return blocks
 
 
+def _picked(column: np.ndarray, n: int, rows: np.ndarray | None) -> np.ndarray:
+    """A batch column's first ``n`` rows, or ``rows`` of them."""
+    return column[:n] if rows is None else column[:n][rows]
+
+
+def _spread(actions: np.ndarray, n: int, rows: np.ndarray | None) -> np.ndarray:
+    """The computed ``rows``' actions in an ``n``-row array, NaN in the others (``None``: all rows)."""
+    if rows is None:
+        return actions
+    out = np.full((n, actions.shape[1]), np.nan, np.float32)
+    out[rows] = actions
+    return out
+
+
 class Forward:
     """A model on its device with its slot pool; :meth:`run` is one forward pass for a batch."""
 
@@ -113,10 +127,10 @@ class Forward:
             self.pool.clear(torch.arange(count, device=self.device))
 
     def run(self, batch: Batch, n: int, deterministic: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """One forward pass for the batch's ``n`` steps (worker thread); returns clipped actions. Under
-        a fixed cache budget, rows that need a block when none is free (the free ones go to the earlier
-        rows) and rows already marked (they follow a refused step of their session) are left out of the
-        pass: marked in ``batch.refused``, their actions NaN."""
+        """One forward pass for the batch's ``n`` steps (worker thread); returns clipped actions. Rows
+        already marked in ``batch.refused`` (they follow a step of their session that was not taken)
+        and, under a fixed cache budget, rows that need a block when none is free (the free ones go to
+        the earlier rows) are left out of the pass: marked in ``batch.refused``, their actions NaN."""
         if self.fixed is not None:
             return self._run_fixed(batch, n, deterministic, seeds)
         device = self.device
@@ -132,27 +146,24 @@ class Forward:
                 # its reset asked to forget, and the rollback re-arms the clear for the retry.
                 self.pool.clear(slots[torch.from_numpy(clear).to(device)])
             start = torch.from_numpy(batch.start[:n]).to(device)
-            rows: np.ndarray | None = None  # the rows this pass computes (None: all)
+            # Rows already refused (they follow a step of their session that was not taken) are left
+            # out, and take no cache block.
+            refused = batch.refused[:n]
             if self.cache_blocks is not None:
                 assert isinstance(self.pool, TrialPool)
-                # Rows already refused (they follow a refused step of their session) take no block.
-                refused = batch.refused[:n]
-                starved = np.zeros(n, bool)
                 open_rows = np.flatnonzero(~refused)
                 if len(open_rows):
                     index = torch.from_numpy(open_rows).to(device)
-                    starved[open_rows] = self.pool.starved(slots[index], start[index]).cpu().numpy()
-                if starved.any() or refused.any():
-                    refused |= starved
-                    rows = np.flatnonzero(~refused)
-                    if not len(rows):
-                        return np.full((n, self.act_dim), np.nan, np.float32)
-            actions = self._act(batch, n, rows, slots, start, deterministic, seeds)
-            if rows is None:
-                return actions
-            out = np.full((n, self.act_dim), np.nan, np.float32)
-            out[rows] = actions
-            return out
+                    refused[open_rows] = self.pool.starved(slots[index], start[index]).cpu().numpy()
+            rows = self._computed_rows(refused)
+            if rows is not None and not len(rows):
+                return np.full((n, self.act_dim), np.nan, np.float32)
+            return _spread(self._act(batch, n, rows, slots, start, deterministic, seeds), n, rows)
+
+    @staticmethod
+    def _computed_rows(refused: np.ndarray) -> np.ndarray | None:
+        """The rows a pass computes: ``None`` for all, else the ones not refused."""
+        return np.flatnonzero(~refused) if refused.any() else None
 
     def _act(
         self,
@@ -168,7 +179,7 @@ class Forward:
         device = self.device
 
         def pick(column: np.ndarray) -> np.ndarray:
-            return column[:n] if rows is None else column[:n][rows]
+            return _picked(column, n, rows)
 
         if rows is not None:
             index = torch.from_numpy(rows).to(device)
@@ -204,19 +215,29 @@ class Forward:
         """:meth:`run` at fixed shapes (GPU, reduced precision): the same step, with resets as a mask
         and the noise drawn on the host exactly as there."""
         assert self.fixed is not None
+        rows = self._computed_rows(batch.refused[:n])  # rows queued behind a step not taken: left out
+
+        def pick(column: np.ndarray) -> np.ndarray:
+            return _picked(column, n, rows)
+
+        if rows is not None:
+            if not len(rows):
+                return np.full((n, self.act_dim), np.nan, np.float32)
+            deterministic, seeds = deterministic[rows], seeds[rows]
         noise = None
         if not deterministic.all():
-            steps = torch.from_numpy(batch.steps[:n])
+            steps = torch.from_numpy(pick(batch.steps))
             noise = counter_normal(torch.from_numpy(seeds), steps, self.act_dim).numpy()
-        applied_mask = batch.applied_mask[:n]
-        return self.fixed.run(
-            batch.slots[:n],
-            batch.obs[:n],
-            batch.reward[:n],
-            batch.start[:n],
-            batch.clear[:n],
+        applied_mask = pick(batch.applied_mask)
+        actions = self.fixed.run(
+            pick(batch.slots),
+            pick(batch.obs),
+            pick(batch.reward),
+            pick(batch.start),
+            pick(batch.clear),
             deterministic,
             noise,
-            batch.applied[:n] if applied_mask.any() else None,
+            pick(batch.applied) if applied_mask.any() else None,
             applied_mask,
         )
+        return _spread(actions, n, rows)

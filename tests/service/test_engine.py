@@ -196,6 +196,58 @@ async def test_a_failed_forward_pass_leaves_sessions_as_they_were(
     assert engine.table.episodes[slot] == 1
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # the eager step, and the fixed-shape one
+async def test_steps_queued_behind_a_failed_one_are_refused_too_and_the_session_is_as_before(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    engine = Engine(
+        "point-nav",
+        load_checkpoint(checkpoints["point-nav"]),
+        limits(precision=precision),
+        torch.device("cpu"),
+    )
+    engine.warmup()
+    await engine.start()
+    try:
+        await _queued_behind_a_failure(engine, monkeypatch, atol=1e-6 if precision == "fp32" else 2e-2)
+    finally:
+        await engine.stop()
+
+
+async def _queued_behind_a_failure(engine: Engine, monkeypatch: pytest.MonkeyPatch, atol: float) -> None:
+    slot, neighbour = new(engine), new(engine)
+    ref, alone = Reference(engine, True, 0), Reference(engine, True, 0)
+    obs = [np.array([0.2 * t, 0.1 - 0.05 * t], np.float32) for t in range(4)]
+    first = await engine.submit(slot, obs[0], 0.0, True, 0, None).action()
+    np.testing.assert_allclose(first, ref.step(obs[0], 0.0, True, None), atol=atol)
+    real_run = engine.batcher.compute
+    failures = [RuntimeError("device lost")]
+
+    def fail_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(engine.batcher, "compute", fail_once)
+    # Steps 1, 2 and 3 of the session queued at once (three batches: a batch holds one step of a
+    # session); the first pass fails, and the two after it build on its step: refused too, though
+    # their passes run, and the session's memory keeps step 0 alone. The neighbour's step in the second
+    # batch is served.
+    tickets = [engine.submit(slot, obs[t], 0.5, False, t, None) for t in (1, 2, 3)]
+    other = engine.submit(neighbour, obs[0], 0.0, True, 0, None)
+    for ticket in tickets:
+        with pytest.raises(ServiceError) as err:
+            await ticket.action()
+        assert err.value.code == "internal_error"
+    np.testing.assert_allclose(await other.action(), alone.step(obs[0], 0.0, True, None), atol=atol)
+    assert engine.table.next_step[slot] == 1 and engine.table.queued[slot] == 0
+    assert int(engine.pool.lengths[slot]) == 1
+    # Resent, the steps give what the session stepped alone gives.
+    for t in (1, 2, 3):
+        got = await engine.submit(slot, obs[t], 0.5, False, t, None).action()
+        np.testing.assert_allclose(got, ref.step(obs[t], 0.5, False, None), atol=atol)
+
+
 async def test_a_slot_ended_with_a_step_in_flight_is_not_reused_until_it_completes(engine: Engine) -> None:
     sid, slot = engine.table.create(deterministic=True, seed=None, ttl_s=None)
     ticket = engine.submit(slot, np.zeros(2, np.float32), 0.0, False, None, None)
