@@ -264,7 +264,7 @@ class Fleet:
             "steps_total": engine.stepped,
             "reward_first20": finite(float(sums[0]) / int(counts[0]) if counts[0] else None),
             "reward_after20": finite(float(sums[1]) / int(counts[1]) if counts[1] else None),
-            "cache": _cache(engine),
+            "cache": engine.cache_stats(),
         }
 
     def _held(self, engine: Engine) -> int:
@@ -429,17 +429,3 @@ class Fleet:
             "filter": {"model": query.model, "version": query.version},
             "rows": rows,
         }
-
-
-def _cache(engine: Engine) -> dict[str, Any] | None:
-    """A trial-context model's key/value cache: blocks held and free, its fixed budget (``None``: it grows),
-    steps refused for want of a block. ``None`` for other models."""
-    if not engine.trial_context:
-        return None
-    stats = engine.stats()
-    return {
-        "blocks_held": stats["cache_blocks_held"],
-        "blocks_free": stats["cache_blocks_free"],
-        "budget_blocks": engine.forward.cache_blocks,
-        "refused_steps": stats["cache_refused_steps"],
-    }

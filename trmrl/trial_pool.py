@@ -189,6 +189,10 @@ class TrialStore(SlotStore):
         """``[B, span, token_dim]``: the slots' first ``span`` working memories."""
         return self.windows[slots, :span]
 
+    def _keep(self, slots: Tensor, lengths: Tensor, tokens: Tensor) -> None:
+        """Store each slot's new working memory at position ``lengths`` of its context."""
+        self.windows[slots, lengths] = tokens
+
     def _check_room(self, slots: Tensor, lengths: Tensor) -> None:
         """Raise :class:`ContextFull` for the slots whose contexts (``lengths`` before the new memory)
         cannot take another working memory."""
@@ -227,7 +231,7 @@ class TrialStore(SlotStore):
         forward pass has succeeded); the step's result, whose ``windows`` are the new working memories
         (``[B, 1, token_dim]``: what PPO stores; its update re-reads whole trials,
         :meth:`~trmrl.model.TrMRL.forward_sequence`)."""
-        self.windows[slots, lengths] = tokens
+        self._keep(slots, lengths, tokens)
         self.lengths[slots] = lengths + 1
         newest = torch.zeros(len(slots), dtype=torch.long, device=tokens.device)
         return PoolStep(output, tokens.unsqueeze(1), newest)
@@ -531,13 +535,10 @@ class TrialPool(TrialStore):
         self.prev_action[slots] = memory.prev_action.to(self.device, self.prev_action.dtype)
         self.rebuild(slots)
 
-    def _append(self, slots: Tensor, lengths: Tensor, tokens: Tensor, output: PolicyOutput) -> PoolStep:
+    def _keep(self, slots: Tensor, lengths: Tensor, tokens: Tensor) -> None:
         column = torch.div(lengths, self.block_size, rounding_mode="floor")
         block = self.table[slots].gather(1, column.unsqueeze(1)).squeeze(1)
         self.memories[block, lengths - column * self.block_size] = tokens
-        self.lengths[slots] = lengths + 1
-        newest = torch.zeros(len(slots), dtype=torch.long, device=tokens.device)
-        return PoolStep(output, tokens.unsqueeze(1), newest)
 
     def clear(self, slots: Tensor) -> None:
         """Forget everything the given slots hold and return their blocks."""

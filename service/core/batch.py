@@ -55,8 +55,9 @@ class Batch:
         self.applied = np.zeros((rows, act_dim), np.float32)
         self.applied_mask = np.zeros(rows, bool)
         self.refused = np.zeros(rows, bool)
-        """Rows the forward pass left out: a fixed key/value cache budget had no block for them (set by
-        the pass; the batcher rolls them back)."""
+        """Rows the forward pass left out and the batcher rolls back: queued behind a step of their session
+        that was not taken (marked before the pass), or without a block of a fixed key/value cache
+        budget (marked by the pass)."""
         self.released = np.zeros(0, np.int64)
         """Slots of ended sessions whose trial cache the pass gives back first (taken at dispatch)."""
         self.id = -1

@@ -84,8 +84,9 @@ class RowTickets:
 
 
 Compute = Callable[[Batch, int, np.ndarray, np.ndarray], np.ndarray]
-"""A forward pass: ``(batch, n, deterministic, seeds)`` -> the ``n`` rows' clipped actions; rows it
-could not take (no key/value cache block) it marks in ``batch.refused`` and leaves uncomputed."""
+"""A forward pass: ``(batch, n, deterministic, seeds)`` -> the ``n`` rows' clipped actions; it leaves
+the rows marked in ``batch.refused`` uncomputed, and marks (and leaves) those it cannot take (no key/value
+cache block)."""
 Commit = Callable[[Batch, int, np.ndarray], None]
 """Count a computed batch: ``(batch, n, actions)``, on the event loop (its refused rows are not
 counted: they are rolled back)."""
@@ -336,9 +337,10 @@ class Batcher:
         """Mark the rows of ``batch`` that follow a step of their session that was not taken (event
         loop); returns their refusals by row."""
         errors: dict[int, ServiceError] = {}
-        for row, slot in enumerate(batch.slots[:n].tolist()):
-            entry = self._refusing.get(slot)
-            if entry is not None and entry[2] == batch.generation[row]:
+        pending = np.fromiter(self._refusing, np.int64, len(self._refusing))
+        for row in np.flatnonzero(np.isin(batch.slots[:n], pending)).tolist():
+            entry = self._refusing[int(batch.slots[row])]
+            if entry[2] == batch.generation[row]:
                 batch.refused[row] = True
                 errors[row] = entry[3]
         return errors

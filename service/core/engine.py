@@ -161,12 +161,25 @@ class Engine:
             "queued_steps": self.queued_steps,
             "device_bytes": self.device_bytes,
         }
-        if isinstance(self.pool, TrialPool):
-            free = self.pool.free_blocks
-            stats["cache_blocks_free"] = free
-            stats["cache_blocks_held"] = self.pool.blocks - 1 - free
-            stats["cache_refused_steps"] = self.cache_refused_steps
+        cache = self.cache_stats()
+        if cache is not None:
+            stats["cache_blocks_free"] = cache["blocks_free"]
+            stats["cache_blocks_held"] = cache["blocks_held"]
+            stats["cache_refused_steps"] = cache["refused_steps"]
         return stats
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        """A trial-context model's key/value cache: blocks held and free, its fixed budget (``None``: it
+        grows), steps refused for want of a block. ``None`` for other models."""
+        if not isinstance(self.pool, TrialPool):
+            return None
+        free = self.pool.free_blocks
+        return {
+            "blocks_held": self.pool.blocks - 1 - free,
+            "blocks_free": free,
+            "budget_blocks": self.forward.cache_blocks,
+            "refused_steps": self.cache_refused_steps,
+        }
 
     def cache_room(self) -> int | None:
         """Free key/value cache blocks under a fixed budget (``TRMRL_CACHE_MIB``) once ended sessions'
@@ -265,7 +278,6 @@ class Engine:
         table = self.table
         slots, start, rewards = batch.slots[:n], batch.start[:n], batch.reward[:n]
         live = table.alive(slots, batch.generation[:n])
-        # Only a fixed cache budget refuses rows: other models skip the check.
         refused = batch.refused[:n]
         served = ~refused if refused.any() else None
         if served is not None:
